@@ -1,0 +1,123 @@
+"""Array backends: numpy (the CPU reference) and CuPy (the GPU).
+
+One helper, :func:`array_module`, gives the array module of a set of arrays, so every
+engine op has a single body for both backends. CuPy is imported only when first needed.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+
+import numpy as np
+
+BACKENDS = ("numpy", "cupy")
+KERNELS = ("triton", "cupy")
+_INSTALL_HINT = 'install the GPU extras with: pip install "gpuad[gpu]"'
+
+_state = {"backend": "numpy", "kernels": "triton"}
+
+
+def _import_cupy():
+    """Import CuPy and check that a CUDA device is present; raise a clear error otherwise."""
+    try:
+        cupy = importlib.import_module("cupy")
+    except ImportError as e:
+        raise RuntimeError(f"the cupy backend needs CuPy, which is not installed ({e}); {_INSTALL_HINT}") from e
+    try:
+        n = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDA driver missing or broken
+        raise RuntimeError(f"the cupy backend needs a CUDA device, and none is usable here ({e})") from e
+    if n < 1:
+        raise RuntimeError("the cupy backend needs a CUDA device, and none was found")
+    return cupy
+
+
+def set_backend(name: str) -> None:
+    """Make `name` ("numpy" or "cupy") the backend that new tensors are created on."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+    if name == "cupy":
+        _import_cupy()
+    _state["backend"] = name
+
+
+def get_backend() -> str:
+    """The active backend's name."""
+    return _state["backend"]
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """``with use_backend("cupy"): ...`` — the previous backend comes back on exit, also on error."""
+    previous = get_backend()
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _state["backend"] = previous
+
+
+def set_kernels(name: str) -> None:
+    """Choose which GPU kernels the fused ops use on the cupy backend: "triton" or "cupy"."""
+    if name not in KERNELS:
+        raise ValueError(f"unknown kernels {name!r}; choose one of {KERNELS}")
+    _state["kernels"] = name
+
+
+def get_kernels() -> str:
+    return _state["kernels"]
+
+
+def is_cupy_array(a) -> bool:
+    return type(a).__module__.partition(".")[0] == "cupy"
+
+
+def backend_of(a) -> str | None:
+    """"numpy" or "cupy" for an array, None for a Python scalar."""
+    if isinstance(a, np.ndarray) or isinstance(a, np.generic):
+        return "numpy"
+    if is_cupy_array(a):
+        return "cupy"
+    return None
+
+
+def array_module(*arrays):
+    """The array module (numpy or cupy) of `arrays`; Python scalars are neutral.
+
+    Raises TypeError naming both when arrays from two backends meet in one op."""
+    seen = None
+    for a in arrays:
+        b = backend_of(a)
+        if b is None:
+            continue
+        if seen is None:
+            seen = b
+        elif b != seen:
+            raise TypeError(f"arrays from two backends in one op: {seen} and {b}; move one with Tensor.to()")
+    if seen == "cupy":
+        return importlib.import_module("cupy")
+    return np
+
+
+def module_for(name: str):
+    """The array module of backend `name`."""
+    if name == "cupy":
+        return _import_cupy()
+    if name == "numpy":
+        return np
+    raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
+
+
+def kernel_module(xp):
+    """The fused-kernel module for arrays of module `xp`: the reference on numpy,
+    the Triton or CuPy kernels (``set_kernels``) on CuPy."""
+    if xp is np:
+        return importlib.import_module("gpuad.kernels.reference")
+    return importlib.import_module("gpuad.kernels." + get_kernels())
+
+
+def to_host(a) -> np.ndarray:
+    """A numpy copy (or view) of a backend array."""
+    if is_cupy_array(a):
+        return a.get()
+    return np.asarray(a)

@@ -1,0 +1,79 @@
+"""Argument checks shared by every implementation of the fused kernels.
+
+They read only shapes and dtypes (numpy, CuPy and torch alike), so they cost no device
+work; the one check that reads data, :func:`check_targets`, synchronises with the device
+and can be turned off with ``check_targets=False``.
+"""
+from __future__ import annotations
+
+FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def dtype_name(dtype) -> str:
+    """'float32', 'bfloat16', 'int64', ... for numpy, CuPy and torch dtypes alike."""
+    return str(dtype).replace("torch.", "")
+
+
+def is_float(dtype) -> bool:
+    return dtype_name(dtype) in FLOAT_DTYPES
+
+
+def is_integer(dtype) -> bool:
+    return dtype_name(dtype).startswith(("int", "uint"))
+
+
+def check_cross_entropy_args(logits, targets, reduction, label_smoothing, allowed=FLOAT_DTYPES):
+    """Shapes [B, V] and [B], floating logits, integer targets, a known reduction."""
+    if len(logits.shape) != 2:
+        raise ValueError(f"logits must have shape [B, V], got {tuple(logits.shape)}")
+    if dtype_name(logits.dtype) not in allowed:
+        raise ValueError(f"logits must be floating point ({', '.join(allowed)}), got {dtype_name(logits.dtype)}")
+    if len(targets.shape) != 1 or targets.shape[0] != logits.shape[0]:
+        raise ValueError(f"targets must have shape [B] = [{logits.shape[0]}] to match logits "
+                         f"{tuple(logits.shape)}, got {tuple(targets.shape)}")
+    if not is_integer(targets.dtype):
+        raise ValueError(f"targets must be integers, got {dtype_name(targets.dtype)}")
+    if logits.shape[1] < 1:
+        raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+
+
+def check_targets(targets, num_classes: int, ignore_index: int):
+    """Raise IndexError naming the first target outside [0, V) that is not ignore_index.
+
+    Reads the targets on the host (a device sync on the GPU)."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
+    if bool(bad.any()):
+        row = int((bad * 1).argmax())
+        value = int(targets[row])
+        raise IndexError(f"target {value} at row {row} is outside [0, {num_classes}) "
+                         f"and is not ignore_index ({ignore_index})")
+
+
+def check_linear_backward_args(x, w, dy, dw_accumulate, allowed=FLOAT_DTYPES):
+    """x [..., K], w [N, K], dy [..., N] of one floating dtype; dw_accumulate fp32 [N, K]."""
+    if len(w.shape) != 2:
+        raise ValueError(f"w must have shape [N, K], got {tuple(w.shape)}")
+    if len(x.shape) < 1 or len(dy.shape) < 1:
+        raise ValueError(f"x and dy need at least one axis, got x {tuple(x.shape)} and dy {tuple(dy.shape)}")
+    n, k = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last axis must be K = w.shape[1] = {k}: x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if dy.shape[-1] != n:
+        raise ValueError(f"dy's last axis must be N = w.shape[0] = {n}: dy {tuple(dy.shape)}, w {tuple(w.shape)}")
+    if tuple(dy.shape[:-1]) != tuple(x.shape[:-1]):
+        raise ValueError(f"x and dy must share their leading axes: x {tuple(x.shape)}, dy {tuple(dy.shape)}")
+    names = {dtype_name(a.dtype) for a in (x, w, dy)}
+    if len(names) != 1:
+        raise ValueError(f"x, w and dy must share one dtype, got x {dtype_name(x.dtype)}, "
+                         f"w {dtype_name(w.dtype)}, dy {dtype_name(dy.dtype)}")
+    if names.pop() not in allowed:
+        raise ValueError(f"x, w and dy must be floating point ({', '.join(allowed)}), got {dtype_name(x.dtype)}")
+    if dw_accumulate is not None:
+        if tuple(dw_accumulate.shape) != (n, k) or dtype_name(dw_accumulate.dtype) != "float32":
+            raise ValueError(f"dw_accumulate must be a float32 buffer of shape [N, K] = {(n, k)}, got "
+                             f"{dtype_name(dw_accumulate.dtype)} {tuple(dw_accumulate.shape)}")

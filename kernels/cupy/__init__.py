@@ -1,0 +1,5 @@
+"""CUDA C kernels compiled through CuPy (RawModule, cached): CuPy arrays in and out."""
+from .cross_entropy import softmax_cross_entropy
+from .linear_backward import linear_backward
+
+__all__ = ["softmax_cross_entropy", "linear_backward"]

@@ -1,0 +1,24 @@
+"""Zero-copy hand-off between CuPy arrays and torch tensors for the Triton launchers."""
+from __future__ import annotations
+
+import torch
+
+from gpuad.backend import is_cupy_array
+
+
+def as_torch(a):
+    """(torch tensor, from_cupy): CuPy arrays go through DLPack without a copy."""
+    if isinstance(a, torch.Tensor):
+        return a, False
+    if is_cupy_array(a):
+        return torch.from_dlpack(a), True
+    raise TypeError(f"expected a torch tensor or a CuPy array, got {type(a).__name__}")
+
+
+def as_given(t, from_cupy: bool):
+    """Return `t` in the type the caller gave: a CuPy array when the input was one."""
+    if t is None or not from_cupy:
+        return t
+    import cupy
+
+    return cupy.from_dlpack(t)
