@@ -34,6 +34,13 @@ class Node:
 
 _FREED = "freed"  # marks a Tensor whose graph was released by backward
 _grad_mode = {"enabled": True}
+_seed = {"unit": None}  # the default cotangent (ones) of the backward now running
+
+
+def is_unit_seed(g) -> bool:
+    """True when `g` is the implicit cotangent 1 of ``loss.backward()``: a VJP may then
+    return its Jacobian row as it is, with no multiply."""
+    return g is _seed["unit"]
 
 
 class no_grad(contextlib.ContextDecorator):
@@ -178,27 +185,32 @@ def backward_pass(root: Tensor, cotangent=None, retain_graph=False, inputs=None)
         if inputs is None:
             raise RuntimeError("backward of a tensor that does not require grad (no input requires grad)")
     else:
-        _walk(root, g, retain_graph, collected)
+        _seed["unit"] = g if cotangent is None else None
+        try:
+            _walk(root, g, retain_graph, collected)
+        finally:
+            _seed["unit"] = None
     if inputs is None:
         return None
     return [collected[id(t)] if collected[id(t)] is not None else t.xp.zeros_like(t.data) for t in inputs]
 
 
-def _deliver_to_leaf(leaf: Tensor, g, collected):
+def _deliver_to_leaf(leaf: Tensor, g, collected, retain_graph=False):
     if collected is not None:
         if id(leaf) in collected:
             prev = collected[id(leaf)]
             collected[id(leaf)] = g if prev is None else prev + g
         return
     if leaf.grad is None:
-        leaf.grad = g.copy() if getattr(g, "base", None) is not None else g
+        # own the array: a view or a buffer a retained graph still holds must not alias .grad
+        leaf.grad = g.copy() if retain_graph or getattr(g, "base", None) is not None else g
     else:
         leaf.grad = leaf.grad + g
 
 
 def _walk(root: Tensor, g, retain_graph, collected):
     if root._node is None:  # the root is itself a leaf
-        _deliver_to_leaf(root, g, collected)
+        _deliver_to_leaf(root, g, collected, True)
         return
     # 1. count, for every node reachable from the root, how many edges lead into it
     pending = {id(root._node): 0}
@@ -240,7 +252,7 @@ def _walk(root: Tensor, g, retain_graph, collected):
             gp = _coerce(gp, p, node.name)
             pn = p._node
             if pn is None:
-                _deliver_to_leaf(p, gp, collected)
+                _deliver_to_leaf(p, gp, collected, retain_graph)
                 continue
             k = id(pn)
             prev = cotangents.get(k)

@@ -65,14 +65,15 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     return loss, dlogits.astype(logits.dtype, copy=False)
 
 
-def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True):
+def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, allow_tf32=False):
     """Gradients of y = x wᵀ + b.
 
     x [..., K], w [N, K], dy [..., N], one floating dtype. Returns (dx, dw, db):
     dx = dy w [..., K], dw = dyᵀ x [N, K], db = Σ dy over the leading axes [N], each in the
     input dtype, accumulated in float32 (float64 for float64 inputs). db is None when
     bias=False, dx is None when need_dx=False. dw_accumulate, an fp32 [N, K] buffer,
-    receives dw += dyᵀ x in place and is returned as dw.
+    receives dw += dyᵀ x in place and is returned as dw. allow_tf32 is accepted for a
+    common signature and ignored: the reference is always exact.
     """
     checks.check_linear_backward_args(x, w, dy, dw_accumulate)
     xp = array_module(x, w, dy)

@@ -24,3 +24,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(params=["numpy", pytest.param("cupy", marks=pytest.mark.gpu)])
+def backend(request):
+    """Run a test once per backend (Chainer-style injection): numpy always, cupy on a GPU.
+
+    The test body creates its arrays with ad.tensor(...) (the active backend) and reads
+    results back with .numpy() or gpuad.backend.to_host."""
+    import gpuad as ad
+
+    if request.param == "cupy":
+        pytest.importorskip("cupy", reason="the cupy backend needs CuPy")
+    with ad.use_backend(request.param):
+        yield request.param

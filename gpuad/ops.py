@@ -1,0 +1,447 @@
+"""The ops: each forward next to its local derivative, as a VJP (reverse) and a JVP (forward).
+
+One body serves numpy and CuPy: the array module ``xp`` comes from the inputs. Broadcasting
+is undone in reverse mode by :func:`unbroadcast` alone.
+"""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from . import backend as B
+from .tensor import Tensor, as_tensor, is_grad_enabled, is_unit_seed, record
+
+_SQRT_HALF = math.sqrt(0.5)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+_TANH_C = math.sqrt(2.0 / math.pi)
+
+
+# --- helpers --------------------------------------------------------------------------
+def unbroadcast(g, shape):
+    """Sum cotangent `g` down to `shape`, undoing numpy broadcasting."""
+    shape = tuple(shape)
+    if g.shape == shape:
+        return g
+    lead = g.ndim - len(shape)
+    axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
+    return g.sum(axis=axes, keepdims=True).reshape(shape) if axes else g.reshape(shape)
+
+
+def _pair(name, a, b):
+    """Two operands as Tensors on one backend, with broadcast-compatible shapes."""
+    like = a if isinstance(a, Tensor) else b if isinstance(b, Tensor) else None
+    a, b = as_tensor(a, like), as_tensor(b, like)
+    B.array_module(a.data, b.data)
+    try:
+        np.broadcast_shapes(a.shape, b.shape)
+    except ValueError:
+        raise ValueError(f"{name}: shapes {a.shape} and {b.shape} cannot be broadcast together") from None
+    return a, b
+
+
+def _axes(axis, ndim):
+    """A normalised tuple of axes (all of them for None)."""
+    if axis is None:
+        return tuple(range(ndim))
+    axis = (axis,) if isinstance(axis, int) else tuple(axis)
+    return tuple(sorted(a % ndim for a in axis)) if ndim else ()
+
+
+def _expand(g, axes, shape):
+    """Broadcast a reduced cotangent `g` back to `shape` (a fresh array)."""
+    xp = B.array_module(g)
+    g = xp.asarray(g)
+    for a in axes:
+        if g.ndim < len(shape):
+            g = xp.expand_dims(g, a)
+    return xp.broadcast_to(g, shape).copy()
+
+
+def _unary(name, x, forward, derivative):
+    """An elementwise op y = forward(x) whose derivative `derivative(x, y)` multiplies."""
+    x = as_tensor(x)
+    y = forward(x.xp, x.data)
+    return record(name, y, (x,),
+                  vjp=(lambda g: g * derivative(x.xp, x.data, y),),
+                  jvp=lambda t: t * derivative(x.xp, x.data, y))
+
+
+def _erf(xp, z):
+    """erf on either backend (numpy has none: scipy when present, else math.erf per element)."""
+    if xp is not np:
+        import cupyx.scipy.special
+
+        return cupyx.scipy.special.erf(z)
+    try:
+        from scipy.special import erf
+    except ImportError:
+        erf = np.frompyfunc(math.erf, 1, 1)
+    return np.asarray(erf(z), dtype=z.dtype)
+
+
+# --- arithmetic -----------------------------------------------------------------------
+def add(a, b):
+    """a + b, with broadcasting."""
+    a, b = _pair("add", a, b)
+    return record("add", a.data + b.data, (a, b),
+                  vjp=(lambda g: unbroadcast(g, a.shape), lambda g: unbroadcast(g, b.shape)),
+                  jvp=lambda ta, tb: ta + tb)
+
+
+def sub(a, b):
+    """a - b, with broadcasting."""
+    a, b = _pair("sub", a, b)
+    return record("sub", a.data - b.data, (a, b),
+                  vjp=(lambda g: unbroadcast(g, a.shape), lambda g: unbroadcast(-g, b.shape)),
+                  jvp=lambda ta, tb: ta - tb)
+
+
+def mul(a, b):
+    """a * b, with broadcasting."""
+    a, b = _pair("mul", a, b)
+    return record("mul", a.data * b.data, (a, b),
+                  vjp=(lambda g: unbroadcast(g * b.data, a.shape), lambda g: unbroadcast(g * a.data, b.shape)),
+                  jvp=lambda ta, tb: ta * b.data + a.data * tb)
+
+
+def div(a, b):
+    """a / b, with broadcasting."""
+    a, b = _pair("div", a, b)
+    y = a.data / b.data
+    return record("div", y, (a, b),
+                  vjp=(lambda g: unbroadcast(g / b.data, a.shape), lambda g: unbroadcast(-g * y / b.data, b.shape)),
+                  jvp=lambda ta, tb: (ta - y * tb) / b.data)
+
+
+def neg(x):
+    """-x."""
+    x = as_tensor(x)
+    return record("neg", -x.data, (x,), vjp=(lambda g: -g,), jvp=lambda t: -t)
+
+
+def pow(x, p):
+    """x ** p for a scalar exponent p."""
+    if isinstance(p, Tensor) or B.backend_of(p) is not None and getattr(p, "ndim", 0) != 0:
+        raise TypeError("pow: the exponent must be a Python or 0-d scalar, not a Tensor or array")
+    p = float(p)
+    if p == 0.0:
+        return _unary("pow", x, lambda xp, d: xp.ones_like(d), lambda xp, d, y: xp.zeros_like(d))
+    return _unary("pow", x, lambda xp, d: d ** p, lambda xp, d, y: p * d ** (p - 1.0))
+
+
+def matmul(a, b):
+    """a @ b with numpy semantics (1-D operands, broadcast batch axes)."""
+    a, b = as_tensor(a), as_tensor(b)
+    B.array_module(a.data, b.data)
+    if a.ndim == 0 or b.ndim == 0:
+        raise ValueError(f"matmul: operands need at least one axis, got shapes {a.shape} and {b.shape}")
+    if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
+        raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not match (inner dimensions differ)")
+    xp = a.xp
+    try:
+        y = xp.matmul(a.data, b.data)
+    except ValueError:
+        raise ValueError(f"matmul: batch axes of shapes {a.shape} and {b.shape} cannot be broadcast") from None
+
+    def as_matrices(g):
+        # promote 1-D operands to matrices so one pair of formulas covers every case
+        a2 = a.data[None, :] if a.ndim == 1 else a.data
+        b2 = b.data[:, None] if b.ndim == 1 else b.data
+        if a.ndim == 1:
+            g = xp.expand_dims(g, -2)
+        if b.ndim == 1:
+            g = xp.expand_dims(g, -1)
+        return a2, b2, g
+
+    def vjp_a(g):
+        a2, b2, g = as_matrices(g)
+        ga = xp.matmul(g, xp.swapaxes(b2, -1, -2))
+        return unbroadcast(ga[..., 0, :] if a.ndim == 1 else ga, a.shape)
+
+    def vjp_b(g):
+        a2, b2, g = as_matrices(g)
+        gb = xp.matmul(xp.swapaxes(a2, -1, -2), g)
+        return unbroadcast(gb[..., :, 0] if b.ndim == 1 else gb, b.shape)
+
+    return record("matmul", y, (a, b), vjp=(vjp_a, vjp_b),
+                  jvp=lambda ta, tb: xp.matmul(ta, b.data) + xp.matmul(a.data, tb))
+
+
+# --- elementwise ----------------------------------------------------------------------
+def exp(x):
+    """e ** x."""
+    return _unary("exp", x, lambda xp, d: xp.exp(d), lambda xp, d, y: y)
+
+
+def log(x):
+    """Natural logarithm."""
+    return _unary("log", x, lambda xp, d: xp.log(d), lambda xp, d, y: 1.0 / d)
+
+
+def tanh(x):
+    return _unary("tanh", x, lambda xp, d: xp.tanh(d), lambda xp, d, y: 1.0 - y * y)
+
+
+def sigmoid(x):
+    """1 / (1 + e^-x), computed stably as exp(-log(1 + e^-x))."""
+    return _unary("sigmoid", x, lambda xp, d: xp.exp(-xp.logaddexp(0, -d)).astype(d.dtype),
+                  lambda xp, d, y: y * (1.0 - y))
+
+
+def relu(x):
+    """max(x, 0); the derivative at 0 is taken as 0, as in PyTorch."""
+    return _unary("relu", x, lambda xp, d: xp.maximum(d, 0), lambda xp, d, y: (d > 0).astype(d.dtype))
+
+
+def gelu(x, approximate="none"):
+    """x·Φ(x) (exact, with erf) or its tanh approximation (``approximate="tanh"``), as in PyTorch."""
+    if approximate == "none":
+        def forward(xp, d):
+            return 0.5 * d * (1.0 + _erf(xp, d * _SQRT_HALF))
+
+        def derivative(xp, d, y):
+            return 0.5 * (1.0 + _erf(xp, d * _SQRT_HALF)) + d * _INV_SQRT_2PI * xp.exp(-0.5 * d * d)
+    elif approximate == "tanh":
+        def forward(xp, d):
+            return 0.5 * d * (1.0 + xp.tanh(_TANH_C * (d + 0.044715 * d ** 3)))
+
+        def derivative(xp, d, y):
+            t = xp.tanh(_TANH_C * (d + 0.044715 * d ** 3))
+            return 0.5 * (1.0 + t) + 0.5 * d * (1.0 - t * t) * _TANH_C * (1.0 + 3 * 0.044715 * d * d)
+    else:
+        raise ValueError(f"gelu: approximate must be 'none' or 'tanh', got {approximate!r}")
+    return _unary("gelu", x, forward, derivative)
+
+
+def where(condition, a, b):
+    """a where `condition` holds, else b. The untaken branch gets an exact zero cotangent
+    (selected, never multiplied), so a NaN there cannot leak into the gradient."""
+    cond = condition.data if isinstance(condition, Tensor) else condition
+    a, b = _pair("where", a, b)
+    xp = B.array_module(cond, a.data, b.data)
+    cond = xp.asarray(cond, dtype=bool)
+    zero = xp.zeros((), dtype=a.dtype)
+    return record("where", xp.where(cond, a.data, b.data), (a, b),
+                  vjp=(lambda g: unbroadcast(xp.where(cond, g, zero), a.shape),
+                       lambda g: unbroadcast(xp.where(cond, zero, g), b.shape)),
+                  jvp=lambda ta, tb: xp.where(cond, ta, tb))
+
+
+# --- reductions and shapes ------------------------------------------------------------
+def sum(x, axis=None, keepdims=False):
+    """Sum over `axis` (all axes by default); a 0-d array, never a host scalar."""
+    x = as_tensor(x)
+    axes = _axes(axis, x.ndim)
+    y = x.xp.asarray(x.data.sum(axis=axes, keepdims=keepdims))
+    return record("sum", y, (x,),
+                  vjp=(lambda g: _expand(g, () if keepdims else axes, x.shape),),
+                  jvp=lambda t: t.sum(axis=axes, keepdims=keepdims))
+
+
+def mean(x, axis=None, keepdims=False):
+    """Mean over `axis` (all axes by default)."""
+    x = as_tensor(x)
+    axes = _axes(axis, x.ndim)
+    count = int(np.prod([x.shape[a] for a in axes])) if axes else 1
+    return mul(sum(x, axis, keepdims), 1.0 / max(count, 1))
+
+
+def reshape(x, *shape):
+    """x with a new shape (``reshape(x, 2, 3)`` or ``reshape(x, (2, 3))``)."""
+    x = as_tensor(x)
+    shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    return record("reshape", x.data.reshape(shape), (x,),
+                  vjp=(lambda g: g.reshape(x.shape),), jvp=lambda t: t.reshape(shape))
+
+
+def transpose(x, axes=None):
+    """Permute axes (reverse them by default)."""
+    x = as_tensor(x)
+    axes = tuple(range(x.ndim))[::-1] if axes is None else tuple(a % x.ndim for a in axes)
+    inverse = tuple(np.argsort(axes))
+    return record("transpose", x.data.transpose(axes), (x,),
+                  vjp=(lambda g: g.transpose(inverse),), jvp=lambda t: t.transpose(axes))
+
+
+def getitem(x, index):
+    """x[index]; the VJP scatter-adds, so repeated indices accumulate."""
+    x = as_tensor(x)
+    if isinstance(index, Tensor):
+        index = index.data
+    elif isinstance(index, tuple):
+        index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
+    xp = x.xp
+
+    def vjp(g):
+        full = xp.zeros(x.shape, dtype=x.dtype)
+        if xp is np:
+            np.add.at(full, index, g)
+        else:
+            import cupyx
+
+            cupyx.scatter_add(full, index, g)
+        return full
+
+    return record("getitem", x.data[index], (x,), vjp=(vjp,), jvp=lambda t: t[index])
+
+
+# --- softmax family -------------------------------------------------------------------
+def _stable_softmax(xp, d, axis):
+    e = xp.exp(d - d.max(axis=axis, keepdims=True))
+    return e / e.sum(axis=axis, keepdims=True)
+
+
+def softmax(x, axis=-1):
+    """exp(x) / Σ exp(x) along `axis`."""
+    x = as_tensor(x)
+    xp = x.xp
+    y = _stable_softmax(xp, x.data, axis)
+
+    def jvp(t):  # also the VJP: the softmax Jacobian is symmetric
+        return y * (t - (t * y).sum(axis=axis, keepdims=True))
+
+    return record("softmax", y, (x,), vjp=(jvp,), jvp=jvp)
+
+
+def log_softmax(x, axis=-1):
+    """x - logsumexp(x) along `axis`."""
+    x = as_tensor(x)
+    xp = x.xp
+    shifted = x.data - x.data.max(axis=axis, keepdims=True)
+    y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    p = xp.exp(y)
+    return record("log_softmax", y, (x,),
+                  vjp=(lambda g: g - p * g.sum(axis=axis, keepdims=True),),
+                  jvp=lambda t: t - (p * t).sum(axis=axis, keepdims=True))
+
+
+def logsumexp(x, axis=-1, keepdims=False):
+    """log Σ exp(x) along `axis`, stably."""
+    x = as_tensor(x)
+    xp = x.xp
+    axes = _axes(axis, x.ndim)
+    m = x.data.max(axis=axes, keepdims=True)
+    y = xp.log(xp.exp(x.data - m).sum(axis=axes, keepdims=True)) + m
+    p = xp.exp(x.data - y)
+    out = y if keepdims else y.reshape(tuple(n for i, n in enumerate(x.shape) if i not in axes))
+    return record("logsumexp", out, (x,),
+                  vjp=(lambda g: _expand(g, () if keepdims else axes, x.shape) * p,),
+                  jvp=lambda t: (p * t).sum(axis=axes, keepdims=keepdims))
+
+
+def sq_norm(x):
+    """½‖x‖², a 0-d array."""
+    x = as_tensor(x)
+    xp = x.xp
+    return record("sq_norm", xp.asarray(0.5 * (x.data * x.data).sum()), (x,),
+                  vjp=(lambda g: g * x.data,), jvp=lambda t: (x.data * t).sum())
+
+
+# --- fused ops ------------------------------------------------------------------------
+def linear(x, W, b=None):
+    """y = x Wᵀ + b. x [..., K], W [N, K] (PyTorch's [out, in]), b [N] or None -> [..., N].
+
+    The VJP is one fused ``linear_backward`` call (the reference on numpy, the Triton or CuPy
+    kernel on the cupy backend) computing only the gradients that are needed."""
+    x, W = as_tensor(x), as_tensor(W)
+    parents = (x, W) if b is None else (x, W, as_tensor(b))
+    xp = B.array_module(*(p.data for p in parents))
+    if W.ndim != 2 or x.ndim < 1 or x.shape[-1] != W.shape[1]:
+        raise ValueError(f"linear: x {x.shape} and W {W.shape} do not match: need x [..., K] and W [N, K]")
+    if b is not None and parents[2].shape != (W.shape[0],):
+        raise ValueError(f"linear: b {parents[2].shape} does not match W {W.shape}: need b [N] = [{W.shape[0]}]")
+    if len({p.dtype for p in parents}) != 1:
+        raise ValueError(f"linear: x, W and b must share one dtype, got {[str(p.dtype) for p in parents]}")
+    y = xp.matmul(x.data, W.data.T)
+    if b is not None:
+        y = y + parents[2].data
+    need_dx = x.requires_grad
+
+    def vjp(g):
+        if not (W.requires_grad or (b is not None and parents[2].requires_grad)):
+            return (xp.matmul(g, W.data), None, None)
+        kernels = B.kernel_module(xp)
+        dx, dw, db = kernels.linear_backward(x.data, W.data, g, bias=b is not None, need_dx=need_dx)
+        return (dx, dw, db)
+
+    def jvp(tx, tW, tb=None):
+        ty = xp.matmul(tx, W.data.T) + xp.matmul(x.data, tW.T)
+        return ty if tb is None else ty + tb
+
+    return record("linear", y, parents, vjp=vjp, jvp=jvp)
+
+
+def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    """Softmax + cross-entropy in one op.
+
+    logits [..., V] float, targets [...] integer (a Tensor or array, not differentiated).
+    Returns the loss: a 0-d tensor for "mean" / "sum", targets' shape for "none". Rows whose
+    target equals ignore_index count for nothing; when all are ignored the loss and the
+    gradient are 0 in every reduction. The gradient p − y* (smoothed y* when
+    label_smoothing > 0) is computed in the forward pass by the fused kernel and reused by
+    the VJP; when no gradient is needed, the loss alone is computed (no [B, V] buffer)."""
+    logits = as_tensor(logits)
+    t = targets.data if isinstance(targets, Tensor) else targets
+    xp = B.array_module(logits.data, t)
+    t = xp.asarray(t)
+    if logits.ndim < 1 or tuple(t.shape) != logits.shape[:-1]:
+        raise ValueError(f"softmax_cross_entropy: targets {tuple(t.shape)} must have the shape of logits "
+                         f"{logits.shape} without its last (class) axis")
+    n_classes = logits.shape[-1]
+    need_grad = (is_grad_enabled() and logits.requires_grad) or logits.tangent is not None
+    kernels = B.kernel_module(xp)
+    loss, dlogits = kernels.softmax_cross_entropy(
+        logits.data.reshape(-1, n_classes), t.reshape(-1), ignore_index=ignore_index, reduction=reduction,
+        label_smoothing=label_smoothing, grad=need_grad)
+    if reduction == "none":
+        loss = loss.reshape(t.shape)
+    if dlogits is not None and dlogits.shape != logits.shape:
+        dlogits = dlogits.reshape(logits.shape)
+
+    def vjp(g):
+        if is_unit_seed(g):  # loss.backward(): the kernel's gradient is the answer, no extra pass
+            return dlogits
+        g = g.astype(dlogits.dtype)
+        return g[..., None] * dlogits if reduction == "none" else g * dlogits
+
+    def jvp(tl):
+        return (dlogits * tl).sum(axis=-1) if reduction == "none" else (dlogits * tl).sum()
+
+    return record("softmax_cross_entropy", loss, (logits,), vjp=(vjp,), jvp=jvp)
+
+
+def to(x, backend_name):
+    """A copy of x on backend `backend_name`; differentiable (the VJP copies back)."""
+    x = as_tensor(x)
+    source = x.backend
+    target_xp = B.module_for(backend_name)
+    move = (lambda a, xp: xp.asarray(a)) if backend_name == "cupy" else (lambda a, xp: B.to_host(a))
+    back_xp = B.module_for(source)
+    back = (lambda a: back_xp.asarray(a)) if source == "cupy" else B.to_host
+    return record("to", move(x.data, target_xp), (x,), vjp=(back,), jvp=lambda t: move(t, target_xp))
+
+
+# --- Tensor operators -----------------------------------------------------------------
+def _reflected(op):
+    return lambda self, other: op(other, self)
+
+
+Tensor.__add__, Tensor.__radd__ = add, _reflected(add)
+Tensor.__sub__, Tensor.__rsub__ = sub, _reflected(sub)
+Tensor.__mul__, Tensor.__rmul__ = mul, _reflected(mul)
+Tensor.__truediv__, Tensor.__rtruediv__ = div, _reflected(div)
+Tensor.__matmul__, Tensor.__rmatmul__ = matmul, _reflected(matmul)
+Tensor.__pow__ = pow
+Tensor.__neg__ = neg
+Tensor.__getitem__ = getitem
+Tensor.T = property(lambda self: transpose(self))
+Tensor.sum = sum
+Tensor.mean = mean
+Tensor.reshape = reshape
+Tensor.transpose = lambda self, *axes: transpose(self, axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else (axes or None))
+Tensor.to = to
+for _name, _cmp in (("__lt__", "less"), ("__le__", "less_equal"), ("__gt__", "greater"), ("__ge__", "greater_equal")):
+    # comparisons give constant boolean Tensors (for ad.where), never recorded
+    setattr(Tensor, _name, (lambda fn: lambda self, other: Tensor(getattr(self.xp, fn)(
+        self.data, other.data if isinstance(other, Tensor) else other)))(_cmp))
