@@ -39,7 +39,7 @@ def gradcheck(f, *inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0):
     for k, x in enumerate(arrays):
         flat = x.reshape(-1)
         for i in range(flat.size):
-            entry = np.unravel_index(i, x.shape) if x.ndim else ()
+            entry = tuple(int(e) for e in np.unravel_index(i, x.shape))
             step = xp.zeros_like(x)
             step.reshape(-1)[i] = eps
             numeric = (f_at(k, x + step) - f_at(k, x - step)) / (2 * eps)
@@ -54,7 +54,7 @@ def gradcheck(f, *inputs, eps=1e-6, atol=1e-5, rtol=1e-3, seed=0):
             bad = xp.abs(forward - numeric) > atol + rtol * xp.abs(numeric)
             if bool(bad.any()):
                 j = int(xp.argmax(bad.reshape(-1)))
-                out_entry = np.unravel_index(j, numeric.shape) if numeric.ndim else ()
+                out_entry = tuple(int(e) for e in np.unravel_index(j, numeric.shape))
                 raise GradcheckError(f"input {k}, entry {entry}, output entry {out_entry}: forward mode (JVP) gives "
                                      f"{float(forward.reshape(-1)[j])!r}, finite differences give "
                                      f"{float(numeric.reshape(-1)[j])!r}")

@@ -72,7 +72,8 @@ def _erf(xp, z):
     if xp is not np:
         import cupyx.scipy.special
 
-        return cupyx.scipy.special.erf(z)
+        wide = z.astype(xp.float32) if z.dtype.itemsize < 4 else z  # 16-bit floats: erf in fp32
+        return cupyx.scipy.special.erf(wide).astype(z.dtype)
     try:
         from scipy.special import erf
     except ImportError:
