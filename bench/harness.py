@@ -1,0 +1,474 @@
+"""Devices, ceilings, checking, timing, records and the terminal table.
+
+Nothing here imports torch, triton or CuPy at module level: each is imported when first
+needed, and an implementation whose library or device is missing raises
+:class:`Unavailable` with the reason, which becomes an UNAVAILABLE record.
+"""
+from __future__ import annotations
+
+import datetime
+import importlib
+import importlib.metadata
+import itertools
+import json
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+
+# Normalised error (max |got - ref| / max |ref|) allowed per dtype of the inputs.
+TOLERANCE = {"float64": 1e-9, "float32": 2e-4, "float16": 5e-3, "bfloat16": 3e-2}
+ROTATE_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}  # input copies cycled until they span this much
+MAX_COPIES = 8
+CHECK_ROWS = 1 << 24  # elements per row chunk when comparing large outputs on the host
+
+
+class Unavailable(Exception):
+    """An implementation that cannot run here; the message is the reason."""
+
+
+@dataclass
+class Prepared:
+    """An implementation ready to run on one case.
+
+    ``fn()`` runs one timed call (cycling the input copies); ``outputs()`` runs one call
+    on the first copy and returns ``{name: array}`` for the check; ``device`` is "cuda" or "cpu"."""
+    fn: Callable[[], object]
+    outputs: Callable[[], dict]
+    device: str
+
+
+def rotating(sets, call):
+    """A no-argument function calling ``call(*s)`` on each input set in turn."""
+    counter = itertools.count()
+    n = len(sets)
+    return lambda: call(*sets[next(counter) % n])
+
+
+# --- environment ------------------------------------------------------------------------
+
+def _try_import(name):
+    try:
+        return importlib.import_module(name), None
+    except Exception as e:  # ImportError, or a broken install raising anything else
+        return None, f"{type(e).__name__}: {e}".splitlines()[0][:160]
+
+
+class Env:
+    """What this machine offers: CUDA or not, and the libraries, imported on demand."""
+
+    def __init__(self, force_cpu: bool = False):
+        self.cuda = False if force_cpu else _cuda_available()
+        self.device = "cuda" if self.cuda else "cpu"
+
+    def torch(self, who):
+        torch, err = _try_import("torch")
+        if torch is None:
+            raise Unavailable(f"{who}: torch is not importable ({err})")
+        return torch
+
+    def require_cuda(self, who, why="needs a CUDA device"):
+        if not self.cuda:
+            raise Unavailable(f"{who}: {why}")
+
+    def cupy(self, who):
+        self.require_cuda(who)
+        cupy, err = _try_import("cupy")
+        if cupy is None:
+            raise Unavailable(f"{who}: cupy is not importable ({err})")
+        return cupy
+
+    def ref_xp(self):
+        """Array module for the float64 reference outputs: CuPy on a CUDA machine that has it."""
+        if self.cuda:
+            cupy, _ = _try_import("cupy")
+            if cupy is not None:
+                return cupy
+        return np
+
+    def n_copies(self, set_bytes: int) -> int:
+        return max(1, min(MAX_COPIES, math.ceil(ROTATE_BYTES[self.device] / max(set_bytes, 1))))
+
+    def device_name(self) -> str:
+        if self.cuda:
+            torch, _ = _try_import("torch")
+            if torch is not None and torch.cuda.is_available():
+                return torch.cuda.get_device_name(0)
+            cupy, _ = _try_import("cupy")
+            return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
+        return f"CPU {platform.machine()} ({os.cpu_count()} threads)"
+
+
+def _cuda_available() -> bool:
+    torch, _ = _try_import("torch")
+    if torch is not None:
+        return bool(torch.cuda.is_available())
+    cupy, _ = _try_import("cupy")
+    try:
+        return cupy is not None and cupy.cuda.runtime.getDeviceCount() > 0
+    except Exception:
+        return False
+
+
+_DISTS = {"cupy": ("cupy", "cupy-cuda13x", "cupy-cuda12x", "cupy-cuda11x"), "liger_kernel": ("liger-kernel",),
+          "ml_dtypes": ("ml-dtypes", "ml_dtypes")}
+
+
+def versions() -> dict:
+    """Versions of the libraries that matter, without importing the heavy ones."""
+    out = {"python": platform.python_version()}
+    for mod in ("numpy", "torch", "triton", "cupy", "liger_kernel", "ml_dtypes", "matplotlib", "gpuad"):
+        m = sys.modules.get(mod)
+        v = getattr(m, "__version__", None) if m is not None else None
+        for dist in (() if v else _DISTS.get(mod, (mod,))):
+            try:
+                v = importlib.metadata.version(dist)
+                break
+            except importlib.metadata.PackageNotFoundError:
+                pass
+        if v:
+            out[mod] = str(v)
+    return out
+
+
+# --- dtypes and arrays ----------------------------------------------------------------
+
+def np_dtype(name: str):
+    if name == "bfloat16":
+        ml, err = _try_import("ml_dtypes")
+        if ml is None:
+            raise Unavailable(f"numpy bfloat16 needs ml_dtypes ({err})")
+        return np.dtype(ml.bfloat16)
+    return np.dtype(name)
+
+
+def quantize(a: np.ndarray, dtype: str) -> np.ndarray:
+    """float32 values exactly representable in `dtype`, so every impl and the float64
+    reference see the same inputs."""
+    if dtype in ("float32", "float64"):
+        return a
+    if dtype == "float16":
+        return a.astype(np.float16).astype(np.float32)
+    if dtype == "bfloat16":  # round to nearest even on the upper 16 bits
+        u = a.view(np.uint32)
+        return ((u + (0x7FFF + ((u >> 16) & 1))) & np.uint32(0xFFFF0000)).view(np.float32)
+    raise ValueError(f"unknown dtype {dtype!r}")
+
+
+def itemsize(dtype: str) -> int:
+    return {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+
+
+def to_host64(a) -> np.ndarray:
+    """A float64 numpy copy of a numpy / CuPy / torch array or a Python scalar."""
+    mod = type(a).__module__.partition(".")[0]
+    if mod == "torch":
+        return a.detach().double().cpu().numpy()
+    if mod == "cupy":
+        return np.asarray(a.get()).astype(np.float64)
+    return np.asarray(a).astype(np.float64)
+
+
+def max_error(got, ref) -> float:
+    """max |got - ref| / max |ref| (row chunks for large arrays), inf on a shape mismatch."""
+    if got is None:
+        raise AssertionError("no output")
+    if tuple(getattr(got, "shape", ())) != tuple(ref.shape):
+        raise AssertionError(f"shape {tuple(getattr(got, 'shape', ()))}, expected {tuple(ref.shape)}")
+    if len(ref.shape) == 0:
+        g, r = to_host64(got), to_host64(ref)
+        return float(abs(g - r) / max(abs(r), 1e-30))
+    rows = ref.shape[0]
+    step = max(1, CHECK_ROWS // max(1, int(np.prod(ref.shape[1:]))))
+    err, scale = 0.0, 0.0
+    for r0 in range(0, rows, step):
+        g, r = to_host64(got[r0:r0 + step]), to_host64(ref[r0:r0 + step])
+        if not np.all(np.isfinite(g)):
+            return math.inf
+        err = max(err, float(np.max(np.abs(g - r), initial=0.0)))
+        scale = max(scale, float(np.max(np.abs(r), initial=0.0)))
+    return err / max(scale, 1e-30)
+
+
+# --- timing -----------------------------------------------------------------------------
+
+@dataclass
+class Timing:
+    warmup_ms: float = 25.0
+    rep_ms: float = 100.0
+    cpu_min_reps: int = 5
+    cpu_max_reps: int = 50
+    cpu_budget_s: float = 0.3
+
+
+def time_cuda(fn, timing: Timing):
+    """Median ms of `fn` with triton.testing.do_bench (it flushes L2 between calls)."""
+    try:
+        from triton.testing import do_bench
+    except Exception:
+        return _time_cuda_events(fn, timing), "cuda-events-median"
+    return float(do_bench(fn, warmup=timing.warmup_ms, rep=timing.rep_ms, return_mode="median")), "triton.testing.do_bench"
+
+
+def _time_cuda_events(fn, timing):
+    import torch
+    fn(); torch.cuda.synchronize()
+    times = []
+    t_end = time.perf_counter() + timing.rep_ms / 1e3
+    while len(times) < 5 or time.perf_counter() < t_end:
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record(); fn(); b.record(); b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def time_cpu(fn, timing: Timing, stat=statistics.median):
+    """Median (or `stat`) ms of repeated calls after one warm-up call."""
+    fn()
+    times = []
+    t_end = time.perf_counter() + timing.cpu_budget_s
+    while len(times) < timing.cpu_min_reps or (time.perf_counter() < t_end and len(times) < timing.cpu_max_reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return stat(times), "cpu-median"
+
+
+def time_fn(fn, device, timing):
+    return time_cuda(fn, timing) if device == "cuda" else time_cpu(fn, timing)
+
+
+# --- ceilings ---------------------------------------------------------------------------
+
+def measure_ceilings(env: Env, dtypes, timing: Timing) -> dict:
+    """Copy bandwidth (bytes read + written, GB/s) and matmul rate per dtype (TFLOP/s),
+    measured now on random data: torch on CUDA; numpy on the CPU (fp32/fp64 matmul only)."""
+    out = {"copy_GBps": None, "matmul_TFLOPs": {}, "how": {}}
+    try:
+        if env.cuda:
+            torch = env.torch("ceilings")
+            a = torch.randn(64 << 20, device="cuda")  # 256 MiB
+            b = torch.empty_like(a)
+            ms, _ = time_cuda(lambda: b.copy_(a), timing)
+            out["copy_GBps"] = 2 * a.numel() * 4 / ms / 1e6
+            out["how"]["copy"] = "torch copy_ of 256 MiB fp32 on the device"
+            del a, b
+            n = 8192
+            for dt in sorted(set(dtypes) | {"bfloat16", "float32"}):
+                if dt == "float64":
+                    continue
+                x = torch.randn(n, n, device="cuda").to(getattr(torch, dt))
+                y = torch.randn(n, n, device="cuda").to(getattr(torch, dt))
+                prev = torch.backends.cuda.matmul.allow_tf32
+                torch.backends.cuda.matmul.allow_tf32 = False
+                try:
+                    ms, _ = time_cuda(lambda: x @ y, timing)
+                finally:
+                    torch.backends.cuda.matmul.allow_tf32 = prev
+                out["matmul_TFLOPs"][dt] = 2 * n ** 3 / ms / 1e9
+                del x, y
+            out["how"]["matmul"] = f"torch {n}x{n} @ {n}x{n}, random data, TF32 off"
+            torch.cuda.empty_cache()
+        else:
+            a = np.random.default_rng(0).standard_normal(16 << 20, dtype=np.float32)  # 64 MiB
+            b = np.empty_like(a)
+            best = Timing(cpu_min_reps=10, cpu_max_reps=50, cpu_budget_s=0.1)  # a ceiling: the fastest run
+            ms, _ = time_cpu(lambda: np.copyto(b, a), best, min)
+            out["copy_GBps"] = 2 * a.nbytes / ms / 1e6
+            out["how"]["copy"] = "numpy copyto of 64 MiB fp32"
+            n = 1024
+            for dt in sorted(set(dtypes) | {"float32"}):
+                if dt not in ("float32", "float64"):
+                    continue
+                x = np.random.default_rng(1).standard_normal((n, n)).astype(dt)
+                ms, _ = time_cpu(lambda: x @ x, best, min)
+                out["matmul_TFLOPs"][dt] = 2 * n ** 3 / ms / 1e9
+            out["how"]["matmul"] = f"numpy {n}x{n} @ {n}x{n}, random data"
+    except Exception as e:  # a missing ceiling leaves % empty, never stops the run
+        out["error"] = f"{type(e).__name__}: {e}"[:300]
+    return out
+
+
+def ceiling_for(metric, dtype, ceilings):
+    if metric == "GB/s":
+        return ceilings.get("copy_GBps")
+    return ceilings.get("matmul_TFLOPs", {}).get(dtype)
+
+
+# --- the run ----------------------------------------------------------------------------
+
+class Progress:
+    """A one-line progress bar on stderr (a line per step when stderr is not a terminal)."""
+
+    def __init__(self, total, stream=None):
+        self.total, self.done = max(total, 1), 0
+        self.stream = stream or sys.stderr
+        self.tty = getattr(self.stream, "isatty", lambda: False)()
+
+    def step(self, text):
+        self.done += 1
+        n = int(30 * self.done / self.total)
+        line = f"[{'#' * n}{'.' * (30 - n)}] {self.done}/{self.total} {text}"
+        if self.tty:
+            self.stream.write("\r\033[K" + line[:160])
+            if self.done == self.total:
+                self.stream.write("\n")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, progress=True, skip=None):
+    """Check then time every (case, impl); return the list of records.
+
+    `cases`: list of ops.Case; `impls`: list of impl names (those an op lacks are
+    UNAVAILABLE for it); `skip`: {(op, impl): reason} left out on purpose, recorded as
+    UNAVAILABLE with that reason. Ceilings are measured first unless given."""
+    skip = skip or {}
+    from . import ops
+
+    timing = timing or Timing()
+    if ceilings is None:
+        ceilings = measure_ceilings(env, {c.dtype for c in cases}, timing)
+    meta = {"device": env.device_name(), "versions": versions()}
+    bar = Progress(len(cases) * len(impls)) if progress else None
+    records = []
+    for case in cases:
+        op = ops.OPS[case.op]
+        host, expected = None, None
+        for impl in impls:
+            prep = outs = None
+            rec = dict(op=case.op, impl=impl, shape=case.shape_dict(), shape_str=case.label, dtype=case.dtype,
+                       device=meta["device"], versions=meta["versions"], status=None, error=None, ms=None,
+                       flops=op.flops(case), bytes=op.min_bytes(case), metric=op.metric, rate=None,
+                       ceiling=None, pct_ceiling=None, speedup_vs_torch=None, max_error=None,
+                       tolerance=TOLERANCE.get(case.dtype), timer=None, n_copies=None)
+            try:
+                setup = op.impls.get(impl)
+                if (case.op, impl) in skip:
+                    raise Unavailable(f"{impl}: {skip[case.op, impl]}")
+                if setup is None:
+                    raise Unavailable(f"{impl}: not an implementation of {case.op}")
+                if host is None:
+                    host = op.make_inputs(case)
+                n = env.n_copies(op.input_bytes(case))
+                prep = setup(env, case, host, n)
+                outs = prep.outputs()
+                if expected is None:
+                    expected = op.expected(case, host, env.ref_xp())
+                errs = {k: max_error(outs[k], expected[k]) for k in expected}
+                worst = max(errs, key=lambda k: errs[k])
+                rec["max_error"] = errs[worst]
+                if not errs[worst] <= rec["tolerance"]:
+                    raise AssertionError(f"{worst}: error {errs[worst]:.3g} (max |got - ref| / max |ref| "
+                                         f"vs float64 reference) > tolerance {rec['tolerance']:g}")
+                outs = None
+                rec["ms"], rec["timer"] = time_fn(prep.fn, prep.device, timing)
+                rec["n_copies"] = n
+                rec["status"] = "OK"
+            except Unavailable as e:
+                rec["status"], rec["error"] = "UNAVAILABLE", str(e)
+            except Exception as e:
+                rec["status"] = "FAIL"
+                rec["error"] = f"{type(e).__name__}: {e}".strip()[:500]
+                if os.environ.get("BENCH_TRACEBACK"):
+                    traceback.print_exc()
+            if rec["ms"]:
+                scale = 1e9 if op.metric == "TFLOP/s" else 1e6
+                rec["rate"] = (rec["flops"] if op.metric == "TFLOP/s" else rec["bytes"]) / rec["ms"] / scale
+                rec["ceiling"] = ceiling_for(op.metric, case.dtype, ceilings)
+                if rec["ceiling"]:
+                    rec["pct_ceiling"] = 100.0 * rec["rate"] / rec["ceiling"]
+            prep = outs = None
+            records.append(rec)
+            if bar:
+                bar.step(f"{case.op} {case.label} {case.dtype} {impl}: {rec['status']}")
+        host = expected = None
+        _free(env)
+    for rec in records:  # speed-up over torch eager in the same run
+        base = next((r for r in records if r["impl"] == "torch" and r["status"] == "OK" and r["op"] == rec["op"]
+                     and r["shape_str"] == rec["shape_str"] and r["dtype"] == rec["dtype"]), None)
+        if base and rec["ms"]:
+            rec["speedup_vs_torch"] = base["ms"] / rec["ms"]
+    return records
+
+
+def _free(env):
+    import gc
+    gc.collect()
+    if env.cuda and "torch" in sys.modules:
+        sys.modules["torch"].cuda.empty_cache()
+    if env.cuda and "cupy" in sys.modules:
+        sys.modules["cupy"].get_default_memory_pool().free_all_blocks()
+
+
+# --- output -----------------------------------------------------------------------------
+
+def unavailable_lines(records):
+    """Each unavailable impl once: its reasons, with the ops each applies to."""
+    by_impl = {}
+    for r in records:
+        if r["status"] == "UNAVAILABLE":
+            reason = r["error"][len(r["impl"]) + 2:] if r["error"].startswith(r["impl"] + ": ") else r["error"]
+            ops_ = by_impl.setdefault(r["impl"], {}).setdefault(reason, [])
+            if r["op"] not in ops_:
+                ops_.append(r["op"])
+    all_ops = list(dict.fromkeys(r["op"] for r in records))
+    lines = []
+    for impl, reasons in by_impl.items():
+        parts = [reason if len(reasons) == 1 and len(o) == len(all_ops) else f"{reason} ({', '.join(o)})"
+                 for reason, o in reasons.items()]
+        lines.append(f"{impl}: " + "; ".join(parts))
+    return lines
+
+
+def _fmt(v, spec):
+    return "" if v is None else format(v, spec)
+
+
+def table(records, ceilings=None) -> str:
+    """The terminal table, then FAILs and UNAVAILABLE impls (each once, with the reason)."""
+    head = ("op", "shape", "dtype", "impl", "status", "ms", "rate", "% ceil", "x torch")
+    rows = []
+    for r in records:
+        if r["status"] == "UNAVAILABLE":
+            continue
+        rate = f"{r['rate']:.3g} {r['metric']}" if r["rate"] else ""
+        rows.append((r["op"], r["shape_str"], r["dtype"], r["impl"], r["status"], _fmt(r["ms"], ".4f"), rate,
+                     _fmt(r["pct_ceiling"], ".1f"), _fmt(r["speedup_vs_torch"], ".2f")))
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+    if ceilings:
+        mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceilings.get("matmul_TFLOPs", {}).items())
+        cp = ceilings.get("copy_GBps")
+        lines.append(f"ceilings (measured in this run): copy {_fmt(cp, '.4g')} GB/s (read+write); matmul {mm}")
+    fails = [r for r in records if r["status"] == "FAIL"]
+    if fails:
+        lines.append("FAIL (not timed):")
+        lines += [f"  {r['op']} {r['shape_str']} {r['dtype']} {r['impl']}: {r['error']}" for r in fails]
+    una = unavailable_lines(records)
+    if una:
+        lines.append("UNAVAILABLE:")
+        lines += [f"  {u}" for u in una]
+    return "\n".join(lines)
+
+
+REQUIRED_KEYS = ("op", "impl", "shape", "shape_str", "dtype", "device", "versions", "status", "error", "ms",
+                 "flops", "bytes", "metric", "rate", "ceiling", "pct_ceiling", "speedup_vs_torch")
+
+
+def write_results(path, records, env: Env, ceilings, preset, argv=None):
+    meta = {"device": env.device_name(), "cuda": env.cuda, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+            "versions": versions(), "ceilings": ceilings, "preset": preset, "argv": list(argv or []),
+            "tolerance": TOLERANCE}
+    with open(path, "w") as f:
+        json.dump({"meta": meta, "records": records}, f, indent=1, default=str)
+    return meta

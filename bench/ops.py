@@ -1,0 +1,466 @@
+"""Op cases: shapes and presets, inputs, counting (FLOPs, minimum bytes), the float64
+reference outputs, and one setup function per implementation.
+
+An implementation setup ``setup(env, case, host, n_copies) -> harness.Prepared`` imports
+its library lazily and raises ``harness.Unavailable`` with the reason when it cannot run.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .harness import Prepared, Unavailable, np_dtype, quantize, rotating
+
+IMPLS = ("reference", "triton", "cupy", "torch", "torch_compile", "liger")
+SEED = 0
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str
+    dims: tuple  # CE (B, V); linear (M, K, N); mlp (B, D, H, C)
+    dtype: str
+
+    @property
+    def label(self):
+        return "x".join(str(d) for d in self.dims)
+
+    def shape_dict(self):
+        return dict(zip(OPS[self.op].dim_names, self.dims))
+
+
+# --- arrays on each library --------------------------------------------------------------
+
+def _torch_dtype(torch, name):
+    return getattr(torch, name)
+
+
+def on_torch(torch, host, dtype, device):
+    """A torch tensor of `dtype` on `device` from a host array (integers stay int64)."""
+    t = torch.from_numpy(np.ascontiguousarray(host)).to(device)
+    return t if host.dtype.kind == "i" else t.to(_torch_dtype(torch, dtype))
+
+
+def on_xp(xp, host, dtype):
+    """A numpy or CuPy array of `dtype` from a host array (bfloat16 through ml_dtypes)."""
+    a = host if host.dtype.kind == "i" else host.astype(np_dtype(dtype))
+    return xp.asarray(a)
+
+
+def _compile(torch, fn):
+    """torch.compile for fixed shapes; every case recompiles the same code, so raise dynamo's
+    recompile limit (named cache_size_limit in older torch) to keep each case compiled."""
+    cfg = torch._dynamo.config
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(cfg, name):
+            setattr(cfg, name, max(getattr(cfg, name), 256))
+    return torch.compile(fn, dynamic=False)
+
+
+def _torch_device(env, who):
+    torch = env.torch(who)
+    return torch, env.device
+
+
+# --- softmax cross-entropy ---------------------------------------------------------------
+
+class CrossEntropy:
+    """Softmax cross-entropy, forward and backward (loss and dlogits), reduction "mean"."""
+    name = "softmax_cross_entropy"
+    dim_names = ("B", "V")
+    metric = "GB/s"
+
+    @staticmethod
+    def flops(case):
+        return None
+
+    @staticmethod
+    def min_bytes(case):
+        """Read the logits once, write dlogits once, read the int64 targets."""
+        b, v = case.dims
+        return 2 * b * v * _isz(case.dtype) + 8 * b
+
+    input_bytes = min_bytes
+
+    @staticmethod
+    def make_inputs(case):
+        b, v = case.dims
+        rng = np.random.default_rng(SEED)
+        logits = quantize(rng.standard_normal((b, v), dtype=np.float32) * np.float32(2.0), case.dtype)
+        return {"logits": logits, "targets": rng.integers(0, v, size=b, dtype=np.int64)}
+
+    @staticmethod
+    def expected(case, host, xp):
+        """float64 loss and dlogits from gpuad.kernels.reference, computed in row chunks
+        (dlogits kept in float32: its rounding is far below every tolerance)."""
+        from gpuad.kernels import reference as K
+        b, v = case.dims
+        step = max(1, (1 << 25) // v)
+        rows, dl = [], xp.empty((b, v), dtype=xp.float32)
+        for r0 in range(0, b, step):
+            lg = xp.asarray(host["logits"][r0:r0 + step], dtype=xp.float64)
+            tg = xp.asarray(host["targets"][r0:r0 + step])
+            loss, g = K.softmax_cross_entropy(lg, tg, reduction="none")
+            rows.append(loss)
+            dl[r0:r0 + step] = g / b
+            del lg, g
+        return {"loss": xp.concatenate(rows).sum() / b, "dlogits": dl}
+
+
+def _ce_gpuad(module, who):
+    def setup(env, case, host, n):
+        if module == "reference":
+            xp, dev = (env.cupy(who), "cuda") if env.cuda else (np, "cpu")
+        elif module == "cupy":
+            xp, dev = env.cupy(who), "cuda"
+        else:
+            env.require_cuda(who)
+            torch = env.torch(who)
+        K = _import_kernels(module, who)
+        if module == "triton":
+            sets = [(on_torch(torch, host["logits"], case.dtype, "cuda"), on_torch(torch, host["targets"], None, "cuda"))
+                    for _ in range(n)]
+            dev = "cuda"
+        else:
+            sets = [(on_xp(xp, host["logits"], case.dtype), on_xp(xp, host["targets"], None)) for _ in range(n)]
+
+        def call(logits, targets):
+            return K.softmax_cross_entropy(logits, targets, check_targets=False)
+
+        def outputs():
+            loss, dl = call(*sets[0])
+            return {"loss": loss, "dlogits": dl}
+        return Prepared(rotating(sets, call), outputs, dev)
+    return setup
+
+
+def _import_kernels(module, who):
+    import importlib
+    try:
+        return importlib.import_module(f"gpuad.kernels.{module}")
+    except Exception as e:
+        raise Unavailable(f"{who}: gpuad.kernels.{module} is not importable ({type(e).__name__}: {e})"[:300])
+
+
+def _ce_torch(kind):
+    def setup(env, case, host, n):
+        if kind != "torch":
+            env.require_cuda(kind, "timed on CUDA only" if kind == "torch_compile" else "needs a CUDA device")
+        torch, dev = _torch_device(env, kind)
+        import torch.nn.functional as F
+        if kind == "liger":
+            try:
+                from liger_kernel.transformers.functional import liger_cross_entropy as fn
+            except Exception as e:
+                raise Unavailable(f"liger: Liger Kernel is not importable ({type(e).__name__}: {e})"[:300])
+        elif kind == "torch_compile":
+            fn = _compile(torch, F.cross_entropy)
+        else:
+            fn = F.cross_entropy
+        sets = [(on_torch(torch, host["logits"], case.dtype, dev).requires_grad_(),
+                 on_torch(torch, host["targets"], None, dev)) for _ in range(n)]
+
+        def call(x, t):
+            loss = fn(x, t)
+            loss.backward()
+            g, x.grad = x.grad, None
+            return loss, g
+
+        def outputs():
+            loss, g = call(*sets[0])  # Liger writes its gradient over the logits: check the first call
+            return {"loss": loss.detach(), "dlogits": g}
+        return Prepared(rotating(sets, call), outputs, dev)
+    return setup
+
+
+CrossEntropy.impls = {
+    "reference": _ce_gpuad("reference", "reference"),
+    "triton": _ce_gpuad("triton", "triton"),
+    "cupy": _ce_gpuad("cupy", "cupy"),
+    "torch": _ce_torch("torch"),
+    "torch_compile": _ce_torch("torch_compile"),
+    "liger": _ce_torch("liger"),
+}
+
+
+# --- linear backward ---------------------------------------------------------------------
+
+class LinearBackward:
+    """dx = dy w, dw = dyᵀ x, db = Σ dy for x [M, K], w [N, K], dy [M, N]."""
+    name = "linear_backward"
+    dim_names = ("M", "K", "N")
+    metric = "TFLOP/s"
+
+    @staticmethod
+    def flops(case):
+        m, k, n = case.dims
+        return 4 * m * n * k
+
+    @staticmethod
+    def min_bytes(case):
+        """Read x, w, dy once; write dx, dw, db once."""
+        m, k, n = case.dims
+        return _isz(case.dtype) * (2 * m * k + 2 * n * k + m * n + n)
+
+    @staticmethod
+    def input_bytes(case):
+        m, k, n = case.dims
+        return _isz(case.dtype) * (m * k + n * k + m * n)
+
+    @staticmethod
+    def make_inputs(case):
+        m, k, n = case.dims
+        rng = np.random.default_rng(SEED)
+        q = lambda *s, scale=1.0: quantize(rng.standard_normal(s, dtype=np.float32) * np.float32(scale), case.dtype)
+        return {"x": q(m, k), "w": q(n, k, scale=k ** -0.5), "dy": q(m, n)}
+
+    @staticmethod
+    def expected(case, host, xp):
+        from gpuad.kernels import reference as K
+        dx, dw, db = K.linear_backward(*(xp.asarray(host[k], dtype=xp.float64) for k in ("x", "w", "dy")))
+        return {"dx": dx, "dw": dw, "db": db}
+
+
+def _lin_gpuad(module, who):
+    def setup(env, case, host, n):
+        if module == "reference":
+            xp, dev = (env.cupy(who), "cuda") if env.cuda else (np, "cpu")
+        elif module == "cupy":
+            xp, dev = env.cupy(who), "cuda"
+        else:
+            env.require_cuda(who)
+            torch, dev = env.torch(who), "cuda"
+        K = _import_kernels(module, who)
+        if module == "triton":
+            sets = [tuple(on_torch(torch, host[k], case.dtype, "cuda") for k in ("x", "w", "dy")) for _ in range(n)]
+            kw = {"allow_tf32": False}
+        else:
+            sets = [tuple(on_xp(xp, host[k], case.dtype) for k in ("x", "w", "dy")) for _ in range(n)]
+            kw = {}
+
+        def call(x, w, dy):
+            return K.linear_backward(x, w, dy, **kw)
+
+        def outputs():
+            return dict(zip(("dx", "dw", "db"), call(*sets[0])))
+        return Prepared(rotating(sets, call), outputs, dev)
+    return setup
+
+
+def _lin_torch(kind):
+    def setup(env, case, host, n):
+        if kind == "liger":
+            raise Unavailable("liger: Liger Kernel has no such op here (cross-entropy only)")
+        if kind == "torch_compile":
+            env.require_cuda(kind, "timed on CUDA only")
+        torch, dev = _torch_device(env, kind)
+
+        def three_ops(x, w, dy):
+            return dy @ w, dy.t() @ x, dy.sum(0)
+        fn = _compile(torch, three_ops) if kind == "torch_compile" else three_ops
+        sets = [tuple(on_torch(torch, host[k], case.dtype, dev) for k in ("x", "w", "dy")) for _ in range(n)]
+        return Prepared(rotating(sets, fn), lambda: dict(zip(("dx", "dw", "db"), fn(*sets[0]))), dev)
+    return setup
+
+
+LinearBackward.impls = {
+    "reference": _lin_gpuad("reference", "reference"),
+    "triton": _lin_gpuad("triton", "triton"),
+    "cupy": _lin_gpuad("cupy", "cupy"),
+    "torch": _lin_torch("torch"),
+    "torch_compile": _lin_torch("torch_compile"),
+    "liger": _lin_torch("liger"),
+}
+
+
+# --- one MLP training step ---------------------------------------------------------------
+
+LR = 1e-3
+PARAMS = ("w1", "b1", "w2", "b2")
+
+
+class MLPStep:
+    """One SGD step of relu(x W1ᵀ + b1) W2ᵀ + b2 -> softmax cross-entropy, end to end.
+
+    x [B, D] needs no gradient, so the backward matmuls are dW2, dh (layer 2) and dW1 only."""
+    name = "mlp_step"
+    dim_names = ("B", "D", "H", "C")
+    metric = "TFLOP/s"
+
+    @staticmethod
+    def flops(case):
+        """Forward 2BDH + 2BHC; backward 4BHC (dh, dW2) + 2BDH (dW1)."""
+        b, d, h, c = case.dims
+        return 4 * b * d * h + 6 * b * h * c
+
+    @staticmethod
+    def min_bytes(case):
+        return None
+
+    @staticmethod
+    def input_bytes(case):
+        b, d, h, c = case.dims
+        return _isz(case.dtype) * b * d + 8 * b
+
+    @staticmethod
+    def make_inputs(case):
+        b, d, h, c = case.dims
+        rng = np.random.default_rng(SEED)
+        q = lambda *s, scale=1.0: quantize(rng.standard_normal(s, dtype=np.float32) * np.float32(scale), case.dtype)
+        return {"x": q(b, d), "targets": rng.integers(0, c, size=b, dtype=np.int64),
+                "w1": q(h, d, scale=d ** -0.5), "b1": q(h, scale=0.1), "w2": q(c, h, scale=h ** -0.5), "b2": q(c, scale=0.1)}
+
+    @staticmethod
+    def expected(case, host, xp):
+        """Loss and parameter gradients in float64 from the reference kernels."""
+        from gpuad.kernels import reference as K
+        x, w1, b1, w2, b2 = (xp.asarray(host[k], dtype=xp.float64) for k in ("x",) + PARAMS)
+        h = x @ w1.T + b1
+        a = xp.maximum(h, 0.0)
+        loss, dlogits = K.softmax_cross_entropy(a @ w2.T + b2, xp.asarray(host["targets"]))
+        da, dw2, db2 = K.linear_backward(a, w2, dlogits)
+        _, dw1, db1 = K.linear_backward(x, w1, da * (h > 0), need_dx=False)
+        return {"loss": loss, "w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+
+
+def _mlp_gpuad(kernels, who):
+    def setup(env, case, host, n):
+        if kernels is None and env.cuda:
+            raise Unavailable(f"{who}: the numpy backend runs on the CPU; not timed at GPU shapes")
+        if kernels is not None:
+            xp = env.cupy(who)
+        else:
+            xp = np
+        try:
+            import gpuad as ad
+        except Exception as e:
+            raise Unavailable(f"{who}: gpuad is not importable ({type(e).__name__}: {e})"[:300])
+        missing = [f for f in ("tensor", "linear", "relu", "softmax_cross_entropy", "use_backend") if not hasattr(ad, f)]
+        if missing:
+            raise Unavailable(f"{who}: the gpuad engine does not expose {', '.join('ad.' + m for m in missing)} yet")
+        if kernels is not None:
+            _import_kernels(kernels, who)
+        backend = "numpy" if kernels is None else "cupy"
+        with ad.use_backend(backend):
+            params = [ad.tensor(on_xp(xp, host[k], case.dtype), requires_grad=True) for k in PARAMS]
+            sets = [(ad.tensor(on_xp(xp, host["x"], case.dtype)), on_xp(xp, host["targets"], None)) for _ in range(n)]
+        w1, b1, w2, b2 = params
+
+        def step(x, targets):
+            with ad.use_backend(backend):
+                if kernels is not None:
+                    ad.set_kernels(kernels)
+                loss = ad.softmax_cross_entropy(ad.linear(ad.relu(ad.linear(x, w1, b1)), w2, b2), targets)
+                loss.backward()
+                grads = [p.grad for p in params]
+                for p in params:
+                    p.data -= LR * p.grad
+                    p.grad = None
+            return loss, grads
+
+        def outputs():
+            loss, grads = step(*sets[0])
+            return {"loss": loss.data, **dict(zip(PARAMS, grads))}
+        return Prepared(rotating(sets, step), outputs, "cuda" if kernels else "cpu")
+    return setup
+
+
+def _mlp_torch(kind):
+    def setup(env, case, host, n):
+        if kind == "liger":
+            raise Unavailable("liger: Liger Kernel has no such op here (cross-entropy only)")
+        if kind == "torch_compile":
+            env.require_cuda(kind, "timed on CUDA only")
+        torch, dev = _torch_device(env, kind)
+        import torch.nn.functional as F
+        params = [on_torch(torch, host[k], case.dtype, dev).requires_grad_() for k in PARAMS]
+        sets = [(on_torch(torch, host["x"], case.dtype, dev), on_torch(torch, host["targets"], None, dev))
+                for _ in range(n)]
+
+        def forward(x, t, w1, b1, w2, b2):
+            return F.cross_entropy(F.linear(F.relu(F.linear(x, w1, b1)), w2, b2), t)
+        fwd = _compile(torch, forward) if kind == "torch_compile" else forward
+
+        def step(x, t):
+            loss = fwd(x, t, *params)
+            loss.backward()
+            grads = [p.grad for p in params]
+            with torch.no_grad():
+                for p in params:
+                    p -= LR * p.grad
+                    p.grad = None
+            return loss, grads
+
+        def outputs():
+            loss, grads = step(*sets[0])
+            return {"loss": loss.detach(), **dict(zip(PARAMS, grads))}
+        return Prepared(rotating(sets, step), outputs, dev)
+    return setup
+
+
+MLPStep.impls = {
+    "reference": _mlp_gpuad(None, "reference"),
+    "triton": _mlp_gpuad("triton", "triton"),
+    "cupy": _mlp_gpuad("cupy", "cupy"),
+    "torch": _mlp_torch("torch"),
+    "torch_compile": _mlp_torch("torch_compile"),
+    "liger": _mlp_torch("liger"),
+}
+
+OPS = {op.name: op for op in (CrossEntropy, LinearBackward, MLPStep)}
+
+
+def _isz(dtype):
+    return {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtype]
+
+
+# --- presets -----------------------------------------------------------------------------
+# (op, dims, dtype). GPU shapes are those of DESIGN.md; CPU shapes are small enough that
+# the numpy reference and torch on the CPU finish quickly.
+
+_CE, _LIN, _MLP = CrossEntropy.name, LinearBackward.name, MLPStep.name
+
+GPU_QUICK = [
+    (_CE, (8192, 32000), "bfloat16"), (_CE, (4096, 32000), "float32"),
+    (_LIN, (64, 512, 512), "float32"), (_LIN, (256, 1024, 1024), "bfloat16"),
+    (_LIN, (4096, 1024, 1024), "float32"), (_LIN, (8192, 4096, 4096), "bfloat16"),
+    (_MLP, (4096, 1024, 1024, 8192), "float32"),
+]
+GPU_FULL = GPU_QUICK + [
+    (_CE, (8192, 128256), "bfloat16"), (_CE, (16384, 50257), "bfloat16"),
+    *[(_CE, (8192, v), "bfloat16") for v in (8192, 16384, 65536, 131072, 262144)],
+    (_LIN, (16384, 4096, 14336), "bfloat16"), (_LIN, (65536, 1024, 1024), "bfloat16"),
+    *[(_LIN, (m, 4096, 4096), "bfloat16") for m in (64, 256, 1024, 4096, 16384, 65536)],
+    (_MLP, (8192, 4096, 4096, 32000), "bfloat16"),
+]
+CPU_QUICK = [
+    (_CE, (256, 32000), "float32"), (_CE, (2048, 4096), "float32"),
+    (_LIN, (64, 512, 512), "float32"), (_LIN, (512, 1024, 1024), "float32"),
+    (_MLP, (256, 512, 512, 1000), "float32"),
+]
+CPU_FULL = CPU_QUICK + [
+    *[(_CE, (512, v), "float32") for v in (1024, 8192, 65536)],
+    *[(_LIN, (m, 512, 512), "float32") for m in (16, 256, 4096)],
+]
+TINY = [
+    (_CE, (64, 1000), "float32"), (_CE, (37, 1031), "float32"),
+    (_LIN, (64, 96, 80), "float32"), (_LIN, (1, 33, 17), "float32"),
+    (_MLP, (32, 64, 128, 10), "float32"),
+]
+PRESETS = {"quick": (GPU_QUICK, CPU_QUICK), "full": (GPU_FULL, CPU_FULL), "tiny": (TINY, TINY)}
+
+
+def cases_for(preset, cuda, ops=None, dtypes=None):
+    """The cases of `preset` (its GPU shapes on CUDA, else its CPU shapes), filtered by op;
+    `dtypes` replaces each shape's dtype by each of those given."""
+    table = PRESETS[preset][0 if cuda else 1]
+    out = []
+    for op, dims, dt in table:
+        if ops and op not in ops:
+            continue
+        for d in dtypes or [dt]:
+            c = Case(op, dims, d)
+            if c not in out:
+                out.append(c)
+    return out
