@@ -73,8 +73,8 @@ def is_cupy_array(a) -> bool:
 
 
 def backend_of(a) -> str | None:
-    """"numpy" or "cupy" for an array, None for a Python scalar."""
-    if isinstance(a, np.ndarray) or isinstance(a, np.generic):
+    """"numpy" or "cupy" for an array; None for Python and numpy scalars, which mix with both."""
+    if isinstance(a, np.ndarray):
         return "numpy"
     if is_cupy_array(a):
         return "cupy"

@@ -164,6 +164,8 @@ def matmul(a, b):
         # promote 1-D operands to matrices so one pair of formulas covers every case
         a2 = a.data[None, :] if a.ndim == 1 else a.data
         b2 = b.data[:, None] if b.ndim == 1 else b.data
+        if a.ndim == 1 and b.ndim == 1:  # a dot product: g is 0-d
+            return a2, b2, g.reshape(1, 1)
         if a.ndim == 1:
             g = xp.expand_dims(g, -2)
         if b.ndim == 1:
@@ -455,7 +457,8 @@ Tensor.T = property(lambda self: transpose(self))
 Tensor.sum = sum
 Tensor.mean = mean
 Tensor.reshape = reshape
-Tensor.transpose = lambda self, *axes: transpose(self, axes[0] if len(axes) == 1 and isinstance(axes[0], (tuple, list)) else (axes or None))
+Tensor.transpose = lambda self, *axes: transpose(
+    self, axes[0] if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))) else (axes or None))
 Tensor.to = to
 for _name, _cmp in (("__lt__", "less"), ("__le__", "less_equal"), ("__gt__", "greater"), ("__ge__", "greater_equal")):
     # comparisons give constant boolean Tensors (for ad.where), never recorded

@@ -195,22 +195,26 @@ def backward_pass(root: Tensor, cotangent=None, retain_graph=False, inputs=None)
     return [collected[id(t)] if collected[id(t)] is not None else t.xp.zeros_like(t.data) for t in inputs]
 
 
-def _deliver_to_leaf(leaf: Tensor, g, collected, retain_graph=False):
+def _deliver_to_leaf(leaf: Tensor, g, collected, shared):
+    """Add cotangent `g` to a leaf. `shared` holds the ids of arrays that someone else may
+    also hold (the caller's cotangent, arrays already handed to another leaf): a leaf's
+    ``.grad`` never aliases those, a view, or a buffer that a retained graph keeps."""
     if collected is not None:
         if id(leaf) in collected:
             prev = collected[id(leaf)]
             collected[id(leaf)] = g if prev is None else prev + g
         return
     if leaf.grad is None:
-        # own the array: a view or a buffer a retained graph still holds must not alias .grad
-        leaf.grad = g.copy() if retain_graph or getattr(g, "base", None) is not None else g
+        leaf.grad = g.copy() if id(g) in shared or getattr(g, "base", None) is not None else g
+        shared.add(id(leaf.grad))
     else:
         leaf.grad = leaf.grad + g
 
 
 def _walk(root: Tensor, g, retain_graph, collected):
+    shared = {id(g)}
     if root._node is None:  # the root is itself a leaf
-        _deliver_to_leaf(root, g, collected, True)
+        _deliver_to_leaf(root, g, collected, shared)
         return
     # 1. count, for every node reachable from the root, how many edges lead into it
     pending = {id(root._node): 0}
@@ -252,7 +256,9 @@ def _walk(root: Tensor, g, retain_graph, collected):
             gp = _coerce(gp, p, node.name)
             pn = p._node
             if pn is None:
-                _deliver_to_leaf(p, gp, collected, retain_graph)
+                if retain_graph:
+                    shared.add(id(gp))
+                _deliver_to_leaf(p, gp, collected, shared)
                 continue
             k = id(pn)
             prev = cotangents.get(k)
