@@ -1,0 +1,349 @@
+"""Triton softmax cross-entropy against the float64 numpy reference.
+
+CPU tests run the real kernels in the Triton interpreter (small shapes: it is slow); both
+kernels are covered: the one-read row kernel and, with its thresholds lowered through
+monkeypatch, the two-pass online kernel. Tests marked `gpu` use real sizes and bf16.
+"""
+import contextlib
+from unittest import mock
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from gpuad.kernels import reference as ref
+from gpuad.kernels.triton import cross_entropy as ce
+
+IGNORE = -100
+GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+
+
+@contextlib.contextmanager
+def online_kernel(chunk_bytes=256):
+    """Send every row wider than 16 to the two-pass kernel, in chunks of a few dozen elements."""
+    with mock.patch.object(ce, "SINGLE_PASS_MAX", 16), mock.patch.object(ce, "TWO_PASS_CHUNK_BYTES", chunk_bytes):
+        yield
+
+
+@pytest.fixture(params=["rows", "online"])
+def path(request):
+    """Which kernel runs: "rows" (row on chip, one read) or "online" (two passes)."""
+    if request.param == "rows":
+        yield "rows"
+    else:
+        with online_kernel():
+            yield "online"
+
+
+def make(b, v, dtype=torch.float32, seed=0, scale=3.0, ignore_every=0, device="cpu"):
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    x = (torch.randn(b, v, generator=g) * scale).to(dtype).to(device)
+    t = torch.randint(0, v, (b,), generator=g)
+    if ignore_every:
+        t[::ignore_every] = IGNORE
+    return x, t.to(device)
+
+
+def reference(x, t, **kw):
+    """The numpy reference on float64 copies (fp16 → float64 is exact)."""
+    kw = {k: v for k, v in kw.items() if k in ("ignore_index", "reduction", "label_smoothing", "grad")}
+    return ref.softmax_cross_entropy(x.detach().cpu().double().numpy(), t.cpu().numpy(), **kw)
+
+
+def assert_matches(loss, g, x, t, **kw):
+    """loss (fp32) within 1e-5 relative; dlogits within the tolerance of the logits' dtype."""
+    r_loss, r_g = reference(x, t, **kw)
+    assert loss.dtype == torch.float32
+    assert loss.shape == ((x.shape[0],) if kw.get("reduction") == "none" else ())
+    np.testing.assert_allclose(loss.cpu().numpy(), r_loss, rtol=1e-5, atol=1e-5)
+    if not kw.get("grad", True):
+        assert g is None
+        return
+    assert g.dtype == x.dtype and g.shape == x.shape
+    gn = g.detach().cpu().double().numpy()
+    assert np.isfinite(gn).all()
+    tol = GRAD_TOL[x.dtype]
+    np.testing.assert_allclose(gn, r_g, rtol=tol, atol=tol * max(np.abs(r_g).max(), 1e-30))
+    ignored = (t == kw.get("ignore_index", IGNORE)).cpu().numpy()
+    assert (gn[ignored] == 0).all()  # exact zeros, not tiny values
+
+
+# --------------------------------------------------------------------- CPU (interpreter)
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("eps", [0.0, 0.1])
+def test_matches_reference(path, dtype, reduction, eps):
+    b = 37 if path == "rows" else 9
+    x, t = make(b, 1031, dtype, seed=b + int(eps * 10), ignore_every=4)
+    loss, g = ce.softmax_cross_entropy(x, t, reduction=reduction, label_smoothing=eps)
+    assert_matches(loss, g, x, t, reduction=reduction, label_smoothing=eps)
+
+
+@pytest.mark.parametrize("shape", [(1, 5), (5, 1), (3, 2), (4, 17), (6, 257), (3, 1025), (2, 1024), (0, 7)])
+def test_edge_shapes(path, shape):
+    """Single rows and columns, V just past a power of two (rows) or a chunk (online)."""
+    x, t = make(*shape, seed=sum(shape))
+    kw = dict(reduction="none" if shape[0] % 2 else "mean", label_smoothing=0.05)
+    loss, g = ce.softmax_cross_entropy(x, t, **kw)
+    if shape[0] == 0:
+        assert g.shape == (0, shape[1]) and float(loss) == 0.0
+        return
+    assert_matches(loss, g, x, t, **kw)
+
+
+@pytest.mark.parametrize("v", [16384, 16385])
+def test_default_config_either_side_of_threshold(v):
+    """The real launch configuration: the widest one-read row, and the first two-pass row."""
+    x, t = make(2, v, seed=v)
+    loss, g = ce.softmax_cross_entropy(x, t, label_smoothing=0.1)
+    assert_matches(loss, g, x, t, label_smoothing=0.1)
+
+
+def test_all_rows_ignored(path):
+    x, t = make(5, 300, seed=1)
+    t[:] = IGNORE
+    for reduction in ("mean", "sum", "none"):
+        loss, g = ce.softmax_cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)
+        assert (loss == 0).all() and not torch.isnan(loss).any()
+        assert (g == 0).all()
+
+
+def test_custom_ignore_index_and_int32_targets(path):
+    x, t = make(8, 131, seed=2)
+    t = t.to(torch.int32)
+    t[3] = 7
+    t[5] = 7
+    loss, g = ce.softmax_cross_entropy(x, t, ignore_index=7)
+    assert_matches(loss, g, x, t, ignore_index=7)
+
+
+def test_inplace_overwrites_and_returns_the_buffer(path):
+    x, t = make(7, 301, seed=3, ignore_every=3)
+    x0 = x.clone()
+    loss_ref, g_ref = ce.softmax_cross_entropy(x0.clone(), t)
+    loss, g = ce.softmax_cross_entropy(x, t, inplace=True)
+    assert g is x
+    assert torch.equal(x, g_ref) and torch.equal(loss, loss_ref)
+    assert_matches(loss, g, x0, t)
+
+
+def test_inputs_unchanged_when_not_inplace(path):
+    x, t = make(6, 200, torch.float16, seed=4, ignore_every=2)
+    x0, t0 = x.clone(), t.clone()
+    ce.softmax_cross_entropy(x, t, label_smoothing=0.2)
+    ce.softmax_cross_entropy(x, t, grad=False)
+    assert torch.equal(x, x0) and torch.equal(t, t0)
+
+
+def test_grad_false_returns_none(path):
+    x, t = make(6, 211, seed=5, ignore_every=4)
+    for reduction in ("mean", "none"):
+        loss, g = ce.softmax_cross_entropy(x, t, reduction=reduction, grad=False, label_smoothing=0.1)
+        assert g is None
+        assert_matches(loss, g, x, t, reduction=reduction, grad=False, label_smoothing=0.1)
+        assert torch.equal(loss, ce.softmax_cross_entropy(x, t, reduction=reduction, label_smoothing=0.1)[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_huge_logits_stay_finite(path, dtype):
+    g = torch.Generator().manual_seed(6)
+    sign = torch.randint(0, 2, (5, 97), generator=g) * 2.0 - 1.0
+    x = (sign * 1e4 + torch.randn(5, 97, generator=g) * 100).to(dtype)
+    t = torch.randint(0, 97, (5,), generator=g)
+    for eps in (0.0, 0.3):
+        loss, grad = ce.softmax_cross_entropy(x, t, reduction="none", label_smoothing=eps)
+        assert torch.isfinite(loss).all()
+        assert_matches(loss, grad, x, t, reduction="none", label_smoothing=eps)
+
+
+@pytest.mark.parametrize("layout", ["padded", "padded_aligned", "transposed"])
+def test_strided_logits(path, layout):
+    """Row strides other than V (16-byte aligned and not) and a transposed buffer, inplace too."""
+    b, v, stride = {"padded": (5, 203, 216), "padded_aligned": (5, 204, 208), "transposed": (5, 203, 203)}[layout]
+    x, t = make(b, v, seed=7, ignore_every=4)
+    big = torch.randn(b, stride)
+    if layout == "transposed":
+        view = x.t().contiguous().t()
+    else:
+        big[:, :v] = x
+        view = big[:, :v]
+    padding = big[:, v:].clone()
+    loss, g = ce.softmax_cross_entropy(view, t, label_smoothing=0.1)
+    assert_matches(loss, g, x, t, label_smoothing=0.1)
+    loss2, g2 = ce.softmax_cross_entropy(view, t, label_smoothing=0.1, inplace=True)
+    assert g2 is view and torch.equal(view, g) and torch.equal(loss2, loss)
+    assert torch.equal(big[:, v:], padding)  # nothing written past the rows
+    assert_matches(loss2, g2, x, t, label_smoothing=0.1)
+
+
+def test_bad_target_raises_index_error_naming_it(path):
+    x, t = make(4, 50, seed=8)
+    t[2] = 53
+    with pytest.raises(IndexError, match="53"):
+        ce.softmax_cross_entropy(x, t)
+    t[2] = -3
+    with pytest.raises(IndexError, match="-3"):
+        ce.softmax_cross_entropy(x, t)
+
+
+def test_unchecked_out_of_range_targets_stay_in_bounds(path):
+    """check_targets=False: bad rows give unspecified values, the other rows stay right."""
+    x, t = make(6, 64, seed=9)
+    bad = t.clone()
+    bad[1], bad[4] = 64 + 1000, -1000
+    x0 = x.clone()
+    loss, g = ce.softmax_cross_entropy(x, bad, reduction="none", check_targets=False)
+    good = torch.tensor([0, 2, 3, 5])
+    assert_matches(loss[good], g[good], x[good], t[good], reduction="none")
+    assert torch.equal(x, x0)
+
+
+def test_bad_arguments_raise_value_error():
+    x, t = make(4, 10)
+    cases = [
+        (x[0], t),                                 # logits not 2-D
+        (x, t[:3]),                                # targets length mismatch
+        (x, t[:, None]),                           # targets 2-D
+        (x, t.float()),                            # float targets
+        (x.double(), t),                           # float64 logits: the kernel has no fp64 path
+        (x.int(), t),                              # integer logits
+        (torch.empty(4, 0), t),                    # no classes
+    ]
+    for logits, targets in cases:
+        with pytest.raises(ValueError):
+            ce.softmax_cross_entropy(logits, targets)
+    with pytest.raises(ValueError, match="reduction"):
+        ce.softmax_cross_entropy(x, t, reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ce.softmax_cross_entropy(x, t, label_smoothing=1.5)
+    with pytest.raises(TypeError):
+        ce.softmax_cross_entropy(x.numpy(), t)
+
+
+@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(b=st.integers(1, 6), v=st.integers(1, 150), seed=st.integers(0, 2**16),
+       reduction=st.sampled_from(["mean", "sum", "none"]), eps=st.sampled_from([0.0, 0.05, 0.5]),
+       ignore_every=st.sampled_from([0, 1, 2, 3]), online=st.booleans(),
+       dtype=st.sampled_from([torch.float32, torch.float16]))
+def test_fuzz(b, v, seed, reduction, eps, ignore_every, online, dtype):
+    x, t = make(b, v, dtype, seed=seed, ignore_every=ignore_every)
+    with online_kernel() if online else contextlib.nullcontext():
+        loss, g = ce.softmax_cross_entropy(x, t, reduction=reduction, label_smoothing=eps)
+    assert_matches(loss, g, x, t, reduction=reduction, label_smoothing=eps)
+
+
+# --------------------------------------------------------------------- GPU (real sizes)
+
+def torch_reference(x, t, *, reduction="mean", label_smoothing=0.0, ignore_index=IGNORE, acc=torch.float64):
+    """The reference's formulas in torch on the GPU (acc precision), for sizes numpy is slow at."""
+    z = x.to(acc)
+    z = z - z.amax(dim=1, keepdim=True)
+    lse = torch.logsumexp(z, dim=1)
+    valid = t != ignore_index
+    safe = torch.where(valid, t, 0).long()
+    eps, v = label_smoothing, x.shape[1]
+    row = lse - (1 - eps) * z.gather(1, safe[:, None])[:, 0] - (eps / v) * z.sum(dim=1)
+    row = torch.where(valid, row, 0.0)
+    n = valid.sum().clamp(min=1)
+    loss = row if reduction == "none" else (row.sum() / n if reduction == "mean" else row.sum())
+    g = torch.exp(z - lse[:, None]) - eps / v
+    g[torch.arange(len(t), device=x.device), safe] -= 1 - eps
+    g *= valid[:, None]
+    if reduction == "mean":
+        g /= n
+    return loss, g
+
+
+def assert_close_gpu(loss, g, r_loss, r_g, dtype):
+    torch.testing.assert_close(loss.double(), r_loss.double(), rtol=1e-4, atol=1e-4)
+    tol = GRAD_TOL[dtype]
+    torch.testing.assert_close(g.double(), r_g.double(), rtol=tol, atol=tol * r_g.abs().max().item())
+
+
+def poison_allocator(shape, dtype):
+    """Leave a NaN-filled block in torch's caching allocator: the kernel's output buffer is
+    likely to reuse it, so an element the kernel fails to write shows up as NaN."""
+    torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    torch.cuda.synchronize()
+
+
+GPU_SHAPES = [(4096, 32000), (512, 50257), (256, 128256), (1024, 8192), (3000, 1000)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", GPU_SHAPES, ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gpu_matches_reference(shape, dtype):
+    x, t = make(*shape, dtype, seed=shape[1], ignore_every=7, device="cuda")
+    for reduction, eps in (("mean", 0.0), ("none", 0.1)):
+        poison_allocator(shape, dtype)
+        loss, g = ce.softmax_cross_entropy(x, t, reduction=reduction, label_smoothing=eps)
+        assert torch.isfinite(g).all() and torch.isfinite(loss).all()
+        assert (g[t == IGNORE] == 0).all()
+        r_loss, r_g = torch_reference(x, t, reduction=reduction, label_smoothing=eps)
+        assert_close_gpu(loss, g, r_loss, r_g, dtype)
+        loss_only, none = ce.softmax_cross_entropy(x, t, reduction=reduction, label_smoothing=eps, grad=False)
+        assert none is None and torch.equal(loss_only, loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(16800, 128256), (262400, 8192)], ids=["two-pass", "one-read"])
+def test_gpu_offsets_past_2_pow_31(shape):
+    """B·V > 2³¹ in bf16 (~4.3 GB, in place): rows on both sides of element 2³¹ are right."""
+    b, v = shape
+    assert b * v > 2**31
+    g = torch.Generator(device="cuda").manual_seed(11)
+    x = torch.randn(b, v, device="cuda", dtype=torch.bfloat16, generator=g)
+    t = torch.randint(0, v, (b,), device="cuda", generator=g)
+    t[-2] = IGNORE
+    first_far = 2**31 // v
+    check = torch.tensor([0, 1, first_far - 1, first_far, first_far + 1, b - 2, b - 1], device="cuda")
+    x_check, t_check = x[check].clone(), t[check].clone()
+    loss, gbuf = ce.softmax_cross_entropy(x, t, reduction="none", inplace=True)
+    assert gbuf is x
+    assert torch.isfinite(loss).all() and bool(torch.isfinite(gbuf).all())
+    assert (gbuf[b - 2] == 0).all()
+    r_loss, r_g = torch_reference(x_check, t_check, reduction="none", acc=torch.float32)
+    assert_close_gpu(loss[check], gbuf[check], r_loss, r_g, torch.bfloat16)
+    del x, gbuf
+    torch.cuda.empty_cache()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(4096, 32000), (2048, 50257), (8192, 4096)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gpu_same_bits_every_run(shape):
+    x, t = make(*shape, torch.bfloat16, seed=12, ignore_every=5, device="cuda")
+    first = ce.softmax_cross_entropy(x, t, label_smoothing=0.1)
+    for _ in range(3):
+        again = ce.softmax_cross_entropy(x, t, label_smoothing=0.1)
+        assert torch.equal(again[0], first[0]) and torch.equal(again[1], first[1])
+
+
+@pytest.mark.gpu
+def test_gpu_unchecked_bad_targets_do_not_fault():
+    x, t = make(64, 50257, torch.bfloat16, seed=13, device="cuda")
+    bad = t.clone()
+    bad[0], bad[63] = 2**40, -(2**40)
+    loss, g = ce.softmax_cross_entropy(x, bad, reduction="none", check_targets=False)
+    torch.cuda.synchronize()  # an illegal access would surface here
+    r_loss, r_g = torch_reference(x[1:63], t[1:63], reduction="none")
+    assert_close_gpu(loss[1:63], g[1:63], r_loss, r_g, torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_cupy_in_cupy_out():
+    cupy = pytest.importorskip("cupy")
+    for dtype in (torch.float32, torch.float16):
+        x, t = make(300, 32000, dtype, seed=14, ignore_every=6, device="cuda")
+        xc, tc = cupy.from_dlpack(x.clone()), cupy.from_dlpack(t.clone())
+        loss, g = ce.softmax_cross_entropy(xc, tc, label_smoothing=0.1)
+        assert isinstance(loss, cupy.ndarray) and isinstance(g, cupy.ndarray)
+        t_loss, t_g = ce.softmax_cross_entropy(x, t, label_smoothing=0.1)
+        assert torch.equal(torch.from_dlpack(loss), t_loss) and torch.equal(torch.from_dlpack(g), t_g)
+        loss_none, none = ce.softmax_cross_entropy(xc, tc, reduction="none", grad=False)
+        assert none is None and isinstance(loss_none, cupy.ndarray) and loss_none.shape == (300,)
+        loss_ip, g_ip = ce.softmax_cross_entropy(xc, tc, label_smoothing=0.1, inplace=True)
+        assert g_ip is xc and torch.equal(torch.from_dlpack(xc), t_g)
