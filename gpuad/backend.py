@@ -108,10 +108,12 @@ def module_for(name: str):
     raise ValueError(f"unknown backend {name!r}; choose one of {BACKENDS}")
 
 
-def kernel_module(xp):
-    """The fused-kernel module for arrays of module `xp`: the reference on numpy,
-    the Triton or CuPy kernels (``set_kernels``) on CuPy."""
-    if xp is np:
+def kernel_module(xp, dtype=None):
+    """The fused-kernel module for arrays of module `xp`: the reference on numpy, the
+    Triton or CuPy kernels (``set_kernels``) on CuPy. float64 always takes the reference
+    (written with the array module, it runs on CuPy too): the GPU kernels cover
+    fp32 / fp16 / bf16."""
+    if xp is np or dtype == np.float64:
         return importlib.import_module("gpuad.kernels.reference")
     return importlib.import_module("gpuad.kernels." + get_kernels())
 

@@ -379,7 +379,7 @@ def linear(x, W, b=None):
     def vjp(g):
         if not (W.requires_grad or (b is not None and parents[2].requires_grad)):
             return (xp.matmul(g, W.data), None, None)
-        kernels = B.kernel_module(xp)
+        kernels = B.kernel_module(xp, x.dtype)
         dx, dw, db = kernels.linear_backward(x.data, W.data, g, bias=b is not None, need_dx=need_dx)
         return (dx, dw, db)
 
@@ -408,7 +408,7 @@ def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean", 
                          f"{logits.shape} without its last (class) axis")
     n_classes = logits.shape[-1]
     need_grad = (is_grad_enabled() and logits.requires_grad) or logits.tangent is not None
-    kernels = B.kernel_module(xp)
+    kernels = B.kernel_module(xp, logits.dtype)
     loss, dlogits = kernels.softmax_cross_entropy(
         logits.data.reshape(-1, n_classes), t.reshape(-1), ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, grad=need_grad)
