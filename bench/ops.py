@@ -63,6 +63,15 @@ def _torch_device(env, who):
     return torch, env.device
 
 
+def _torch_anchor(env, kind):
+    """(torch, device) for the torch / torch_compile anchors of ops other than cross-entropy."""
+    if kind == "liger":
+        raise Unavailable("liger: Liger Kernel has no such op here (cross-entropy only)")
+    if kind == "torch_compile":
+        env.require_cuda(kind, "timed on CUDA only")
+    return _torch_device(env, kind)
+
+
 # --- softmax cross-entropy ---------------------------------------------------------------
 
 class CrossEntropy:
@@ -250,11 +259,7 @@ def _lin_gpuad(module, who):
 
 def _lin_torch(kind):
     def setup(env, case, host, n):
-        if kind == "liger":
-            raise Unavailable("liger: Liger Kernel has no such op here (cross-entropy only)")
-        if kind == "torch_compile":
-            env.require_cuda(kind, "timed on CUDA only")
-        torch, dev = _torch_device(env, kind)
+        torch, dev = _torch_anchor(env, kind)
 
         def three_ops(x, w, dy):
             return dy @ w, dy.t() @ x, dy.sum(0)
@@ -332,13 +337,7 @@ def _mlp_gpuad(kernels, who):
             xp = env.cupy(who)
         else:
             xp = np
-        try:
-            import gpuad as ad
-        except Exception as e:
-            raise Unavailable(f"{who}: gpuad is not importable ({type(e).__name__}: {e})"[:300])
-        missing = [f for f in ("tensor", "linear", "relu", "softmax_cross_entropy", "use_backend") if not hasattr(ad, f)]
-        if missing:
-            raise Unavailable(f"{who}: the gpuad engine does not expose {', '.join('ad.' + m for m in missing)} yet")
+        import gpuad as ad
         if kernels is not None:
             _import_kernels(kernels, who)
         backend = "numpy" if kernels is None else "cupy"
@@ -368,11 +367,7 @@ def _mlp_gpuad(kernels, who):
 
 def _mlp_torch(kind):
     def setup(env, case, host, n):
-        if kind == "liger":
-            raise Unavailable("liger: Liger Kernel has no such op here (cross-entropy only)")
-        if kind == "torch_compile":
-            env.require_cuda(kind, "timed on CUDA only")
-        torch, dev = _torch_device(env, kind)
+        torch, dev = _torch_anchor(env, kind)
         import torch.nn.functional as F
         params = [on_torch(torch, host[k], case.dtype, dev).requires_grad_() for k in PARAMS]
         sets = [(on_torch(torch, host["x"], case.dtype, dev), on_torch(torch, host["targets"], None, dev))

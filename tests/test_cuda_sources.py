@@ -50,8 +50,10 @@ def builds(tmp_path_factory):
 
     def build(source, arch):
         if (source, arch) not in cache:
-            src = str(cc.HERE / source)
             stem = f"{source[:-3]}_sm{arch}"
+            src = out_dir / f"{stem}.cu"  # exactly the text NVRTC gets: prelude + file
+            src.write_text(cc.source(source))
+            src = str(src)
             opts = cc.nvcc_options()
             ptx_path = out_dir / f"{stem}.ptx"
             cubin_path = out_dir / f"{stem}.cubin"

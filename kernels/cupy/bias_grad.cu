@@ -1,7 +1,8 @@
 // Bias gradient of a linear layer: db[n] = sum over m of dy[m, n], dy a C-contiguous [M, N].
 //
 // Self-contained on purpose (no #include): NVRTC, through cupy.RawModule, and nvcc, in the
-// test suite, compile this exact text alike. fp16 and bf16 are stored as unsigned short and
+// test suite, compile this exact text alike (after the prelude common.cuh, which
+// compile.source puts in front). fp16 and bf16 are stored as unsigned short and
 // converted with inline PTX (cvt.rn.bf16.f32 needs sm_80 or newer).
 //
 // Deterministic, no atomics: the grid is (column tiles of 32, row splits). Block (32, 8):
@@ -12,31 +13,10 @@
 // adds the splits in the order k = 0, 1, ... The split count depends only on (M, N), so the
 // bits are the same on every run and on every GPU. Offsets are 64-bit.
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef long long i64;
 
 #define BG_TILE_N 32
 #define BG_ROWS 8
 
-__device__ __forceinline__ float f16_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ u16 f32_to_f16(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-__device__ __forceinline__ float bf16_to_f32(u16 b) {
-    return __uint_as_float(((u32)b) << 16);
-}
-__device__ __forceinline__ u16 f32_to_bf16(float f) {
-    u16 b;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
-    return b;
-}
 __device__ __forceinline__ float f32_to_f32(float f) { return f; }
 
 template <class S, float (*LOAD)(S), S (*STORE)(float)>

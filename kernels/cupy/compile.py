@@ -39,10 +39,14 @@ def nvcc_options(options=NVRTC_OPTIONS) -> list[str]:
     return out
 
 
+PRELUDE = "common.cuh"
+
+
 @functools.lru_cache(maxsize=None)
 def source(filename: str) -> str:
-    """The text of the CUDA C source `filename` in this folder."""
-    return (HERE / filename).read_text()
+    """The text compiled for `filename` in this folder: the shared prelude (types and fp16 /
+    bf16 conversions), then the file."""
+    return (HERE / PRELUDE).read_text() + "\n" + (HERE / filename).read_text()
 
 
 def get_module(filename: str):

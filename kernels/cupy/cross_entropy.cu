@@ -1,7 +1,8 @@
 // Fused softmax cross-entropy: loss and dlogits = p - y* without forming p in memory.
 //
 // Self-contained on purpose (no #include): NVRTC, through cupy.RawModule, and nvcc, in the
-// test suite, compile this exact text alike. fp16 and bf16 are stored as unsigned short and
+// test suite, compile this exact text alike (after the prelude common.cuh, which
+// compile.source puts in front). fp16 and bf16 are stored as unsigned short and
 // converted with inline PTX (cvt.rn.bf16.f32 needs sm_80 or newer).
 //
 // Kernels (one per logits dtype, suffix _f32 / _f16 / _bf16):
@@ -18,9 +19,6 @@
 // All element offsets are 64-bit. Targets outside [0, V) that are not ignore_index are never
 // dereferenced: their row loss is NaN and their gradient lacks the one-hot term.
 
-typedef unsigned short u16;
-typedef unsigned int u32;
-typedef long long i64;
 
 #define CE_LOG2E 1.4426950408889634f
 #define CE_MAX_THREADS 1024
@@ -30,24 +28,6 @@ struct alignas(16) Pack16 {
     u32 w[4];
 };
 
-__device__ __forceinline__ float f16_to_f32(u16 h) {
-    float f;
-    asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(h));
-    return f;
-}
-__device__ __forceinline__ u16 f32_to_f16(float f) {
-    u16 h;
-    asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h) : "f"(f));
-    return h;
-}
-__device__ __forceinline__ float bf16_to_f32(u16 b) {
-    return __uint_as_float(((u32)b) << 16);
-}
-__device__ __forceinline__ u16 f32_to_bf16(float f) {
-    u16 b;
-    asm("cvt.rn.bf16.f32 %0, %1;" : "=h"(b) : "f"(f));
-    return b;
-}
 
 // Storage traits: element type, elements per 16-byte pack, scalar and pack conversions.
 struct TypeF32 {
@@ -119,12 +99,8 @@ __device__ __forceinline__ void online_merge(float& m, float& s, float m2, float
     }
 }
 
-// Block-wide merge of (m, s, z) in a fixed order; every thread gets the result.
-// Needs blockDim.x a multiple of 32 and at most CE_MAX_THREADS.
-__device__ __forceinline__ void block_reduce(float& m, float& s, float& z) {
-    __shared__ float sh_m[32], sh_s[32], sh_z[32];
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    const int n_warps = blockDim.x >> 5;
+// Butterfly merge of (m, s, z) across a warp; every lane gets the warp's result.
+__device__ __forceinline__ void warp_reduce(float& m, float& s, float& z) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
         float m2 = __shfl_xor_sync(0xffffffffu, m, off);
@@ -133,6 +109,15 @@ __device__ __forceinline__ void block_reduce(float& m, float& s, float& z) {
         online_merge(m, s, m2, s2);
         z += z2;
     }
+}
+
+// Block-wide merge of (m, s, z) in a fixed order; every thread gets the result.
+// Needs blockDim.x a multiple of 32 and at most CE_MAX_THREADS.
+__device__ __forceinline__ void block_reduce(float& m, float& s, float& z) {
+    __shared__ float sh_m[32], sh_s[32], sh_z[32];
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int n_warps = blockDim.x >> 5;
+    warp_reduce(m, s, z);
     if (lane == 0) {
         sh_m[warp] = m;
         sh_s[warp] = s;
@@ -143,14 +128,7 @@ __device__ __forceinline__ void block_reduce(float& m, float& s, float& z) {
         m = lane < n_warps ? sh_m[lane] : CE_LOWEST;
         s = lane < n_warps ? sh_s[lane] : 0.0f;
         z = lane < n_warps ? sh_z[lane] : 0.0f;
-#pragma unroll
-        for (int off = 16; off > 0; off >>= 1) {
-            float m2 = __shfl_xor_sync(0xffffffffu, m, off);
-            float s2 = __shfl_xor_sync(0xffffffffu, s, off);
-            float z2 = __shfl_xor_sync(0xffffffffu, z, off);
-            online_merge(m, s, m2, s2);
-            z += z2;
-        }
+        warp_reduce(m, s, z);
         if (lane == 0) {
             sh_m[0] = m;
             sh_s[0] = s;
