@@ -62,10 +62,11 @@ def _expand(g, axes, shape):
 def _unary(name, x, forward, derivative):
     """An elementwise op y = forward(x) whose derivative `derivative(x, y)` multiplies."""
     x = as_tensor(x)
-    y = forward(x.xp, x.data)
+    xp, d = x.xp, x.data
+    y = forward(xp, d)
     return record(name, y, (x,),
-                  vjp=(lambda g: g * derivative(x.xp, x.data, y),),
-                  jvp=lambda t: t * derivative(x.xp, x.data, y))
+                  vjp=(lambda g: g * derivative(xp, d, y),),
+                  jvp=lambda t: t * derivative(xp, d, y))
 
 
 @functools.lru_cache(maxsize=None)
@@ -100,34 +101,38 @@ def _erf(xp, z):
 def add(a, b):
     """a + b, with broadcasting."""
     a, b = _pair("add", a, b)
+    sa, sb = a.shape, b.shape  # the VJP keeps shapes only, not the operands
     return record("add", a.data + b.data, (a, b),
-                  vjp=(lambda g: unbroadcast(g, a.shape), lambda g: unbroadcast(g, b.shape)),
+                  vjp=(lambda g: unbroadcast(g, sa), lambda g: unbroadcast(g, sb)),
                   jvp=lambda ta, tb: ta + tb)
 
 
 def sub(a, b):
     """a - b, with broadcasting."""
     a, b = _pair("sub", a, b)
+    sa, sb = a.shape, b.shape
     return record("sub", a.data - b.data, (a, b),
-                  vjp=(lambda g: unbroadcast(g, a.shape), lambda g: unbroadcast(-g, b.shape)),
+                  vjp=(lambda g: unbroadcast(g, sa), lambda g: unbroadcast(-g, sb)),
                   jvp=lambda ta, tb: ta - tb)
 
 
 def mul(a, b):
     """a * b, with broadcasting."""
     a, b = _pair("mul", a, b)
-    return record("mul", a.data * b.data, (a, b),
-                  vjp=(lambda g: unbroadcast(g * b.data, a.shape), lambda g: unbroadcast(g * a.data, b.shape)),
-                  jvp=lambda ta, tb: ta * b.data + a.data * tb)
+    ad_, bd = a.data, b.data
+    return record("mul", ad_ * bd, (a, b),
+                  vjp=(lambda g: unbroadcast(g * bd, ad_.shape), lambda g: unbroadcast(g * ad_, bd.shape)),
+                  jvp=lambda ta, tb: ta * bd + ad_ * tb)
 
 
 def div(a, b):
     """a / b, with broadcasting."""
     a, b = _pair("div", a, b)
-    y = a.data / b.data
+    sa, bd = a.shape, b.data
+    y = a.data / bd
     return record("div", y, (a, b),
-                  vjp=(lambda g: unbroadcast(g / b.data, a.shape), lambda g: unbroadcast(-g * y / b.data, b.shape)),
-                  jvp=lambda ta, tb: (ta - y * tb) / b.data)
+                  vjp=(lambda g: unbroadcast(g / bd, sa), lambda g: unbroadcast(-g * y / bd, bd.shape)),
+                  jvp=lambda ta, tb: (ta - y * tb) / bd)
 
 
 def neg(x):
@@ -240,9 +245,10 @@ def where(condition, a, b):
     xp = B.array_module(cond, a.data, b.data)
     cond = xp.asarray(cond, dtype=bool)
     zero = xp.zeros((), dtype=a.dtype)
+    sa, sb = a.shape, b.shape
     return record("where", xp.where(cond, a.data, b.data), (a, b),
-                  vjp=(lambda g: unbroadcast(xp.where(cond, g, zero), a.shape),
-                       lambda g: unbroadcast(xp.where(cond, zero, g), b.shape)),
+                  vjp=(lambda g: unbroadcast(xp.where(cond, g, zero), sa),
+                       lambda g: unbroadcast(xp.where(cond, zero, g), sb)),
                   jvp=lambda ta, tb: xp.where(cond, ta, tb))
 
 
@@ -250,10 +256,10 @@ def where(condition, a, b):
 def sum(x, axis=None, keepdims=False):
     """Sum over `axis` (all axes by default); a 0-d array, never a host scalar."""
     x = as_tensor(x)
-    axes = _axes(axis, x.ndim)
+    axes, shape = _axes(axis, x.ndim), x.shape
     y = x.xp.asarray(x.data.sum(axis=axes, keepdims=keepdims))
     return record("sum", y, (x,),
-                  vjp=(lambda g: _expand(g, () if keepdims else axes, x.shape),),
+                  vjp=(lambda g: _expand(g, () if keepdims else axes, shape),),
                   jvp=lambda t: t.sum(axis=axes, keepdims=keepdims))
 
 
@@ -269,8 +275,9 @@ def reshape(x, *shape):
     """x with a new shape (``reshape(x, 2, 3)`` or ``reshape(x, (2, 3))``)."""
     x = as_tensor(x)
     shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
+    old_shape = x.shape
     return record("reshape", x.data.reshape(shape), (x,),
-                  vjp=(lambda g: g.reshape(x.shape),), jvp=lambda t: t.reshape(shape))
+                  vjp=(lambda g: g.reshape(old_shape),), jvp=lambda t: t.reshape(shape))
 
 
 def transpose(x, axes=None):
@@ -289,10 +296,10 @@ def getitem(x, index):
         index = index.data
     elif isinstance(index, tuple):
         index = tuple(i.data if isinstance(i, Tensor) else i for i in index)
-    xp = x.xp
+    xp, shape, dtype = x.xp, x.shape, x.dtype
 
     def vjp(g):
-        full = xp.zeros(x.shape, dtype=x.dtype)
+        full = xp.zeros(shape, dtype=dtype)
         if xp is np:
             np.add.at(full, index, g)
         else:
@@ -338,22 +345,22 @@ def logsumexp(x, axis=-1, keepdims=False):
     """log Σ exp(x) along `axis`, stably."""
     x = as_tensor(x)
     xp = x.xp
-    axes = _axes(axis, x.ndim)
+    axes, shape = _axes(axis, x.ndim), x.shape
     m = x.data.max(axis=axes, keepdims=True)
     y = xp.log(xp.exp(x.data - m).sum(axis=axes, keepdims=True)) + m
     p = xp.exp(x.data - y)
     out = y if keepdims else y.reshape(tuple(n for i, n in enumerate(x.shape) if i not in axes))
     return record("logsumexp", out, (x,),
-                  vjp=(lambda g: _expand(g, () if keepdims else axes, x.shape) * p,),
+                  vjp=(lambda g: _expand(g, () if keepdims else axes, shape) * p,),
                   jvp=lambda t: (p * t).sum(axis=axes, keepdims=keepdims))
 
 
 def sq_norm(x):
     """½‖x‖², a 0-d array."""
     x = as_tensor(x)
-    xp = x.xp
-    return record("sq_norm", xp.asarray(0.5 * (x.data * x.data).sum()), (x,),
-                  vjp=(lambda g: g * x.data,), jvp=lambda t: (x.data * t).sum())
+    xp, d = x.xp, x.data
+    return record("sq_norm", xp.asarray(0.5 * (d * d).sum()), (x,),
+                  vjp=(lambda g: g * d,), jvp=lambda t: (d * t).sum())
 
 
 # --- fused ops ------------------------------------------------------------------------
@@ -371,20 +378,21 @@ def linear(x, W, b=None):
         raise ValueError(f"linear: b {parents[2].shape} does not match W {W.shape}: need b [N] = [{W.shape[0]}]")
     if len({p.dtype for p in parents}) != 1:
         raise ValueError(f"linear: x, W and b must share one dtype, got {[str(p.dtype) for p in parents]}")
-    y = xp.matmul(x.data, W.data.T)
-    if b is not None:
+    xd, Wd, has_bias = x.data, W.data, b is not None
+    y = xp.matmul(xd, Wd.T)
+    if has_bias:
         y = y + parents[2].data
     need_dx = x.requires_grad
+    need_params = W.requires_grad or (has_bias and parents[2].requires_grad)
 
     def vjp(g):
-        if not (W.requires_grad or (b is not None and parents[2].requires_grad)):
-            return (xp.matmul(g, W.data), None, None)
-        kernels = B.kernel_module(xp, x.dtype)
-        dx, dw, db = kernels.linear_backward(x.data, W.data, g, bias=b is not None, need_dx=need_dx)
-        return (dx, dw, db)
+        if not need_params:
+            return (xp.matmul(g, Wd), None, None)
+        kernels = B.kernel_module(xp, xd.dtype)
+        return kernels.linear_backward(xd, Wd, g, bias=has_bias, need_dx=need_dx)
 
     def jvp(tx, tW, tb=None):
-        ty = xp.matmul(tx, W.data.T) + xp.matmul(x.data, tW.T)
+        ty = xp.matmul(tx, Wd.T) + xp.matmul(xd, tW.T)
         return ty if tb is None else ty + tb
 
     return record("linear", y, parents, vjp=vjp, jvp=jvp)

@@ -11,6 +11,7 @@ tangent on an input computes its output's tangent with the op's JVP rule.
 from __future__ import annotations
 
 import contextlib
+import weakref
 
 import numpy as np
 
@@ -18,18 +19,27 @@ from . import backend as B
 
 
 class Node:
-    """One tape entry: the parent Tensors and the VJP.
+    """One tape entry: where cotangents go, and the VJP that makes them.
 
-    ``vjp`` is either a tuple with one function per parent (``g -> cotangent of that
-    parent``; only those of parents that require grad are called) or a single function
-    ``g -> tuple of cotangents`` for fused ops that produce them together."""
+    ``edges`` has one entry per op input: the input's own Node, the input Tensor itself when
+    it is a leaf that requires grad, or None when it needs no gradient. A Node never holds
+    its inputs' Tensors otherwise, so an intermediate array that no VJP saved is freed as
+    soon as the user drops it (the logits before a fused cross-entropy, say).
 
-    __slots__ = ("name", "parents", "vjp", "__weakref__")
+    ``vjp`` is either a tuple with one function per input (``g -> cotangent of that input``;
+    only those of inputs that need a gradient are called) or a single function
+    ``g -> tuple of cotangents`` for fused ops that produce them together. ``shape`` and
+    ``dtype`` describe the node's output; ``out`` is a weak reference to its Tensor."""
 
-    def __init__(self, name, parents, vjp):
+    __slots__ = ("name", "edges", "vjp", "shape", "dtype", "out", "__weakref__")
+
+    def __init__(self, name, edges, vjp, out):
         self.name = name
-        self.parents = parents
+        self.edges = edges
         self.vjp = vjp
+        self.shape = tuple(out.data.shape)
+        self.dtype = out.data.dtype
+        self.out = weakref.ref(out)
 
 
 _FREED = "freed"  # marks a Tensor whose graph was released by backward
@@ -145,7 +155,8 @@ def record(name, data, parents, vjp, jvp) -> Tensor:
     out = Tensor(data)
     if _grad_mode["enabled"] and any(p.requires_grad for p in parents):
         out.requires_grad = True
-        out._node = Node(name, parents, vjp)
+        edges = tuple((p if p._node is None else p._node) if p.requires_grad else None for p in parents)
+        out._node = Node(name, edges, vjp, out)
     if any(p.tangent is not None for p in parents):
         tangents = [p.tangent if p.tangent is not None else p.xp.zeros_like(p.data) for p in parents]
         t = jvp(*tangents)
@@ -153,12 +164,16 @@ def record(name, data, parents, vjp, jvp) -> Tensor:
     return out
 
 
-def _coerce(g, like: Tensor, name: str):
-    """A cotangent as an array of `like`'s shape and dtype; a wrong shape is a bug in a rule."""
-    g = like.xp.asarray(g, dtype=like.dtype)
-    if g.shape != like.data.shape:
-        raise RuntimeError(f"internal error: VJP of {name} gave shape {g.shape} for an input of shape {like.shape}")
+def _coerce(g, shape, dtype, name: str):
+    """A cotangent as an array of the given shape and dtype; a wrong shape is a bug in a rule."""
+    g = B.array_module(g).asarray(g, dtype=dtype)
+    if g.shape != shape:
+        raise RuntimeError(f"internal error: VJP of {name} gave shape {g.shape} for an input of shape {shape}")
     return g
+
+
+_FREED_MESSAGE = ("backward through a graph that was already freed; "
+                  "pass retain_graph=True to the first backward to keep it")
 
 
 def backward_pass(root: Tensor, cotangent=None, retain_graph=False, inputs=None):
@@ -168,8 +183,7 @@ def backward_pass(root: Tensor, cotangent=None, retain_graph=False, inputs=None)
     (a list of Tensors), nothing is written to ``.grad``; the summed cotangent of each input
     is returned instead (zeros for an input that `root` does not depend on)."""
     if root._node is _FREED:
-        raise RuntimeError("backward through a graph that was already freed; "
-                           "pass retain_graph=True to the first backward to keep it")
+        raise RuntimeError(_FREED_MESSAGE)
     if cotangent is None:
         if root.size != 1:
             raise ValueError(f"backward of a tensor of shape {root.shape} needs a cotangent of that shape")
@@ -219,54 +233,54 @@ def _walk(root: Tensor, g, retain_graph, collected):
     # 1. count, for every node reachable from the root, how many edges lead into it
     pending = {id(root._node): 0}
     stack = [root._node]
-    visited = [root]  # non-leaf tensors whose graph is released at the end
+    visited = [root._node]
     while stack:
         node = stack.pop()
-        for p in node.parents:
-            pn = p._node
-            if not p.requires_grad or pn is None:
+        for e in node.edges:
+            if e is _FREED:
+                raise RuntimeError(_FREED_MESSAGE)
+            if type(e) is not Node:
                 continue
-            if pn is _FREED:
-                raise RuntimeError("backward through a graph that was already freed; "
-                                   "pass retain_graph=True to the first backward to keep it")
-            k = id(pn)
+            k = id(e)
             if k in pending:
                 pending[k] += 1
             else:
                 pending[k] = 1
-                visited.append(p)
-                stack.append(pn)
+                visited.append(e)
+                stack.append(e)
     # 2. run each node once all of its cotangents are summed (Kahn's order)
     cotangents = {id(root._node): g}
     ready = [root._node]
     while ready:
         node = ready.pop()
         g = cotangents.pop(id(node))
+        edges = node.edges
         if isinstance(node.vjp, tuple):
-            grads = [f(g) if p.requires_grad else None for f, p in zip(node.vjp, node.parents)]
+            grads = [None if e is None else f(g) for f, e in zip(node.vjp, edges)]
         else:
             grads = node.vjp(g)
-        parents = node.parents
         del g
         if not retain_graph:
-            node.vjp = node.parents = None
-        for p, gp in zip(parents, grads):
-            if gp is None or not p.requires_grad:
+            node.vjp = node.edges = None
+        for e, gp in zip(edges, grads):
+            if gp is None or e is None:
                 continue
-            gp = _coerce(gp, p, node.name)
-            pn = p._node
-            if pn is None:
+            if type(e) is not Node:  # a leaf Tensor
+                gp = _coerce(gp, e.data.shape, e.dtype, node.name)
                 if retain_graph:
                     shared.add(id(gp))
-                _deliver_to_leaf(p, gp, collected, shared)
+                _deliver_to_leaf(e, gp, collected, shared)
                 continue
-            k = id(pn)
+            gp = _coerce(gp, e.shape, e.dtype, node.name)
+            k = id(e)
             prev = cotangents.get(k)
             cotangents[k] = gp if prev is None else prev + gp
             pending[k] -= 1
             if pending[k] == 0:
-                ready.append(pn)
-        del parents, grads
-    if not retain_graph:
-        for t in visited:
-            t._node = _FREED
+                ready.append(e)
+        del edges, grads
+    if not retain_graph:  # release the graph: Tensors forget their nodes, so the nodes die
+        for node in visited:
+            t = node.out()
+            if t is not None:
+                t._node = _FREED

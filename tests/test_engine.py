@@ -287,3 +287,22 @@ def test_integer_tensors_cannot_require_grad(backend):
 def test_import_loads_numpy_only():
     code = "import sys, gpuad; bad = [m for m in ('torch', 'triton', 'cupy') if m in sys.modules]; assert not bad, bad"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_tape_keeps_only_what_vjps_need():
+    """The fused cross-entropy saves dlogits, not its input: the logits array is freed once
+    the forward pass drops it, and so is the addend of an add."""
+    import weakref
+
+    x = ad.tensor(rand(6, 4), requires_grad=True)
+    W = ad.tensor(rand(5, 4), requires_grad=True)
+    logits = ad.linear(x, W)
+    logits_data = weakref.ref(logits.data)
+    shifted = logits + 1.0
+    shifted_data = weakref.ref(shifted.data)
+    loss = ad.softmax_cross_entropy(shifted, ad.tensor(np.array([0, 1, 2, 3, 4, 0])).data)
+    del logits, shifted
+    gc.collect()
+    assert logits_data() is None and shifted_data() is None
+    loss.backward()
+    assert x.grad.shape == (6, 4) and W.grad.shape == (5, 4)
