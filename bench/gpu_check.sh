@@ -24,11 +24,11 @@ PIP_RC=$?
 [ $PIP_RC -eq 0 ] || tail -n 20 "$OUT/pip.log"
 
 echo "== pytest -m gpu"
-timeout 120 "$PY" -m pytest -m gpu -q -rfE 2>&1 | tee "$OUT/pytest-gpu.log"
+timeout 170 "$PY" -m pytest -m gpu -q -rfE 2>&1 | tee "$OUT/pytest-gpu.log"
 PYTEST_RC=$?
 
 echo "== python -m bench --preset quick"
-timeout 150 "$PY" -m bench --preset quick --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+timeout 110 "$PY" -m bench --preset quick --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 BENCH_RC=$?
 
 echo
