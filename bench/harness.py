@@ -168,12 +168,11 @@ def itemsize(dtype: str) -> int:
 
 def to_host64(a) -> np.ndarray:
     """A float64 numpy copy of a numpy / CuPy / torch array or a Python scalar."""
-    mod = type(a).__module__.partition(".")[0]
-    if mod == "torch":
+    if type(a).__module__.partition(".")[0] == "torch":
         return a.detach().double().cpu().numpy()
-    if mod == "cupy":
-        return np.asarray(a.get()).astype(np.float64)
-    return np.asarray(a).astype(np.float64)
+    from gpuad.backend import to_host
+
+    return to_host(a).astype(np.float64)
 
 
 def max_error(got, ref) -> float:

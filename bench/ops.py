@@ -117,22 +117,24 @@ class CrossEntropy:
         return {"loss": xp.concatenate(rows).sum() / b, "dlogits": dl}
 
 
-def _ce_gpuad(module, who):
+def _gpuad_inputs(env, module, host, spec, n):
+    """(kernel module, n input sets, device) for a gpuad impl; `spec` lists (host key, dtype).
+
+    triton gets CUDA torch tensors; cupy, and reference on a GPU, CuPy arrays; reference
+    without a GPU, numpy arrays."""
+    if module == "triton":
+        env.require_cuda(module)
+        torch = env.torch(module)
+        K = _import_kernels(module, module)
+        return K, [tuple(on_torch(torch, host[k], dt, "cuda") for k, dt in spec) for _ in range(n)], "cuda"
+    xp, dev = (env.cupy(module), "cuda") if module == "cupy" or env.cuda else (np, "cpu")
+    K = _import_kernels(module, module)
+    return K, [tuple(on_xp(xp, host[k], dt) for k, dt in spec) for _ in range(n)], dev
+
+
+def _ce_gpuad(module):
     def setup(env, case, host, n):
-        if module == "reference":
-            xp, dev = (env.cupy(who), "cuda") if env.cuda else (np, "cpu")
-        elif module == "cupy":
-            xp, dev = env.cupy(who), "cuda"
-        else:
-            env.require_cuda(who)
-            torch = env.torch(who)
-        K = _import_kernels(module, who)
-        if module == "triton":
-            sets = [(on_torch(torch, host["logits"], case.dtype, "cuda"), on_torch(torch, host["targets"], None, "cuda"))
-                    for _ in range(n)]
-            dev = "cuda"
-        else:
-            sets = [(on_xp(xp, host["logits"], case.dtype), on_xp(xp, host["targets"], None)) for _ in range(n)]
+        K, sets, dev = _gpuad_inputs(env, module, host, [("logits", case.dtype), ("targets", None)], n)
 
         def call(logits, targets):
             return K.softmax_cross_entropy(logits, targets, check_targets=False)
@@ -184,9 +186,9 @@ def _ce_torch(kind):
 
 
 CrossEntropy.impls = {
-    "reference": _ce_gpuad("reference", "reference"),
-    "triton": _ce_gpuad("triton", "triton"),
-    "cupy": _ce_gpuad("cupy", "cupy"),
+    "reference": _ce_gpuad("reference"),
+    "triton": _ce_gpuad("triton"),
+    "cupy": _ce_gpuad("cupy"),
     "torch": _ce_torch("torch"),
     "torch_compile": _ce_torch("torch_compile"),
     "liger": _ce_torch("liger"),
@@ -231,22 +233,10 @@ class LinearBackward:
         return {"dx": dx, "dw": dw, "db": db}
 
 
-def _lin_gpuad(module, who):
+def _lin_gpuad(module):
     def setup(env, case, host, n):
-        if module == "reference":
-            xp, dev = (env.cupy(who), "cuda") if env.cuda else (np, "cpu")
-        elif module == "cupy":
-            xp, dev = env.cupy(who), "cuda"
-        else:
-            env.require_cuda(who)
-            torch, dev = env.torch(who), "cuda"
-        K = _import_kernels(module, who)
-        if module == "triton":
-            sets = [tuple(on_torch(torch, host[k], case.dtype, "cuda") for k in ("x", "w", "dy")) for _ in range(n)]
-            kw = {"allow_tf32": False}
-        else:
-            sets = [tuple(on_xp(xp, host[k], case.dtype) for k in ("x", "w", "dy")) for _ in range(n)]
-            kw = {}
+        K, sets, dev = _gpuad_inputs(env, module, host, [(k, case.dtype) for k in ("x", "w", "dy")], n)
+        kw = {"allow_tf32": False} if module == "triton" else {}
 
         def call(x, w, dy):
             return K.linear_backward(x, w, dy, **kw)
@@ -270,9 +260,9 @@ def _lin_torch(kind):
 
 
 LinearBackward.impls = {
-    "reference": _lin_gpuad("reference", "reference"),
-    "triton": _lin_gpuad("triton", "triton"),
-    "cupy": _lin_gpuad("cupy", "cupy"),
+    "reference": _lin_gpuad("reference"),
+    "triton": _lin_gpuad("triton"),
+    "cupy": _lin_gpuad("cupy"),
     "torch": _lin_torch("torch"),
     "torch_compile": _lin_torch("torch_compile"),
     "liger": _lin_torch("liger"),
