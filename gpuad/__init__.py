@@ -26,9 +26,7 @@ def tensor(data, requires_grad=False, dtype=None) -> Tensor:
     if isinstance(data, Tensor):
         data = data.data
     xp = _backend.module_for(get_backend())
-    if _backend.is_cupy_array(data) and xp is not _backend.np:
-        data = data.copy()
-    elif _backend.is_cupy_array(data):
+    if _backend.is_cupy_array(data) and xp is _backend.np:
         data = data.get()
     arr = xp.array(data, dtype=dtype)
     return Tensor(arr, requires_grad=requires_grad)

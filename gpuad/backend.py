@@ -23,12 +23,15 @@ def _import_cupy():
         cupy = importlib.import_module("cupy")
     except ImportError as e:
         raise RuntimeError(f"the cupy backend needs CuPy, which is not installed ({e}); {_INSTALL_HINT}") from e
+    if _state.get("cuda_device_seen"):  # the device check is done once, not on every tensor
+        return cupy
     try:
         n = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # CUDA driver missing or broken
         raise RuntimeError(f"the cupy backend needs a CUDA device, and none is usable here ({e})") from e
     if n < 1:
         raise RuntimeError("the cupy backend needs a CUDA device, and none was found")
+    _state["cuda_device_seen"] = True
     return cupy
 
 

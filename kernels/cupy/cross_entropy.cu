@@ -283,39 +283,40 @@ CE_DEFINE_FORWARD(f32, TypeF32)
 CE_DEFINE_FORWARD(f16, TypeF16)
 CE_DEFINE_FORWARD(bf16, TypeBF16)
 
+// Sum of v over one block in a fixed order (warp butterflies, then warps 0, 1, ... by
+// thread 0); the total is valid in thread 0. Needs blockDim.x a multiple of 32.
+template <class T>
+__device__ __forceinline__ T one_block_sum(T v) {
+    __shared__ T sh[32];
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    if (lane == 0) sh[warp] = v;
+    __syncthreads();
+    T total = 0;
+    if (threadIdx.x == 0) {
+        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += sh[w];
+    }
+    return total;
+}
+
 // One block. out[0] = number of rows whose target != ignore_index (integer sums: exact).
 extern "C" __global__ void __launch_bounds__(CE_MAX_THREADS)
     ce_count_valid(const i64* targets, i64 n_rows, i64 ignore_index, i64* out) {
-    __shared__ i64 sh[32];
     i64 count = 0;
     for (i64 r = threadIdx.x; r < n_rows; r += blockDim.x) count += targets[r] != ignore_index;
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) count += __shfl_xor_sync(0xffffffffu, count, off);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) sh[warp] = count;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-        i64 total = 0;
-        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += sh[w];
-        out[0] = total;
-    }
+    const i64 total = one_block_sum(count);
+    if (threadIdx.x == 0) out[0] = total;
 }
 
 // One block. out[0] = sum(row_loss) (fp64 accumulation, fixed order), divided by
 // max(n_valid[0], 1) when n_valid is not null.
 extern "C" __global__ void __launch_bounds__(CE_MAX_THREADS)
     ce_reduce_loss(const float* row_loss, i64 n_rows, const i64* n_valid, float* out) {
-    __shared__ double sh[32];
     double acc = 0.0;
     for (i64 r = threadIdx.x; r < n_rows; r += blockDim.x) acc += (double)row_loss[r];
-#pragma unroll
-    for (int off = 16; off > 0; off >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, off);
-    const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-    if (lane == 0) sh[warp] = acc;
-    __syncthreads();
+    double total = one_block_sum(acc);
     if (threadIdx.x == 0) {
-        double total = 0.0;
-        for (int w = 0; w < (int)(blockDim.x >> 5); ++w) total += sh[w];
         if (n_valid != 0) {
             i64 count = n_valid[0];
             total /= (double)(count > 1 ? count : 1);
