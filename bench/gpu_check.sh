@@ -5,7 +5,7 @@
 #   bash bench/gpu_check.sh [OUTDIR]        (default ./gpu-out)
 #
 # Needs an NVIDIA GPU with torch, triton, cupy, numpy, pytest (and matplotlib for the plots)
-# already installed. Writes OUTDIR/pip.log, pytest-gpu.log, bench.log, results.json,
+# already installed; wheels in ./.whl (bench/fetch_wheels.sh: Liger) are added. Writes OUTDIR/pip.log, pytest-gpu.log, bench.log, results.json,
 # table.txt and one PNG per op. Exit status: 0 when the install, the tests and every
 # checked implementation passed. Budget: under 5 minutes (each step has a timeout).
 set -uo pipefail
@@ -22,6 +22,13 @@ echo "== install (pip --no-deps --no-build-isolation -e .)"
 "$PY" -m pip install --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
 PIP_RC=$?
 [ $PIP_RC -eq 0 ] || tail -n 20 "$OUT/pip.log"
+
+if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried over (bench/fetch_wheels.sh), e.g. Liger
+    echo "== carried wheels: $(cd .whl && echo *.whl)"
+    SITE=$(mktemp -d)
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --target "$SITE" .whl/*.whl \
+        >>"$OUT/pip.log" 2>&1 && export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
+fi
 
 echo "== pytest -m gpu"
 timeout 170 "$PY" -m pytest -m gpu -q -rfE 2>&1 | tee "$OUT/pytest-gpu.log"
