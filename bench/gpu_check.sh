@@ -5,8 +5,8 @@
 #   bash bench/gpu_check.sh [OUTDIR]        (default ./gpu-out)
 #
 # Needs an NVIDIA GPU with torch, triton, cupy, numpy, pytest (and matplotlib for the plots)
-# already installed; wheels in ./.whl (bench/fetch_wheels.sh: Liger) are added. Writes OUTDIR/pip.log, pytest-gpu.log, bench.log, results.json,
-# table.txt and one PNG per op. Exit status: 0 when the install, the tests and every
+# already installed; wheels in ./.whl (bench/fetch_wheels.sh: Liger) are added. Writes
+# OUTDIR/pip.log, pytest-gpu.log, bench.log, results.json, table.txt and one PNG per op. Exit status: 0 when the install, the tests and every
 # checked implementation passed. Budget: under 5 minutes (each step has a timeout).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
