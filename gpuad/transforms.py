@@ -93,34 +93,55 @@ def grad(f, argnums=0):
     return lambda *args: value_and_grad_f(*args)[1]
 
 
+def _jacobian_fwd(f_of_x, x):
+    """J [m, n] column by column, one JVP per input element; records no tape. Returns (out, J)."""
+    basis = x.xp.eye(x.size, dtype=x.dtype)
+    pairs = [jvp(f_of_x, (x.data,), (basis[i].reshape(x.shape),)) for i in range(x.size)]
+    if pairs:
+        out = pairs[0][0]
+    else:
+        with no_grad():
+            out = _output(f_of_x(x), "jacobian").data
+    cols = [tangent.reshape(-1) for _, tangent in pairs]
+    m = int(np.prod(out.shape))
+    return out, x.xp.stack(cols, axis=1) if cols else x.xp.zeros((m, 0), dtype=x.dtype)
+
+
+def _jacobian_rev(out, pullback, x):
+    """J [m, n] row by row, one VJP per output element of the taped `out`."""
+    m = int(np.prod(out.shape))
+    basis = x.xp.eye(m, dtype=x.dtype)
+    rows = [pullback(basis[j].reshape(out.shape))[0].reshape(-1) for j in range(m)]
+    return x.xp.stack(rows, axis=0) if rows else x.xp.zeros((0, x.size), dtype=x.dtype)
+
+
 def jacobian(f, argnums=0, mode="auto"):
     """The Jacobian of f with respect to argument `argnums`: an array of shape
     out.shape + x.shape.
 
-    mode "fwd" builds it column by column (one JVP per input element, n products), "rev" row
-    by row (one VJP per output element, m products); "auto" picks the cheaper: forward mode
-    when the input has fewer elements than the output, reverse otherwise (cost min(n, m))."""
+    mode "fwd" builds it column by column (one JVP per input element, n products, no tape),
+    "rev" row by row (one VJP per output element, m products); "auto" picks the cheaper:
+    forward mode when the input has fewer elements than the output, reverse otherwise (cost
+    min(n, m), plus the one taped forward pass that tells m)."""
     if mode not in ("auto", "fwd", "rev"):
         raise ValueError(f"jacobian: mode must be 'auto', 'fwd' or 'rev', got {mode!r}")
 
     def wrapped(*args):
         (a,) = _argnums(argnums, len(args))
         x = _primal(args[a], f"jacobian: argument {a}")
-        xp = x.xp
 
         def f_of_x(v):
             return f(*args[:a], v, *args[a + 1:])
 
-        out, pullback = vjp(f_of_x, x)
-        n, m = x.size, int(np.prod(out.shape))
-        use_fwd = mode == "fwd" or (mode == "auto" and n < m)
-        basis = xp.eye(n if use_fwd else m, dtype=x.dtype)
-        if use_fwd:
-            cols = [jvp(f_of_x, (x.data,), (basis[i].reshape(x.shape),))[1].reshape(-1) for i in range(n)]
-            J = xp.stack(cols, axis=1) if cols else xp.zeros((m, 0), dtype=x.dtype)
+        if mode == "fwd":
+            out, J = _jacobian_fwd(f_of_x, x)
         else:
-            rows = [pullback(basis[j].reshape(out.shape))[0].reshape(-1) for j in range(m)]
-            J = xp.stack(rows, axis=0) if rows else xp.zeros((0, n), dtype=x.dtype)
+            out, pullback = vjp(f_of_x, x)
+            if mode == "auto" and x.size < int(np.prod(out.shape)):
+                del pullback  # frees the tape before the forward-mode products
+                out, J = _jacobian_fwd(f_of_x, x)
+            else:
+                J = _jacobian_rev(out, pullback, x)
         return J.reshape(tuple(out.shape) + x.shape)
 
     return wrapped

@@ -114,6 +114,25 @@ def test_jacobian_modes_agree(backend, f, n):
     np.testing.assert_allclose(jr, fd, rtol=1e-6, atol=1e-8)
 
 
+@pytest.mark.parametrize("mode,taped", [("fwd", False), ("rev", True), ("auto", True)])
+def test_jacobian_tapes_only_in_reverse_mode(mode, taped):
+    seen = []
+
+    def f(x):
+        seen.append(x.requires_grad)
+        return ad.tanh(x) * 2.0
+
+    x = np.random.default_rng(3).standard_normal(3)
+    J = ad.jacobian(f, mode=mode)(x)
+    np.testing.assert_allclose(J, np.diag(2.0 * (1.0 - np.tanh(x) ** 2)), rtol=1e-12, atol=1e-15)
+    assert any(seen) == taped, f"mode {mode}: f saw requires_grad {seen}"
+
+
+def test_jacobian_of_empty_input_forward_mode():
+    J = ad.jacobian(lambda x: ad.sum(x) + 1.0, mode="fwd")(np.zeros((0,)))
+    assert J.shape == (0,)
+
+
 def test_jacobian_of_matrix_input_shape(backend):
     J = ad.jacobian(lambda x: ad.softmax(x), mode="auto")(rand(2, 3))
     assert J.shape == (2, 3, 2, 3)

@@ -183,28 +183,42 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _launch_config(n_rows: int, n_cols: int, elem_size: int, device: torch.device) -> dict:
-    """The one place where block sizes, warps and rows per program are chosen.
+def _kernel_config(n_rows: int, n_cols: int, stride: int, elem_size: int, *, grad: bool, reduction: str,
+                   label_smoothing: float):
+    """The one place where the kernel and its compile-time parameters are chosen: a pure
+    function (no device), also used by the ahead-of-time compile test.
+
+    Returns (kernel, meta): meta holds every constexpr and num_warps of the launch.
 
     * next_power_of_2(V) ≤ SINGLE_PASS_MAX: one read. ROWS rows a program so that a program
       holds ≥ 2048 elements (small V would otherwise leave most lanes idle); warps so that
       a thread holds ~16 elements (32 at the 16384-wide tile: ~80 registers, no spills).
     * wider: two passes over chunks of TWO_PASS_CHUNK_BYTES with 16 warps (64 registers a
-      thread at sm_90, no spills) and a persistent grid of PROGRAMS_PER_SM programs an SM.
-      With one, the rows in flight are n_SM · row bytes (33 MB at V = 128256 bf16 on
-      H100/H200), under the 50 MB L2, so the second pass, run backwards, re-reads mostly
-      from L2. Two would fit by registers (more loads in flight, but 66 MB of rows): the
-      choice between them is for a measurement on the device.
+      thread at sm_90, no spills) and a persistent grid (see _grid).
     """
     block_v = triton.next_power_of_2(n_cols)
     if block_v <= max(SINGLE_PASS_MAX, 16):
         rows = min(max(1, 2048 // block_v), 256, triton.next_power_of_2(n_rows))
         warps = min(16, max(1, rows * block_v // 512))
-        return dict(kernel=_ce_rows_kernel, grid=(triton.cdiv(n_rows, rows),), ROWS=rows, BLOCK=block_v,
-                    num_warps=warps)
-    block = min(block_v, max(16, TWO_PASS_CHUNK_BYTES // elem_size))
-    programs = min(n_rows, _sm_count(device) * PROGRAMS_PER_SM)
-    return dict(kernel=_ce_online_kernel, grid=(programs,), BLOCK=block, num_warps=16)
+        kernel, meta = _ce_rows_kernel, dict(ROWS=rows, BLOCK=block_v, num_warps=warps)
+    else:
+        block = min(block_v, max(16, TWO_PASS_CHUNK_BYTES // elem_size))
+        kernel, meta = _ce_online_kernel, dict(BLOCK=block, num_warps=16)
+    vec = 16 // elem_size
+    meta.update(VEC=vec, ALIGNED=stride % vec == 0 and n_cols % vec == 0, HAS_GRAD=bool(grad),
+                MEAN=reduction == "mean", SMOOTH=float(label_smoothing) > 0.0)
+    return kernel, meta
+
+
+def _grid(kernel, meta: dict, n_rows: int, device: torch.device) -> tuple:
+    """Row kernel: one program per ROWS rows. Two-pass kernel: persistent, PROGRAMS_PER_SM
+    programs an SM. With one, the rows in flight are n_SM · row bytes (33 MB at V = 128256
+    bf16 on H100/H200), under the 50 MB L2, so the second pass, run backwards, re-reads mostly
+    from L2. Two would fit by registers (more loads in flight, but 66 MB of rows): the choice
+    between them is for a measurement on the device."""
+    if kernel is _ce_rows_kernel:
+        return (triton.cdiv(n_rows, meta["ROWS"]),)
+    return (min(n_rows, _sm_count(device) * PROGRAMS_PER_SM),)
 
 
 def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
@@ -251,14 +265,12 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     n_valid = (target_buf != ignore_index).sum()
 
     if n_rows > 0:
-        vec = 16 // x.element_size()
         stride = work.stride(0)
-        cfg = _launch_config(n_rows, n_cols, x.element_size(), x.device)
-        kernel, grid = cfg.pop("kernel"), cfg.pop("grid")
-        kernel[grid](work, out if out is not None else work, target_buf, row_loss, n_valid,
-                     n_rows, n_cols, stride, ignore_index, eps,
-                     VEC=vec, ALIGNED=stride % vec == 0 and n_cols % vec == 0,
-                     HAS_GRAD=out is not None, MEAN=reduction == "mean", SMOOTH=eps > 0.0, **cfg)
+        kernel, meta = _kernel_config(n_rows, n_cols, stride, x.element_size(), grad=out is not None,
+                                      reduction=reduction, label_smoothing=eps)
+        kernel[_grid(kernel, meta, n_rows, x.device)](
+            work, out if out is not None else work, target_buf, row_loss, n_valid,
+            n_rows, n_cols, stride, ignore_index, eps, **meta)
 
     if reduction == "none":
         loss = row_loss

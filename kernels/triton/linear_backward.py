@@ -175,6 +175,20 @@ def _linear_backward_kernel(
             tl.store(ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
+def _fixed_config(dtype: torch.dtype) -> triton.Config:
+    """The config launched without the sweep (GPUAD_TRITON_AUTOTUNE=0): the fp32/tf32 tiles for
+    fp32, the default wgmma tiles for fp16/bf16."""
+    return _CONFIGS[2] if dtype == torch.float32 else _CONFIGS[0]
+
+
+def _constexprs(dtype: torch.dtype, *, need_dx: bool, bias: bool, accumulate: bool, allow_tf32: bool,
+                int64: bool) -> dict:
+    """The kernel's flag constexprs for a launch (the tile sizes come from the config): a pure
+    function, also used by the ahead-of-time compile test."""
+    return dict(NEED_DX=bool(need_dx), HAS_BIAS=bool(bias), ACCUMULATE=bool(accumulate),
+                PRECISION="tf32" if (allow_tf32 and dtype == torch.float32) else "ieee", INT64=bool(int64))
+
+
 @functools.lru_cache(maxsize=None)
 def _num_programs_max(device_index) -> int:
     """Persistent grid size: one program per SM (a few under the interpreter)."""
@@ -229,7 +243,6 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
         if db is not None:
             db.copy_(dy2.float().sum(0) if m else torch.zeros_like(db))
     else:
-        precision = "tf32" if (allow_tf32 and dtype == torch.float32) else "ieee"
         int64 = max(_max_offset(t) for t in (x2, wt, dy2, dw) + ((dx2,) if need_dx else ())) >= 2**31 - 1
         max_progs = _num_programs_max(device.index if device.type == "cuda" else None)
 
@@ -243,7 +256,7 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
 
         kernel, fixed = _linear_backward_kernel, {}
         if not _INTERPRET and os.environ.get("GPUAD_TRITON_AUTOTUNE", "1") == "0":
-            cfg = _CONFIGS[2] if dtype == torch.float32 else _CONFIGS[0]
+            cfg = _fixed_config(dtype)
             kernel, fixed = _linear_backward_kernel.fn, dict(cfg.kwargs, num_warps=cfg.num_warps,
                                                                 num_stages=cfg.num_stages)
         dxa = dx2 if need_dx else dw  # a placeholder pointer when dx is skipped (never written)
@@ -252,8 +265,8 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
                 x2, wt, dy2, dxa, dw, db if bias else dw, m, n, k,
                 x2.stride(0), x2.stride(1), wt.stride(0), wt.stride(1),
                 dy2.stride(0), dy2.stride(1), dxa.stride(0), dxa.stride(1), dw.stride(0), dw.stride(1),
-                NEED_DX=bool(need_dx), HAS_BIAS=bool(bias), ACCUMULATE=acc_t is not None,
-                PRECISION=precision, INT64=bool(int64), **fixed)
+                **_constexprs(dtype, need_dx=need_dx, bias=bias, accumulate=acc_t is not None,
+                              allow_tf32=allow_tf32, int64=int64), **fixed)
 
     dx = dx2.reshape(xt.shape) if need_dx else None
     dw_out = dw_accumulate if dw_accumulate is not None else as_given(dw, from_cupy)
