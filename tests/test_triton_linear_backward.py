@@ -141,6 +141,100 @@ def test_empty_leading_dims():
     assert dx.shape == (0, 5) and torch.equal(dw, torch.zeros_like(dw)) and torch.equal(db, torch.zeros_like(db))
 
 
+# ------------------------------------------------------------------ routes: fused / cublas / auto
+
+@pytest.fixture
+def launched(monkeypatch):
+    """The routes launched during the test, in order (the launchers still run)."""
+    names = []
+    for name in ("fused", "cublas"):
+        real = getattr(lb_module, f"_launch_{name}")
+        monkeypatch.setattr(lb_module, f"_launch_{name}",
+                            lambda *a, real=real, name=name: names.append(name) or real(*a))
+    return names
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("lead,k,n", SHAPES, ids=lambda v: str(v))
+def test_cublas_route_matches_reference(launched, dtype, lead, k, n):
+    x, w, dy = _make(lead, k, n, dtype, seed=20)
+    copies = [a.clone() for a in (x, w, dy)]
+    got = linear_backward(x, w, dy, route="cublas")
+    assert launched == ["cublas"]
+    for a, c in zip((x, w, dy), copies):
+        assert torch.equal(a, c)
+    assert all(t.dtype == dtype for t in got)
+    _check(got, _ref(x, w, dy), TOL[dtype])
+    dx, dw, db = linear_backward(x, w, dy, route="cublas", need_dx=False, bias=False)
+    assert dx is None and db is None
+    assert _rel(dw, _ref(x, w, dy)[1]) < TOL[dtype]
+
+
+def test_cublas_route_transposed_w_and_fp32_accumulate(launched):
+    x, w, dy = _make((37,), 21, 19, torch.float32, seed=21, w_transposed=True)
+    buf = torch.randn(19, 21, generator=torch.Generator().manual_seed(22)).to(x.device)
+    old = buf.clone()
+    dx, dw, db = linear_backward(x, w, dy, dw_accumulate=buf, route="cublas")
+    assert launched == ["cublas"]
+    rx, rw, rb = _ref(x, w, dy)
+    assert dw is buf
+    assert _rel(dw - old, rw) < 2e-5
+    assert _rel(dx, rx) < TOL[torch.float32] and _rel(db, rb) < TOL[torch.float32]
+
+
+def test_cublas_route_refuses_16_bit_accumulate_and_bad_route():
+    x, w, dy = _make((5,), 6, 3, torch.float16, seed=23)
+    buf = torch.zeros(3, 6, device=x.device)
+    with pytest.raises(ValueError, match="route='cublas'.*float16"):
+        linear_backward(x, w, dy, dw_accumulate=buf, route="cublas")
+    assert torch.equal(buf, torch.zeros_like(buf)), "the buffer was touched before the error"
+    with pytest.raises(ValueError, match="route must be one of"):
+        linear_backward(x, w, dy, route="cuBLAS")
+
+
+def test_auto_route_takes_the_fused_kernel_when_not_measuring(monkeypatch, launched):
+    """Nothing is measured under the interpreter, nor on a GPU with GPUAD_TRITON_AUTOTUNE=0."""
+    monkeypatch.setenv("GPUAD_TRITON_AUTOTUNE", "0")
+    x, w, dy = _make((33,), 70, 45, torch.float32, seed=24)
+    before = lb_module.route_choices()
+    _check(linear_backward(x, w, dy), _ref(x, w, dy), TOL[torch.float32])
+    assert launched == ["fused"] and lb_module.route_choices() == before
+
+
+def test_faster_route_warms_each_launcher_then_keeps_the_fastest(monkeypatch):
+    import triton.testing
+    calls = []
+    medians = {"fused": 0.30, "cublas": 0.20}
+
+    def fake_do_bench(fn, warmup, rep, return_mode):
+        assert return_mode == "median"
+        name = fn()
+        return medians[name]
+
+    monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
+    launchers = {name: (lambda name=name: calls.append(name) or name) for name in medians}
+    best, times = lb_module._faster_route(launchers)
+    assert best == "cublas" and times == medians
+    assert calls == ["fused", "fused", "cublas", "cublas"], "each launcher runs once before it is timed"
+
+
+def test_pinned_matmul_precision_sets_and_restores():
+    mm = torch.backends.cuda.matmul
+    name = "fp32_precision" if hasattr(mm, "fp32_precision") else "allow_tf32"
+    before = (getattr(mm, name), mm.allow_fp16_reduced_precision_reduction,
+              mm.allow_bf16_reduced_precision_reduction)
+    for allow_tf32, inside in ((False, ("ieee", False)), (True, ("tf32", True))):
+        with pytest.raises(RuntimeError, match="boom"):
+            with lb_module._pinned_matmul_precision(allow_tf32):
+                assert getattr(mm, name) in inside
+                assert not mm.allow_fp16_reduced_precision_reduction
+                assert not mm.allow_bf16_reduced_precision_reduction
+                raise RuntimeError("boom")
+        after = (getattr(mm, name), mm.allow_fp16_reduced_precision_reduction,
+                 mm.allow_bf16_reduced_precision_reduction)
+        assert after == before
+
+
 # ------------------------------------------------------------------ bad input
 
 def _bad_cases():
@@ -259,3 +353,49 @@ def test_gpu_cupy_in_cupy_out(fixed_config):
     assert isinstance(dw2, cupy.ndarray) and dw2.dtype == cupy.float16
     with pytest.raises(ValueError, match="torch tensors or all CuPy"):
         linear_backward(x, wc, dyc)
+
+
+def _poison(*shapes_dtypes):
+    """Leave NaN-filled blocks in torch's caching allocator: outputs of those sizes are likely to
+    reuse them, so an element a route fails to write shows up as NaN."""
+    for shape, dtype in shapes_dtypes:
+        torch.full(shape, float("nan"), dtype=dtype, device="cuda")
+    torch.cuda.synchronize()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("route", ["fused", "cublas"])
+@pytest.mark.parametrize("dtype,tf32", [(torch.float32, False), (torch.float32, True), (torch.bfloat16, False),
+                                        (torch.float16, False)], ids=["fp32", "tf32", "bf16", "fp16"])
+def test_gpu_routes_write_everything_and_repeat_bits(fixed_config, launched, route, dtype, tf32):
+    lead, k, n = (1000,), 768, 1536  # no dimension a multiple of 128 × 3
+    x, w, dy = _make(lead, k, n, dtype, seed=30, device="cuda")
+    _poison(((1000, 768), dtype), ((1536, 768), dtype), ((1536,), dtype))
+    got = linear_backward(x, w, dy, allow_tf32=tf32, route=route)
+    assert launched == [route]
+    _check_gpu(got, _ref_gpu(x, w, dy), TF32_TOL if tf32 else TOL[dtype])
+    again = linear_backward(x, w, dy, allow_tf32=tf32, route=route)
+    for u, v in zip(got, again):
+        assert torch.equal(u, v)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_route_measures_once_and_accumulates_once(monkeypatch):
+    """route="auto" with autotuning on: the first call times both routes on scratch outputs and
+    records the choice; the caller's fp32 buffer still receives dyᵀx exactly once."""
+    monkeypatch.setenv("GPUAD_TRITON_AUTOTUNE", "1")
+    x, w, dy = _make((512,), 384, 640, torch.float32, seed=31, device="cuda")
+    buf = torch.randn(640, 384, device="cuda")
+    old = buf.clone()
+    before = set(lb_module.route_choices())
+    dx, dw, db = linear_backward(x, w, dy, dw_accumulate=buf)
+    new = set(lb_module.route_choices()) - before
+    assert len(new) == 1, "one problem, one measurement"
+    route, times = lb_module.route_choices()[new.pop()]
+    assert route in ("fused", "cublas") and set(times) == {"fused", "cublas"}
+    assert all(t > 0 for t in times.values()) and times[route] == min(times.values())
+    ref = _ref_gpu(x, w, dy)
+    assert _rel_gpu(dw - old, ref[1]) < 1e-5
+    _check_gpu((dx, None, db), (ref[0], None, ref[2]), TOL[torch.float32])
+    linear_backward(x, w, dy, dw_accumulate=buf)  # cached: no new measurement
+    assert len(lb_module.route_choices()) == len(before) + 1

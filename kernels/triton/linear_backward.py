@@ -18,6 +18,14 @@ db is fused into the dW family: the dW tiles of the first K-block already load e
 of their N-rows (as A = dyᵀ), so they also sum them over M and write db. No extra pass over dy,
 no atomics: every output tile is written by exactly one program, in a fixed reduction order,
 so the result is the same bits on every run (for a given autotuned config).
+
+Routes. `route="fused"` is that one launch. `route="cublas"` is torch's matmuls (cuBLAS on a
+GPU) for dX and dW plus an fp32 column sum for db, with fp32 accumulation pinned for the call.
+`route="auto"` (the default) measures both on the first call of each problem, as the autotuner
+does for tile configs, keeps the faster, and reports the timings in `route_choices()`; it takes
+the fused route without measuring under the interpreter, with GPUAD_TRITON_AUTOTUNE=0, and when
+fp16/bf16 products go into an fp32 dw_accumulate (cuBLAS cannot add them to an fp32 buffer
+without rounding them first).
 """
 from __future__ import annotations
 
@@ -197,20 +205,137 @@ def _num_programs_max(device_index) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
+ROUTES = ("auto", "fused", "cublas")
+#: route key -> (route taken, {route: median ms}), filled by route="auto" on first use.
+_route_choices: dict = {}
+
+
+def route_choices() -> dict:
+    """What route="auto" measured and chose so far: {(device, dtype, M, N, K, need_dx, bias,
+    accumulate, allow_tf32): (route, {route: median ms})}."""
+    return dict(_route_choices)
+
+
+def _autotune_enabled() -> bool:
+    return not _INTERPRET and os.environ.get("GPUAD_TRITON_AUTOTUNE", "1") != "0"
+
+
+@contextlib.contextmanager
+def _pinned_matmul_precision(allow_tf32: bool):
+    """torch matmuls with fp32 accumulation for the call: fp32 products in ieee unless
+    allow_tf32, and no reduced-precision (fp16/bf16) reductions. Global torch state: not
+    thread-safe, restored on exit."""
+    mm = torch.backends.cuda.matmul
+    names = ["allow_fp16_reduced_precision_reduction", "allow_bf16_reduced_precision_reduction"]
+    wanted = [False, False]
+    if hasattr(mm, "fp32_precision"):  # torch >= 2.9
+        names.append("fp32_precision")
+        wanted.append("tf32" if allow_tf32 else "ieee")
+    else:
+        names.append("allow_tf32")
+        wanted.append(bool(allow_tf32))
+    old = [getattr(mm, name) for name in names]
+    try:
+        for name, value in zip(names, wanted):
+            setattr(mm, name, value)
+        yield
+    finally:
+        for name, value in zip(names, old):
+            setattr(mm, name, value)
+
+
+def _launch_cublas(x2, wt, dy2, dx2, dw, db, accumulate, allow_tf32):
+    """dx2 = dy2 wt, dw (+)= dy2ᵀ x2 through torch.mm (cuBLAS on a GPU), db = fp32 column sums
+    of dy2; every output preallocated. Accumulating needs fp32 inputs (one GEMM with beta = 1)."""
+    with _pinned_matmul_precision(allow_tf32):
+        if dx2 is not None:
+            torch.mm(dy2, wt, out=dx2)
+        if accumulate:
+            dw.addmm_(dy2.t(), x2)
+        else:
+            torch.mm(dy2.t(), x2, out=dw)
+    if db is not None:
+        db.copy_(dy2.sum(0, dtype=torch.float32))
+
+
+def _faster_route(launchers: dict) -> tuple[str, dict]:
+    """(name of the fastest, {name: median ms}) of no-argument launchers, each called once first
+    (compiles, autotunes) and then timed with triton.testing.do_bench."""
+    from triton.testing import do_bench
+
+    times = {}
+    for name, launch in launchers.items():
+        launch()
+        times[name] = float(do_bench(launch, warmup=5, rep=30, return_mode="median"))
+    return min(times, key=times.get), times
+
+
 def _max_offset(t) -> int:
     return sum((s - 1) * abs(st) for s, st in zip(t.shape, t.stride()) if s > 0)
 
 
-def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, allow_tf32=False):
-    """Gradients of y = x wᵀ + b in one launch: returns (dx, dw, db).
+def _launch_fused(x2, wt, dy2, dx2, dw, db, accumulate, allow_tf32):
+    """The one persistent launch: dx2 [M, K] (None: skipped), dw [N, K] (+= when accumulate),
+    db [N] (None: skipped), all preallocated; x2 [M, K], wt [N, K], dy2 [M, N] any strides."""
+    (m, k), n = x2.shape, wt.shape[0]
+    need_dx, bias = dx2 is not None, db is not None
+    int64 = max(_max_offset(t) for t in (x2, wt, dy2, dw) + ((dx2,) if need_dx else ())) >= 2**31 - 1
+    max_progs = _num_programs_max(x2.device.index if x2.device.type == "cuda" else None)
+
+    def grid(meta):
+        tiles_c = triton.cdiv(k, meta["BLOCK_C"])
+        tiles = triton.cdiv(n, meta["BLOCK_R"]) * tiles_c
+        if need_dx:
+            tiles += triton.cdiv(m, meta["BLOCK_R"]) * tiles_c
+            return (max(2, min(max_progs, tiles)),)
+        return (min(max_progs, tiles),)
+
+    kernel, fixed = _linear_backward_kernel, {}
+    if not _INTERPRET and not _autotune_enabled():
+        cfg = _fixed_config(x2.dtype)
+        kernel, fixed = _linear_backward_kernel.fn, dict(cfg.kwargs, num_warps=cfg.num_warps,
+                                                            num_stages=cfg.num_stages)
+    dxa = dx2 if need_dx else dw  # a placeholder pointer when dx is skipped (never written)
+    kernel[grid](
+        x2, wt, dy2, dxa, dw, db if bias else dw, m, n, k,
+        x2.stride(0), x2.stride(1), wt.stride(0), wt.stride(1),
+        dy2.stride(0), dy2.stride(1), dxa.stride(0), dxa.stride(1), dw.stride(0), dw.stride(1),
+        **_constexprs(x2.dtype, need_dx=need_dx, bias=bias, accumulate=accumulate,
+                      allow_tf32=allow_tf32, int64=int64), **fixed)
+
+
+def _auto_route(x2, wt, dy2, dx2, dw, db, accumulate, allow_tf32) -> str:
+    """The route for this problem: measured on scratch outputs the first time (on a GPU, with
+    autotuning on), then taken from route_choices(); "fused" where there is nothing to measure."""
+    if not _autotune_enabled() or x2.device.type != "cuda" or (accumulate and x2.dtype != torch.float32):
+        return "fused"
+    key = (x2.device.index, str(x2.dtype).rpartition(".")[2], x2.shape[0], wt.shape[0], x2.shape[1],
+           dx2 is not None, db is not None, accumulate, bool(allow_tf32 and x2.dtype == torch.float32),
+           x2.stride(), wt.stride(), dy2.stride())
+    if key not in _route_choices:
+        scratch = [None if t is None else torch.empty_like(t) for t in (dx2, dw, db)]
+        if accumulate:
+            scratch[1] = dw.clone()  # the caller's buffer is added to once, after the choice
+        launchers = {name: functools.partial(launch, x2, wt, dy2, *scratch, accumulate, allow_tf32)
+                     for name, launch in (("fused", _launch_fused), ("cublas", _launch_cublas))}
+        _route_choices[key] = _faster_route(launchers)
+    return _route_choices[key][0]
+
+
+def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, allow_tf32=False, route="auto"):
+    """Gradients of y = x wᵀ + b: returns (dx, dw, db).
 
     x [..., K], w [N, K], dy [..., N]: torch tensors (CUDA, or CPU under TRITON_INTERPRET=1)
     or CuPy arrays, all fp32, all fp16 or all bf16, any strides. Accumulation is fp32; dx
     [..., K], dw [N, K] and db [N] come back in the input dtype and type (dx None when
     need_dx=False, db None when bias=False). dw_accumulate, an fp32 [N, K] buffer, receives
     dw += dyᵀ x in place and is itself returned as dw. fp32 inputs use exact fp32 products
-    unless allow_tf32=True.
+    unless allow_tf32=True. route: "auto" (measure once per problem, keep the faster),
+    "fused" (the one Triton launch) or "cublas" (torch matmuls; fp32 inputs only with
+    dw_accumulate); see the module docstring.
     """
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     checks.check_linear_backward_args(x, w, dy, dw_accumulate, allowed=_DTYPES)
     given = [as_torch(a) for a in (x, w, dy)]
     acc_t, acc_cupy = as_torch(dw_accumulate) if dw_accumulate is not None else (None, given[0][1])
@@ -225,6 +350,10 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
     if device.type != "cuda" and not _INTERPRET:
         raise ValueError(f"the Triton kernels need CUDA tensors (got {device}); "
                          "CPU tensors run only under TRITON_INTERPRET=1")
+
+    if route == "cublas" and acc_t is not None and xt.dtype != torch.float32:
+        raise ValueError(f"route='cublas' cannot add {xt.dtype} products into the fp32 dw_accumulate without "
+                         "rounding them first: use route='fused' or 'auto'")
 
     n, k = wt.shape
     x2 = xt.reshape(-1, k)  # a view whenever the strides allow it
@@ -243,30 +372,12 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
         if db is not None:
             db.copy_(dy2.float().sum(0) if m else torch.zeros_like(db))
     else:
-        int64 = max(_max_offset(t) for t in (x2, wt, dy2, dw) + ((dx2,) if need_dx else ())) >= 2**31 - 1
-        max_progs = _num_programs_max(device.index if device.type == "cuda" else None)
-
-        def grid(meta):
-            tiles_c = triton.cdiv(k, meta["BLOCK_C"])
-            tiles = triton.cdiv(n, meta["BLOCK_R"]) * tiles_c
-            if need_dx:
-                tiles += triton.cdiv(m, meta["BLOCK_R"]) * tiles_c
-                return (max(2, min(max_progs, tiles)),)
-            return (min(max_progs, tiles),)
-
-        kernel, fixed = _linear_backward_kernel, {}
-        if not _INTERPRET and os.environ.get("GPUAD_TRITON_AUTOTUNE", "1") == "0":
-            cfg = _fixed_config(dtype)
-            kernel, fixed = _linear_backward_kernel.fn, dict(cfg.kwargs, num_warps=cfg.num_warps,
-                                                                num_stages=cfg.num_stages)
-        dxa = dx2 if need_dx else dw  # a placeholder pointer when dx is skipped (never written)
+        accumulate = acc_t is not None
         with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-            kernel[grid](
-                x2, wt, dy2, dxa, dw, db if bias else dw, m, n, k,
-                x2.stride(0), x2.stride(1), wt.stride(0), wt.stride(1),
-                dy2.stride(0), dy2.stride(1), dxa.stride(0), dxa.stride(1), dw.stride(0), dw.stride(1),
-                **_constexprs(dtype, need_dx=need_dx, bias=bias, accumulate=acc_t is not None,
-                              allow_tf32=allow_tf32, int64=int64), **fixed)
+            if route == "auto":
+                route = _auto_route(x2, wt, dy2, dx2, dw, db, accumulate, allow_tf32)
+            launch = _launch_cublas if route == "cublas" else _launch_fused
+            launch(x2, wt, dy2, dx2, dw, db, accumulate, allow_tf32)
 
     dx = dx2.reshape(xt.shape) if need_dx else None
     dw_out = dw_accumulate if dw_accumulate is not None else as_given(dw, from_cupy)
