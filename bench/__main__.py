@@ -64,6 +64,9 @@ def main(argv=None):
     meta = harness.write_results(os.path.join(args.out, "results.json"), records, env, ceilings, args.preset,
                                  sys.argv[1:] if argv is None else argv)
     text = harness.table(records, ceilings)
+    if meta["linear_routes"]:
+        text += "\nroute='auto' of the Triton linear_backward (fused vs cuBLAS, measured on first use):\n  "
+        text += "\n  ".join(meta["linear_routes"])
     with open(os.path.join(args.out, "table.txt"), "w") as f:
         f.write(f"{meta['device']}  {meta['date']}  preset {args.preset}\n{text}\n")
     try:

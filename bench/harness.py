@@ -464,10 +464,22 @@ REQUIRED_KEYS = ("op", "impl", "shape", "shape_str", "dtype", "device", "version
                  "flops", "bytes", "metric", "rate", "ceiling", "pct_ceiling", "speedup_vs_torch")
 
 
+def linear_routes() -> list[str]:
+    """One line per problem on which gpuad's Triton linear_backward (route="auto") measured its
+    fused kernel against cuBLAS in this process: the route it took and both medians."""
+    module = sys.modules.get("gpuad.kernels.triton.linear_backward")
+    lines = []
+    for key, (route, times) in (module.route_choices().items() if module else ()):
+        _, dtype, m, n, k = key[:5]
+        both = ", ".join(f"{name} {ms:.4f} ms" for name, ms in sorted(times.items()))
+        lines.append(f"linear_backward {m}x{k}x{n} {dtype}: route {route} ({both})")
+    return lines
+
+
 def write_results(path, records, env: Env, ceilings, preset, argv=None):
     meta = {"device": env.device_name(), "cuda": env.cuda, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "versions": versions(), "ceilings": ceilings, "preset": preset, "argv": list(argv or []),
-            "tolerance": TOLERANCE}
+            "tolerance": TOLERANCE, "linear_routes": linear_routes()}
     with open(path, "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1, default=str)
     return meta

@@ -12,7 +12,7 @@ import numpy as np
 
 from .harness import Prepared, Unavailable, np_dtype, quantize, rotating
 
-IMPLS = ("reference", "triton", "cupy", "torch", "torch_compile", "liger")
+IMPLS = ("reference", "triton", "triton_fused", "cupy", "torch", "torch_compile", "liger")
 SEED = 0
 
 
@@ -233,10 +233,10 @@ class LinearBackward:
         return {"dx": dx, "dw": dw, "db": db}
 
 
-def _lin_gpuad(module):
+def _lin_gpuad(module, **kw):
+    """gpuad's linear_backward from kernels `module`, called with keywords `kw`."""
     def setup(env, case, host, n):
         K, sets, dev = _gpuad_inputs(env, module, host, [(k, case.dtype) for k in ("x", "w", "dy")], n)
-        kw = {"allow_tf32": False} if module == "triton" else {}
 
         def call(x, w, dy):
             return K.linear_backward(x, w, dy, **kw)
@@ -261,7 +261,8 @@ def _lin_torch(kind):
 
 LinearBackward.impls = {
     "reference": _lin_gpuad("reference"),
-    "triton": _lin_gpuad("triton"),
+    "triton": _lin_gpuad("triton"),  # route "auto": the fused kernel or cuBLAS, whichever measured faster
+    "triton_fused": _lin_gpuad("triton", route="fused"),  # the Triton-only figure
     "cupy": _lin_gpuad("cupy"),
     "torch": _lin_torch("torch"),
     "torch_compile": _lin_torch("torch_compile"),

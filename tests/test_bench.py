@@ -171,3 +171,14 @@ def test_results_json_schema(tiny_run):
                 assert r["speedup_vs_torch"] == pytest.approx(1.0)
         assert r["metric"] in ("GB/s", "TFLOP/s")
         assert isinstance(r["shape"], dict) and r["device"] == meta["device"]
+
+
+def test_linear_routes_lines(monkeypatch):
+    import types
+    assert isinstance(harness.linear_routes(), list)
+    fake = types.SimpleNamespace(route_choices=lambda: {
+        (0, "bfloat16", 256, 1024, 512, True, True, False, False, (512, 1), (512, 1), (1024, 1)):
+            ("cublas", {"fused": 0.0213, "cublas": 0.0187})})
+    monkeypatch.setitem(sys.modules, "gpuad.kernels.triton.linear_backward", fake)
+    assert harness.linear_routes() == [
+        "linear_backward 256x512x1024 bfloat16: route cublas (cublas 0.0187 ms, fused 0.0213 ms)"]
