@@ -192,9 +192,12 @@ def _kernel_config(n_rows: int, n_cols: int, stride: int, elem_size: int, *, gra
 
     * next_power_of_2(V) ≤ SINGLE_PASS_MAX: one read. ROWS rows a program so that a program
       holds ≥ 2048 elements (small V would otherwise leave most lanes idle); warps so that
-      a thread holds ~16 elements (32 at the 16384-wide tile: ~80 registers, no spills).
-    * wider: two passes over chunks of TWO_PASS_CHUNK_BYTES with 16 warps (64 registers a
-      thread at sm_90, no spills) and a persistent grid (see _grid).
+      a thread holds ~16 elements (32 at the 16384-wide tile: up to 128 registers; unaligned
+      rows with a gradient spill 4 to 64 bytes a thread when compiled for sm_90).
+    * wider: two passes over chunks of TWO_PASS_CHUNK_BYTES with 16 warps (ptxas gives 64
+      registers a thread at sm_90 and spills up to 36 bytes on unaligned rows) and a
+      persistent grid (see _grid). tests/test_triton_compile.py holds every variant to a
+      64-byte spill budget.
     """
     block_v = triton.next_power_of_2(n_cols)
     if block_v <= max(SINGLE_PASS_MAX, 16):

@@ -45,8 +45,31 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = ("float16", "bfloat16", "float32")
 
 
+# Tile configs: (BLOCK_R, BLOCK_C, BLOCK_RED, num_stages, num_warps) -> the input element sizes
+# they serve. The first config of each size is its fixed default. Picked from ahead-of-time
+# compiles for sm_90 (tests/test_triton_compile.py): the defaults spill nothing (or a few
+# bytes) with 16-byte-aligned strides; fp32 tiles reduce over 32 because the fp32 / tf32 dots
+# hold far more registers (the 128×128×64 and 64×128×64 fp32 tiles spilled 0.1 to 3.6 KB). The
+# other configs are candidates the autotuner times (128×256×64 spills with bias: the sweep
+# decides whether it still wins).
+_TILES = {
+    (128, 128, 64, 3, 8): (2,),    # fp16/bf16 default: wgmma tiles
+    (128, 64, 32, 4, 8): (4,),     # fp32/tf32 default
+    (128, 256, 64, 3, 8): (2,),    # large fp16/bf16 problems
+    (64, 128, 64, 4, 4): (2,),     # mid-size fp16/bf16 problems: more tiles than SMs
+    (128, 128, 32, 3, 8): (4,),    # large fp32 problems
+    (64, 64, 32, 4, 4): (2, 4),    # small problems (e.g. 64×512×512)
+}
+
+
+def _tile_key(cfg) -> tuple:
+    kw = cfg.kwargs
+    return kw["BLOCK_R"], kw["BLOCK_C"], kw["BLOCK_RED"], cfg.num_stages, cfg.num_warps
+
+
 def _configs():
-    """Hopper-first configs (BLOCK_R × BLOCK_C output tile, BLOCK_RED reduction step).
+    """Hopper-first configs (BLOCK_R × BLOCK_C output tile, BLOCK_RED reduction step), for
+    every element size; _prune keeps those of the launch's.
 
     The interpreter gets one small config (no autotuning there). On the GPU, setting
     GPUAD_TRITON_AUTOTUNE=0 (read at each call) skips the sweep and launches a fixed
@@ -54,24 +77,15 @@ def _configs():
     if _INTERPRET:
         return [triton.Config({"BLOCK_R": 32, "BLOCK_C": 32, "BLOCK_RED": 16, "GROUP": 2},
                               num_warps=4, num_stages=1)]
-    shapes = [
-        (128, 128, 64, 3, 8),  # the default: bf16/fp16 wgmma tiles
-        (128, 256, 64, 3, 8),  # large bf16/fp16 problems
-        (128, 128, 32, 4, 8),  # fp32 / tf32: half the shared memory per stage
-        (64, 128, 64, 4, 4),   # mid-size problems: more tiles than SMs
-        (64, 64, 32, 4, 4),    # small problems (e.g. 64×512×512)
-    ]
     return [triton.Config({"BLOCK_R": br, "BLOCK_C": bc, "BLOCK_RED": bred, "GROUP": 8},
                           num_warps=warps, num_stages=stages)
-            for br, bc, bred, stages, warps in shapes]
+            for br, bc, bred, stages, warps in _TILES]
 
 
 def _prune(configs, named_args, **kwargs):
-    """Drop configs whose shared memory cannot fit for 4-byte inputs (the 128×256 fp32 tiles)."""
+    """The configs for the inputs' element size (all of them under the interpreter)."""
     size = named_args["x_ptr"].element_size()
-    keep = [c for c in configs
-            if (c.kwargs["BLOCK_R"] + c.kwargs["BLOCK_C"]) * c.kwargs["BLOCK_RED"] * size * c.num_stages
-            <= 200 * 1024]
+    keep = [c for c in configs if size in _TILES.get(_tile_key(c), (size,))]
     return keep or configs[:1]
 
 
@@ -184,9 +198,9 @@ def _linear_backward_kernel(
 
 
 def _fixed_config(dtype: torch.dtype) -> triton.Config:
-    """The config launched without the sweep (GPUAD_TRITON_AUTOTUNE=0): the fp32/tf32 tiles for
-    fp32, the default wgmma tiles for fp16/bf16."""
-    return _CONFIGS[2] if dtype == torch.float32 else _CONFIGS[0]
+    """The config launched without the sweep (GPUAD_TRITON_AUTOTUNE=0): the first of the
+    dtype's element size."""
+    return _prune(_CONFIGS, {"x_ptr": torch.empty(0, dtype=dtype)})[0]
 
 
 def _constexprs(dtype: torch.dtype, *, need_dx: bool, bias: bool, accumulate: bool, allow_tf32: bool,

@@ -1,0 +1,585 @@
+"""Ahead-of-time compile of every Triton kernel variant the launchers can launch, for Hopper (sm_90).
+
+The other Triton tests run the kernels in the CPU interpreter, which never lowers them: a tl.dot
+the backend rejects, a constexpr or type error on a path the interpreter tolerates, more shared
+memory than an H100 has, or register spills show only when the kernel is compiled for a GPU.
+triton.compile runs the whole pipeline (TTIR → TTGIR → LLVM → PTX → cubin, with the ptxas that
+ships in the triton wheel) for an explicit target, without a GPU.
+
+The variants come from the launchers themselves: cross_entropy._kernel_config picks the kernel,
+its tiles, warps and flags; linear_backward's autotuner holds the configs (pruned by its own prune
+function, as at a launch), _fixed_config is the config without the sweep and _constexprs gives
+the flags. Signature types and divisibility hints follow from representative launch arguments
+by the rules JITFunction applies at a launch (_arg_type).
+
+Cross-entropy: every dtype × every shape below (the row kernel at its narrowest and widest tiles,
+the two-pass kernel at the common vocabularies, aligned and unaligned, one row and many) × every
+(grad, reduction, smoothing) combination, plus int32 targets. Linear backward: the full product
+(576 kernels) takes too long for CI, so it is a covering set: every dtype × every launchable
+autotune config with all flags on (the most code and registers) and all off (each precision for
+fp32); the fixed default config with every flag combination; each other combination also with
+one non-default config (round-robin); the default config, all flags on, in three more layouts
+(odd sizes with a transposed w, M = 1, 64-bit offsets). Dropped: the rest of the product, i.e.
+most mixed flag combinations on the non-default configs, and the non-default configs in the
+non-contiguous layouts.
+
+Each variant must compile, write to global memory (an st.global in the PTX) and fit the shared
+memory of one H100/H200 block. Spills (ptxas -v, run by compiling past the cache) are held to
+SPILL_BUDGET bytes of spill stores and of spill loads a thread, a few values that ptxas chose
+to keep in L1 (it does so below its register cap: the two-pass CE kernel gets 64 registers at
+512 threads and spills 28 bytes), where the launcher has no alternative: every CE variant, and
+the fixed default config of the linear backward in the layouts with 16-divisible strides. The
+other autotune candidates, and the odd-strided layout (no vector loads: per-element addresses
+cost registers), are compiled and their spills printed, not bounded: the autotuner times every
+candidate and keeps the fastest, spills included.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import io
+import itertools
+import json
+import os
+import re
+import selectors
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+torch = pytest.importorskip("torch")
+triton = pytest.importorskip("triton")
+
+TARGET_ARCH = 90  # Hopper: H100 / H200
+MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KiB)
+SPILL_BUDGET = 64  # bytes of spill stores, and of spill loads, a thread (see the docstring)
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+# --------------------------------------------------------------------------------------------
+# Can this machine compile for a CUDA target at all?
+
+def _cuda_compile_unavailable() -> str | None:
+    """The reason triton cannot compile for a CUDA target here, or None."""
+    try:
+        from triton.backends import backends
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+        from triton.compiler import ASTSource  # noqa: F401
+    except ImportError as e:
+        return f"this triton has no ahead-of-time compile API: {e}"
+    if "nvidia" not in backends:
+        return "this triton has no NVIDIA backend"
+    ptxas = _ptxas_path()
+    if ptxas is None or not os.access(ptxas, os.X_OK):
+        return f"no runnable ptxas (looked for {ptxas})"
+    return None
+
+
+def _ptxas_path() -> str | None:
+    try:
+        return triton.knobs.nvidia.ptxas.path
+    except Exception:  # older triton: no knobs
+        try:
+            from triton.backends.nvidia.compiler import get_ptxas
+            try:
+                return get_ptxas(TARGET_ARCH).path
+            except TypeError:
+                return get_ptxas().path
+        except Exception:
+            return None
+
+
+_UNAVAILABLE = _cuda_compile_unavailable()
+if _UNAVAILABLE:
+    pytest.skip(f"cannot compile Triton kernels for a CUDA target: {_UNAVAILABLE}", allow_module_level=True)
+
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler import ASTSource  # noqa: E402
+from triton.runtime.jit import JITFunction  # noqa: E402
+
+
+# --------------------------------------------------------------------------------------------
+# The kernel modules, with compiled (not interpreted) kernels
+
+@contextlib.contextmanager
+def _env(**values):
+    """Set environment variables for the duration, restoring the previous state after."""
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _load_gpu_copy(name: str):
+    """A fresh copy of gpuad.kernels.triton.<name> defined with the interpreter off.
+
+    Without a GPU, conftest turns TRITON_INTERPRET on for the session and @triton.jit reads it
+    when a kernel is defined: the imported modules hold interpreted kernels (and
+    linear_backward the interpreter's single autotune config), which cannot be compiled. The
+    package itself is imported first, under the session's setting, so the other tests keep
+    their interpreted kernels; the copy lives beside it under a private name."""
+    package = importlib.import_module("gpuad.kernels.triton")
+    importlib.import_module(f"gpuad.kernels.triton.{name}")
+    path = Path(package.__file__).with_name(f"{name}.py")
+    full = f"gpuad.kernels.triton._aot_{name}"
+    spec = importlib.util.spec_from_file_location(full, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[full] = module
+    with _env(TRITON_INTERPRET="0"):
+        spec.loader.exec_module(module)
+    return module
+
+
+ce = _load_gpu_copy("cross_entropy")
+lb = _load_gpu_copy("linear_backward")
+
+
+def _jit_function(kernel) -> JITFunction:
+    """The JITFunction under any triton.autotune / triton.heuristics wrappers."""
+    while not isinstance(kernel, JITFunction):
+        kernel = kernel.fn
+    return kernel
+
+
+# --------------------------------------------------------------------------------------------
+# Launch arguments -> signature, constexprs, attrs
+
+class Ptr(NamedTuple):
+    """A tensor argument: its element type (torch's allocations are 16-byte aligned)."""
+    dtype: str  # "fp32", "bf16", "i64", ...
+
+
+def _arg_type(value):
+    """(signature type, 16-divisible) of one launch argument, as JITFunction.run specialises it:
+    a tensor → "*<dtype>", 16-byte aligned; an int → i32 (i64 outside int32), the constexpr 1
+    when it equals 1, divisible when a multiple of 16; a float → fp32."""
+    if isinstance(value, Ptr):
+        return f"*{value.dtype}", True
+    if isinstance(value, bool):
+        raise TypeError("bools are passed as constexprs here")
+    if isinstance(value, int):
+        if value == 1:
+            return "constexpr", False
+        return ("i32" if -2**31 <= value < 2**31 else "i64"), value % 16 == 0
+    if isinstance(value, float):
+        return "fp32", False
+    raise TypeError(f"unsupported argument {value!r}")
+
+
+def _specialize(fn: JITFunction, args: dict, constexprs: dict):
+    """signature, constexprs and attrs (tt.divisibility=16 hints) for the launch arguments
+    `args` and the constexprs the launcher passes."""
+    unknown = set(args) - set(fn.arg_names)
+    assert not unknown, f"arguments {fn.__name__} does not take: {unknown}"
+    signature, consts, attrs = {}, dict(constexprs), {}
+    for i, name in enumerate(fn.arg_names):
+        if name in constexprs:
+            signature[name] = "constexpr"
+            continue
+        signature[name], divisible = _arg_type(args[name])
+        if signature[name] == "constexpr":
+            consts[name] = args[name]
+        elif divisible:
+            attrs[(i,)] = [["tt.divisibility", 16]]
+    return signature, consts, attrs
+
+
+class Variant(NamedTuple):
+    id: str
+    fn: JITFunction
+    signature: dict
+    constexprs: dict
+    attrs: dict
+    options: dict
+    spill_bounded: bool = True  # held to SPILL_BUDGET (see the module docstring)
+
+    def key(self):
+        return (self.fn.__name__, tuple(self.signature.items()), tuple(sorted(self.constexprs.items())),
+                tuple(sorted(self.attrs)), tuple(sorted(self.options.items())))
+
+
+def _dedupe(variants):
+    """Drop variants that compile to the same kernel as an earlier one (same key)."""
+    seen, out = set(), []
+    for v in variants:
+        if v.key() not in seen:
+            seen.add(v.key())
+            out.append(v)
+    return out
+
+
+def _covering(shapes, combos, extremes, full=()):
+    """(shape, combo) pairs: every shape with each combination in `extremes` (all flags on:
+    the most code and registers; all off); the shapes in `full` with every combination; each
+    other combination dealt round-robin over the remaining shapes, so that it meets one."""
+    pairs = [(s, c) for s in shapes for c in (combos if s in full else extremes)]
+    rest = [s for s in shapes if s not in full] or list(shapes)
+    for i, c in enumerate(c for c in combos if c not in extremes):
+        pairs.append((rest[i % len(rest)], c))
+    return list(dict.fromkeys(pairs))
+
+
+# --------------------------------------------------------------------------------------------
+# Cross-entropy variants
+
+# (rows B, vocabulary V, row stride, what it stands for): the row kernel at its smallest and
+# widest tiles, and the vocabularies of common tokenizers, contiguous and as a padded view.
+CE_SHAPES = [
+    (1, 5, 5, "one-row"),
+    (8192, 5, 5, "tiny-V"),
+    (8192, 1000, 1000, "V1000"),
+    (8192, 1000, 1001, "V1000-padded"),
+    (8192, ce.SINGLE_PASS_MAX, ce.SINGLE_PASS_MAX, "widest-rows"),
+    (8192, ce.SINGLE_PASS_MAX, ce.SINGLE_PASS_MAX + 1, "widest-rows-padded"),
+    (8192, 32000, 32000, "V32000"),
+    (8192, 32000, 32001, "V32000-padded"),
+    (8192, 50257, 50257, "V50257"),
+    (8192, 128256, 128256, "V128256"),
+    (1, 128256, 128256, "V128256-one-row"),
+]
+# (grad, reduction, label_smoothing): every combination, all on first. "sum" and "none" give
+# the same kernel (MEAN=False), and shapes that pick the same tiles and hints compile once.
+CE_FLAGS = [(g, r, s) for g in (True, False) for r in ("mean", "sum", "none") for s in (0.1, 0.0)]
+
+
+def _ce_variant(dtype: str, shape, flags, targets="i64") -> Variant:
+    n_rows, n_cols, stride, label = shape
+    grad, reduction, smoothing = flags
+    elem = DTYPES[dtype].itemsize
+    kernel, meta = ce._kernel_config(n_rows, n_cols, stride, elem, grad=grad, reduction=reduction,
+                                     label_smoothing=smoothing)
+    meta = dict(meta)
+    options = {"num_warps": meta.pop("num_warps")}
+    if "num_stages" in meta:
+        options["num_stages"] = meta.pop("num_stages")
+    fn = _jit_function(kernel)
+    # as softmax_cross_entropy passes them: logits, dlogits (the logits when grad=False),
+    # targets, fp32 row losses, the int64 count of valid rows, then B, V, stride, ignore_index, eps
+    args = dict(x_ptr=Ptr(dtype), g_ptr=Ptr(dtype), t_ptr=Ptr(targets), loss_ptr=Ptr("fp32"),
+                n_valid_ptr=Ptr("i64"), n_rows=n_rows, n_cols=n_cols, stride=stride, ignore_index=-100,
+                eps=float(smoothing))
+    signature, constexprs, attrs = _specialize(fn, args, meta)
+    flag_id = "-".join(f"{k}{int(v)}" for k, v in meta.items() if isinstance(v, bool))
+    tile = "-".join(f"{k}{meta[k]}" for k in ("ROWS", "BLOCK") if k in meta)
+    kname = "rows" if kernel is ce._ce_rows_kernel else "online"
+    return Variant(f"{dtype}-{kname}-{label}-{tile}-w{options['num_warps']}-{flag_id}-t{targets}",
+                   fn, signature, constexprs, attrs, options)
+
+
+def _ce_variants():
+    out = [_ce_variant(dtype, shape, flags) for dtype in DTYPES for shape in CE_SHAPES for flags in CE_FLAGS]
+    by_label = {s[3]: s for s in CE_SHAPES}
+    for dtype in DTYPES:  # int32 targets (any integer dtype is accepted): once a kernel, all on
+        out.append(_ce_variant(dtype, by_label["widest-rows"], CE_FLAGS[0], targets="i32"))
+        out.append(_ce_variant(dtype, by_label["V128256"], CE_FLAGS[0], targets="i32"))
+    return _dedupe(out)
+
+
+# --------------------------------------------------------------------------------------------
+# Linear-backward variants
+
+class _FakeTensor:
+    """What the autotuner's prune function reads of a tensor argument."""
+
+    def __init__(self, dtype):
+        self.dtype = dtype
+
+    def element_size(self):
+        return self.dtype.itemsize
+
+
+def _launchable_configs(dtype: str):
+    """The autotune configs a launch with this dtype sweeps: the autotuner's list through its
+    own early prune (the launcher's fixed config is one of them, see test_fixed_config_...)."""
+    tuner = lb._linear_backward_kernel
+    configs = list(tuner.configs)
+    prune = getattr(tuner, "early_config_prune", None)
+    if prune is not None:
+        fake = _FakeTensor(DTYPES[dtype])
+        named = {name: fake for name in ("x_ptr", "w_ptr", "dy_ptr", "dx_ptr", "dw_ptr", "db_ptr")}
+        configs = list(prune(configs, named))
+    return configs
+
+
+def _config_id(cfg) -> str:
+    kw = cfg.kwargs
+    return f"{kw['BLOCK_R']}x{kw['BLOCK_C']}x{kw['BLOCK_RED']}-g{kw['GROUP']}-w{cfg.num_warps}-s{cfg.num_stages}"
+
+
+# Layouts as linear_backward passes them (M, N, K and ten strides), all from contiguous tensors
+# unless said otherwise. JITFunction turns a stride of 1 into the constexpr 1, so the layout
+# decides which strides are specialised.
+def _layout(name, m, n, k, *, w_t=False):
+    sx = (k, 1)
+    sw = (1, n) if w_t else (k, 1)  # w given as the transpose of a [K, N] tensor
+    sdy = (n, 1)
+    sdx = (k, 1)
+    sdw = (k, 1)
+    return name, (m, n, k) + sx + sw + sdy + sdx + sdw
+
+
+LB_LAYOUTS = dict([
+    _layout("contig", 8192, 4096, 4096),
+    _layout("odd-wT", 1000, 777, 333, w_t=True),  # no divisibility; w a transposed view
+    _layout("m1", 1, 4096, 4096),  # a single row: M is the constexpr 1
+    _layout("int64", 2**20, 4096, 4096),  # M·K ≥ 2³¹: the launcher asks for 64-bit offsets
+])
+LB_INT64 = {"int64"}
+LB_ALIGNED = {"contig", "m1", "int64"}  # every stride a multiple of 16 elements (or the constexpr 1)
+
+
+def _lb_variant(dtype: str, cfg, layout: str, flags, default: bool) -> Variant:
+    need_dx, bias, accumulate, allow_tf32 = flags
+    fn = _jit_function(lb._linear_backward_kernel)
+    meta = lb._constexprs(DTYPES[dtype], need_dx=need_dx, bias=bias, accumulate=accumulate,
+                          allow_tf32=allow_tf32, int64=layout in LB_INT64)
+    meta.update(cfg.kwargs)
+    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+    if getattr(cfg, "num_ctas", 1) not in (None, 1):
+        options["num_ctas"] = cfg.num_ctas
+    if getattr(cfg, "maxnreg", None) is not None:
+        options["maxnreg"] = cfg.maxnreg
+    # as linear_backward passes them: dw is the fp32 dw_accumulate buffer or a new one in the
+    # input dtype; dx and db are that dw when skipped (placeholders, never written)
+    dw = "fp32" if accumulate else dtype
+    args = dict(x_ptr=Ptr(dtype), w_ptr=Ptr(dtype), dy_ptr=Ptr(dtype), dx_ptr=Ptr(dtype if need_dx else dw),
+                dw_ptr=Ptr(dw), db_ptr=Ptr(dtype if bias else dw))
+    names = ["M", "N", "K", "sx_m", "sx_k", "sw_n", "sw_k", "sdy_m", "sdy_n", "sdx_m", "sdx_k", "sdw_n", "sdw_k"]
+    args.update(zip(names, LB_LAYOUTS[layout]))
+    signature, constexprs, attrs = _specialize(fn, args, meta)
+    flag_id = "-".join(f"{k}{int(v)}" for k, v in meta.items() if isinstance(v, bool))
+    return Variant(f"{dtype}-{_config_id(cfg)}{'(default)' if default else ''}-{layout}-{flag_id}"
+                   f"-{meta['PRECISION']}", fn, signature, constexprs, attrs, options,
+                   spill_bounded=default and layout in LB_ALIGNED)
+
+
+def _lb_variants():
+    out = []
+    for dtype in DTYPES:
+        tf32 = (True, False) if dtype == "fp32" else (False,)  # allow_tf32 changes only fp32
+        # (need_dx, bias, dw_accumulate, allow_tf32)
+        combos = [(d, b, a, t) for t in tf32 for d in (True, False) for b in (True, False) for a in (True, False)]
+        extremes = [c for c in combos if c[:3] in ((True,) * 3, (False,) * 3)]  # all on / off, each precision
+        configs = _launchable_configs(dtype)
+        fixed = lb._fixed_config(DTYPES[dtype])
+        by_id = {_config_id(c): c for c in configs}
+        default_id = _config_id(fixed)
+        for shape, combo in _covering(list(by_id), combos, extremes, full=(default_id,)):
+            out.append(_lb_variant(dtype, by_id[shape], "contig", combo, shape == default_id))
+        # the other layouts: the default config with everything on (each precision)
+        for layout in LB_LAYOUTS:
+            if layout != "contig":
+                for t in tf32:
+                    out.append(_lb_variant(dtype, fixed, layout, (True, True, True, t), True))
+    return _dedupe(out)
+
+
+CE_VARIANTS = _ce_variants()
+LB_VARIANTS = _lb_variants()
+
+
+# --------------------------------------------------------------------------------------------
+# Compile and check, in a worker process
+#
+# Without a GPU, conftest sets TRITON_INTERPRET=1 before triton is imported, and then triton's
+# own library (tl.max, tl.sum, ...) is defined as interpreted functions: nothing can be compiled
+# in this process. One worker process, started without TRITON_INTERPRET, compiles the variants
+# one at a time (this file run as a script: it builds the same variant lists).
+
+_PTXAS_STATS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
+_PTXAS_REGS = re.compile(r"Used (\d+) registers")
+_VARIANTS = {v.id: v for v in CE_VARIANTS + LB_VARIANTS}
+_COMPILE_TIMEOUT_S = 600
+
+
+def _ptxas_report(compiled, log: str) -> dict:
+    """Registers, stack frame and spill bytes from ptxas -v: the log triton printed, or (when
+    this triton prints none) a second ptxas run over the PTX."""
+    stats, regs = _PTXAS_STATS.search(log), _PTXAS_REGS.search(log)
+    if stats is None or regs is None:
+        with tempfile.TemporaryDirectory() as tmp:
+            ptx = Path(tmp, "k.ptx")
+            ptx.write_text(compiled.asm["ptx"])
+            arch = re.search(r"^\.target\s+(\S+)", compiled.asm["ptx"], re.M).group(1)
+            log = subprocess.run([_ptxas_path(), "-v", f"--gpu-name={arch}", str(ptx), "-o", str(ptx) + ".o"],
+                                 capture_output=True, text=True, check=True).stderr
+        stats, regs = _PTXAS_STATS.search(log), _PTXAS_REGS.search(log)
+    if not (stats and regs):
+        raise RuntimeError(f"no ptxas -v report:\n{log}")
+    stack, spill_stores, spill_loads = map(int, stats.groups())
+    return dict(registers=int(regs.group(1)), stack=stack, spill_stores=spill_stores, spill_loads=spill_loads)
+
+
+def _compile(v: Variant) -> dict:
+    """Compile one variant for sm_90 (in the worker) and report what the test checks."""
+    src = ASTSource(fn=v.fn, signature=v.signature, constexprs=v.constexprs, attrs=v.attrs)
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        compiled = triton.compile(src, target=GPUTarget("cuda", TARGET_ARCH, 32), options=v.options)
+    report = _ptxas_report(compiled, log.getvalue())
+    report["shared"] = compiled.metadata.shared
+    # what compiled.n_spills reads once the kernel is loaded on a GPU: local memory bytes / 4
+    report["n_spills"] = report["stack"] // 4
+    report["st_global"] = "st.global" in compiled.asm["ptx"]
+    return report
+
+
+def _serve():
+    """The worker: a variant id a line on stdin, one JSON line back ({"report": ...} or {"error": ...})."""
+    out = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)  # anything else written to stdout (triton, ptxas, MLIR) goes to stderr
+    sys.stdout = sys.stderr
+    for line in sys.stdin:
+        vid = line.strip()
+        try:
+            reply = {"report": _compile(_VARIANTS[vid])}
+        except BaseException as e:  # noqa: BLE001 - reported to the test, which fails with it
+            reply = {"error": f"{type(e).__name__}: {e}"}
+        out.write(json.dumps(reply) + "\n")
+        out.flush()
+
+
+class _Worker:
+    """The parent's end: starts the worker on first use (again after a crash)."""
+
+    def __init__(self, cache_dir: str):
+        self.cache_dir = cache_dir
+        self.proc = None
+
+    def _start(self):
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update(TRITON_ALWAYS_COMPILE="1",  # past any cache, so ptxas runs and prints -v
+                   TRITON_DUMP_PTXAS_LOG="1", TRITON_CACHE_DIR=self.cache_dir,
+                   PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+        self.proc = subprocess.Popen([sys.executable, __file__, "--serve"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+        self.stderr = []
+        threading.Thread(target=self._drain, args=(self.proc.stderr, self.stderr), daemon=True).start()
+
+    @staticmethod
+    def _drain(stream, lines):
+        for line in stream:
+            lines.append(line)
+            del lines[:-200]
+
+    def compile(self, vid: str) -> dict:
+        if self.proc is None or self.proc.poll() is not None:
+            self._start()
+        self.proc.stdin.write(vid + "\n")
+        self.proc.stdin.flush()
+        sel = selectors.DefaultSelector()
+        sel.register(self.proc.stdout, selectors.EVENT_READ)
+        ready = sel.select(timeout=_COMPILE_TIMEOUT_S)
+        sel.close()
+        line = self.proc.stdout.readline() if ready else ""
+        if not line:
+            self.close()
+            raise AssertionError(f"the compile worker died or hung on {vid}:\n{''.join(self.stderr[-40:])}")
+        return json.loads(line)
+
+    def close(self):
+        if self.proc is not None:
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+            self.proc = None
+
+
+@pytest.fixture(scope="module")
+def worker(tmp_path_factory):
+    w = _Worker(str(tmp_path_factory.mktemp("triton-cache")))
+    yield w
+    w.close()
+
+
+def _check(vid: str, worker):
+    reply = worker.compile(vid)
+    assert "error" not in reply, f"{vid} does not compile for sm_{TARGET_ARCH}: {reply.get('error')}"
+    r = reply["report"]
+    print(f"{vid}: {r}")  # shown with -s / -rA: registers, stack, spills, shared memory
+    if _VARIANTS[vid].spill_bounded:
+        assert max(r["spill_stores"], r["spill_loads"]) <= SPILL_BUDGET, (
+            f"{vid} spills more than {SPILL_BUDGET} bytes a thread: {r}")
+    assert r["shared"] <= MAX_SHARED, f"{vid} needs {r['shared']} bytes of shared memory (> {MAX_SHARED})"
+    assert r["st_global"], f"{vid}: no st.global in the PTX"
+
+
+@pytest.mark.parametrize("vid", [v.id for v in CE_VARIANTS])
+def test_cross_entropy_compiles_for_hopper(vid, worker):
+    _check(vid, worker)
+
+
+@pytest.mark.parametrize("vid", [v.id for v in LB_VARIANTS])
+def test_linear_backward_compiles_for_hopper(vid, worker):
+    _check(vid, worker)
+
+
+# --------------------------------------------------------------------------------------------
+# The variant lists cover what the launchers can pick
+
+def _config_id_of(v: Variant) -> str:
+    c = v.constexprs
+    return (f"{c['BLOCK_R']}x{c['BLOCK_C']}x{c['BLOCK_RED']}-g{c['GROUP']}-w{v.options['num_warps']}"
+            f"-s{v.options['num_stages']}")
+
+
+def test_variants_cover_every_dtype_kernel_and_config():
+    ce_kernels = {(v.id.split("-")[0], v.fn.__name__) for v in CE_VARIANTS}
+    assert ce_kernels == {(d, k) for d in DTYPES for k in ("_ce_rows_kernel", "_ce_online_kernel")}
+    for dtype in DTYPES:
+        want = {_config_id(c) for c in _launchable_configs(dtype)}
+        got = {_config_id_of(v) for v in LB_VARIANTS if v.id.startswith(dtype + "-")}
+        assert want and want == got, (dtype, want, got)
+
+
+def test_spill_budget_covers_every_ce_variant_and_each_default_in_every_aligned_layout():
+    assert all(v.spill_bounded for v in CE_VARIANTS)
+    bounded = {(v.id.split("-")[0], next(l for l in LB_LAYOUTS if f"-{l}-" in v.id)) for v in LB_VARIANTS
+               if v.spill_bounded}
+    assert bounded == {(d, l) for d in DTYPES for l in LB_ALIGNED}
+    assert all("(default)" in v.id for v in LB_VARIANTS if v.spill_bounded)
+
+
+def test_arg_types_match_this_triton():
+    """_arg_type agrees with how this triton types launch arguments (where it says)."""
+    mangle = getattr(importlib.import_module("triton.runtime.jit"), "mangle_type", None)
+    if mangle is None:
+        pytest.skip("this triton has no triton.runtime.jit.mangle_type to compare with")
+    for value in (1, 5, 16, -100, 2**31 - 1, 2**31, 2**33, 0.1):
+        assert _arg_type(value)[0] == mangle(value, True), value
+
+
+@pytest.mark.parametrize("dtype", list(DTYPES))
+def test_fixed_config_is_one_of_the_launchable_configs(dtype):
+    """GPUAD_TRITON_AUTOTUNE=0 launches _fixed_config: it must survive the prune (so it is
+    compiled above, with every flag combination)."""
+    fixed = lb._fixed_config(DTYPES[dtype])
+    assert _config_id(fixed) in {_config_id(c) for c in _launchable_configs(dtype)}
+
+
+def test_every_ce_flag_combination_is_compiled():
+    """Each (HAS_GRAD, MEAN, SMOOTH) combination of each kernel and dtype compiles somewhere."""
+    seen = {(v.id.split("-")[0], v.fn.__name__,
+             tuple(v.constexprs[k] for k in ("HAS_GRAD", "MEAN", "SMOOTH", "ALIGNED"))) for v in CE_VARIANTS}
+    for dtype, kernel in itertools.product(DTYPES, ("_ce_rows_kernel", "_ce_online_kernel")):
+        for flags in itertools.product((True, False), repeat=4):
+            assert (dtype, kernel, flags) in seen, (dtype, kernel, flags)
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:
+    _serve()
