@@ -226,7 +226,7 @@ _route_choices: dict = {}
 
 def route_choices() -> dict:
     """What route="auto" measured and chose so far: {(device, dtype, M, N, K, need_dx, bias,
-    accumulate, allow_tf32): (route, {route: median ms})}."""
+    accumulate, tf32, x strides, w strides, dy strides): (route, {route: median ms})}."""
     return dict(_route_choices)
 
 
