@@ -7,7 +7,8 @@
 # Needs an NVIDIA GPU with torch, triton, cupy, numpy, pytest (and matplotlib for the plots)
 # already installed; wheels in ./.whl (bench/fetch_wheels.sh: Liger) are added. Writes
 # OUTDIR/pip.log, pytest-gpu.log, bench.log, results.json, table.txt and one PNG per op. Exit status: 0 when the install, the tests and every
-# checked implementation passed. Budget: under 5 minutes (each step has a timeout).
+# checked implementation passed. Budget: under 5 minutes (each step has a timeout, in seconds:
+# GPU_CHECK_TEST_S, default 170, and GPU_CHECK_BENCH_S, default 110).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
@@ -31,11 +32,11 @@ if compgen -G ".whl/*.whl" >/dev/null; then  # wheels carried over (bench/fetch_
 fi
 
 echo "== pytest -m gpu"
-timeout 170 "$PY" -m pytest -m gpu -q -rfE 2>&1 | tee "$OUT/pytest-gpu.log"
+timeout "${GPU_CHECK_TEST_S:-170}" "$PY" -m pytest -m gpu -q -rfE 2>&1 | tee "$OUT/pytest-gpu.log"
 PYTEST_RC=$?
 
 echo "== python -m bench --preset quick"
-timeout 110 "$PY" -m bench --preset quick --out "$OUT" 2>&1 | tee "$OUT/bench.log"
+timeout "${GPU_CHECK_BENCH_S:-110}" "$PY" -m bench --preset quick --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 BENCH_RC=$?
 
 echo
