@@ -43,6 +43,8 @@ import subprocess
 import numpy as np
 import pytest
 
+import closeness
+from closeness import GRAD_RTOL, LOSS_RTOL, grad_atol
 from gpuad.kernels import reference as ref
 from gpuad.kernels.cupy import compile as cc
 
@@ -76,8 +78,7 @@ POISON = {"float32": np.float32(np.nan), "float16": np.float16(np.nan), "bfloat1
 # Tolerances: the reference runs in float64 on the very values the kernel reads (rounded to
 # the dtype first), so losses get fp32 tolerances for every dtype; gradients add one rounding
 # to the output dtype.
-LOSS_RTOL, LOSS_ATOL = 2e-5, 5e-5
-RTOL = {"float32": 2e-5, "float16": 1.5e-3, "bfloat16": 1e-2}
+LOSS_ATOL = closeness.ROW_LOSS_ATOL
 
 
 # ---------------------------------------------------------------- the emulated source
@@ -243,25 +244,8 @@ def to_f64(a, name):
 
 
 def close(got, want, rtol, atol, what, name=None):
-    """|got - want| <= atol + rtol |want| everywhere, and got finite (NaN / inf never pass)."""
-    got = to_f64(got, name) if name else np.asarray(got, np.float64)
-    want = np.asarray(want, np.float64)
-    assert got.shape == want.shape, f"{what}: shape {got.shape}, want {want.shape}"
-    assert np.isfinite(got).all(), (f"{what}: {np.count_nonzero(~np.isfinite(got))} non-finite elements, "
-                                    f"first at {np.argwhere(~np.isfinite(got))[:3].tolist()}")
-    err = np.abs(got - want)
-    bad = err > atol + rtol * np.abs(want)
-    if bad.any():
-        i = np.unravel_index(np.argmax(np.where(bad, err, -1)), err.shape)
-        raise AssertionError(f"{what}: {np.count_nonzero(bad)} of {bad.size} elements off (rtol {rtol}, "
-                             f"atol {atol:.3g}); worst at {i}: got {got[i]!r}, want {want[i]!r}")
-
-
-def grad_atol(name, want, unit):
-    """fp32 noise around 0 (relative to `unit`, the size of a one-hot entry, and to the largest
-    entry) plus, for fp16, the spacing of its subnormals."""
-    scale = float(np.abs(want).max()) if want.size else 0.0
-    return 1e-7 * unit + 1e-8 * scale + (2.0**-24 if name == "float16" else 0.0)
+    """closeness.assert_close on host arrays, bf16 given as bit patterns when `name` says so."""
+    closeness.assert_close(to_f64(got, name) if name else got, want, rtol, atol, what)
 
 
 # ---------------------------------------------------------------- the launchers, emulated
@@ -468,7 +452,7 @@ def test_cross_entropy(emulated, case):
                            grid=CE_GRID)
     close(loss, want_loss, LOSS_RTOL, LOSS_ATOL, "loss")
     unit = 1.0 / max(1, np.count_nonzero(t != IGNORE)) if red == "mean" else 1.0
-    close(dl, want_grad, RTOL[dtype], grad_atol(dtype, want_grad, unit), "dlogits", dtype)
+    close(dl, want_grad, GRAD_RTOL[dtype], grad_atol(dtype, want_grad, unit), "dlogits", dtype)
     assert (to_f64(dl, dtype)[t == IGNORE] == 0).all(), "ignored rows: gradient not exactly 0"
     if inplace:
         assert dl is x
@@ -521,10 +505,10 @@ def test_ce_out_of_range_targets_unchecked(emulated, dtype):
     want_loss, want_grad = ref.softmax_cross_entropy(x64[good], t[good], reduction="none")
     close(loss[good], want_loss, LOSS_RTOL, LOSS_ATOL, "good rows: loss")
     g = to_f64(dl, dtype)
-    close(g[good], want_grad, RTOL[dtype], grad_atol(dtype, want_grad, 1.0), "good rows: dlogits")
+    close(g[good], want_grad, GRAD_RTOL[dtype], grad_atol(dtype, want_grad, 1.0), "good rows: dlogits")
     p = np.exp(x64[bad] - x64[bad].max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
-    close(g[bad], p, RTOL[dtype], grad_atol(dtype, p, 1.0), "bad rows: dlogits = softmax")
+    close(g[bad], p, GRAD_RTOL[dtype], grad_atol(dtype, p, 1.0), "bad rows: dlogits = softmax")
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -542,7 +526,7 @@ def test_ce_masked_vocabulary_and_nan_row(emulated, dtype):
     want_loss, want_grad = ref.softmax_cross_entropy(x64[:2], t[:2], reduction="none")
     close(loss[:2], want_loss, LOSS_RTOL, LOSS_ATOL, "-inf: loss")
     g = to_f64(dl, dtype)
-    close(g[:2], want_grad, RTOL[dtype], grad_atol(dtype, want_grad, 1.0), "-inf: dlogits")
+    close(g[:2], want_grad, GRAD_RTOL[dtype], grad_atol(dtype, want_grad, 1.0), "-inf: dlogits")
     assert (g[:2, :40] == 0).all(), "masked logits: gradient not exactly 0"
     assert np.isnan(loss[2]), loss
 
@@ -569,6 +553,6 @@ def test_bias_grad(emulated, dtype, M, N):
     db, splits = bias_grad_emulated(module, dy, dtype)
     assert splits == lb.bias_grad_splits(M, N)[0]
     atol = 1e-5 * max(1.0, float(np.abs(want).max()) if want.size else 1.0)
-    close(db, want, RTOL[dtype], atol, f"db ({splits} splits)", dtype)
+    close(db, want, GRAD_RTOL[dtype], atol, f"db ({splits} splits)", dtype)
     again, _ = bias_grad_emulated(module, dy, dtype)
     assert again.tobytes() == db.tobytes(), "a second run gave other bits"
