@@ -6,9 +6,10 @@
 #
 # Needs an NVIDIA GPU with torch, triton, cupy, numpy, pytest (and matplotlib for the plots)
 # already installed; wheels in ./.whl (bench/fetch_wheels.sh: Liger) are added. Writes
-# OUTDIR/pip.log, pytest-gpu.log, bench.log, results.json, table.txt and one PNG per op. Exit status: 0 when the install, the tests and every
-# checked implementation passed. Budget: under 5 minutes (each step has a timeout, in seconds:
-# GPU_CHECK_TEST_S, default 170, and GPU_CHECK_BENCH_S, default 110).
+# OUTDIR/pip.log, pytest-gpu.log, bench.log, results.json, table.txt and one PNG per op.
+# Exit status: 0 when the install, the tests and every checked implementation passed.
+# Budget: under 5 minutes (each step has a timeout, in seconds: GPU_CHECK_TEST_S, default 170,
+# and GPU_CHECK_BENCH_S, default 110).
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
