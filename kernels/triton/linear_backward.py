@@ -129,6 +129,19 @@ def _grouped(t, tiles_r, tiles_c, GROUP: tl.constexpr):
     return tile_r, tile_c
 
 
+@triton.jit
+def _store_tile(c_ptr, sc_r, sc_c, R, C, tile_r, tile_c, acc, ACCUMULATE: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """C[tile] = acc (C[tile] += acc when ACCUMULATE), in C's dtype, masked to R × C."""
+    rows = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    ptrs = c_ptr + rows[:, None] * sc_r + cols[None, :] * sc_c
+    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    if ACCUMULATE:
+        acc += tl.load(ptrs, mask=mask, other=0.0)
+    tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
 _CONFIGS = _configs()
 
 
@@ -163,7 +176,6 @@ def _linear_backward_kernel(
         p_dw = tl.minimum(tl.maximum(p_dw, tl.maximum(1, n_progs - n_dx)), tl.minimum(n_dw, n_progs - 1))
     else:
         p_dw = n_progs
-    rows_c = tl.arange(0, BLOCK_C)
     if pid < p_dw:
         for t in range(pid, n_dw, p_dw):
             tile_n, tile_k = _grouped(t, tiles_n, tiles_c, GROUP)
@@ -178,23 +190,14 @@ def _linear_backward_kernel(
             else:
                 acc, dbsum = _tile_matmul(dy_ptr, sdy_n, sdy_m, x_ptr, sx_m, sx_k, N, M, K, tile_n, tile_k,
                                           False, PRECISION, BLOCK_R, BLOCK_C, BLOCK_RED)
-            offs_n = tile_n * BLOCK_R + tl.arange(0, BLOCK_R)
-            offs_k = tile_k * BLOCK_C + rows_c
-            ptrs = dw_ptr + offs_n[:, None] * sdw_n + offs_k[None, :] * sdw_k
-            mask = (offs_n[:, None] < N) & (offs_k[None, :] < K)
-            if ACCUMULATE:  # this program owns the tile: a plain read-modify-write
-                acc += tl.load(ptrs, mask=mask, other=0.0)
-            tl.store(ptrs, acc.to(dw_ptr.dtype.element_ty), mask=mask)
+            # this program owns the tile: accumulating is a plain read-modify-write
+            _store_tile(dw_ptr, sdw_n, sdw_k, N, K, tile_n, tile_k, acc, ACCUMULATE, BLOCK_R, BLOCK_C)
     else:
         for t in range(pid - p_dw, n_dx, n_progs - p_dw):
             tile_m, tile_k = _grouped(t, tiles_m, tiles_c, GROUP)
             acc, unused = _tile_matmul(dy_ptr, sdy_m, sdy_n, w_ptr, sw_n, sw_k, M, N, K, tile_m, tile_k,
                                        False, PRECISION, BLOCK_R, BLOCK_C, BLOCK_RED)
-            offs_m = tile_m * BLOCK_R + tl.arange(0, BLOCK_R)
-            offs_k = tile_k * BLOCK_C + rows_c
-            ptrs = dx_ptr + offs_m[:, None] * sdx_m + offs_k[None, :] * sdx_k
-            mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-            tl.store(ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+            _store_tile(dx_ptr, sdx_m, sdx_k, M, K, tile_m, tile_k, acc, False, BLOCK_R, BLOCK_C)
 
 
 def _fixed_config(dtype: torch.dtype) -> triton.Config:
