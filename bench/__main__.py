@@ -1,8 +1,11 @@
 """python -m bench [--ops OP,...] [--impls IMPL,...] [--preset tiny|quick|full] [--dtype DT,...] [--out DIR]
+python -m bench --report DIR
 
 Run from the repository root. Checks every implementation against the float64 reference,
 times the ones that pass, measures the device's ceilings in the same run, prints a table
-and writes results.json, table.txt and one PNG per op into --out.
+and writes meta.json, results.jsonl (one line per record, appended as it is measured),
+results.json, table.txt and one PNG per op into --out. --report DIR rebuilds the table,
+results.json and the plots from DIR's meta.json and results.jsonl (after an interrupted run).
 
 Presets: on a machine with a CUDA device, `quick` and `full` use the DESIGN.md shapes
 (full adds vocab and M sweeps). Without one, they switch to small CPU shapes (the numpy
@@ -11,6 +14,7 @@ reference and torch on the CPU), and `tiny` is the smallest set, for CI.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -44,7 +48,14 @@ def main(argv=None):
                    help="comma list replacing each preset shape's dtype")
     p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     p.add_argument("--cpu", action="store_true", help="ignore any CUDA device (CPU shapes and timing)")
+    p.add_argument("--report", metavar="DIR", help="rebuild table, results.json and plots from DIR, then exit")
     args = p.parse_args(argv)
+    if args.report:
+        try:
+            meta, records = harness.read_partial(args.report)
+        except OSError as e:
+            p.error(f"--report {args.report}: {e}")
+        return report(records, meta, args.report)
 
     t0 = time.time()
     env = harness.Env(force_cpu=args.cpu)
@@ -58,25 +69,39 @@ def main(argv=None):
     if args.impls is None and args.preset == "quick" and env.cuda:  # compile time would dominate the quick run
         skip = {(op, "torch_compile"): "left out of the quick preset on this op (compile time); add --impls"
                 for op in ("linear_backward", "mlp_step")}
-    records = harness.run(cases, impls, env, timing, ceilings, skip=skip)
-
     os.makedirs(args.out, exist_ok=True)
-    meta = harness.write_results(os.path.join(args.out, "results.json"), records, env, ceilings, args.preset,
-                                 sys.argv[1:] if argv is None else argv)
-    text = harness.table(records, ceilings)
+    meta = harness.run_meta(env, ceilings, args.preset, sys.argv[1:] if argv is None else argv)
+    with open(os.path.join(args.out, "meta.json"), "w") as f:
+        json.dump(meta, f, indent=1, default=str)
+    sink = os.path.join(args.out, "results.jsonl")
+    open(sink, "w").close()
+    # torch_compile last, after every other impl on every case: its compiles are the slowest part
+    first = [i for i in impls if i != "torch_compile"]
+    records = harness.run(cases, first, env, timing, ceilings, skip=skip, sink=sink) if first else []
+    if "torch_compile" in impls:
+        records = harness.add_speedups(records + harness.run(cases, ["torch_compile"], env, timing, ceilings,
+                                                             skip=skip, sink=sink))
+    rc = report(records, meta, args.out)
+    print(f"bench: {len(records)} records in {time.time() - t0:.1f} s", file=sys.stderr)
+    return rc
+
+
+def report(records, meta, out):
+    """Write results.json, table.txt and the plots into `out`; print the table; 1 if any FAIL."""
+    meta = harness.write_results(os.path.join(out, "results.json"), records, meta)
+    text = harness.table(records, meta.get("ceilings"))
     if meta["linear_routes"]:
         text += "\nroute='auto' of the Triton linear_backward (fused vs cuBLAS, measured on first use):\n  "
         text += "\n  ".join(meta["linear_routes"])
-    with open(os.path.join(args.out, "table.txt"), "w") as f:
-        f.write(f"{meta['device']}  {meta['date']}  preset {args.preset}\n{text}\n")
+    with open(os.path.join(out, "table.txt"), "w") as f:
+        f.write(f"{meta['device']}  {meta['date']}  preset {meta['preset']}\n{text}\n")
     try:
-        pngs = plot.plot_all(records, meta, args.out)
+        pngs = plot.plot_all(records, meta, out)
     except Exception as e:  # matplotlib missing or broken: the table and JSON still stand
         pngs = []
         print(f"bench: no plots ({type(e).__name__}: {e})", file=sys.stderr)
     print(text)
-    print(f"bench: wrote results.json, table.txt and {len(pngs)} PNG(s) to {args.out} in {time.time() - t0:.1f} s",
-          file=sys.stderr)
+    print(f"bench: wrote results.json, table.txt and {len(pngs)} PNG(s) to {out}", file=sys.stderr)
     return 1 if any(r["status"] == "FAIL" for r in records) else 0
 
 

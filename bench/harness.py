@@ -27,7 +27,7 @@ import numpy as np
 TOLERANCE = {"float64": 1e-9, "float32": 2e-4, "float16": 5e-3, "bfloat16": 3e-2}
 ROTATE_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}  # input copies cycled until they span this much
 MAX_COPIES = 8
-CHECK_ROWS = 1 << 24  # elements per row chunk when comparing large outputs on the host
+CHECK_ROWS = 1 << 26  # elements per row chunk when comparing large outputs
 
 
 class Unavailable(Exception):
@@ -176,24 +176,39 @@ def to_host64(a) -> np.ndarray:
 
 
 def max_error(got, ref) -> float:
-    """max |got - ref| / max |ref| (row chunks for large arrays), inf on a shape mismatch."""
+    """max |got - ref| / max |ref|, inf when `got` holds a non-finite value; raises on a shape mismatch.
+
+    With a CuPy reference (a CUDA machine) the whole comparison runs on the device in float64
+    row chunks; otherwise on the host."""
     if got is None:
         raise AssertionError("no output")
     if tuple(getattr(got, "shape", ())) != tuple(ref.shape):
         raise AssertionError(f"shape {tuple(getattr(got, 'shape', ()))}, expected {tuple(ref.shape)}")
+    xp, conv = np, to_host64
+    if type(ref).__module__.partition(".")[0] == "cupy":
+        import cupy as xp
+        conv = _to_cupy64
     if len(ref.shape) == 0:
-        g, r = to_host64(got), to_host64(ref)
-        return float(abs(g - r) / max(abs(r), 1e-30))
+        g, r = float(conv(got)), float(conv(ref))
+        return abs(g - r) / max(abs(r), 1e-30) if math.isfinite(g) else math.inf
     rows = ref.shape[0]
     step = max(1, CHECK_ROWS // max(1, int(np.prod(ref.shape[1:]))))
     err, scale = 0.0, 0.0
     for r0 in range(0, rows, step):
-        g, r = to_host64(got[r0:r0 + step]), to_host64(ref[r0:r0 + step])
-        if not np.all(np.isfinite(g)):
+        g, r = conv(got[r0:r0 + step]), conv(ref[r0:r0 + step])
+        if not bool(xp.all(xp.isfinite(g))):
             return math.inf
-        err = max(err, float(np.max(np.abs(g - r), initial=0.0)))
-        scale = max(scale, float(np.max(np.abs(r), initial=0.0)))
+        err = max(err, float(xp.abs(g - r).max(initial=0.0)))
+        scale = max(scale, float(xp.abs(r).max(initial=0.0)))
     return err / max(scale, 1e-30)
+
+
+def _to_cupy64(a):
+    """A float64 CuPy array on the device from a CuPy or CUDA torch array (zero-copy hand-off)."""
+    import cupy
+    if type(a).__module__.partition(".")[0] == "torch":
+        a = cupy.from_dlpack(a.detach().float().contiguous())
+    return cupy.asarray(a).astype(cupy.float64)
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -324,12 +339,14 @@ class Progress:
         self.stream.flush()
 
 
-def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, progress=True, skip=None):
+def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, progress=True, skip=None,
+        sink=None):
     """Check then time every (case, impl); return the list of records.
 
     `cases`: list of ops.Case; `impls`: list of impl names (those an op lacks are
     UNAVAILABLE for it); `skip`: {(op, impl): reason} left out on purpose, recorded as
-    UNAVAILABLE with that reason. Ceilings are measured first unless given."""
+    UNAVAILABLE with that reason. Ceilings are measured first unless given. `sink`: a path to
+    which each record is appended as one JSON line the moment it is measured."""
     skip = skip or {}
     from . import ops
 
@@ -355,6 +372,8 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
                     raise Unavailable(f"{impl}: {skip[case.op, impl]}")
                 if setup is None:
                     raise Unavailable(f"{impl}: not an implementation of {case.op}")
+                if impl == "reference" and env.cuda:
+                    raise Unavailable("reference: not timed at GPU sizes (it is the ground truth of every check)")
                 if host is None:
                     host = op.make_inputs(case)
                 n = env.n_copies(op.input_bytes(case))
@@ -387,11 +406,19 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
                     rec["pct_ceiling"] = 100.0 * rec["rate"] / rec["ceiling"]
             prep = outs = None
             records.append(rec)
+            if sink:
+                with open(sink, "a") as f:
+                    f.write(json.dumps(rec, default=str) + "\n")
             if bar:
                 bar.step(f"{case.op} {case.label} {case.dtype} {impl}: {rec['status']}")
         host = expected = None
         _free(env)
-    for rec in records:  # speed-up over torch eager in the same run
+    return add_speedups(records)
+
+
+def add_speedups(records):
+    """Set each record's speed-up over torch eager on the same case in the same run."""
+    for rec in records:
         base = next((r for r in records if r["impl"] == "torch" and r["status"] == "OK" and r["op"] == rec["op"]
                      and r["shape_str"] == rec["shape_str"] and r["dtype"] == rec["dtype"]), None)
         if base and rec["ms"]:
@@ -476,10 +503,29 @@ def linear_routes() -> list[str]:
     return lines
 
 
-def write_results(path, records, env: Env, ceilings, preset, argv=None):
-    meta = {"device": env.device_name(), "cuda": env.cuda, "date": datetime.datetime.now().isoformat(timespec="seconds"),
+def run_meta(env: Env, ceilings, preset, argv=None) -> dict:
+    return {"device": env.device_name(), "cuda": env.cuda, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "versions": versions(), "ceilings": ceilings, "preset": preset, "argv": list(argv or []),
-            "tolerance": TOLERANCE, "linear_routes": linear_routes()}
+            "tolerance": TOLERANCE}
+
+
+def write_results(path, records, meta):
+    """results.json: the run's meta (with the linear routes taken) and every record."""
+    meta = dict(meta, linear_routes=meta.get("linear_routes") or linear_routes())
     with open(path, "w") as f:
         json.dump({"meta": meta, "records": records}, f, indent=1, default=str)
     return meta
+
+
+def read_partial(out_dir):
+    """(meta, records) of a run that may have been interrupted: meta.json and results.jsonl."""
+    with open(os.path.join(out_dir, "meta.json")) as f:
+        meta = json.load(f)
+    records = []
+    with open(os.path.join(out_dir, "results.jsonl")) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:  # a line cut short by a kill
+                pass
+    return meta, add_speedups(records)

@@ -1,0 +1,104 @@
+"""python -m bench.summary OUTDIR: the last lines of the GPU check.
+
+Per test file of each JUnit XML in OUTDIR: passed / failed / skipped. Per DESIGN.md target
+shape found in OUTDIR/results.jsonl: each gpuad impl's ms, its ratio to one copy of the logits
+(cross-entropy) or its speed-up over torch's three ops (linear backward), both measured in the
+same run, the target, and met or missed. Then the time each step took (OUTDIR/steps.txt).
+"""
+from __future__ import annotations
+
+import glob
+import os
+import sys
+import xml.etree.ElementTree as ET
+
+from .harness import read_partial
+
+# (op, shape label, dtype) -> (kind, bound): "copy" means ms / one-copy-ms <= bound,
+# "torch" means torch ms / gpuad ms >= bound.
+TARGETS = {
+    ("softmax_cross_entropy", "8192x32000", "bfloat16"): ("copy", 1.5),
+    ("softmax_cross_entropy", "8192x128256", "bfloat16"): ("copy", 1.5),
+    ("softmax_cross_entropy", "16384x50257", "bfloat16"): ("copy", 1.5),
+    ("softmax_cross_entropy", "4096x32000", "float32"): ("copy", 1.5),
+    ("linear_backward", "64x512x512", "float32"): ("torch", 1.3),
+    ("linear_backward", "256x1024x1024", "bfloat16"): ("torch", 1.3),
+    ("linear_backward", "4096x1024x1024", "float32"): ("torch", 1.0),
+    ("linear_backward", "8192x4096x4096", "bfloat16"): ("torch", 1.0),
+    ("linear_backward", "16384x4096x14336", "bfloat16"): ("torch", 1.0),
+    ("linear_backward", "65536x1024x1024", "bfloat16"): ("torch", 1.0),
+}
+GPUAD_IMPLS = ("triton", "triton_fused", "cupy")
+
+
+def test_lines(out_dir):
+    lines = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "junit-*.xml"))):
+        try:
+            root = ET.parse(path).getroot()
+        except (ET.ParseError, OSError) as e:  # a run killed while writing
+            lines.append(f"{os.path.basename(path)}: unreadable ({e})")
+            continue
+        per_file = {}
+        for case in root.iter("testcase"):
+            cls = case.get("classname") or "?"
+            name = next((part for part in cls.split(".") if part.startswith("test_")), cls)
+            state = ("failed" if case.find("failure") is not None or case.find("error") is not None
+                     else "skipped" if case.find("skipped") is not None else "passed")
+            counts = per_file.setdefault(name, {"passed": 0, "failed": 0, "skipped": 0})
+            counts[state] += 1
+        for name, c in per_file.items():
+            lines.append(f"  {name:34s} passed {c['passed']:4d}  failed {c['failed']:3d}  skipped {c['skipped']:3d}")
+    return lines
+
+
+def target_lines(records, ceilings):
+    copy = (ceilings or {}).get("copy_GBps")
+    lines = []
+    for (op, shape, dtype), (kind, bound) in TARGETS.items():
+        for r in records:
+            if (r["op"], r["shape_str"], r["dtype"]) != (op, shape, dtype) or r["impl"] not in GPUAD_IMPLS:
+                continue
+            if r["status"] != "OK":
+                lines.append(f"  {op:22s} {shape:17s} {dtype:8s} {r['impl']:12s} {r['status']}: {(r['error'] or '')[:80]}")
+                continue
+            if kind == "copy":
+                ratio = r["ms"] / (r["bytes"] / copy / 1e6) if copy else None
+                verdict = None if ratio is None else ratio <= bound
+                what = f"{ratio:.2f}x copy" if ratio else "no copy ceiling"
+                goal = f"<= {bound}x copy"
+            else:
+                ratio = r.get("speedup_vs_torch")
+                verdict = None if ratio is None else ratio >= bound
+                what = f"{ratio:.2f}x torch" if ratio else "no torch time"
+                goal = f">= {bound}x torch"
+            mark = "met" if verdict else "MISSED" if verdict is False else "?"
+            lines.append(f"  {op:22s} {shape:17s} {dtype:8s} {r['impl']:12s} {r['ms']:9.4f} ms  {what:14s} "
+                         f"target {goal:14s} {mark}")
+    return lines
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1:
+        print("usage: python -m bench.summary OUTDIR", file=sys.stderr)
+        return 2
+    out_dir = argv[0]
+    print("tests (per file):")
+    print("\n".join(test_lines(out_dir)) or "  no JUnit XML")
+    try:
+        meta, records = read_partial(out_dir)
+    except OSError:
+        meta, records = {}, []
+    print(f"targets ({meta.get('device', 'no benchmark run')}; ceilings measured in the run: "
+          f"copy {(meta.get('ceilings') or {}).get('copy_GBps') or 0:.4g} GB/s):")
+    print("\n".join(target_lines(records, meta.get("ceilings"))) or "  no target shape measured")
+    steps = os.path.join(out_dir, "steps.txt")
+    if os.path.exists(steps):
+        print("steps:")
+        print(open(steps).read().rstrip())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
