@@ -63,10 +63,11 @@ def _unary(name, x, forward, derivative):
     """An elementwise op y = forward(x) whose derivative `derivative(x, y)` multiplies."""
     x = as_tensor(x)
     xp, d = x.xp, x.data
-    y = forward(xp, d)
+    keep = (lambda a: a) if d.dtype.kind in "iub" else (lambda a: a.astype(d.dtype, copy=False))
+    y = keep(forward(xp, d))  # CuPy computes some bfloat16 functions in float32: keep x's dtype
     return record(name, y, (x,),
-                  vjp=(lambda g: g * derivative(xp, d, y),),
-                  jvp=lambda t: t * derivative(xp, d, y))
+                  vjp=(lambda g: keep(g * derivative(xp, d, y)),),
+                  jvp=lambda t: keep(t * derivative(xp, d, y)))
 
 
 @functools.lru_cache(maxsize=None)
@@ -154,9 +155,9 @@ def pow(x, p):
 def matmul(a, b):
     """a @ b with numpy semantics (1-D operands, broadcast batch axes)."""
     a, b = as_tensor(a), as_tensor(b)
-    B.array_module(a.data, b.data)
     if a.ndim == 0 or b.ndim == 0:
         raise ValueError(f"matmul: operands need at least one axis, got shapes {a.shape} and {b.shape}")
+    B.array_module(a.data, b.data)
     if a.shape[-1] != b.shape[-2 if b.ndim > 1 else 0]:
         raise ValueError(f"matmul: shapes {a.shape} and {b.shape} do not match (inner dimensions differ)")
     xp = a.xp
