@@ -1,0 +1,53 @@
+"""gpuad.kernels.tuning: registration, per-GPU tables, validation, overrides and the fallback."""
+import json
+
+import pytest
+
+from gpuad.kernels import tuning
+
+OP = "test.op"
+
+
+@pytest.fixture
+def op():
+    tuning.register(OP, {"block": (64, 128, 256), "stages": (2, 3)}, {"block": 128, "stages": 2})
+    yield OP
+    tuning._SPACES.pop(OP, None)
+    tuning._DEFAULTS.pop(OP, None)
+    tuning.reload()
+
+
+def test_fallback_for_unknown_and_missing_gpu(op):
+    assert tuning.value(op, "block", None) == 128
+    assert tuning.value(op, "block", "Some GPU nobody tuned") == 128
+
+
+def test_table_is_read_and_validated(op, tmp_path, monkeypatch):
+    monkeypatch.setattr(tuning, "TUNED_DIR", str(tmp_path))
+    name = "NVIDIA H100 80GB HBM3"
+    assert tuning.file_name(name) == "NVIDIA_H100_80GB_HBM3.json"
+    (tmp_path / tuning.file_name(name)).write_text(json.dumps({"gpu": name, "ops": {op: {"block": 256}}}))
+    tuning.reload()
+    assert tuning.values(op, name) == {"block": 256, "stages": 2}
+    for bad, match in [({op: {"block": 100}}, "block = 100 is not among"), ({op: {"warps": 4}}, "unknown parameter"),
+                       ({"nope": {}}, "unknown op")]:
+        (tmp_path / tuning.file_name(name)).write_text(json.dumps({"ops": bad}))
+        tuning.reload()
+        with pytest.raises(ValueError, match=match):
+            tuning.value(op, "block", name)
+
+
+def test_override_wins_and_is_restored(op):
+    with tuning.override(op, block=64):
+        assert tuning.value(op, "block") == 64
+        with tuning.override(op, stages=3):
+            assert tuning.values(op) == {"block": 64, "stages": 3}
+    assert tuning.values(op) == {"block": 128, "stages": 2}
+    with pytest.raises(ValueError, match="not among"):
+        with tuning.override(op, block=7):
+            pass
+
+
+def test_register_refuses_a_default_outside_its_space():
+    with pytest.raises(ValueError, match="not among"):
+        tuning.register("test.bad", {"block": (1, 2)}, {"block": 3})
