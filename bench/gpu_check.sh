@@ -19,20 +19,24 @@
 # machine compiles and autotunes nothing it did before.
 #
 # Time limits in seconds (environment): GPU_CHECK_KERNEL_S (default 90), GPU_CHECK_BENCH_S (160),
-# GPU_CHECK_SWEEP_S (75), GPU_CHECK_BUDGET_S (360, the whole check; step 5 gets what is left, at
-# least 30). The benchmark and the sweep stop starting new measurements 20 s before their limit
-# and still write their tables; a step killed by its limit leaves its log and JSON lines.
+# GPU_CHECK_SWEEP_S (75; 0 skips the sweep, for a rerun that needs no new table),
+# GPU_CHECK_BUDGET_S (360, the whole check; step 5 gets what is left, at least 30). The benchmark
+# stops starting new measurements 20 s before its limit, the sweep at three quarters of its
+# limit, and both still write their tables; a step killed by its limit leaves its log and JSON
+# lines. A sweep cut short starts, on the rerun, with the ops it did not reach.
 # pytest runs GPU_CHECK_WORKERS (default 8) processes where pytest-xdist is installed.
 #
-# Estimate, from run 1 on one H100 (bench/RESULTS.md, cold caches, 328 s: install 12 s, kernel
-# tests 51 s, benchmark 227 s, engine tests 38 s): the benchmark's inputs are now drawn by 16
-# threads and widened to float64 on the device (they took, by this machine's single-thread
-# rates, about a third of those 227 s), and its host, back-to-back and CUDA-graph figures add
-# about 0.3 s a record; so about 12 + 51 + 160 (cut at its limit if the torch.compile rows,
-# which come last, still do not fit) + 75 + 38 = 336 s, under 6 minutes, plus the machine's
-# start. A rerun on the warm machine: install skipped, kernel tests about 35 s, benchmark about
-# 75 s (no compile, no autotuning), sweep at most 75 s, engine tests about 25 s: about 3 minutes.
-# These are estimates from that run's step times, not a measurement of this script.
+# Estimate (not a measurement of this script): run 1 on one H100 (bench/RESULTS.md) took 328 s
+# with cold caches: install 12 s, kernel tests 51 s, benchmark 227 s, engine tests 38 s. Since
+# then the benchmark draws its 2.9 G input elements with one thread per core and widens them to
+# float64 on the device. That host work took about 80 ns an element on one core of a shared
+# 2-core CPU (30 to draw, 35 to round to bf16, 15 to widen): on a GPU host's core, 2 to 4 times
+# faster, an estimated 60-120 s of those 227 s, now a few seconds. Its host, back-to-back and CUDA-graph figures add about 0.3 s a record (45 records). So,
+# cold: 12 + 51 + at most 160 (the torch.compile rows come last and are the ones cut if it does
+# not fit) + at most 75 + 38 = at most 336 s, under 6 minutes, plus the machine's start. A rerun
+# on the warm machine: install skipped, kernel tests about 35 s, benchmark about 75 s (nothing
+# compiled or autotuned again), sweep about 40 s (its candidates compiled already), engine tests
+# about 25 s: about 175 s, under 3 minutes (about 135 s with GPU_CHECK_SWEEP_S=0).
 # Exit status: 0 when the install, both test steps, the benchmark and the sweep passed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
@@ -112,11 +116,17 @@ step_done benchmark $BENCH_RC $T
 
 T=$SECONDS
 SWEEP_S=${GPU_CHECK_SWEEP_S:-75}
-echo "== 4 python -m bench --sweep ${CPU_ARGS[*]} (limit ${SWEEP_S} s)"
-timeout "$SWEEP_S" "$PY" -m bench --sweep "${CPU_ARGS[@]}" --budget-s $((SWEEP_S - 20)) --out "$OUT" \
-    2>&1 | tee "$OUT/sweep.log"
-SWEEP_RC=$?
-step_done sweep $SWEEP_RC $T
+SWEEP_RC=0
+if [ "$SWEEP_S" -gt 0 ]; then
+    echo "== 4 python -m bench --sweep ${CPU_ARGS[*]} (limit ${SWEEP_S} s)"
+    timeout "$SWEEP_S" "$PY" -m bench --sweep "${CPU_ARGS[@]}" --budget-s $((SWEEP_S * 3 / 4)) --out "$OUT" \
+        2>&1 | tee "$OUT/sweep.log"
+    SWEEP_RC=$?
+    step_done sweep $SWEEP_RC $T
+else
+    echo "== 4 sweep skipped (GPU_CHECK_SWEEP_S=0)" | tee "$OUT/sweep.log"
+    echo "  sweep: skipped" >>"$OUT/steps.txt"
+fi
 
 T=$SECONDS
 LEFT=$((BUDGET - (SECONDS - START)))

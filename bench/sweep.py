@@ -352,6 +352,25 @@ def select(requested, registered):
     return out
 
 
+def _measured_ops(device_name, tuned_dir):
+    """The ops the device's table in `tuned_dir` holds measurements of."""
+    try:
+        with open(os.path.join(tuned_dir, _tuning().file_name(device_name))) as f:
+            return set(json.load(f).get("measured", {}))
+    except (OSError, ValueError, AttributeError):
+        return set()
+
+
+def sweep_order(tuning_ops, measured):
+    """The tuning ops of one bench op in a row (they share its inputs), bench ops in the order
+    first seen, except that those with an op the table has no measurement of go first: a
+    rerun after a sweep cut short by its time budget starts where that one stopped."""
+    bench = [o.partition(".")[2] for o in tuning_ops]
+    first_seen = list(dict.fromkeys(bench))
+    todo = {b for b, o in zip(bench, tuning_ops) if o not in measured}
+    return sorted(tuning_ops, key=lambda o: (o.partition(".")[2] not in todo, first_seen.index(o.partition(".")[2])))
+
+
 def main(args):
     """The --sweep command (args from bench.__main__'s parser); exit status 1 if a candidate FAILed."""
     t0 = time.monotonic()
@@ -372,8 +391,7 @@ def main(args):
     tuned_dir = args.tuned_dir or (ROOT_TUNED if env.cuda else os.path.join(args.out, "tuned"))
     records = []
     shared = {}
-    first_seen = list(dict.fromkeys(o.partition(".")[2] for o in tuning_ops))
-    for op in sorted(tuning_ops, key=lambda o: first_seen.index(o.partition(".")[2])):  # same bench op in a row
+    for op in sweep_order(tuning_ops, _measured_ops(env.device_name(), tuned_dir)):
         if shared and next(iter(shared)).op != op.partition(".")[2]:
             shared.clear()
             harness.free(env)

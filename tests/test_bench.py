@@ -455,3 +455,9 @@ def test_sweep_runs_what_the_kernels_register(tmp_path):
         (path,) = (tmp_path / "tuned").iterdir()
         table = tuning.validate(json.loads(path.read_text()), str(path))
         assert sorted(table["ops"]) == sorted(swept)
+
+
+def test_sweep_order_groups_bench_ops_and_starts_where_a_cut_sweep_stopped():
+    ops_ = ["triton.softmax_cross_entropy", "triton.linear_backward", "cupy.softmax_cross_entropy"]
+    assert sweep.sweep_order(ops_, set()) == [ops_[0], ops_[2], ops_[1]]
+    assert sweep.sweep_order(ops_, {ops_[0], ops_[2]}) == [ops_[1], ops_[0], ops_[2]]
