@@ -459,8 +459,7 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
                 prep = setup(env, case, host, n)
                 outs = prep.outputs()
                 if expected is None:
-                    expected = op.expected(case, host, env.ref_xp())
-                    host_expected = op.host_slice(case, host)
+                    expected, host_expected = op.expected(case, host, env.ref_xp()), op.host_slice(case, host)
                 for field, refs, where in (("max_error", expected, ""),
                                            ("max_error_host", host_expected, " (float64 host check, first rows)")):
                     try:

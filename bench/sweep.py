@@ -199,13 +199,11 @@ def sweep_op(tuning_op, env, timing, tuned_dir, shared, sink=None, deadline=None
         return True
 
     if small:
-        in_time = run([start] + [p for p in grid(space) if p != start])
-    else:
-        in_time = run(one_at_a_time(space, start))
-        if in_time:
-            combined = _best_per_parameter(records, space, start)
-            if combined not in one_at_a_time(space, start):
-                run([combined])
+        run([start] + [p for p in grid(space) if p != start])
+    elif run(one_at_a_time(space, start)):  # in time for the combination of the best values
+        combined = _best_per_parameter(records, space, start)
+        if combined not in one_at_a_time(space, start):
+            run([combined])
     if not records:
         emit(dict(base, params=start, candidate=label(start), status="UNAVAILABLE",
                   error="not run: the sweep's time budget was spent"))
