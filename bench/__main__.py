@@ -1,11 +1,18 @@
 """python -m bench [--ops OP,...] [--impls IMPL,...] [--preset tiny|quick|full] [--dtype DT,...] [--out DIR]
 python -m bench --report DIR
+python -m bench --sweep [--ops OP,...] [--out DIR] [--tuned-dir DIR]
 
-Run from the repository root. Checks every implementation against the float64 reference,
+Run from the repository root. Checks every implementation against the float64 reference
+(the whole output, on the device where there is one, then its first rows again on the host),
 times the ones that pass, measures the device's ceilings in the same run, prints a table
 and writes meta.json, results.jsonl (one line per record, appended as it is measured),
 results.json, table.txt and one PNG per op into --out. --report DIR rebuilds the table,
 results.json and the plots from DIR's meta.json and results.jsonl (after an interrupted run).
+Each record holds the L2-flushed median, the back-to-back time per call, the time per call
+under a CUDA graph (or why the op cannot be captured) and the host time per call.
+
+--sweep times every tuning candidate the kernels declare and writes one winner per op to
+kernels/tuned/<GPU>.json (see bench/sweep.py); --ops then takes tuning op names too.
 
 Presets: on a machine with a CUDA device, `quick` and `full` use the DESIGN.md shapes
 (full adds vocab and M sweeps). Without one, they switch to small CPU shapes (the numpy
@@ -14,12 +21,13 @@ reference and torch on the CPU), and `tiny` is the smallest set, for CI.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import time
 
-from . import harness, ops, plot
+from . import harness, ops, plot, sweep
 
 TIMING = {
     "tiny": harness.Timing(warmup_ms=5, rep_ms=20, cpu_min_reps=3, cpu_max_reps=10, cpu_budget_s=0.02),
@@ -31,7 +39,7 @@ TIMING = {
 def _csv(choices):
     def parse(text):
         items = [s.strip() for s in text.split(",") if s.strip()]
-        bad = [s for s in items if s not in choices]
+        bad = [s for s in items if choices is not None and s not in choices]
         if bad:
             raise argparse.ArgumentTypeError(f"unknown {', '.join(bad)}; choose from {', '.join(choices)}")
         return items
@@ -41,7 +49,8 @@ def _csv(choices):
 def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m bench", description="\n\n".join(__doc__.split("\n\n")[1:]),
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--ops", type=_csv(tuple(ops.OPS)), default=list(ops.OPS), help="comma list (default: all)")
+    p.add_argument("--ops", type=_csv(None), default=None,
+                   help=f"comma list of {', '.join(ops.OPS)} (default: all); with --sweep also tuning op names")
     p.add_argument("--impls", type=_csv(ops.IMPLS), default=None, help="comma list (default: all)")
     p.add_argument("--preset", choices=tuple(ops.PRESETS), default="quick")
     p.add_argument("--dtype", type=_csv(tuple(harness.TOLERANCE)), default=None,
@@ -49,7 +58,20 @@ def main(argv=None):
     p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     p.add_argument("--cpu", action="store_true", help="ignore any CUDA device (CPU shapes and timing)")
     p.add_argument("--report", metavar="DIR", help="rebuild table, results.json and plots from DIR, then exit")
+    p.add_argument("--budget-s", type=float, default=None,
+                   help="start no new measurement after this many seconds (the rest are left out, with the reason)")
+    p.add_argument("--sweep", action="store_true", help="time every tuning candidate and write the winners")
+    p.add_argument("--tuned-dir", default=None,
+                   help="with --sweep: where the GPU's table goes (default kernels/tuned on CUDA, OUT/tuned on a CPU)")
     args = p.parse_args(argv)
+    if args.sweep:
+        try:
+            return sweep.main(args)
+        except ValueError as e:
+            p.error(str(e))
+    bad = [o for o in args.ops or () if o not in ops.OPS]
+    if bad:
+        p.error(f"argument --ops: unknown {', '.join(bad)}; choose from {', '.join(ops.OPS)}")
     if args.report:
         try:
             meta, records = harness.read_partial(args.report)
@@ -57,8 +79,9 @@ def main(argv=None):
             p.error(f"--report {args.report}: {e}")
         return report(records, meta, args.report)
 
-    t0 = time.time()
+    t0 = time.monotonic()
     env = harness.Env(force_cpu=args.cpu)
+    deadline = t0 + args.budget_s if args.budget_s else None
     cases = ops.cases_for(args.preset, env.cuda, args.ops, args.dtype)
     where = "GPU shapes" if env.cuda else "no CUDA device: CPU shapes"
     print(f"bench: preset {args.preset} ({where}), {len(cases)} cases x {len(args.impls or ops.IMPLS)} impls on {env.device_name()}",
@@ -77,12 +100,13 @@ def main(argv=None):
     open(sink, "w").close()
     # torch_compile last, after every other impl on every case: its compiles are the slowest part
     first = [i for i in impls if i != "torch_compile"]
-    records = harness.run(cases, first, env, timing, ceilings, skip=skip, sink=sink) if first else []
+    run = functools.partial(harness.run, env=env, timing=timing, ceilings=ceilings, skip=skip, sink=sink,
+                            deadline=deadline)
+    records = run(cases, first) if first else []
     if "torch_compile" in impls:
-        records = harness.add_speedups(records + harness.run(cases, ["torch_compile"], env, timing, ceilings,
-                                                             skip=skip, sink=sink))
+        records = harness.add_speedups(records + run(cases, ["torch_compile"]))
     rc = report(records, meta, args.out)
-    print(f"bench: {len(records)} records in {time.time() - t0:.1f} s", file=sys.stderr)
+    print(f"bench: {len(records)} records in {time.monotonic() - t0:.1f} s", file=sys.stderr)
     return rc
 
 

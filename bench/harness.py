@@ -3,13 +3,20 @@
 Nothing here imports torch, triton or CuPy at module level: each is imported when first
 needed, and an implementation whose library or device is missing raises
 :class:`Unavailable` with the reason, which becomes an UNAVAILABLE record.
+
+Each timed record carries four figures of the same call: ``ms``, the L2-flushed median
+(``triton.testing.do_bench``); ``ms_back_to_back``, the wall time per call of a loop of calls
+synchronised only at its end (warm L2, host overhead included: what a training loop sees);
+``ms_graph``, the time per call replayed from a CUDA graph (no host overhead), or None with
+``graph_note`` saying why (no CUDA device, or not capturable: the op syncs or allocates);
+and ``host_us``, the host time per call of calls issued without waiting for the device: the
+launcher's Python overhead (checks, routing, autotuner lookup) plus the launches.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
-import importlib
 import importlib.metadata
-import itertools
 import json
 import math
 import os
@@ -18,58 +25,36 @@ import statistics
 import sys
 import time
 import traceback
-from dataclasses import dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import numpy as np
+
+from . import ops
+from .common import Unavailable, try_import
 
 # Normalised error (max |got - ref| / max |ref|) allowed per dtype of the inputs.
 TOLERANCE = {"float64": 1e-9, "float32": 2e-4, "float16": 5e-3, "bfloat16": 3e-2}
 ROTATE_BYTES = {"cuda": 256 << 20, "cpu": 64 << 20}  # input copies cycled until they span this much
 MAX_COPIES = 8
 CHECK_ROWS = 1 << 26  # elements per row chunk when comparing large outputs
-
-
-class Unavailable(Exception):
-    """An implementation that cannot run here; the message is the reason."""
-
-
-@dataclass
-class Prepared:
-    """An implementation ready to run on one case.
-
-    ``fn()`` runs one timed call (cycling the input copies); ``outputs()`` runs one call
-    on the first copy and returns ``{name: array}`` for the check; ``device`` is "cuda" or "cpu"."""
-    fn: Callable[[], object]
-    outputs: Callable[[], dict]
-    device: str
-
-
-def rotating(sets, call):
-    """A no-argument function calling ``call(*s)`` on each input set in turn."""
-    counter = itertools.count()
-    n = len(sets)
-    return lambda: call(*sets[next(counter) % n])
+HOST_CALLS = 20  # calls issued without waiting for the device, for host_us
+MAX_LOOP_CALLS = 2000  # calls of one back-to-back loop at most
 
 
 # --- environment ------------------------------------------------------------------------
 
-def _try_import(name):
-    try:
-        return importlib.import_module(name), None
-    except Exception as e:  # ImportError, or a broken install raising anything else
-        return None, f"{type(e).__name__}: {e}".splitlines()[0][:160]
-
-
 class Env:
     """What this machine offers: CUDA or not, and the libraries, imported on demand."""
 
-    def __init__(self, force_cpu: bool = False):
+    def __init__(self, force_cpu: bool = False, interpret: bool = False):
         self.cuda = False if force_cpu else _cuda_available()
         self.device = "cuda" if self.cuda else "cpu"
+        # Without CUDA, run the Triton impls on CPU tensors (TRITON_INTERPRET=1 must have been
+        # set before the kernels were imported); otherwise they are UNAVAILABLE on a CPU.
+        self.interpret = bool(interpret) and not self.cuda
 
     def torch(self, who):
-        torch, err = _try_import("torch")
+        torch, err = try_import("torch")
         if torch is None:
             raise Unavailable(f"{who}: torch is not importable ({err})")
         return torch
@@ -80,7 +65,7 @@ class Env:
 
     def cupy(self, who):
         self.require_cuda(who)
-        cupy, err = _try_import("cupy")
+        cupy, err = try_import("cupy")
         if cupy is None:
             raise Unavailable(f"{who}: cupy is not importable ({err})")
         return cupy
@@ -88,7 +73,7 @@ class Env:
     def ref_xp(self):
         """Array module for the float64 reference outputs: CuPy on a CUDA machine that has it."""
         if self.cuda:
-            cupy, _ = _try_import("cupy")
+            cupy, _ = try_import("cupy")
             if cupy is not None:
                 return cupy
         return np
@@ -98,19 +83,19 @@ class Env:
 
     def device_name(self) -> str:
         if self.cuda:
-            torch, _ = _try_import("torch")
+            torch, _ = try_import("torch")
             if torch is not None and torch.cuda.is_available():
                 return torch.cuda.get_device_name(0)
-            cupy, _ = _try_import("cupy")
+            cupy, _ = try_import("cupy")
             return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
         return f"CPU {platform.machine()} ({os.cpu_count()} threads)"
 
 
 def _cuda_available() -> bool:
-    torch, _ = _try_import("torch")
+    torch, _ = try_import("torch")
     if torch is not None:
         return bool(torch.cuda.is_available())
-    cupy, _ = _try_import("cupy")
+    cupy, _ = try_import("cupy")
     try:
         return cupy is not None and cupy.cuda.runtime.getDeviceCount() > 0
     except Exception:
@@ -138,33 +123,7 @@ def versions() -> dict:
     return out
 
 
-# --- dtypes and arrays ----------------------------------------------------------------
-
-def np_dtype(name: str):
-    if name == "bfloat16":
-        ml, err = _try_import("ml_dtypes")
-        if ml is None:
-            raise Unavailable(f"numpy bfloat16 needs ml_dtypes ({err})")
-        return np.dtype(ml.bfloat16)
-    return np.dtype(name)
-
-
-def quantize(a: np.ndarray, dtype: str) -> np.ndarray:
-    """float32 values exactly representable in `dtype`, so every impl and the float64
-    reference see the same inputs."""
-    if dtype in ("float32", "float64"):
-        return a
-    if dtype == "float16":
-        return a.astype(np.float16).astype(np.float32)
-    if dtype == "bfloat16":  # round to nearest even on the upper 16 bits
-        u = a.view(np.uint32)
-        return ((u + (0x7FFF + ((u >> 16) & 1))) & np.uint32(0xFFFF0000)).view(np.float32)
-    raise ValueError(f"unknown dtype {dtype!r}")
-
-
-def itemsize(dtype: str) -> int:
-    return {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtype]
-
+# --- checking ----------------------------------------------------------------------
 
 def to_host64(a) -> np.ndarray:
     """A float64 numpy copy of a numpy / CuPy / torch array or a Python scalar."""
@@ -210,6 +169,34 @@ def _to_cupy64(a):
     if type(a).__module__.partition(".")[0] == "torch":
         a = cupy.from_dlpack(a.detach().float().contiguous())
     return cupy.asarray(a).astype(cupy.float64)
+
+
+class CheckFailed(AssertionError):
+    """An output off the reference by more than the tolerance; ``max_error`` holds the error."""
+
+    def __init__(self, message, max_error):
+        super().__init__(message)
+        self.max_error = max_error
+
+
+def check(outs, expected, tolerance, where="") -> float:
+    """The worst max_error over `expected`'s outputs (None if it is empty); CheckFailed naming
+    the output when it exceeds `tolerance`. `expected` maps names to arrays, or to
+    (index, array) pairs that compare ``outs[name][index]`` (the host slice check)."""
+    errs = {}
+    for name, ref in expected.items():
+        got = outs[name]
+        if isinstance(ref, tuple):
+            index, ref = ref
+            got = None if got is None else got[index]
+        errs[name] = max_error(got, ref)
+    if not errs:
+        return None
+    worst = max(errs, key=lambda k: errs[k])
+    if not errs[worst] <= tolerance:
+        raise CheckFailed(f"{worst}{where}: error {errs[worst]:.3g} (max |got - ref| / max |ref| "
+                          f"vs float64 reference) > tolerance {tolerance:g}", errs[worst])
+    return errs[worst]
 
 
 # --- timing -----------------------------------------------------------------------------
@@ -258,6 +245,83 @@ def time_cpu(fn, timing: Timing, stat=statistics.median):
 
 def time_fn(fn, device, timing):
     return time_cuda(fn, timing) if device == "cuda" else time_cpu(fn, timing)
+
+
+def _sync(device):
+    if device != "cuda":
+        return lambda: None
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        return torch.cuda.synchronize
+    import cupy
+    return cupy.cuda.Device().synchronize
+
+
+def time_host(fn, device, timing: Timing) -> dict:
+    """Figures without an L2 flush: ``host_us``, the host time per call of up to HOST_CALLS
+    calls issued without waiting for the device (then one sync; on a CPU, the whole call), and
+    ``ms_back_to_back``, the wall time per call of a loop of calls synchronised at its end."""
+    sync = _sync(device)
+    budget_s = timing.rep_ms / 1e3 / 2 if device == "cuda" else timing.cpu_budget_s
+    t0 = time.perf_counter()
+    fn()
+    sync()
+    one = max(time.perf_counter() - t0, 1e-7)
+    k = HOST_CALLS if device == "cuda" else max(1, min(HOST_CALLS, int(budget_s / one)))
+    t0 = time.perf_counter()
+    for _ in range(k):
+        fn()
+    host_s = time.perf_counter() - t0
+    sync()
+    n = max(1, min(MAX_LOOP_CALLS, int(budget_s / one)))
+    t0 = time.perf_counter()
+    for _ in range(n):
+        fn()
+    sync()
+    return {"host_us": host_s / k * 1e6, "ms_back_to_back": (time.perf_counter() - t0) / n * 1e3}
+
+
+@contextlib.contextmanager
+def _cupy_on(torch_stream):
+    """CuPy launches go to `torch_stream` within the block (when CuPy is in use at all)."""
+    cupy = sys.modules.get("cupy")
+    if cupy is None:
+        yield
+        return
+    with cupy.cuda.ExternalStream(torch_stream.cuda_stream):
+        yield
+
+
+def time_graph(fn, n_calls: int, timing: Timing):
+    """(ms per call replayed from a CUDA graph of `n_calls` calls, None), or (None, the reason)
+    when the calls cannot be captured (a host sync, an allocation outside the graph's pool, a
+    launch on another stream): the failure is reported, never raised."""
+    torch = sys.modules.get("torch")
+    if torch is None or not torch.cuda.is_available():
+        return None, "needs torch with a CUDA device"
+    current = torch.cuda.current_stream()
+    graph = torch.cuda.CUDAGraph()
+    try:
+        side = torch.cuda.Stream()
+        side.wait_stream(current)
+        with torch.cuda.stream(side), _cupy_on(side):  # warm-up off the default stream, as capture wants
+            for _ in range(n_calls):
+                fn()
+        current.wait_stream(side)
+        torch.cuda.synchronize()
+        with torch.cuda.graph(graph, stream=side):  # the warm-up's stream: CuPy's pool reuses its blocks
+            with _cupy_on(side):
+                for _ in range(n_calls):
+                    fn()
+    except Exception as e:
+        torch.cuda.set_stream(current)  # a failed capture can leave its stream current
+        with contextlib.suppress(Exception):
+            torch.cuda.synchronize()
+        return None, f"not capturable: {type(e).__name__}: {e}".splitlines()[0][:200]
+    try:
+        return time_host(graph.replay, "cuda", timing)["ms_back_to_back"] / n_calls, None
+    finally:
+        del graph
 
 
 # --- ceilings ---------------------------------------------------------------------------
@@ -340,33 +404,45 @@ class Progress:
         self.stream.flush()
 
 
+def new_record(case, impl, device_name, versions_):
+    """A record of (case, impl) with every field, nothing measured yet."""
+    op = ops.OPS[case.op]
+    return dict(op=case.op, impl=impl, shape=case.shape_dict(), shape_str=case.label, dtype=case.dtype,
+                device=device_name, versions=versions_, status=None, error=None, ms=None,
+                ms_back_to_back=None, ms_graph=None, graph_note=None, host_us=None,
+                flops=op.flops(case), bytes=op.min_bytes(case), metric=op.metric, rate=None, ceiling=None,
+                pct_ceiling=None, speedup_vs_torch=None, max_error=None, max_error_host=None,
+                tolerance=TOLERANCE.get(case.dtype), timer=None, n_copies=None, wall_s=None)
+
+
 def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, progress=True, skip=None,
-        sink=None):
+        sink=None, deadline=None, extras=True):
     """Check then time every (case, impl); return the list of records.
 
     `cases`: list of ops.Case; `impls`: list of impl names (those an op lacks are
     UNAVAILABLE for it); `skip`: {(op, impl): reason} left out on purpose, recorded as
     UNAVAILABLE with that reason. Ceilings are measured first unless given. `sink`: a path to
-    which each record is appended as one JSON line the moment it is measured."""
-    skip = skip or {}
-    from . import ops
+    which each record is appended as one JSON line the moment it is measured. `deadline`: a
+    time.monotonic() value after which no (case, impl) starts (the rest are UNAVAILABLE with
+    that reason). `extras`: also measure the host figures and the CUDA-graph time.
 
+    The check before timing: the whole output against the float64 reference (on the device
+    when there is one), then the first rows again against a float64 reference computed on the
+    host from the host inputs (ops' host_slice)."""
+    skip = skip or {}
     timing = timing or Timing()
     if ceilings is None:
         ceilings = measure_ceilings(env, {c.dtype for c in cases}, timing)
-    meta = {"device": env.device_name(), "versions": versions()}
+    device_name, versions_ = env.device_name(), versions()
     bar = Progress(len(cases) * len(impls)) if progress else None
     records = []
     for case in cases:
         op = ops.OPS[case.op]
-        host, expected = None, None
+        host = expected = host_expected = None
         for impl in impls:
             prep = outs = None
-            rec = dict(op=case.op, impl=impl, shape=case.shape_dict(), shape_str=case.label, dtype=case.dtype,
-                       device=meta["device"], versions=meta["versions"], status=None, error=None, ms=None,
-                       flops=op.flops(case), bytes=op.min_bytes(case), metric=op.metric, rate=None,
-                       ceiling=None, pct_ceiling=None, speedup_vs_torch=None, max_error=None,
-                       tolerance=TOLERANCE.get(case.dtype), timer=None, n_copies=None)
+            rec = new_record(case, impl, device_name, versions_)
+            t_start = time.monotonic()
             try:
                 setup = op.impls.get(impl)
                 if (case.op, impl) in skip:
@@ -375,23 +451,35 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
                     raise Unavailable(f"{impl}: not an implementation of {case.op}")
                 if impl == "reference" and env.cuda:
                     raise Unavailable("reference: not timed at GPU sizes (it is the ground truth of every check)")
+                if deadline is not None and t_start > deadline:
+                    raise Unavailable(f"{impl}: not run, the run's time budget was spent")
                 if host is None:
                     host = op.make_inputs(case)
                 n = env.n_copies(op.input_bytes(case))
                 prep = setup(env, case, host, n)
                 outs = prep.outputs()
                 if expected is None:
-                    expected = op.expected(case, host, env.ref_xp())
-                errs = {k: max_error(outs[k], expected[k]) for k in expected}
-                worst = max(errs, key=lambda k: errs[k])
-                rec["max_error"] = errs[worst]
-                if not errs[worst] <= rec["tolerance"]:
-                    raise AssertionError(f"{worst}: error {errs[worst]:.3g} (max |got - ref| / max |ref| "
-                                         f"vs float64 reference) > tolerance {rec['tolerance']:g}")
+                    expected, host_expected = op.expected(case, host, env.ref_xp()), op.host_slice(case, host)
+                for field, refs, where in (("max_error", expected, ""),
+                                           ("max_error_host", host_expected, " (float64 host check, first rows)")):
+                    try:
+                        rec[field] = check(outs, refs, rec["tolerance"], where)
+                    except CheckFailed as e:
+                        rec[field] = e.max_error
+                        raise
                 outs = None
                 rec["ms"], rec["timer"] = time_fn(prep.fn, prep.device, timing)
                 rec["n_copies"] = n
                 rec["status"] = "OK"
+                if extras:
+                    try:
+                        rec.update(time_host(prep.fn, prep.device, timing))
+                        if prep.device == "cuda":
+                            rec["ms_graph"], rec["graph_note"] = time_graph(prep.fn, n, timing)
+                        else:
+                            rec["graph_note"] = "no CUDA device"
+                    except Exception as e:  # the checked, timed record stands without these figures
+                        rec["graph_note"] = f"host figures not measured: {type(e).__name__}: {e}"[:200]
             except Unavailable as e:
                 rec["status"], rec["error"] = "UNAVAILABLE", str(e)
             except Exception as e:
@@ -399,6 +487,7 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
                 rec["error"] = f"{type(e).__name__}: {e}".strip()[:500]
                 if os.environ.get("BENCH_TRACEBACK"):
                     traceback.print_exc()
+            rec["wall_s"] = round(time.monotonic() - t_start, 3)
             if rec["ms"]:
                 scale = 1e9 if op.metric == "TFLOP/s" else 1e6
                 rec["rate"] = (rec["flops"] if op.metric == "TFLOP/s" else rec["bytes"]) / rec["ms"] / scale
@@ -408,13 +497,17 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
             prep = outs = None
             records.append(rec)
             if sink:
-                with open(sink, "a") as f:
-                    f.write(json.dumps(rec, default=str) + "\n")
+                append_jsonl(sink, rec)
             if bar:
                 bar.step(f"{case.op} {case.label} {case.dtype} {impl}: {rec['status']}")
-        host = expected = None
-        _free(env)
+        host = expected = host_expected = None
+        free(env)
     return add_speedups(records)
+
+
+def append_jsonl(path, rec):
+    with open(path, "a") as f:
+        f.write(json.dumps(rec, default=str) + "\n")
 
 
 def add_speedups(records):
@@ -427,7 +520,7 @@ def add_speedups(records):
     return records
 
 
-def _free(env):
+def free(env):
     import gc
     gc.collect()
     if env.cuda and "torch" in sys.modules:
@@ -460,23 +553,50 @@ def _fmt(v, spec):
     return "" if v is None else format(v, spec)
 
 
+def text_table(head, rows) -> list[str]:
+    """Plain aligned columns: the header, a rule, one line per row (cells are strings)."""
+    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)).rstrip(), "  ".join("-" * w for w in widths)]
+    return lines + ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in rows]
+
+
+def graph_lines(records):
+    """Why timed records have no CUDA-graph time: each reason once, with the impls (and ops)."""
+    by_note = {}
+    for r in records:
+        if r["status"] == "OK" and r.get("graph_note"):
+            by_note.setdefault(r["graph_note"], {}).setdefault(r["impl"], set()).add(r["op"])
+    if len(by_note) == 1 and all(r.get("graph_note") for r in records if r["status"] == "OK"):
+        return [f"all: {next(iter(by_note))}"]
+    return [f"{impl} ({', '.join(sorted(ops_))}): {note}"
+            for note, impls in by_note.items() for impl, ops_ in impls.items()]
+
+
 def table(records, ceilings=None) -> str:
-    """The terminal table, then FAILs and UNAVAILABLE impls (each once, with the reason)."""
-    head = ("op", "shape", "dtype", "impl", "status", "ms", "rate", "% ceil", "x torch")
+    """The terminal table, then FAILs and UNAVAILABLE impls (each once, with the reason).
+
+    ms: L2-flushed median; b2b ms: back to back, no flush; graph ms: replayed from a CUDA
+    graph; host us: host time per call (see the module docstring)."""
+    head = ("op", "shape", "dtype", "impl", "status", "ms", "b2b ms", "graph ms", "host us", "rate", "% ceil",
+            "x torch")
     rows = []
     for r in records:
         if r["status"] == "UNAVAILABLE":
             continue
         rate = f"{r['rate']:.3g} {r['metric']}" if r["rate"] else ""
-        rows.append((r["op"], r["shape_str"], r["dtype"], r["impl"], r["status"], _fmt(r["ms"], ".4f"), rate,
-                     _fmt(r["pct_ceiling"], ".1f"), _fmt(r["speedup_vs_torch"], ".2f")))
-    widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) for h, w in zip(head, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in rows]
+        rows.append((r["op"], r["shape_str"], r["dtype"], r["impl"], r["status"], _fmt(r["ms"], ".4f"),
+                     _fmt(r.get("ms_back_to_back"), ".4f"), _fmt(r.get("ms_graph"), ".4f"),
+                     _fmt(r.get("host_us"), ".1f"), rate, _fmt(r["pct_ceiling"], ".1f"),
+                     _fmt(r["speedup_vs_torch"], ".2f")))
+    lines = text_table(head, rows)
     if ceilings:
         mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceilings.get("matmul_TFLOPs", {}).items())
         cp = ceilings.get("copy_GBps")
         lines.append(f"ceilings (measured in this run): copy {_fmt(cp, '.4g')} GB/s (read+write); matmul {mm}")
+    graph = graph_lines(records)
+    if graph:
+        lines.append("no CUDA-graph time:")
+        lines += [f"  {g}" for g in graph]
     fails = [r for r in records if r["status"] == "FAIL"]
     if fails:
         lines.append("FAIL (not timed):")
@@ -489,7 +609,8 @@ def table(records, ceilings=None) -> str:
 
 
 REQUIRED_KEYS = ("op", "impl", "shape", "shape_str", "dtype", "device", "versions", "status", "error", "ms",
-                 "flops", "bytes", "metric", "rate", "ceiling", "pct_ceiling", "speedup_vs_torch")
+                 "ms_back_to_back", "ms_graph", "graph_note", "host_us", "flops", "bytes", "metric", "rate", "ceiling",
+                 "pct_ceiling", "speedup_vs_torch", "max_error", "max_error_host", "wall_s")
 
 
 def linear_routes() -> list[str]:
@@ -522,11 +643,16 @@ def read_partial(out_dir):
     """(meta, records) of a run that may have been interrupted: meta.json and results.jsonl."""
     with open(os.path.join(out_dir, "meta.json")) as f:
         meta = json.load(f)
+    return meta, add_speedups(read_jsonl(os.path.join(out_dir, "results.jsonl")))
+
+
+def read_jsonl(path):
+    """The records of a JSON-lines file, skipping a last line cut short by a kill."""
     records = []
-    with open(os.path.join(out_dir, "results.jsonl")) as f:
+    with open(path) as f:
         for line in f:
             try:
                 records.append(json.loads(line))
-            except json.JSONDecodeError:  # a line cut short by a kill
+            except json.JSONDecodeError:
                 pass
-    return meta, add_speedups(records)
+    return records

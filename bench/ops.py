@@ -10,10 +10,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .harness import Prepared, Unavailable, np_dtype, quantize, rotating
+from .common import Prepared, Unavailable, itemsize, normal, np_dtype, rotating
 
 IMPLS = ("reference", "triton", "triton_fused", "cupy", "torch", "liger", "torch_compile")  # compile last
 SEED = 0
+SLICE_ROWS = 16  # rows of each output checked again on the host in float64 (ops' host_slice)
 
 
 @dataclass(frozen=True)
@@ -36,16 +37,41 @@ def _torch_dtype(torch, name):
     return getattr(torch, name)
 
 
-def on_torch(torch, host, dtype, device):
-    """A torch tensor of `dtype` on `device` from a host array (integers stay int64)."""
+def on_torch(torch, host, dtype, device, key=None):
+    """A fresh torch tensor of `dtype` on `device` from a host array (integers stay int64).
+
+    With `key`, `host` is a case's input dict and the array is host[key]: its copy on the
+    device is made once per case and kept in that dict, so impls after the first convert on
+    the device instead of crossing the bus again."""
+    if key is not None:
+        cached = host.get(("on", key, device))
+        if cached is None:
+            cached = host[("on", key, device)] = on_torch(torch, host[key], None, device)
+        return cached.clone() if cached.dtype == torch.int64 else cached.to(_torch_dtype(torch, dtype), copy=True)
     t = torch.from_numpy(np.ascontiguousarray(host)).to(device)
-    return t if host.dtype.kind == "i" else t.to(_torch_dtype(torch, dtype))
+    return t if host.dtype.kind == "i" or dtype is None else t.to(_torch_dtype(torch, dtype))
+
+
+def drop_device_copies(host):
+    """Forget the device copies on_torch kept in a case's input dict."""
+    for k in [k for k in host if isinstance(k, tuple)]:
+        del host[k]
 
 
 def on_xp(xp, host, dtype):
     """A numpy or CuPy array of `dtype` from a host array (bfloat16 through ml_dtypes)."""
     a = host if host.dtype.kind == "i" else host.astype(np_dtype(dtype))
     return xp.asarray(a)
+
+
+def to64(xp, a):
+    """A float64 copy on `xp` of a host array: on a GPU the float32 values cross the bus and
+    widen on the device (half the bytes, no host conversion)."""
+    return xp.asarray(a).astype(xp.float64)
+
+
+def host64(host, key, rows=slice(None)):
+    return np.asarray(host[key][rows], dtype=np.float64)
 
 
 def _compile(torch, fn):
@@ -88,16 +114,15 @@ class CrossEntropy:
     def min_bytes(case):
         """Read the logits once, write dlogits once, read the int64 targets."""
         b, v = case.dims
-        return 2 * b * v * _isz(case.dtype) + 8 * b
+        return 2 * b * v * itemsize(case.dtype) + 8 * b
 
     input_bytes = min_bytes
 
     @staticmethod
     def make_inputs(case):
         b, v = case.dims
-        rng = np.random.default_rng(SEED)
-        logits = quantize(rng.standard_normal((b, v), dtype=np.float32) * np.float32(2.0), case.dtype)
-        return {"logits": logits, "targets": rng.integers(0, v, size=b, dtype=np.int64)}
+        targets = np.random.default_rng(SEED).integers(0, v, size=b, dtype=np.int64)
+        return {"logits": normal((b, v), (SEED, 1), case.dtype, 2.0), "targets": targets}
 
     @staticmethod
     def expected(case, host, xp):
@@ -108,7 +133,7 @@ class CrossEntropy:
         step = max(1, (1 << 25) // v)
         rows, dl = [], xp.empty((b, v), dtype=xp.float32)
         for r0 in range(0, b, step):
-            lg = xp.asarray(host["logits"][r0:r0 + step], dtype=xp.float64)
+            lg = to64(xp, host["logits"][r0:r0 + step])
             tg = xp.asarray(host["targets"][r0:r0 + step])
             loss, g = K.softmax_cross_entropy(lg, tg, reduction="none")
             rows.append(loss)
@@ -116,17 +141,28 @@ class CrossEntropy:
             del lg, g
         return {"loss": xp.concatenate(rows).sum() / b, "dlogits": dl}
 
+    @staticmethod
+    def host_slice(case, host):
+        """dlogits of the first SLICE_ROWS rows in float64 on the host: {name: (index, array)}.
+        Every target is valid, so the mean divides by B."""
+        from gpuad.kernels import reference as K
+        b, _ = case.dims
+        r = slice(0, min(b, SLICE_ROWS))
+        _, g = K.softmax_cross_entropy(host64(host, "logits", r), host["targets"][r], reduction="none")
+        return {"dlogits": (r, g / b)}
+
 
 def _gpuad_inputs(env, module, host, spec, n):
     """(kernel module, n input sets, device) for a gpuad impl; `spec` lists (host key, dtype).
 
-    triton gets CUDA torch tensors; cupy, and reference on a GPU, CuPy arrays; reference
-    without a GPU, numpy arrays."""
+    triton gets CUDA torch tensors (CPU ones in an Env made with interpret=True: the Triton
+    interpreter); cupy, and reference on a GPU, CuPy arrays; reference without a GPU, numpy."""
     if module == "triton":
-        env.require_cuda(module)
+        if not env.interpret:
+            env.require_cuda(module)
         torch = env.torch(module)
         K = _import_kernels(module, module)
-        return K, [tuple(on_torch(torch, host[k], dt, "cuda") for k, dt in spec) for _ in range(n)], "cuda"
+        return K, [tuple(on_torch(torch, host, dt, env.device, k) for k, dt in spec) for _ in range(n)], env.device
     xp, dev = (env.cupy(module), "cuda") if module == "cupy" or env.cuda else (np, "cpu")
     K = _import_kernels(module, module)
     return K, [tuple(on_xp(xp, host[k], dt) for k, dt in spec) for _ in range(n)], dev
@@ -169,8 +205,8 @@ def _ce_torch(kind):
             fn = _compile(torch, F.cross_entropy)
         else:
             fn = F.cross_entropy
-        sets = [(on_torch(torch, host["logits"], case.dtype, dev).requires_grad_(),
-                 on_torch(torch, host["targets"], None, dev)) for _ in range(n)]
+        sets = [(on_torch(torch, host, case.dtype, dev, "logits").requires_grad_(),
+                 on_torch(torch, host, None, dev, "targets")) for _ in range(n)]
 
         def call(x, t):
             loss = fn(x, t)
@@ -212,25 +248,33 @@ class LinearBackward:
     def min_bytes(case):
         """Read x, w, dy once; write dx, dw, db once."""
         m, k, n = case.dims
-        return _isz(case.dtype) * (2 * m * k + 2 * n * k + m * n + n)
+        return itemsize(case.dtype) * (2 * m * k + 2 * n * k + m * n + n)
 
     @staticmethod
     def input_bytes(case):
         m, k, n = case.dims
-        return _isz(case.dtype) * (m * k + n * k + m * n)
+        return itemsize(case.dtype) * (m * k + n * k + m * n)
 
     @staticmethod
     def make_inputs(case):
         m, k, n = case.dims
-        rng = np.random.default_rng(SEED)
-        q = lambda *s, scale=1.0: quantize(rng.standard_normal(s, dtype=np.float32) * np.float32(scale), case.dtype)
-        return {"x": q(m, k), "w": q(n, k, scale=k ** -0.5), "dy": q(m, n)}
+        return {"x": normal((m, k), (SEED, 1), case.dtype), "w": normal((n, k), (SEED, 2), case.dtype, k ** -0.5),
+                "dy": normal((m, n), (SEED, 3), case.dtype)}
 
     @staticmethod
     def expected(case, host, xp):
         from gpuad.kernels import reference as K
-        dx, dw, db = K.linear_backward(*(xp.asarray(host[k], dtype=xp.float64) for k in ("x", "w", "dy")))
+        dx, dw, db = K.linear_backward(*(to64(xp, host[k]) for k in ("x", "w", "dy")))
         return {"dx": dx, "dw": dw, "db": db}
+
+    @staticmethod
+    def host_slice(case, host):
+        """The first SLICE_ROWS rows of dx, dw and db in float64 on the host."""
+        m, k, n = case.dims
+        rm, rn = slice(0, min(m, SLICE_ROWS)), slice(0, min(n, SLICE_ROWS))
+        dy_cols = np.asarray(host["dy"][:, rn], dtype=np.float64)
+        return {"dx": (rm, host64(host, "dy", rm) @ host64(host, "w")),
+                "dw": (rn, dy_cols.T @ host64(host, "x")), "db": (rn, dy_cols.sum(0))}
 
 
 def _lin_gpuad(module, **kw):
@@ -254,7 +298,7 @@ def _lin_torch(kind):
         def three_ops(x, w, dy):
             return dy @ w, dy.t() @ x, dy.sum(0)
         fn = _compile(torch, three_ops) if kind == "torch_compile" else three_ops
-        sets = [tuple(on_torch(torch, host[k], case.dtype, dev) for k in ("x", "w", "dy")) for _ in range(n)]
+        sets = [tuple(on_torch(torch, host, case.dtype, dev, k) for k in ("x", "w", "dy")) for _ in range(n)]
         return Prepared(rotating(sets, fn), lambda: dict(zip(("dx", "dw", "db"), fn(*sets[0]))), dev)
     return setup
 
@@ -297,27 +341,32 @@ class MLPStep:
     @staticmethod
     def input_bytes(case):
         b, d, h, c = case.dims
-        return _isz(case.dtype) * b * d + 8 * b
+        return itemsize(case.dtype) * b * d + 8 * b
 
     @staticmethod
     def make_inputs(case):
         b, d, h, c = case.dims
-        rng = np.random.default_rng(SEED)
-        q = lambda *s, scale=1.0: quantize(rng.standard_normal(s, dtype=np.float32) * np.float32(scale), case.dtype)
-        return {"x": q(b, d), "targets": rng.integers(0, c, size=b, dtype=np.int64),
-                "w1": q(h, d, scale=d ** -0.5), "b1": q(h, scale=0.1), "w2": q(c, h, scale=h ** -0.5), "b2": q(c, scale=0.1)}
+        dt = case.dtype
+        return {"x": normal((b, d), (SEED, 1), dt), "targets": np.random.default_rng(SEED).integers(0, c, size=b, dtype=np.int64),
+                "w1": normal((h, d), (SEED, 2), dt, d ** -0.5), "b1": normal((h,), (SEED, 3), dt, 0.1),
+                "w2": normal((c, h), (SEED, 4), dt, h ** -0.5), "b2": normal((c,), (SEED, 5), dt, 0.1)}
 
     @staticmethod
     def expected(case, host, xp):
         """Loss and parameter gradients in float64 from the reference kernels."""
         from gpuad.kernels import reference as K
-        x, w1, b1, w2, b2 = (xp.asarray(host[k], dtype=xp.float64) for k in ("x",) + PARAMS)
+        x, w1, b1, w2, b2 = (to64(xp, host[k]) for k in ("x",) + PARAMS)
         h = x @ w1.T + b1
         a = xp.maximum(h, 0.0)
         loss, dlogits = K.softmax_cross_entropy(a @ w2.T + b2, xp.asarray(host["targets"]))
         da, dw2, db2 = K.linear_backward(a, w2, dlogits)
         _, dw1, db1 = K.linear_backward(x, w1, da * (h > 0), need_dx=False)
         return {"loss": loss, "w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+
+    @staticmethod
+    def host_slice(case, host):
+        """None: the loss and every gradient depend on all rows (the device check covers them)."""
+        return {}
 
 
 def _mlp_gpuad(kernels, who):
@@ -360,8 +409,8 @@ def _mlp_torch(kind):
     def setup(env, case, host, n):
         torch, dev = _torch_anchor(env, kind)
         import torch.nn.functional as F
-        params = [on_torch(torch, host[k], case.dtype, dev).requires_grad_() for k in PARAMS]
-        sets = [(on_torch(torch, host["x"], case.dtype, dev), on_torch(torch, host["targets"], None, dev))
+        params = [on_torch(torch, host, case.dtype, dev, k).requires_grad_() for k in PARAMS]
+        sets = [(on_torch(torch, host, case.dtype, dev, "x"), on_torch(torch, host, None, dev, "targets"))
                 for _ in range(n)]
 
         def forward(x, t, w1, b1, w2, b2):
@@ -395,10 +444,6 @@ MLPStep.impls = {
 }
 
 OPS = {op.name: op for op in (CrossEntropy, LinearBackward, MLPStep)}
-
-
-def _isz(dtype):
-    return {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2}[dtype]
 
 
 # --- presets -----------------------------------------------------------------------------

@@ -3,7 +3,9 @@
 Per test file of each JUnit XML in OUTDIR: passed / failed / skipped. Per DESIGN.md target
 shape found in OUTDIR/results.jsonl: each gpuad impl's ms, its ratio to one copy of the logits
 (cross-entropy) or its speed-up over torch's three ops (linear backward), both measured in the
-same run, the target, and met or missed. Then the time each step took (OUTDIR/steps.txt).
+same run, the target, met or missed, and the host time per call. Then the sweep's table
+(rebuilt from OUTDIR/sweep.jsonl), the benchmark's seconds per impl, and the time each step
+took (OUTDIR/steps.txt).
 """
 from __future__ import annotations
 
@@ -12,7 +14,8 @@ import os
 import sys
 import xml.etree.ElementTree as ET
 
-from .harness import read_partial
+from . import ops, sweep
+from .harness import read_jsonl, read_partial
 
 # (op, shape label, dtype) -> (kind, bound): "copy" means ms / one-copy-ms <= bound,
 # "torch" means torch ms / gpuad ms >= bound.
@@ -57,7 +60,8 @@ def target_lines(records, ceilings):
     lines = []
     for (op, shape, dtype), (kind, bound) in TARGETS.items():
         for r in records:
-            if (r["op"], r["shape_str"], r["dtype"]) != (op, shape, dtype) or r["impl"] not in GPUAD_IMPLS:
+            if ((r["op"], r["shape_str"], r["dtype"]) != (op, shape, dtype) or r["impl"] not in GPUAD_IMPLS
+                    or r["impl"] not in ops.OPS[op].impls):
                 continue
             if r["status"] != "OK":
                 lines.append(f"  {op:22s} {shape:17s} {dtype:8s} {r['impl']:12s} {r['status']}: {(r['error'] or '')[:80]}")
@@ -73,9 +77,19 @@ def target_lines(records, ceilings):
                 what = f"{ratio:.2f}x torch" if ratio else "no torch time"
                 goal = f">= {bound}x torch"
             mark = "met" if verdict else "MISSED" if verdict is False else "?"
+            host = f"  host {r['host_us']:.0f} us/call" if r.get("host_us") is not None else ""
             lines.append(f"  {op:22s} {shape:17s} {dtype:8s} {r['impl']:12s} {r['ms']:9.4f} ms  {what:14s} "
-                         f"target {goal:14s} {mark}")
+                         f"target {goal:14s} {mark}{host}")
     return lines
+
+
+def seconds_per_impl(records):
+    """Where the benchmark's time went: seconds per impl (setup, compile, check and timing)."""
+    total = {}
+    for r in records:
+        if r.get("wall_s") is not None:
+            total[r["impl"]] = total.get(r["impl"], 0.0) + r["wall_s"]
+    return "  " + ", ".join(f"{impl} {s:.0f} s" for impl, s in sorted(total.items(), key=lambda t: -t[1]))
 
 
 def main(argv=None):
@@ -93,6 +107,14 @@ def main(argv=None):
     print(f"targets ({meta.get('device', 'no benchmark run')}; ceilings measured in the run: "
           f"copy {(meta.get('ceilings') or {}).get('copy_GBps') or 0:.4g} GB/s):")
     print("\n".join(target_lines(records, meta.get("ceilings"))) or "  no target shape measured")
+    if any(r.get("wall_s") is not None for r in records):
+        print("benchmark seconds per impl:")
+        print(seconds_per_impl(records))
+    sweep_path = os.path.join(out_dir, "sweep.jsonl")
+    if os.path.exists(sweep_path):
+        print("sweep:")
+        text = sweep.report_text(read_jsonl(sweep_path)) if os.path.getsize(sweep_path) else "nothing swept"
+        print("\n".join("  " + line for line in text.splitlines()))
     steps = os.path.join(out_dir, "steps.txt")
     if os.path.exists(steps):
         print("steps:")

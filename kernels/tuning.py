@@ -13,7 +13,11 @@ in order: an active ``tuning.override(...)`` (the sweep, tests), the checked-in 
 fallbacks. A table naming an unknown op or parameter, or a value outside the declared space,
 is refused with a ValueError naming it.
 
-Table format: ``{"gpu": "<name>", "ops": {op: {param: value}}, "measured": {...free-form...}}``.
+Table format: ``{"gpu": "<name>", "ops": {op: {param: value}}, "measured": {...}}``. A value
+that JSON cannot hold as such (a tuple, say a tile config) is written as a list and read back as
+the tuple. "measured" is not read by the launchers; the sweep writes there, per op, the date,
+versions, the shapes, every candidate's params and ms per shape (null: not measured), its
+geometric mean and status, and the winner.
 """
 from __future__ import annotations
 
@@ -72,9 +76,15 @@ def validate(table: dict, where: str = "table") -> dict:
         for k, v in params.items():
             if k not in _SPACES[op]:
                 raise ValueError(f"{where}: unknown parameter {op}.{k}; known: {', '.join(_SPACES[op])}")
+            params[k] = v = _freeze(v)
             if v not in _SPACES[op][k]:
                 raise ValueError(f"{where}: {op}.{k} = {v!r} is not among the allowed {_SPACES[op][k]}")
     return table
+
+
+def _freeze(v):
+    """JSON lists back to the tuples a space declares."""
+    return tuple(_freeze(x) for x in v) if isinstance(v, list) else v
 
 
 def load_table(device_name: str | None, tuned_dir: str | None = None) -> dict:

@@ -1,9 +1,14 @@
-"""The benchmark harness itself, on the CPU: counting, the check-before-timing FAIL path,
-UNAVAILABLE reasons, results.json, plots, and `python -m bench --preset tiny` end to end."""
+"""The benchmark harness itself, on the CPU: counting, the check-before-timing FAIL path (device
+and host checks), UNAVAILABLE reasons, the host figures and the CUDA-graph guard, results.json,
+plots, `python -m bench --preset tiny` end to end, --report after a killed run, and the tuning
+sweep (a fake registered op, then whatever the kernels register)."""
+import contextlib
 import json
 import os
 import subprocess
 import sys
+import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # bench/ is a top-level folder of the repository, not installed
 
-from bench import harness, ops, plot  # noqa: E402
+from bench import common, harness, ops, plot, sweep  # noqa: E402
 
 OPS_ARG = "softmax_cross_entropy,linear_backward,mlp_step"
 
@@ -47,7 +52,7 @@ def test_bfloat16_quantize_matches_torch():
     torch = pytest.importorskip("torch")
     a = np.random.default_rng(0).standard_normal(10_000, dtype=np.float32) * 100
     want = torch.from_numpy(a).to(torch.bfloat16).float().numpy()
-    np.testing.assert_array_equal(harness.quantize(a, "bfloat16"), want)
+    np.testing.assert_array_equal(common.quantize(a, "bfloat16"), want)
 
 
 def _wrong_impl(calls):
@@ -62,7 +67,7 @@ def _wrong_impl(calls):
         def outputs():
             loss, dl = K.softmax_cross_entropy(logits, targets)
             return {"loss": loss, "dlogits": 2 * dl}
-        return harness.Prepared(timed, outputs, "cpu")
+        return common.Prepared(timed, outputs, "cpu")
     return setup
 
 
@@ -182,3 +187,277 @@ def test_linear_routes_lines(monkeypatch):
     monkeypatch.setitem(sys.modules, "gpuad.kernels.triton.linear_backward", fake)
     assert harness.linear_routes() == [
         "linear_backward 256x512x1024 bfloat16: route cublas (cublas 0.0187 ms, fused 0.0213 ms)"]
+
+
+def test_ops_do_not_import_the_harness():
+    """No import circle: ops builds on common; harness imports ops, never the other way."""
+    code = "import sys, bench.ops; assert 'bench.harness' not in sys.modules, sorted(sys.modules)"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=60)
+
+
+def test_normal_inputs_are_chunked_deterministic_and_quantized(monkeypatch):
+    monkeypatch.setattr(common, "RANDOM_CHUNK", 1000)
+    a = common.normal((37, 101), (0, 1), "bfloat16", 2.0)
+    assert a.dtype == np.float32 and a.shape == (37, 101)
+    np.testing.assert_array_equal(a, common.normal((37, 101), (0, 1), "bfloat16", 2.0))
+    assert not np.array_equal(a.ravel()[:1000], a.ravel()[1000:2000])  # each chunk its own stream
+    assert not (a.view(np.uint32) & 0xFFFF).any()  # bfloat16 values: low 16 bits clear
+    assert 1.8 < a.std() < 2.2
+
+
+def test_host_slice_check_catches_what_the_device_reference_missed(monkeypatch):
+    """An output that matches a (wrong) full reference still fails the float64 host check on its
+    first rows: the host check is independent of the device reference."""
+    op = ops.CrossEntropy
+    case = ops.Case(op.name, (37, 1031), "float32")
+    true_expected = op.expected
+
+    def skewed(case, host, xp):
+        out = true_expected(case, host, xp)
+        out["dlogits"] = out["dlogits"] * 1.5
+        return out
+
+    def impl(env, case, host, n):
+        def outputs():
+            ref = skewed(case, host, np)
+            return {"loss": ref["loss"], "dlogits": ref["dlogits"]}
+        return common.Prepared(lambda: None, outputs, "cpu")
+    monkeypatch.setattr(op, "expected", staticmethod(skewed))
+    monkeypatch.setitem(op.impls, "skewed", impl)
+    (rec,) = harness.run([case], ["skewed"], harness.Env(force_cpu=True), harness.Timing(cpu_min_reps=1),
+                         ceilings={}, progress=False)
+    assert rec["status"] == "FAIL" and "float64 host check" in rec["error"], rec["error"]
+    assert rec["max_error"] == 0.0 and rec["max_error_host"] > rec["tolerance"]
+
+
+def test_deadline_leaves_the_rest_out_with_the_reason():
+    cases = ops.cases_for("tiny", cuda=False, ops=["linear_backward"])
+    recs = harness.run(cases, ["reference"], harness.Env(force_cpu=True), ceilings={}, progress=False,
+                       deadline=0.0)
+    assert all(r["status"] == "UNAVAILABLE" and "time budget" in r["error"] for r in recs)
+
+
+def test_host_figures_on_cpu(tiny_run):
+    _, out = tiny_run
+    recs = [r for r in json.loads((out / "results.json").read_text())["records"] if r["status"] == "OK"]
+    assert recs
+    for r in recs:
+        assert r["host_us"] > 0 and r["ms_back_to_back"] > 0 and r["wall_s"] > 0
+        assert r["ms_graph"] is None and r["graph_note"] == "no CUDA device"
+        if r["op"] != "mlp_step":
+            assert r["max_error_host"] is not None and r["max_error_host"] <= r["tolerance"]
+    assert "b2b ms" in (out / "table.txt").read_text() and "all: no CUDA device" in (out / "table.txt").read_text()
+
+
+class _Stream:
+    def __init__(self, name):
+        self.name, self.cuda_stream = name, 0
+
+    def wait_stream(self, other):
+        pass
+
+
+class _FakeCuda:
+    """Just enough of torch.cuda for harness.time_graph: streams, a graph whose capture runs the
+    calls, synchronize; set_stream is recorded."""
+
+    def __init__(self):
+        self.default = self.now = _Stream("default")
+        self.set_to = []
+
+    def is_available(self):
+        return True
+
+    def current_stream(self):
+        return self.now
+
+    def Stream(self):
+        return _Stream("side")
+
+    def stream(self, s):
+        return contextlib.nullcontext()
+
+    def set_stream(self, s):
+        self.set_to.append(s.name)
+
+    def synchronize(self):
+        pass
+
+    def CUDAGraph(self):
+        return types.SimpleNamespace(replay=lambda: time.sleep(0.001))
+
+    @contextlib.contextmanager
+    def graph(self, g, stream=None):
+        self.now = _Stream("capture")  # torch leaves the capture stream current when capture_end raises
+        yield
+
+
+def test_graph_timing_reports_an_op_that_cannot_be_captured(monkeypatch):
+    cuda = _FakeCuda()
+    monkeypatch.setitem(sys.modules, "torch", types.SimpleNamespace(cuda=cuda))
+    monkeypatch.delitem(sys.modules, "cupy", raising=False)
+    calls = []
+
+    def syncs():  # fine in the warm-up, raises while capturing, as a host sync does
+        calls.append(cuda.now.name)
+        if cuda.now.name == "capture":
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
+    ms, note = harness.time_graph(syncs, 2, harness.Timing(rep_ms=20))
+    assert ms is None and note.startswith("not capturable: RuntimeError: CUDA error: operation not permitted")
+    assert cuda.set_to == ["default"] and calls == ["default", "default", "capture"]
+    cuda.now = cuda.default
+    ms, note = harness.time_graph(lambda: None, 2, harness.Timing(rep_ms=20))
+    assert note is None and 0.3 < ms < 50  # 1 ms sleep per replay of 2 captured calls
+
+
+def test_report_after_a_killed_run(tmp_path):
+    """Kill a run once it has written a few records; --report rebuilds results.json and the table
+    from meta.json and results.jsonl (a line cut short by the kill is skipped)."""
+    out = tmp_path / "killed"
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.Popen([sys.executable, "-m", "bench", "--preset", "tiny", "--cpu", "--ops", OPS_ARG,
+                             "--impls", "reference,torch", "--out", str(out)], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    sink = out / "results.jsonl"
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if sink.exists() and len(sink.read_text().splitlines()) >= 3:
+                break
+            time.sleep(0.05)
+    finally:
+        proc.kill()
+        proc.wait()
+    lines = sink.read_text().splitlines()
+    assert len(lines) >= 3 and not (out / "results.json").exists(), "the run ended before it was killed"
+    with open(sink, "a") as f:
+        f.write(lines[0][:40])  # a record cut short
+    rep = subprocess.run([sys.executable, "-m", "bench", "--report", str(out)], cwd=ROOT, env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert rep.returncode == 0, rep.stdout + rep.stderr
+    recs = json.loads((out / "results.json").read_text())["records"]
+    assert [json.loads(line) | {"speedup_vs_torch": None} for line in lines] == \
+        [r | {"speedup_vs_torch": None} for r in recs]
+    assert (out / "table.txt").exists() and "softmax_cross_entropy" in rep.stdout
+    bad = subprocess.run([sys.executable, "-m", "bench", "--report", str(tmp_path / "nothing")], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--report" in bad.stderr
+
+
+# --- the tuning sweep ------------------------------------------------------------------------
+
+FAKE = "fake.softmax_cross_entropy"
+FAKE_KEPT = "fake.linear_backward"
+COST_MS = {"block": {1: 8, 2: 2, 4: 6}, "warps": {1: 8, 8: 2}}  # the best: block=2, warps=8 (4 ms)
+
+
+def _fake_ce(env, case, host, n):
+    """Cross-entropy that sleeps by its tuned parameters and is wrong when bad=1."""
+    from gpuad.kernels import reference as K
+    from gpuad.kernels import tuning
+    loss, dl = K.softmax_cross_entropy(host["logits"].astype(np.float64), host["targets"])
+
+    def call():
+        p = tuning.values(FAKE)
+        time.sleep((COST_MS["block"][p["block"]] + COST_MS["warps"][p["warps"]]) / 1e3)
+        return {"loss": loss, "dlogits": dl * (2 if p["bad"] else 1)}
+    return common.Prepared(call, call, "cpu")
+
+
+@pytest.fixture
+def fake_op(monkeypatch):
+    from gpuad.kernels import tuning
+    tuning.register(FAKE, {"block": (1, 2, 4), "warps": (1, 8), "bad": (0, 1)}, {"block": 1, "warps": 1, "bad": 0})
+    tuning.register(FAKE_KEPT, {"tile": ((64, 64), (128, 64))}, {"tile": (64, 64)})
+    monkeypatch.setitem(ops.CrossEntropy.impls, "fake", _fake_ce)
+    monkeypatch.setitem(sweep.CPU_SHAPES, "softmax_cross_entropy", [((4, 50), "float32"), ((3, 70), "float32")])
+    monkeypatch.setitem(sweep.TIMING, "cpu", harness.Timing(cpu_min_reps=3, cpu_max_reps=3, cpu_budget_s=0))
+    yield tuning
+    for op in (FAKE, FAKE_KEPT):
+        tuning._SPACES.pop(op, None)
+        tuning._DEFAULTS.pop(op, None)
+    tuning.reload()
+
+
+@pytest.mark.parametrize("grid_max", [100, 8])
+def test_sweep_with_a_fake_op(fake_op, monkeypatch, tmp_path, capsys, grid_max):
+    """12 candidates: the full grid, or (GRID_MAX 8) one parameter at a time from the start plus
+    the combination of the best values, which is the winner; bad=1 FAILs and never wins; the
+    table keeps the ops it did not sweep."""
+    from bench.__main__ import main
+    tuning = fake_op
+    monkeypatch.setattr(sweep, "GRID_MAX", grid_max)
+    device = harness.Env(force_cpu=True).device_name()
+    path = tmp_path / "tuned" / tuning.file_name(device)
+    path.parent.mkdir()
+    path.write_text(json.dumps({"gpu": device, "ops": {FAKE_KEPT: {"tile": [128, 64]}, FAKE: {"block": 4}}}))
+    rc = main(["--sweep", "--cpu", "--ops", FAKE, "--out", str(tmp_path / "out"), "--tuned-dir", str(path.parent)])
+    text = capsys.readouterr().out
+    assert rc == 1  # a candidate failed its check
+    recs = harness.read_jsonl(tmp_path / "out" / "sweep.jsonl")
+    by_cand = {}
+    for r in recs:
+        by_cand.setdefault(r["candidate"], []).append(r["status"])
+    fails = {c: s for c, s in by_cand.items() if "bad=1" in c}
+    assert fails and all(s == ["FAIL"] for s in fails.values())  # not run on the second shape
+    assert all(s == ["OK", "OK"] for c, s in by_cand.items() if "bad=0" in c)
+    start = "block=4 warps=1 bad=0"  # the table's value for block, the fallbacks for the rest
+    assert recs[0]["candidate"] == start and recs[0]["start"]
+    if grid_max == 100:
+        assert len(by_cand) == 12 and recs[0]["strategy"] == "grid"
+    else:
+        # start, block=1, block=2, warps=8, bad=1, then the combination
+        assert list(by_cand) == [start, "block=1 warps=1 bad=0", "block=2 warps=1 bad=0", "block=4 warps=8 bad=0",
+                                 "block=4 warps=1 bad=1", "block=2 warps=8 bad=0"]
+    table = tuning.load_table(device, str(path.parent))
+    assert table["ops"] == {FAKE: {"block": 2, "warps": 8, "bad": 0}, FAKE_KEPT: {"tile": (128, 64)}}
+    measured = table["measured"][FAKE]
+    assert measured["winner"] == "block=2 warps=8 bad=0" and measured["shapes"] == ["4x50 float32", "3x70 float32"]
+    assert len(measured["candidates"]) == len(by_cand) and measured["vs_start"] < 1
+    assert {c["status"] for c in measured["candidates"]} == {"OK", "FAIL"}
+    assert "winner: block=2 warps=8 bad=0" in text and (tmp_path / "out" / "sweep.txt").read_text().strip()
+    assert "FAIL block=4 warps=1 bad=1: 4x50 float32: CheckFailed: dlogits" in text
+
+
+def test_sweep_budget_and_unsweepable_ops(fake_op, tmp_path, capsys):
+    from bench.__main__ import main
+    rc = main(["--sweep", "--cpu", "--ops", f"{FAKE},{FAKE_KEPT}", "--out", str(tmp_path), "--budget-s", "1e-9"])
+    text = capsys.readouterr().out
+    assert rc == 0 and f"{FAKE}: not swept (UNAVAILABLE): not run: the sweep's time budget was spent" in text
+    assert "not written" in text
+    assert f"{FAKE_KEPT}: not swept (UNAVAILABLE)" in text  # the fake impl does not exist for linear_backward
+    assert not (tmp_path / "tuned").exists()
+    with pytest.raises(SystemExit):
+        main(["--sweep", "--cpu", "--ops", "nonesuch", "--out", str(tmp_path)])
+
+
+def test_sweep_runs_what_the_kernels_register(tmp_path):
+    """The real kernels' spaces, swept end to end in the Triton interpreter at small shapes:
+    every candidate must pass its check; ops that cannot run here are listed with the reason."""
+    from gpuad.kernels import tuning
+    sweep.import_kernels()
+    registered = [op for op in tuning.spaces() if not op.startswith("fake.")]
+    if not registered:
+        pytest.skip("no kernel module registers a tuning space yet")
+    proc = subprocess.run([sys.executable, "-m", "bench", "--sweep", "--cpu", "--out", str(tmp_path / "out"),
+                           "--tuned-dir", str(tmp_path / "tuned")], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    text = (tmp_path / "out" / "sweep.txt").read_text()
+    swept = [op for op in registered if f"{op}: not swept" not in text]
+    for op in registered:
+        assert op in text
+    for op in swept:
+        assert f"{op} (bench op" in text
+    wins = [line for line in text.splitlines() if line.strip().startswith("winner:") and "none" not in line]
+    assert len(wins) == len(swept), text
+    if swept:
+        (path,) = (tmp_path / "tuned").iterdir()
+        table = tuning.validate(json.loads(path.read_text()), str(path))
+        assert sorted(table["ops"]) == sorted(swept)
+
+
+def test_sweep_order_groups_bench_ops_and_starts_where_a_cut_sweep_stopped():
+    ops_ = ["triton.softmax_cross_entropy", "triton.linear_backward", "cupy.softmax_cross_entropy"]
+    assert sweep.sweep_order(ops_, set()) == [ops_[0], ops_[2], ops_[1]]
+    assert sweep.sweep_order(ops_, {ops_[0], ops_[2]}) == [ops_[1], ops_[0], ops_[2]]

@@ -51,3 +51,23 @@ def test_override_wins_and_is_restored(op):
 def test_register_refuses_a_default_outside_its_space():
     with pytest.raises(ValueError, match="not among"):
         tuning.register("test.bad", {"block": (1, 2)}, {"block": 3})
+
+
+def test_tuple_values_round_trip_through_json(tmp_path, monkeypatch):
+    """A tile config declared as a tuple is written by the sweep as a JSON list and read back as
+    the tuple; a list that is not among the declared tuples is still refused."""
+    tuning.register("test.tiles", {"tile": ((64, 64, 32), (128, 64, 32))}, {"tile": (64, 64, 32)})
+    try:
+        monkeypatch.setattr(tuning, "TUNED_DIR", str(tmp_path))
+        path = tmp_path / tuning.file_name("Some GPU")
+        path.write_text(json.dumps({"ops": {"test.tiles": {"tile": (128, 64, 32)}}}))
+        tuning.reload()
+        assert tuning.value("test.tiles", "tile", "Some GPU") == (128, 64, 32)
+        path.write_text(json.dumps({"ops": {"test.tiles": {"tile": [128, 128, 32]}}}))
+        tuning.reload()
+        with pytest.raises(ValueError, match=r"tile = \(128, 128, 32\) is not among"):
+            tuning.value("test.tiles", "tile", "Some GPU")
+    finally:
+        tuning._SPACES.pop("test.tiles", None)
+        tuning._DEFAULTS.pop("test.tiles", None)
+        tuning.reload()
