@@ -35,7 +35,7 @@ def require(module, package, extra):
                            f"(or pip install -e \".[{extra}]\" in gpuad's tree)", code=1) from None
 
 
-def number(kind, low=None, high=None, low_open=False):
+def number(kind, low, high=None, low_open=False):
     """An argparse type: `kind` (int or float) within [low, high] ((low, high] if low_open)."""
     def parse(text):
         try:
@@ -43,9 +43,12 @@ def number(kind, low=None, high=None, low_open=False):
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
                                              f"got {text!r}") from None
-        too_low = low is not None and (value <= low if low_open else value < low)
+        too_low = value <= low if low_open else value < low
         if too_low or (high is not None and value > high) or not math.isfinite(value):
-            bounds = f"{'(' if low_open else '['}{low}, {'inf' if high is None else high}]"
-            raise argparse.ArgumentTypeError(f"must lie in {bounds}, got {text}")
+            if high is not None:
+                need = f"lie in {'(' if low_open else '['}{low}, {high}]"
+            else:
+                need = f"be {'a finite number ' if kind is float else ''}{'>' if low_open else '>='} {low}"
+            raise argparse.ArgumentTypeError(f"must {need}, got {text}")
         return value
     return parse

@@ -83,7 +83,7 @@ class SGD(Optimizer):
         if momentum:
             buf = state.get("momentum_buffer")
             if buf is None:
-                buf = state["momentum_buffer"] = grad.copy()
+                buf = state["momentum_buffer"] = p.xp.array(grad)  # a copy; an array also for 0-d
             else:
                 buf *= momentum
                 buf += (1.0 - group["dampening"]) * grad
