@@ -179,7 +179,8 @@ def run(args):
     history = train(**config, progress=not args.no_progress)
     sizes = "-".join(map(str, history["sizes"]))
     title = (f"MLP {sizes} ({args.activation}{', residual' if args.residual else ''}), {args.optimizer} "
-             f"lr {args.lr:g}, batch {args.batch_size}, {args.backend} {args.dtype}, seed {args.seed}")
+             f"lr {args.lr:g}, batch {args.batch_size}, label smoothing {args.label_smoothing:g}, {args.backend} "
+             f"{args.dtype}, seed {args.seed}")
     print(f"digits: {history['n_train']} train / {history['n_test']} test images; {title}")
     print(f"{args.epochs} epochs, {history['steps']} steps in {history['seconds']:.1f} s; final epoch: "
           f"loss {history['epoch_loss'][-1]:.4f}, train accuracy {history['train_accuracy'][-1]:.4f}")

@@ -139,7 +139,7 @@ def test_residual_mlp_blocks_where_widths_match(backend):
     np.testing.assert_allclose(model(ad.tensor(x)).numpy(), want, rtol=RTOL, atol=ATOL)
     # the skip path carries gradient: the input's against central differences, the
     # parameters' against torch running the same blocks
-    assert ad.gradcheck(lambda v: ad.sq_norm(model(v)), x)
+    assert ad.gradcheck(lambda v: ad.sq_norm(model(v)), B.module_for(backend).asarray(x))
     loss = ad.sq_norm(model(ad.tensor(x)))
     loss.backward()
     t = {k: torch.from_numpy(v).requires_grad_() for k, v in sd.items()}
