@@ -47,7 +47,8 @@ def train(*, backend="numpy", epochs=30, batch_size=64, hidden=(256, 256), activ
           dtype="float32", seed=0, threads=1, progress=True):
     """Train and evaluate; returns a dict of lists: ``step_loss`` (every step's batch loss),
     ``epoch_loss`` (mean per epoch), ``train_accuracy`` and ``test_accuracy`` (before training,
-    then after each epoch), and ``seconds`` (the training loop's wall time), ``steps``.
+    then after each epoch); also ``seconds`` (the training loop's wall time), ``steps``,
+    ``n_train``, ``n_test`` and ``sizes`` (the MLP's widths).
     `threads` caps the BLAS threads (None: the library's default); one is fastest for these
     small matrices, and much faster than several on a busy machine."""
     tqdm = require("tqdm", "tqdm", "train").tqdm if progress else None
@@ -66,8 +67,11 @@ def train(*, backend="numpy", epochs=30, batch_size=64, hidden=(256, 256), activ
         history = {"step_loss": [], "epoch_loss": [], "train_accuracy": [accuracy(model, x_train, y_train)],
                    "test_accuracy": [accuracy(model, x_test, y_test)]}
         n = len(y_train)
-        steps_per_epoch = -(-n // batch_size)
-        bar = tqdm(total=epochs * steps_per_epoch, unit="step", desc=f"train ({backend})", leave=False) if progress else None
+        bar = None if tqdm is None else tqdm(total=epochs * -(-n // batch_size), unit="step", leave=False,
+                                             desc=f"train ({backend})")
+        def status(losses):
+            return f"loss {np.mean(losses):.4f}, test acc {history['test_accuracy'][-1]:.4f}"
+
         start = time.perf_counter()
         for _ in range(epochs):
             order = xp.asarray(rng.permutation(n))
@@ -79,14 +83,15 @@ def train(*, backend="numpy", epochs=30, batch_size=64, hidden=(256, 256), activ
                 loss.backward()
                 opt.step()
                 epoch_losses.append(loss.item())
-                if bar is not None:
-                    bar.set_postfix_str(f"loss {np.mean(epoch_losses):.4f}, test acc "
-                                        f"{history['test_accuracy'][-1]:.4f}", refresh=False)
+                if bar is not None:  # the running loss of this epoch, drawn at tqdm's pace
+                    bar.set_postfix_str(status(epoch_losses), refresh=False)
                     bar.update(1)
             history["step_loss"] += epoch_losses
             history["epoch_loss"].append(float(np.mean(epoch_losses)))
             history["train_accuracy"].append(accuracy(model, x_train, y_train))
             history["test_accuracy"].append(accuracy(model, x_test, y_test))
+            if bar is not None:  # and drawn at every epoch's end
+                bar.set_postfix_str(status(epoch_losses))
         history["seconds"] = time.perf_counter() - start
         if bar is not None:
             bar.close()
@@ -96,16 +101,14 @@ def train(*, backend="numpy", epochs=30, batch_size=64, hidden=(256, 256), activ
 
 def plot_curves(history, path, title=""):
     """Write the loss curve (per step and per epoch) and the accuracy curves to `path` (PNG)."""
-    matplotlib = require("matplotlib", "matplotlib", "train")
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    figure = require("matplotlib.figure", "matplotlib", "train")  # no pyplot: no global backend state
     steps_per_epoch = len(history["step_loss"]) / max(len(history["epoch_loss"]), 1)
     epochs = np.arange(len(history["test_accuracy"]))
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig = figure.Figure(figsize=(11, 4))
+    ax_loss, ax_acc = fig.subplots(1, 2)
     ax_loss.plot(np.arange(1, len(history["step_loss"]) + 1) / steps_per_epoch, history["step_loss"], lw=0.7,
                  alpha=0.5, label="batch")
-    ax_loss.plot(epochs[1:], history["epoch_loss"], marker="o", ms=3, label="epoch mean")
+    ax_loss.plot(epochs[1:] - 0.5, history["epoch_loss"], marker="o", ms=3, label="epoch mean")  # mid-epoch
     ax_loss.set(xlabel="epoch", ylabel="cross-entropy loss (training)", yscale="log", title="loss")
     ax_acc.plot(epochs, history["train_accuracy"], marker="o", ms=3, label="train")
     ax_acc.plot(epochs, history["test_accuracy"], marker="o", ms=3, label="test")
@@ -116,7 +119,6 @@ def plot_curves(history, path, title=""):
     fig.suptitle(title)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
 
 
 # --- the command ----------------------------------------------------------------------------
