@@ -7,7 +7,8 @@ import sys
 
 from .cli import CommandError, Parser
 
-# verb -> module with HELP, add_arguments(parser) and run(args); a new verb is one line here
+# verb -> module with HELP, add_arguments(parser) and run(args) (see gpuad/cli.py); a new verb is
+# one line here. Every verb module is imported to build --help: import optional packages in run().
 VERBS = {
     "train": "gpuad.train",
 }
