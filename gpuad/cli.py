@@ -1,0 +1,54 @@
+"""Shared pieces of ``python -m gpuad <verb>``: one-line errors and optional dependencies.
+
+A verb is a module with ``HELP`` (one line), ``add_arguments(parser)`` and ``run(args)``
+(returning an exit status or None); it raises :class:`CommandError` for bad input or a
+missing dependency, which ``python -m gpuad`` prints as one line.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import math
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, then the command exits with ``code``."""
+
+    def __init__(self, message, code=2):
+        super().__init__(message)
+        self.code = code
+
+
+class Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose errors are one line (no usage block), exit status 2."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
+def require(module, package, extra):
+    """Import `module`, or raise a CommandError naming the pip package and gpuad's extra."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise CommandError(f"this needs {package}, which is not installed: pip install {package} "
+                           f"(or pip install -e \".[{extra}]\" in gpuad's tree)", code=1) from None
+
+
+def number(kind, low, high=None, low_open=False):
+    """An argparse type: `kind` (int or float) within [low, high] ((low, high] if low_open)."""
+    def parse(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, "
+                                             f"got {text!r}") from None
+        too_low = value <= low if low_open else value < low
+        if too_low or (high is not None and value > high) or not math.isfinite(value):
+            if high is not None:
+                need = f"lie in {'(' if low_open else '['}{low}, {high}]"
+            else:
+                need = f"be {'a finite number ' if kind is float else ''}{'>' if low_open else '>='} {low}"
+            raise argparse.ArgumentTypeError(f"must {need}, got {text}")
+        return value
+    return parse
