@@ -70,13 +70,13 @@ def _tanh(y):
 
 @triton.jit
 def _logits(row_ptr, b_ptr, cols, mask, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
-    """z for `cols` of one row in fp32: the GEMM's value, + bias, soft-capped; -inf where masked."""
+    """z for `cols` of one row in fp32: the GEMM's value (0 where not mask), + bias, soft-capped."""
     z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
         z += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
     if SOFTCAP:
         z = cap * _tanh(z / cap)
-    return tl.where(mask, z, float("-inf"))
+    return z
 
 
 @triton.jit
@@ -105,7 +105,7 @@ def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, 
     for k in range(0, n_blocks):
         cols = k * BLOCK + lanes
         mask = cols < n_cols
-        z = _logits(row_ptr, b_ptr, cols, mask, cap, HAS_BIAS, SOFTCAP)
+        z = tl.where(mask, _logits(row_ptr, b_ptr, cols, mask, cap, HAS_BIAS, SOFTCAP), float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
@@ -140,7 +140,7 @@ def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, 
         for i in range(0, n_blocks):
             cols = (n_blocks - 1 - i) * BLOCK + lanes
             mask = cols < n_cols
-            z = _logits(row_ptr, b_ptr, cols, mask & valid, cap, HAS_BIAS, SOFTCAP)
+            z = _logits(row_ptr, b_ptr, cols, mask & valid, cap, HAS_BIAS, SOFTCAP)  # ignored rows: not read
             g = tl.exp((z - shift) - log_s) * coef
             if SMOOTH:
                 g -= eps / n_cols
