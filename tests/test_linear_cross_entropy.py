@@ -11,7 +11,11 @@ GPU tests (marker `gpu`): bf16 at real sizes, and peak memory against the target
 from __future__ import annotations
 
 import importlib
+import importlib.util
+import json
+import os
 import subprocess
+import sys
 import tracemalloc
 import warnings
 
@@ -455,6 +459,61 @@ def test_triton_kernel_meta():
                             row_scale=True)["BLOCK"] == 64
     assert lce.dw_route(torch.device("cpu"), torch.float16) == "upcast"
     assert lce.dw_route(torch.device("cpu"), torch.float32) == "cublas"
+
+
+# The row kernel compiled ahead of time for Hopper (sm_90) in a worker process without the
+# interpreter (whose definitions cannot be compiled): bf16 and fp32, all options on and all off,
+# at V = 50257 (not a multiple of 16: the padded stride keeps the loads vectorised).
+_AOT_SCRIPT = r"""
+import itertools, json, re, subprocess, sys, tempfile
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from gpuad.kernels.triton import linear_cross_entropy as L
+try:
+    ptxas = triton.knobs.nvidia.ptxas.path
+except Exception:
+    from triton.backends.nvidia.compiler import get_ptxas
+    ptxas = get_ptxas().path
+fn, v = L._lce_rows_kernel, 50257
+stride = triton.cdiv(v, L.ROW_PAD) * L.ROW_PAD
+out = {}
+for dt, on in itertools.product(("bf16", "fp32"), (True, False)):
+    meta = L._kernel_meta(v, has_bias=on, grad=on, label_smoothing=0.1 * on, z_loss=1e-4 * on,
+                          softcap=30.0 if on else None, row_scale=on)
+    warps = meta.pop("num_warps")
+    sig = dict(z_ptr="*" + dt, stride="i32", b_ptr="*" + dt, t_ptr="*i64", loss_ptr="*fp32", lse_ptr="*fp32",
+               scale_ptr="*fp32", n_cols="i32", ignore_index="i32", eps="fp32", z_coef="fp32", cap="fp32")
+    sig.update({k: "constexpr" for k in meta})
+    aligned = ("z_ptr", "b_ptr", "t_ptr", "loss_ptr", "lse_ptr", "scale_ptr", "stride")  # as a launch sees them
+    attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in aligned}
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    ptx = k.asm["ptx"]
+    with tempfile.TemporaryDirectory() as tmp:
+        open(tmp + "/k.ptx", "w").write(ptx)
+        log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a" if "sm_90a" in ptx else "--gpu-name=sm_90",
+                              tmp + "/k.ptx", "-o", tmp + "/k.o"], capture_output=True, text=True).stderr
+    spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
+    out[f"{dt}-{'on' if on else 'off'}"] = dict(spills=spills, vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]", ptx)),
+                                              stores="st.global" in ptx)
+print(json.dumps(out))
+"""
+
+
+def test_triton_row_kernel_compiles_for_hopper(tmp_path):
+    """Compiles, stores, loads whole vectors and spills nothing, with each dtype and option set."""
+    if importlib.util.find_spec("triton.backends.nvidia") is None:
+        pytest.skip("this triton has no NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(TRITON_CACHE_DIR=str(tmp_path), PYTHONPATH=os.pathsep.join(p for p in sys.path if p))
+    proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(report) == 4
+    for variant, r in report.items():
+        assert r["stores"] and r["vector_loads"] > 0, (variant, r)
+        assert r["spills"] and max(r["spills"]) == 0, (variant, r)
 
 
 # ---------------------------------------------------------------- CUDA C kernels (emulated)

@@ -69,11 +69,12 @@ def _tanh(y):
 
 
 @triton.jit
-def _logits(row_ptr, b_ptr, cols, mask, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
-    """z for `cols` of one row in fp32: the GEMM's value (0 where not mask), + bias, soft-capped."""
-    z = tl.load(row_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+def _logits(row_ptr, b_ptr, cols, load_mask, col_ok, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """z for `cols` of one row in fp32: the GEMM's value (0 where not load_mask), + bias (of the
+    columns in col_ok), soft-capped."""
+    z = tl.load(row_ptr + cols, mask=load_mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        z += tl.load(b_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+        z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
     if SOFTCAP:
         z = cap * _tanh(z / cap)
     return z
@@ -86,9 +87,12 @@ def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, 
                      ROW_SCALE: tl.constexpr):
     """One program per row of the chunk z [rows, V] (row stride `stride`).
 
-    Pass 1 folds BLOCK-wide pieces into an online max and Σexp (and Σz for smoothing), giving
-    lse; the row loss and lse go to loss_ptr / lse_ptr. Pass 2 (HAS_GRAD), last piece first
-    (the likeliest still in L2), writes over z
+    The rows are the launcher's buffer, padded to a multiple of ROW_PAD elements: columns
+    [V, stride) are scratch that the kernel may read and write, so its loads and stores are
+    masked by `cols < stride` (whole 16-byte vectors, whatever V) and only the arithmetic by
+    `cols < V`. Pass 1 folds BLOCK-wide pieces into an online max and Σexp (and Σz for
+    smoothing), giving lse; the row loss and lse go to loss_ptr / lse_ptr. Pass 2 (HAS_GRAD),
+    last piece first (the likeliest still in L2), writes over z
         g = (softmax·(1 + 2·z_coef·lse) - eps/V - (1 - eps)·onehot) · (1 - (z/cap)²) · scale
     with scale = scale_ptr[row] (ROW_SCALE) or scale_ptr[0]; zeros on ignored rows, which
     pass 2 does not read. Out-of-range targets never address memory outside the row."""
@@ -104,14 +108,15 @@ def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, 
     sz = tl.zeros((), tl.float32)
     for k in range(0, n_blocks):
         cols = k * BLOCK + lanes
-        mask = cols < n_cols
-        z = tl.where(mask, _logits(row_ptr, b_ptr, cols, mask, cap, HAS_BIAS, SOFTCAP), float("-inf"))
+        col_ok = cols < n_cols
+        z = _logits(row_ptr, b_ptr, cols, cols < stride, col_ok, cap, HAS_BIAS, SOFTCAP)
+        z = tl.where(col_ok, z, float("-inf"))
         m_new = tl.maximum(m, tl.max(z, axis=0))
         shift = tl.where(m_new == float("-inf"), 0.0, m_new)
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
         m = m_new
         if SMOOTH:
-            sz += tl.sum(tl.where(mask, z, 0.0), axis=0)
+            sz += tl.sum(tl.where(col_ok, z, 0.0), axis=0)
     shift = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log(s)
     lse = shift + log_s
@@ -139,8 +144,8 @@ def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, 
             coef = 1.0 + 2.0 * z_coef * lse
         for i in range(0, n_blocks):
             cols = (n_blocks - 1 - i) * BLOCK + lanes
-            mask = cols < n_cols
-            z = _logits(row_ptr, b_ptr, cols, mask & valid, cap, HAS_BIAS, SOFTCAP)  # ignored rows: not read
+            in_row = cols < stride
+            z = _logits(row_ptr, b_ptr, cols, in_row & valid, cols < n_cols, cap, HAS_BIAS, SOFTCAP)
             g = tl.exp((z - shift) - log_s) * coef
             if SMOOTH:
                 g -= eps / n_cols
@@ -148,7 +153,7 @@ def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, 
             if SOFTCAP:
                 g *= 1.0 - (z / cap) * (z / cap)
             g = tl.where(valid, g * scale, 0.0)
-            tl.store(row_ptr + cols, g.to(z_ptr.dtype.element_ty), mask=mask)
+            tl.store(row_ptr + cols, g.to(z_ptr.dtype.element_ty), mask=in_row)
 
 
 def _kernel_meta(n_cols: int, *, has_bias: bool, grad: bool, label_smoothing: float, z_loss: float,
@@ -283,6 +288,7 @@ def _run(xt, wt, tt, bt, acc_t, gs, *, n, d, v, dtype, ignore_index, reduction, 
         c = min(c, n)
         stride = triton.cdiv(v, ROW_PAD) * ROW_PAD
         buf = torch.empty((c, stride), dtype=dtype, device=device)
+        buf[:, v:].zero_()  # the kernel's scratch columns: finite from the start
         meta = _kernel_meta(v, has_bias=bt is not None, grad=grad, label_smoothing=eps, z_loss=z_coef,
                             softcap=softcap, row_scale=row_scale)
         route = dw_route(device, dtype) if grad else None
