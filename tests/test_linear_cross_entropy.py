@@ -674,3 +674,28 @@ def test_gpu_peak_memory_within_target(shape):
     budget = 4 * v * d + 2 * n * d + max(c * v * 2, 2 * v * d) + 64 * 2**20  # + cuBLAS workspace, small buffers
     assert extra <= budget, f"peak extra {extra / 1e9:.3f} GB, budget {budget / 1e9:.3f} GB"
     assert out[2].dtype == torch.bfloat16
+
+
+# ---------------------------------------------------------------- the bench op (CPU, tiny)
+
+@pytest.mark.parametrize("impl", ["reference", "torch", "torch_lce", "triton_dw"])
+def test_bench_op_outputs_match_expected(impl):
+    """bench/lce_op.py: each implementation's outputs against the op's float64 expectation
+    (triton_dw only where a GPU is: the bench's triton impls need CUDA)."""
+    from bench import harness
+    from bench.lce_op import LinearCrossEntropy as Op
+    from bench.ops import Case
+    case = Case(Op.name, (40, 16, 300), "float32")
+    host = Op.make_inputs(case)
+    want = Op.expected(case, host, np)
+    try:
+        prepared = Op.impls[impl](harness.Env(), case, host, 1)
+    except harness.Unavailable as e:
+        pytest.skip(str(e))
+    got = prepared.outputs()
+    assert set(got) == {"loss", "dx", "dw"}
+    for name, w in want.items():
+        g = got[name]
+        g = g.detach().cpu().double().numpy() if isinstance(g, torch.Tensor) else np.asarray(g, np.float64)
+        assert_close(g, w, 1e-4, 1e-5, f"{impl} {name}")
+    prepared.fn()
