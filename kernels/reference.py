@@ -174,7 +174,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
             0-d array, or [N] per row for "none") when given, in the input dtype; dw is
             accumulated in float32 (float64 for float64 inputs) over all rows and, with
             dw_accumulate (float32 [V, D]), added into that buffer, which is returned as dw;
-      lse   float32 [N] (of every row, ignored ones included).
+      lse   [N] float32 (float64 for float64 inputs), of every row, ignored ones included.
     grad=False returns (loss, None, None, None). At most `chunk` rows of logits exist at a
     time (default: :func:`linear_cross_entropy_chunk`). allow_tf32 is accepted for a
     common signature and ignored: the reference is exact.

@@ -619,7 +619,6 @@ def test_gpu_matches_fp32_linear_then_ce(impl, dtype):
         out = [None if a is None else torch.from_dlpack(a) for a in out]
     else:
         out = _triton().linear_cross_entropy(x, w, t, bias=b, chunk=1000, return_lse=True, check_targets=False, **kw)
-    torch.backends.cuda.matmul.allow_tf32 = False
     want = oracle_cuda(x.float(), w.float(), t, b.float(), **kw)
     tol = {torch.bfloat16: 2e-2, torch.float16: 4e-3, torch.float32: 1e-4}[dtype]
     for got, exp, name in zip(out, want, ("loss", "dx", "dw", "db", "lse")):
@@ -637,6 +636,60 @@ def oracle_cuda(x, w, t, b, *, label_smoothing, z_loss, softcap, reduction):
     loss = rows.sum() / valid.sum()
     loss.backward()
     return loss.detach(), x.grad, w.grad, b.grad, lse.detach()
+
+
+@gpu
+def test_gpu_no_host_sync_and_both_dw_routes():
+    """check_targets=False: not one synchronising CUDA call (torch's sync debug mode raises on
+    any); the Triton fallback for dw (linear_backward into the fp32 buffer) gives the cuBLAS
+    route's dw; which route this torch takes is printed."""
+    lce = _triton()
+    x, w, t = _cuda_inputs(2048, 512, 32000, seed=3)
+    b = torch.randn(32000, device="cuda").to(torch.bfloat16)
+    kw = dict(bias=b, z_loss=1e-4, softcap=30.0, chunk=700, check_targets=False)
+    first = lce.linear_cross_entropy(x, w, t, **kw)  # warm-up: compiles, the route check
+    print("dw route for bf16:", lce.dw_route(x.device, torch.bfloat16))
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        again = lce.linear_cross_entropy(x, w, t, **kw)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert all(torch.equal(p, q) for p, q in zip(first, again)), "not the same bits on a second run"
+    route = lce.dw_route(x.device, torch.bfloat16)
+    other = "triton" if route == "cublas" else "cublas"
+    if other == "cublas" and not lce._addmm_fp32_accumulator(x.device.index, torch.bfloat16):
+        pytest.skip("this torch has no fp32-accumulator GEMM for bf16: only the Triton route runs")
+    original = lce.dw_route
+    lce.dw_route = lambda device, dtype: other
+    try:
+        forced = lce.linear_cross_entropy(x, w, t, **kw)
+    finally:
+        lce.dw_route = original
+    err = (forced[2].float() - first[2].float()).abs().max().item()
+    assert err <= 1e-2 * first[2].float().abs().max().item(), f"dw of the two routes differ by {err}"
+
+
+@gpu
+def test_gpu_engine_op_on_cupy_backend():
+    """ad.linear_cross_entropy on CuPy arrays (Triton kernels, then the CUDA C ones) against
+    the float64 reference."""
+    cp = pytest.importorskip("cupy")
+    x, w, t, b = make(300, 64, 5003, torch.float32, seed=4, ignore_every=6, bias=True)
+    want = ref.linear_cross_entropy(x.double().numpy(), w.double().numpy(), t.numpy(), bias=b.double().numpy(),
+                                    label_smoothing=0.1)
+    previous = ad.get_kernels()
+    try:
+        for kernels in ("triton", "cupy"):
+            ad.set_kernels(kernels)
+            with ad.use_backend("cupy"):
+                xs, ws, bs = (ad.tensor(cp.asarray(a.numpy()), requires_grad=True) for a in (x, w, b))
+                loss = ad.linear_cross_entropy(xs, ws, cp.asarray(t.numpy()), bs, label_smoothing=0.1, chunk=128)
+                loss.backward()
+            got = [loss.numpy(), xs.grad.get(), ws.grad.get(), bs.grad.get()]
+            assert_outputs(got, want, 1e-4, 1e-5)
+    finally:
+        ad.set_kernels(previous)
 
 
 @gpu
