@@ -109,6 +109,15 @@ def linear_cross_entropy_chunk(n_rows: int, n_cols: int, itemsize: int, free_byt
     return c - c % LCE_CHUNK_ALIGN if c > LCE_CHUNK_ALIGN else c
 
 
+def reduce_row_losses(row_loss, reduction, n_valid):
+    """The loss from the row losses: themselves ("none"), their sum, or the sum / n_valid
+    ("mean"; n_valid already at least 1). Any array library: numpy, CuPy, torch."""
+    if reduction == "none":
+        return row_loss
+    total = row_loss.sum()
+    return total / n_valid if reduction == "mean" else total
+
+
 def check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
                                     dw_accumulate, chunk, grad_scale, allowed=checks.FLOAT_DTYPES):
     """Shapes, dtypes and option values of ``linear_cross_entropy`` (no data is read).
@@ -239,13 +248,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
         dw += g.T @ xc
         if db is not None:
             db += g.sum(axis=0)
-    if reduction == "none":
-        loss = row_loss
-    else:
-        loss = row_loss.sum()
-        if reduction == "mean":
-            loss = loss / n_valid
-        loss = xp.asarray(loss, dtype=acc)
+    loss = xp.asarray(reduce_row_losses(row_loss, reduction, n_valid), dtype=acc)
     if grad:
         dx = None if dx is None else dx.astype(x.dtype)
         db = None if db is None else db.astype(x.dtype)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import checks
-from ..reference import check_linear_cross_entropy_args, linear_cross_entropy_chunk
+from ..reference import check_linear_cross_entropy_args, linear_cross_entropy_chunk, reduce_row_losses
 from .compile import get_function
 from .cross_entropy import _require_cupy
 from .linear_backward import _float32_compute_type, _gemm_accumulate
@@ -119,13 +119,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
                         column_sum((-(-v // COLUMN_THREADS),), (COLUMN_THREADS,),
                                    (zc, db, np.int64(r1 - r0), np.int64(v)))
             del buf
-        if reduction == "none":
-            loss = row_loss
-        else:
-            loss = row_loss.sum()
-            if reduction == "mean":
-                loss = loss / n_valid
-            loss = loss.astype(cupy.float32)
+        loss = reduce_row_losses(row_loss, reduction, n_valid)
         if grad:
             if dw_accumulate is None and dw.dtype != x.dtype:
                 dw = dw.astype(x.dtype)

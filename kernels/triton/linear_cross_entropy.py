@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .. import checks
-from ..reference import check_linear_cross_entropy_args, linear_cross_entropy_chunk
+from ..reference import check_linear_cross_entropy_args, linear_cross_entropy_chunk, reduce_row_losses
 from .interop import as_given, as_torch
 from .linear_backward import _pinned_matmul_precision
 from .linear_backward import linear_backward as _triton_linear_backward
@@ -268,11 +268,11 @@ def _run(xt, wt, tt, bt, acc_t, gs, *, n, d, v, dtype, ignore_index, reduction, 
     """The chunk loop on torch tensors; returns (loss, dx, dw, db, lse)."""
     device = xt.device
     targets = tt.contiguous()
-    n_valid = (targets != ignore_index).sum()
+    n_valid = (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
     # the gradient's factor per row (ROW_SCALE) or for all rows: 1/n_valid for "mean", × grad_scale
     scale = torch.ones((), dtype=torch.float32, device=device)
     if reduction == "mean":
-        scale = scale / n_valid.clamp(min=1).to(torch.float32)
+        scale = scale / n_valid
     if gs is not None:
         scale = (scale * gs.to(torch.float32)).contiguous()
     row_scale = scale.dim() == 1
@@ -311,12 +311,7 @@ def _run(xt, wt, tt, bt, acc_t, gs, *, n, d, v, dtype, ignore_index, reduction, 
                 if db is not None:
                     db += zc.sum(0, dtype=torch.float32)
         del buf
-    if reduction == "none":
-        loss = row_loss
-    else:
-        loss = row_loss.sum()
-        if reduction == "mean":
-            loss = loss / n_valid.clamp(min=1).to(torch.float32)
+    loss = reduce_row_losses(row_loss, reduction, n_valid)
     if grad:
         if acc_t is None and dtype != torch.float32:
             dw = dw.to(dtype)
