@@ -84,9 +84,8 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
         scale = cupy.ones((), dtype=cupy.float32)
         if reduction == "mean":
             scale = scale / n_valid
-        if grad_scale is not None:
+        if grad_scale is not None:  # a fresh (contiguous) array: 0-d, or [N] per row
             scale = scale * grad_scale.astype(cupy.float32)
-        scale = cupy.ascontiguousarray(scale)
         row_scale = scale.ndim == 1
         row_loss = cupy.empty(n, dtype=cupy.float32)
         lse = cupy.empty(n, dtype=cupy.float32)
