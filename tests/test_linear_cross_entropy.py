@@ -10,6 +10,7 @@ GPU tests (marker `gpu`): bf16 at real sizes, and peak memory against the target
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -608,6 +609,73 @@ def test_cuda_row_kernel_emulated(emulated_lce, name, opts):
     module(f"lce_column_sum_{suffix}", (-(-v // launcher.COLUMN_THREADS),), (launcher.COLUMN_THREADS,),
            (z, db, np.int64(n), np.int64(v)))
     assert_close(db - 0.5, emu.to_f64(z, name).sum(axis=0), 1e-5, 1e-6, "column sums")
+
+
+class _HostDevice:
+    """What the launcher reads of a CuPy array's device: an id, and a context to enter."""
+    id = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class _HostArray(np.ndarray):
+    """A numpy array that passes for a CuPy one in the launcher (its .device)."""
+    device = _HostDevice()
+
+
+def _host_cupy():
+    """The few CuPy functions the launcher calls, on numpy arrays that pass for CuPy ones."""
+    import types
+
+    def wrap(fn):
+        return lambda *a, **k: np.asarray(fn(*a, **k)).view(_HostArray)
+    return types.SimpleNamespace(
+        int64=np.int64, float32=np.float32, matmul=np.matmul, ascontiguousarray=wrap(np.ascontiguousarray),
+        maximum=wrap(np.maximum), ones=wrap(np.ones), empty=wrap(np.empty), zeros=wrap(np.zeros))
+
+
+@pytest.mark.parametrize("name", ["float32", "float16"])
+@pytest.mark.parametrize("case", [("mean", "all", None), ("none", "bias", "rows"), ("sum", "softcap", "scalar")])
+def test_cupy_launcher_emulated(emulated_lce, monkeypatch, name, case):
+    """The CuPy launcher's own code (chunk loop, slices, scales, reductions, casts) with its
+    CUDA C kernels emulated on the CPU and numpy standing in for CuPy: against the reference.
+    cuBLAS is numpy's matmul (the fp32 gemmEx accumulation in float32)."""
+    import sys
+    emu, module = emulated_lce
+    launcher = _cupy_launcher()
+    reduction, opts, scale_kind = case
+    monkeypatch.setitem(sys.modules, "cupy", _host_cupy())
+    monkeypatch.setattr(launcher, "_require_cupy", lambda **arrays: None)
+    monkeypatch.setattr(launcher, "_free_bytes", lambda: 1 << 40)
+    monkeypatch.setattr(launcher, "_float32_compute_type", lambda allow_tf32: contextlib.nullcontext())
+    monkeypatch.setattr(launcher, "get_function",
+                        lambda source, kernel: lambda grid, block, args: module(kernel, grid, block, args))
+
+    def gemm_accumulate(dy2, x2, out, allow_tf32):
+        out += dy2.T.astype(np.float32) @ x2.astype(np.float32)
+    monkeypatch.setattr(launcher, "_gemm_accumulate", gemm_accumulate)
+    n, d, v = 10, 8, 45
+    x, w, t, b = make(n, d, v, seed=50 + len(opts), ignore_every=4, bias=True)
+    kw = options(opts, b)
+    host = {k: a.to(getattr(torch, name)).numpy().view(_HostArray) for k, a in (("x", x), ("w", w), ("b", b))}
+    if "bias" in kw:
+        kw["bias"] = host["b"]
+    scale = {None: None, "rows": np.linspace(-1, 1, n), "scalar": np.asarray(2.5)}[scale_kind]
+    acc = np.zeros((v, d), np.float32).view(_HostArray)
+    out = launcher.linear_cross_entropy(host["x"], host["w"], t.numpy().view(_HostArray), reduction=reduction,
+                                        chunk=3, return_lse=True, dw_accumulate=acc if scale_kind else None,
+                                        grad_scale=None if scale is None else scale.view(_HostArray), **kw)
+    want = ref.linear_cross_entropy(*(host[k].astype(np.float64) for k in ("x", "w")), t.numpy(), reduction=reduction,
+                                    return_lse=True, grad_scale=scale,
+                                    **{k: (a.astype(np.float64) if k == "bias" else a) for k, a in kw.items()})
+    assert out[2] is acc if scale_kind else out[2].dtype == np.dtype(name)
+    assert out[0].dtype == np.float32 and out[1].dtype == np.dtype(name)
+    tol = {"float32": (2e-5, 2e-6), "float16": (2e-2, 4e-3)}[name]
+    assert_outputs([np.asarray(a, np.float64) if a is not None else None for a in out], want, *tol)
 
 
 # ---------------------------------------------------------------- GPU
