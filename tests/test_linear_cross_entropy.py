@@ -843,3 +843,13 @@ def test_bench_op_outputs_match_expected(impl):
         g = g.detach().cpu().double().numpy() if isinstance(g, torch.Tensor) else np.asarray(g, np.float64)
         assert_close(g, w, 1e-4, 1e-5, f"{impl} {name}")
     prepared.fn()
+
+
+def test_kernel_packages_export_the_function():
+    """gpuad.kernels.{reference, triton, cupy}.linear_cross_entropy is the function (the engine
+    op calls it through the package), not the submodule of the same name."""
+    for name in ("reference", "triton", "cupy"):
+        package = importlib.import_module(f"gpuad.kernels.{name}")
+        fn = package.linear_cross_entropy
+        assert callable(fn) and fn.__name__ == "linear_cross_entropy", name
+        assert "linear_cross_entropy" in getattr(package, "__all__", ["linear_cross_entropy"])
