@@ -160,10 +160,10 @@ def check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smooth
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be None or a positive int (rows of x per chunk), got {chunk!r}")
     if grad_scale is not None:
-        want = ((n,),) if reduction == "none" else ((),)
-        if tuple(grad_scale.shape) not in want + ((),) or not checks.is_float(grad_scale.dtype):
-            raise ValueError(f"grad_scale must be a floating 0-d array{' or [N] = [%d]' % n if reduction == 'none' else ''}"
-                             f" for reduction {reduction!r}, got {checks.dtype_name(grad_scale.dtype)} "
+        shapes = ((), (n,)) if reduction == "none" else ((),)
+        if tuple(grad_scale.shape) not in shapes or not checks.is_float(grad_scale.dtype):
+            raise ValueError(f"grad_scale must be a floating array of shape {' or '.join(map(str, shapes))} for "
+                             f"reduction {reduction!r}, got {checks.dtype_name(grad_scale.dtype)} "
                              f"{tuple(grad_scale.shape)}")
 
 

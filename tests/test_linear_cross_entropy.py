@@ -477,11 +477,11 @@ def test_triton_kernel_meta():
 # interpreter (whose definitions cannot be compiled): bf16 and fp32, all options on and all off,
 # at V = 50257 (not a multiple of 16: the padded stride keeps the loads vectorised).
 _AOT_SCRIPT = r"""
-import itertools, json, re, subprocess, sys, tempfile
+import importlib, itertools, json, re, subprocess, sys, tempfile
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
-from gpuad.kernels.triton import linear_cross_entropy as L
+L = importlib.import_module("gpuad.kernels.triton.linear_cross_entropy")  # the module, not the function
 try:
     ptxas = triton.knobs.nvidia.ptxas.path
 except Exception:
@@ -507,8 +507,8 @@ for dt, on in itertools.product(("bf16", "fp32"), (True, False)):
         log = subprocess.run([ptxas, "-v", "--gpu-name=sm_90a" if "sm_90a" in ptx else "--gpu-name=sm_90",
                               tmp + "/k.ptx", "-o", tmp + "/k.o"], capture_output=True, text=True).stderr
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
-    out[f"{dt}-{'on' if on else 'off'}"] = dict(spills=spills, vector_loads=len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]", ptx)),
-                                              stores="st.global" in ptx)
+    vector_loads = len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]", ptx))
+    out[f"{dt}-{'on' if on else 'off'}"] = dict(spills=spills, vector_loads=vector_loads, stores="st.global" in ptx)
 print(json.dumps(out))
 """
 

@@ -227,8 +227,9 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     device) multiplies the gradients. See the module docstring for the design.
 
     Memory beyond inputs and outputs: one [c, V] buffer of the input dtype (c = `chunk` or
-    :func:`gpuad.kernels.reference.linear_cross_entropy_chunk`), 12·N bytes, and an fp32 [V, D] accumulator when grad and no
-    dw_accumulate (for fp32 inputs it is dw itself). FLOPs: 2·N·D·V (loss only) or 6·N·D·V.
+    ``gpuad.kernels.reference.linear_cross_entropy_chunk``; rows padded to ROW_PAD elements),
+    12·N bytes, and an fp32 [V, D] accumulator when grad and no dw_accumulate (for fp32 inputs
+    it is dw itself). FLOPs: 2·N·D·V (grad=False) or 6·N·D·V.
 
     check_targets=True raises IndexError for a target outside [0, V) that is not ignore_index
     (a host sync); False removes it: no host sync at all, and a bad target gives an
