@@ -22,6 +22,7 @@ from .gradcheck import GradcheckError, gradcheck
 from .ops import (add, div, exp, gelu, getitem, linear, log, log_softmax, logsumexp, matmul, mean, mul, neg,
                   pow, relu, reshape, sigmoid, softmax, softmax_cross_entropy, sq_norm, sub, sum, tanh, to,
                   transpose, unbroadcast, where)
+from .ops import linear_cross_entropy  # the fused LM head
 from .tensor import Tensor, is_grad_enabled, no_grad
 from .transforms import grad, jacobian, jvp, value_and_grad, vjp
 from . import backend as _backend
@@ -61,3 +62,4 @@ __all__ = [
     "sq_norm", "softmax_cross_entropy", "to", "unbroadcast",
     "grad", "value_and_grad", "vjp", "jvp", "jacobian", "gradcheck", "GradcheckError",
 ]
+__all__ += ["linear_cross_entropy"]

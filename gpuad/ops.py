@@ -473,3 +473,75 @@ for _name, _cmp in (("__lt__", "less"), ("__le__", "less_equal"), ("__gt__", "gr
     # comparisons give constant boolean Tensors (for ad.where), never recorded
     setattr(Tensor, _name, (lambda fn: lambda self, other: Tensor(getattr(self.xp, fn)(
         self.data, other.data if isinstance(other, Tensor) else other)))(_cmp))
+
+
+# --- fused LM head ----------------------------------------------------------------------
+def linear_cross_entropy(x, W, targets, b=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                         z_loss=0.0, softcap=None, chunk=None):
+    """softmax_cross_entropy(linear(x, W, b), targets, ...) without ever holding the logits.
+
+    x [..., D], W [V, D] (PyTorch's [out, in]), b [V] or None, targets x.shape[:-1] integer
+    (a Tensor or array, not differentiated). z_loss adds z_loss·lse² per row (PaLM);
+    softcap c applies c·tanh(z / c) to the logits first (Gemma 2). Returns the loss: 0-d
+    for "mean" / "sum", targets' shape for "none"; ignored rows count for nothing (all
+    ignored: loss and gradients 0). The kernel (``linear_cross_entropy`` of the reference on
+    numpy, of the Triton or CuPy kernels on cupy) works through `chunk` rows at a time.
+
+    "mean" / "sum": the gradients are computed with the loss and the VJP scales them.
+    "none": the forward computes the losses only, and the VJP runs the kernel again with the
+    cotangent as per-row weights (exact for any cotangent). Forward mode of "none" runs the
+    kernel on [x, 0] and [W, tW] side by side, so that dx's second half is dlogits·tW."""
+    x, W = as_tensor(x), as_tensor(W)
+    parents = (x, W) if b is None else (x, W, as_tensor(b))
+    t = targets.data if isinstance(targets, Tensor) else targets
+    xp = B.array_module(*(p.data for p in parents), t)
+    t = xp.asarray(t)
+    if W.ndim != 2 or x.ndim < 1 or x.shape[-1] != W.shape[1]:
+        raise ValueError(f"linear_cross_entropy: x {x.shape} and W {W.shape} do not match: need x [..., D] "
+                         f"and W [V, D]")
+    if tuple(t.shape) != x.shape[:-1]:
+        raise ValueError(f"linear_cross_entropy: targets {tuple(t.shape)} must have the shape of x {x.shape} "
+                         f"without its last axis")
+    d = W.shape[1]
+    x2, t2, Wd = x.data.reshape(-1, d), t.reshape(-1), W.data
+    bd = parents[2].data if b is not None else None
+    kernels = B.kernel_module(xp, x.dtype)
+    opts = dict(bias=bd, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                z_loss=z_loss, softcap=softcap, chunk=chunk)
+    forward_mode = any(p.tangent is not None for p in parents)
+    recording = is_grad_enabled() and any(p.requires_grad for p in parents)
+    eager = reduction != "none" and (recording or forward_mode)
+    loss, dx, dW, db = kernels.linear_cross_entropy(x2, Wd, t2, grad=eager, need_dx=x.requires_grad or forward_mode,
+                                                    **opts)
+    if reduction == "none":
+        loss = loss.reshape(t.shape)
+
+    def vjp(g):
+        if reduction == "none":
+            scale = None if is_unit_seed(g) else g.reshape(-1)
+            _, gx, gW, gb = kernels.linear_cross_entropy(x2, Wd, t2, grad=True, need_dx=x.requires_grad,
+                                                         grad_scale=scale, check_targets=False, **opts)
+        elif is_unit_seed(g):
+            gx, gW, gb = dx, dW, db
+        else:
+            gx, gW, gb = (None if a is None else g.astype(a.dtype) * a for a in (dx, dW, db))
+        return (None if gx is None else gx.reshape(x.shape), gW, gb)
+
+    def jvp(tx, tW, tb=None):
+        if reduction != "none":
+            out = (dx.reshape(x.shape) * tx).sum() + (dW * tW).sum()
+            return out if tb is None else out + (db * tb).sum()
+        # dloss_n = g_n·(tx_n Wᵀ + x_n tWᵀ + tb) for g_n = ∂loss_n/∂z_n: with x' = [x, 0] and
+        # W' = [W, tW] (logits unchanged), dx' = g W' = [g W, g tW]; tb rides as one more column.
+        tx2 = tx.reshape(-1, d)
+        zeros = xp.zeros((x2.shape[0], d + (tb is not None)), dtype=x2.dtype)
+        w_cols = [Wd, tW] + ([tb.reshape(-1, 1)] if tb is not None else [])
+        _, gx, _, _ = kernels.linear_cross_entropy(xp.concatenate([x2, zeros], axis=1),
+                                                   xp.concatenate(w_cols, axis=1).astype(x2.dtype), t2,
+                                                   check_targets=False, **opts)
+        out = (gx[:, :d] * tx2).sum(axis=1) + (gx[:, d:2 * d] * x2).sum(axis=1)
+        if tb is not None:
+            out = out + gx[:, 2 * d]
+        return out.reshape(t.shape)
+
+    return record("linear_cross_entropy", loss, parents, vjp=vjp, jvp=jvp)

@@ -90,3 +90,172 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
         dw = dw.astype(x.dtype)
     db = dy2.sum(axis=0).astype(x.dtype) if bias else None
     return dx, dw, db
+
+
+# --- fused LM head: linear + cross-entropy without the [N, V] logits ------------------------
+
+LCE_ROWS_PER_CHUNK = 2048  # default rows of a chunk (enough for the dw GEMM to be compute-bound)
+LCE_CHUNK_BYTES_MAX = 1 << 30  # default cap of the [chunk, V] logits buffer
+LCE_CHUNK_ALIGN = 128  # default chunks above this many rows are a multiple of it
+
+
+def linear_cross_entropy_chunk(n_rows: int, n_cols: int, itemsize: int, free_bytes: int | None = None) -> int:
+    """The default rows per chunk of ``linear_cross_entropy``: min(N, LCE_ROWS_PER_CHUNK), cut so
+    that the [chunk, V] buffer of `itemsize`-byte elements is at most LCE_CHUNK_BYTES_MAX and a
+    quarter of `free_bytes` (when known), then rounded down to a multiple of LCE_CHUNK_ALIGN
+    when above it. Shared by every implementation (a pure function)."""
+    budget = LCE_CHUNK_BYTES_MAX if free_bytes is None else min(LCE_CHUNK_BYTES_MAX, free_bytes // 4)
+    c = min(max(n_rows, 1), LCE_ROWS_PER_CHUNK, max(1, budget // max(1, n_cols * itemsize)))
+    return c - c % LCE_CHUNK_ALIGN if c > LCE_CHUNK_ALIGN else c
+
+
+def reduce_row_losses(row_loss, reduction, n_valid):
+    """The loss from the row losses: themselves ("none"), their sum, or the sum / n_valid
+    ("mean"; n_valid already at least 1). Any array library: numpy, CuPy, torch."""
+    if reduction == "none":
+        return row_loss
+    total = row_loss.sum()
+    return total / n_valid if reduction == "mean" else total
+
+
+def check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
+                                    dw_accumulate, chunk, grad_scale, allowed=checks.FLOAT_DTYPES):
+    """Shapes, dtypes and option values of ``linear_cross_entropy`` (no data is read).
+
+    x [N, D], w [V, D], targets [N] integer, bias None or [V]; x, w, bias one floating dtype;
+    dw_accumulate None or float32 [V, D]; chunk None or a positive int; grad_scale None, 0-d,
+    or [N] (reduction "none" only)."""
+    if len(x.shape) != 2 or len(w.shape) != 2:
+        raise ValueError(f"x must be [N, D] and w [V, D], got x {tuple(x.shape)} and w {tuple(w.shape)}")
+    (n, d), (v, dw_) = x.shape, w.shape
+    if d != dw_:
+        raise ValueError(f"x's last axis must be D = w.shape[1] = {dw_}: x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if v < 1:
+        raise ValueError(f"w must have at least one row (class), got w {tuple(w.shape)}")
+    if len(targets.shape) != 1 or targets.shape[0] != n:
+        raise ValueError(f"targets must have shape [N] = [{n}] to match x {tuple(x.shape)}, "
+                         f"got {tuple(targets.shape)}")
+    if not checks.is_integer(targets.dtype):
+        raise ValueError(f"targets must be integers, got {checks.dtype_name(targets.dtype)}")
+    if bias is not None and tuple(bias.shape) != (v,):
+        raise ValueError(f"bias must have shape [V] = [{v}] to match w {tuple(w.shape)}, got {tuple(bias.shape)}")
+    names = {checks.dtype_name(a.dtype) for a in (x, w, bias) if a is not None}
+    if len(names) != 1:
+        raise ValueError("x, w and bias must share one dtype, got " + ", ".join(
+            f"{k} {checks.dtype_name(a.dtype)}" for k, a in (("x", x), ("w", w), ("bias", bias)) if a is not None))
+    if names.pop() not in allowed:
+        raise ValueError(f"x and w must be floating point ({', '.join(allowed)}), got {checks.dtype_name(x.dtype)}")
+    if reduction not in checks.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if not 0.0 <= float(z_loss) < float("inf"):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+    if softcap is not None and not 0.0 < float(softcap) < float("inf"):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+    if dw_accumulate is not None and (tuple(dw_accumulate.shape) != (v, d)
+                                      or checks.dtype_name(dw_accumulate.dtype) != "float32"):
+        raise ValueError(f"dw_accumulate must be a float32 buffer of shape [V, D] = {(v, d)}, got "
+                         f"{checks.dtype_name(dw_accumulate.dtype)} {tuple(dw_accumulate.shape)}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be None or a positive int (rows of x per chunk), got {chunk!r}")
+    if grad_scale is not None:
+        shapes = ((), (n,)) if reduction == "none" else ((),)
+        if tuple(grad_scale.shape) not in shapes or not checks.is_float(grad_scale.dtype):
+            raise ValueError(f"grad_scale must be a floating array of shape {' or '.join(map(str, shapes))} for "
+                             f"reduction {reduction!r}, got {checks.dtype_name(grad_scale.dtype)} "
+                             f"{tuple(grad_scale.shape)}")
+
+
+def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                         z_loss=0.0, softcap=None, dw_accumulate=None, need_dx=True, return_lse=False, chunk=None,
+                         grad=True, grad_scale=None, check_targets=True, allow_tf32=False):
+    """Cross-entropy of the logits z = x wᵀ + bias, and its gradients, in row chunks.
+
+    x [N, D], w [V, D] (PyTorch's layout), targets [N] integer, bias [V] or None. Per row,
+    with z optionally soft-capped first (softcap c: z <- c·tanh(z / c)) and lse = log Σ exp z:
+        loss_n = lse - (1 - eps)·z_t - (eps / V)·Σ_v z_v + z_loss·lse²     (eps = label_smoothing)
+    rows whose target is ignore_index have loss 0, gradient 0 and leave the mean; all ignored
+    gives 0 (not NaN). Returns (loss, dx, dw, db), plus lse [N] when return_lse:
+      loss  float32 (float64 for float64 inputs): 0-d, or [N] for reduction "none";
+      dx    [N, D] (None when need_dx=False), dw [V, D], db [V] (None without bias): gradients
+            of the loss (for "none": of the sum of the row losses), each times grad_scale (a
+            0-d array, or [N] per row for "none") when given, in the input dtype; dw is
+            accumulated in float32 (float64 for float64 inputs) over all rows and, with
+            dw_accumulate (float32 [V, D]), added into that buffer, which is returned as dw;
+      lse   [N] float32 (float64 for float64 inputs), of every row, ignored ones included.
+    grad=False returns (loss, None, None, None). At most `chunk` rows of logits exist at a
+    time (default: :func:`linear_cross_entropy_chunk`). allow_tf32 is accepted for a
+    common signature and ignored: the reference is exact.
+    """
+    check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
+                                    dw_accumulate, chunk, grad_scale)
+    xp = array_module(x, w, targets, *(a for a in (bias, dw_accumulate, grad_scale) if a is not None))
+    (n, d), v = x.shape, w.shape[0]
+    if check_targets:
+        checks.check_targets(targets, v, ignore_index)
+    acc = _acc_dtype(xp, x.dtype)
+    eps, zc = float(label_smoothing), float(z_loss)
+    chunk = chunk or linear_cross_entropy_chunk(n, v, xp.dtype(acc).itemsize)
+    wa = w.astype(acc)
+    ba = None if bias is None else bias.astype(acc)
+    valid = targets != ignore_index
+    n_valid = xp.maximum(valid.sum(), 1).astype(acc)
+    # per-row factor of the gradient: 1/n_valid for "mean", times grad_scale
+    row_scale = xp.ones(n, dtype=acc) / (n_valid if reduction == "mean" else 1)
+    if grad_scale is not None:
+        row_scale = row_scale * grad_scale.astype(acc)
+    row_loss = xp.zeros(n, dtype=acc)
+    lse = xp.zeros(n, dtype=xp.float64 if acc == xp.float64 else xp.float32)
+    dx = xp.zeros((n, d), dtype=acc) if grad and need_dx else None
+    dw = xp.zeros((v, d), dtype=acc) if grad else None
+    db = xp.zeros(v, dtype=acc) if grad and bias is not None else None
+    for r0 in range(0, n, chunk):
+        rows = slice(r0, min(n, r0 + chunk))
+        xc = x[rows].astype(acc)
+        z = xc @ wa.T
+        if ba is not None:
+            z += ba
+        if softcap is not None:
+            z = softcap * xp.tanh(z / softcap)
+        m = z.max(axis=1)
+        shifted = z - m[:, None]
+        log_s = xp.log(xp.exp(shifted).sum(axis=1))
+        lse_c = m + log_s
+        ok = valid[rows]
+        t = xp.where(ok, targets[rows], 0).astype(xp.int64)
+        z_t = xp.take_along_axis(z, t[:, None], axis=1)[:, 0]
+        loss_c = lse_c - (1.0 - eps) * z_t
+        if eps:
+            loss_c -= eps / v * z.sum(axis=1)
+        if zc:
+            loss_c += zc * lse_c * lse_c
+        row_loss[rows] = xp.where(ok, loss_c, 0.0)
+        lse[rows] = lse_c
+        if not grad:
+            continue
+        g = xp.exp(shifted - log_s[:, None])  # softmax
+        if zc:
+            g *= (1.0 + 2.0 * zc * lse_c)[:, None]
+        if eps:
+            g -= eps / v
+        g[xp.arange(g.shape[0]), t] -= 1.0 - eps
+        if softcap is not None:
+            g *= 1.0 - (z / softcap) ** 2
+        g *= (ok * row_scale[rows])[:, None]
+        if dx is not None:
+            dx[rows] = g @ wa
+        dw += g.T @ xc
+        if db is not None:
+            db += g.sum(axis=0)
+    loss = xp.asarray(reduce_row_losses(row_loss, reduction, n_valid), dtype=acc)
+    if grad:
+        dx = None if dx is None else dx.astype(x.dtype)
+        db = None if db is None else db.astype(x.dtype)
+        if dw_accumulate is not None:
+            dw_accumulate += dw.astype(xp.float32)
+            dw = dw_accumulate
+        else:
+            dw = dw.astype(x.dtype)
+    out = (loss, dx, dw, db)
+    return out + (lse,) if return_lse else out

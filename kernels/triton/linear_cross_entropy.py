@@ -1,0 +1,321 @@
+"""Fused LM head: linear + softmax cross-entropy that never holds the [N, V] logits.
+
+    x [N, D], w [V, D] (PyTorch's layout), targets [N], bias [V] or None
+    loss, dx = ∂loss/∂x, dw = ∂loss/∂w, db = ∂loss/∂bias  (and lse [N] on request)
+
+Design: chunks of rows. For rows [r, r + c) of x:
+
+    1. zc   = x[r:r+c] @ wᵀ                 cuBLAS (torch.mm), fp32 accumulation, written into
+                                            one preallocated [c, V] buffer (the only logits)
+    2. _lce_rows_kernel (Triton, one program a row): adds the bias, soft-caps, computes the
+       row's log-sum-exp online, the loss (label smoothing, z-loss), and writes dloss/dz over
+       zc in place (the mean's 1/n_valid and grad_scale folded in)
+    3. dx[r:r+c] = zc @ w                   cuBLAS, written straight into dx
+    4. dw += zcᵀ @ x[r:r+c]                 one GEMM with beta = 1 into an fp32 [V, D] buffer
+       db += Σ_rows zc                      fp32 column sums (torch.sum: fixed order)
+
+Why rows and not the vocabulary: a chunk of rows holds whole rows, so its log-sum-exp is final
+when the gradient is written and each GEMM runs once: 3 GEMMs, 6·N·D·V FLOPs, the floor.
+Chunking V instead would need each row's log-sum-exp before any dw slice could be formed, so
+the logits GEMM would run twice (8·N·D·V FLOPs, 4/3 of the floor); its one gain is that each
+dw slice would be complete in one GEMM (no fp32 [V, D] accumulator).
+
+The chunk c (rows) sets the trade-off. Memory: the buffer is c·V·itemsize bytes (+ c·4·3 for
+row losses, lse and scales). Speed: step 4 reads and writes the fp32 accumulator once a chunk
+(8·V·D bytes against 2·c·V·D FLOPs, c/4 FLOP/byte), so c must be large enough for that GEMM to
+stay compute-bound: 2048 rows give 512 FLOP/byte, above an H100's or H200's ridge. The
+default (``gpuad.kernels.reference.linear_cross_entropy_chunk``, shared by every
+implementation) is min(N, 2048) rows, cut so that the buffer is at most 1 GiB and a quarter of
+the free device memory; `chunk` overrides it.
+At 8192×4096→128256 bf16: a 525 MB buffer (4 chunks), the fp32 dw accumulator 2.1 GB (none
+when dw_accumulate is given), dx 67 MB, and dw in bf16 1.05 GB when no dw_accumulate is given
+(the accumulator is freed after that cast; the buffer before it).
+
+Numerics: every GEMM accumulates in fp32 (reduced-precision reductions off, fp32 products
+exact unless allow_tf32); dw in fp32 across chunks whatever the input dtype: with fp16/bf16
+inputs through torch.addmm(..., out_dtype=float32) where this torch supports an fp32
+accumulator there (checked once a device), else through gpuad's Triton linear_backward with
+dw_accumulate. Deterministic: no atomics, fixed-order sums. No host synchronisation (with
+check_targets=False): the valid-target count and the mean's scale stay on the device.
+64-bit row offsets in the kernel.
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import checks
+from ..reference import check_linear_cross_entropy_args, linear_cross_entropy_chunk, reduce_row_losses
+from .interop import as_given, as_torch
+from .linear_backward import _pinned_matmul_precision
+from .linear_backward import linear_backward as _triton_linear_backward
+
+_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+_DTYPES = ("float16", "bfloat16", "float32")
+
+ROW_PAD = 64  # the buffer's row stride is a multiple of this many elements (aligned GEMM leading dim)
+MAX_BLOCK = 4096  # columns a program handles per step of its loop over V
+
+
+@triton.jit
+def _tanh(y):
+    """tanh through exp, finite at both ends (exp overflowing to inf gives ±1)."""
+    return 1.0 - 2.0 / (tl.exp(2.0 * y) + 1.0)
+
+
+@triton.jit
+def _logits(row_ptr, b_ptr, cols, load_mask, col_ok, cap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """z for `cols` of one row in fp32: the GEMM's value (0 where not load_mask), + bias (of the
+    columns in col_ok), soft-capped."""
+    z = tl.load(row_ptr + cols, mask=load_mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+    if SOFTCAP:
+        z = cap * _tanh(z / cap)
+    return z
+
+
+@triton.jit
+def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, n_cols, ignore_index,
+                     eps, z_coef, cap, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GRAD: tl.constexpr,
+                     SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
+                     ROW_SCALE: tl.constexpr):
+    """One program per row of the chunk z [rows, V] (row stride `stride`).
+
+    The rows are the launcher's buffer, padded to a multiple of ROW_PAD elements: columns
+    [V, stride) are scratch that the kernel may read and write, so its loads and stores are
+    masked by `cols < stride` (whole 16-byte vectors, whatever V) and only the arithmetic by
+    `cols < V`. Pass 1 folds BLOCK-wide pieces into an online max and Σexp (and Σz for
+    smoothing), giving lse; the row loss and lse go to loss_ptr / lse_ptr. Pass 2 (HAS_GRAD),
+    last piece first (the likeliest still in L2), writes over z
+        g = (softmax·(1 + 2·z_coef·lse) - eps/V - (1 - eps)·onehot) · (1 - (z/cap)²) · scale
+    with scale = scale_ptr[row] (ROW_SCALE) or scale_ptr[0]; zeros on ignored rows, which
+    pass 2 does not read. Out-of-range targets never address memory outside the row."""
+    row = tl.program_id(0)
+    t = tl.load(t_ptr + row).to(tl.int64)
+    valid = t != ignore_index
+    row_ptr = z_ptr + row.to(tl.int64) * stride
+    lanes = tl.arange(0, BLOCK)
+    n_blocks = tl.cdiv(n_cols, BLOCK)
+
+    m = tl.full((), float("-inf"), tl.float32)
+    s = tl.zeros((), tl.float32)
+    sz = tl.zeros((), tl.float32)
+    for k in range(0, n_blocks):
+        cols = k * BLOCK + lanes
+        col_ok = cols < n_cols
+        z = _logits(row_ptr, b_ptr, cols, cols < stride, col_ok, cap, HAS_BIAS, SOFTCAP)
+        z = tl.where(col_ok, z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=0))
+        shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+        s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
+        m = m_new
+        if SMOOTH:
+            sz += tl.sum(tl.where(col_ok, z, 0.0), axis=0)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    log_s = tl.log(s)
+    lse = shift + log_s
+    t_col = tl.minimum(tl.maximum(t, 0), n_cols - 1)  # clamped: never outside the row
+    z_t = tl.load(row_ptr + t_col).to(tl.float32)
+    if HAS_BIAS:
+        z_t += tl.load(b_ptr + t_col).to(tl.float32)
+    if SOFTCAP:
+        z_t = cap * _tanh(z_t / cap)
+    loss = lse - (1.0 - eps) * z_t
+    if SMOOTH:
+        loss -= eps / n_cols * sz
+    if ZLOSS:
+        loss += z_coef * lse * lse
+    tl.store(loss_ptr + row, tl.where(valid, loss, 0.0))
+    tl.store(lse_ptr + row, lse)
+
+    if HAS_GRAD:
+        if ROW_SCALE:
+            scale = tl.load(scale_ptr + row)
+        else:
+            scale = tl.load(scale_ptr)
+        coef = 1.0
+        if ZLOSS:
+            coef = 1.0 + 2.0 * z_coef * lse
+        for i in range(0, n_blocks):
+            cols = (n_blocks - 1 - i) * BLOCK + lanes
+            in_row = cols < stride
+            z = _logits(row_ptr, b_ptr, cols, in_row & valid, cols < n_cols, cap, HAS_BIAS, SOFTCAP)
+            g = tl.exp((z - shift) - log_s) * coef
+            if SMOOTH:
+                g -= eps / n_cols
+            g = tl.where(cols == t, g - (1.0 - eps), g)  # unclamped t: out of range matches nothing
+            if SOFTCAP:
+                g *= 1.0 - (z / cap) * (z / cap)
+            g = tl.where(valid, g * scale, 0.0)
+            tl.store(row_ptr + cols, g.to(z_ptr.dtype.element_ty), mask=in_row)
+
+
+def _kernel_meta(n_cols: int, *, has_bias: bool, grad: bool, label_smoothing: float, z_loss: float,
+                 softcap, row_scale: bool) -> dict:
+    """Every constexpr and num_warps of a _lce_rows_kernel launch (a pure function of the shape
+    and options, no device)."""
+    block = min(triton.next_power_of_2(n_cols), MAX_BLOCK)
+    return dict(BLOCK=block, HAS_BIAS=has_bias, HAS_GRAD=bool(grad), SMOOTH=float(label_smoothing) > 0.0,
+                ZLOSS=float(z_loss) > 0.0, SOFTCAP=softcap is not None, ROW_SCALE=row_scale,
+                num_warps=4 if block <= 1024 else 8)
+
+
+def _free_bytes(device: torch.device) -> int | None:
+    """Memory the caching allocator can still hand out on `device` (None off CUDA): the
+    driver's free memory plus what torch holds reserved but unused. No stream sync."""
+    if device.type != "cuda":
+        return None
+    free, _ = torch.cuda.mem_get_info(device)
+    return free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _addmm_fp32_accumulator(device_index: int, dtype: torch.dtype) -> bool:
+    """Whether this torch accepts torch.addmm(acc_fp32, a, b, out_dtype=float32, out=acc_fp32)
+    for fp16/bf16 a, b on CUDA (cuBLAS with an fp32 C and beta = 1). Checked once with a tiny
+    call; argument errors raise on the host, so this needs no synchronisation."""
+    dev = torch.device("cuda", device_index)
+    a = torch.zeros(16, 16, dtype=dtype, device=dev)
+    acc = torch.zeros(16, 16, dtype=torch.float32, device=dev)
+    try:
+        torch.addmm(acc, a, a, out_dtype=torch.float32, out=acc)
+    except (RuntimeError, TypeError):
+        return False
+    return True
+
+
+def dw_route(device: torch.device, dtype: torch.dtype) -> str:
+    """How dw += dlogitsᵀ x runs for inputs of `dtype` on `device`: "cublas" (one torch GEMM
+    into the fp32 buffer), "triton" (gpuad's linear_backward with dw_accumulate: torch has no
+    fp32-accumulator GEMM for this dtype), or "upcast" (off CUDA: operands cast to fp32)."""
+    if dtype == torch.float32:
+        return "cublas"
+    if device.type != "cuda":
+        return "upcast"
+    return "cublas" if _addmm_fp32_accumulator(device.index, dtype) else "triton"
+
+
+def _accumulate_dw(acc, dl, xc, w, route: str):
+    """acc [V, D] fp32 += dlᵀ [V, c] @ xc [c, D] (w [V, D]: the shape and dtype for linear_backward)."""
+    if route == "triton":
+        _triton_linear_backward(xc, w, dl, bias=False, dw_accumulate=acc, need_dx=False, route="fused")
+    elif acc.dtype == dl.dtype:
+        acc.addmm_(dl.t(), xc)
+    elif route == "cublas":
+        torch.addmm(acc, dl.t(), xc, out_dtype=torch.float32, out=acc)
+    else:
+        acc.addmm_(dl.t().float(), xc.float())
+
+
+def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+                         z_loss=0.0, softcap=None, dw_accumulate=None, need_dx=True, return_lse=False, chunk=None,
+                         grad=True, grad_scale=None, check_targets=True, allow_tf32=False):
+    """Loss and gradients of cross_entropy(x wᵀ + bias, targets) with one [chunk, V] buffer.
+
+    x [N, D], w [V, D], bias [V] or None: torch tensors of one dtype (fp32/fp16/bf16; CUDA, or
+    CPU under TRITON_INTERPRET=1) or CuPy arrays; targets [N] integer. Semantics, options and
+    outputs are those of ``gpuad.kernels.reference.linear_cross_entropy``: returns (loss, dx,
+    dw, db) (+ lse [N] fp32 when return_lse), loss fp32 (0-d, or [N] for "none"), gradients in
+    the input dtype (dw = dw_accumulate when given: an fp32 [V, D] buffer that receives dw +=),
+    grad=False gives (loss, None, None, None), grad_scale (0-d, or [N] for "none", on the
+    device) multiplies the gradients. See the module docstring for the design.
+
+    Memory beyond inputs and outputs: one [c, V] buffer of the input dtype (c = `chunk` or
+    ``gpuad.kernels.reference.linear_cross_entropy_chunk``; rows padded to ROW_PAD elements),
+    12·N bytes, and an fp32 [V, D] accumulator when grad and no dw_accumulate (for fp32 inputs
+    it is dw itself). FLOPs: 2·N·D·V (grad=False) or 6·N·D·V.
+
+    check_targets=True raises IndexError for a target outside [0, V) that is not ignore_index
+    (a host sync); False removes it: no host sync at all, and a bad target gives an
+    unspecified loss but never an out-of-bounds access.
+    """
+    xt, from_cupy = as_torch(x)
+    wt, _ = as_torch(w)
+    tt, _ = as_torch(targets)
+    bt = None if bias is None else as_torch(bias)[0]
+    acc_t = None if dw_accumulate is None else as_torch(dw_accumulate)[0]
+    gs = None if grad_scale is None else as_torch(grad_scale)[0]
+    check_linear_cross_entropy_args(xt, wt, tt, bt, reduction, label_smoothing, z_loss, softcap, acc_t, chunk, gs,
+                                    allowed=_DTYPES)
+    device = xt.device
+    for name, a in (("w", wt), ("targets", tt), ("bias", bt), ("dw_accumulate", acc_t), ("grad_scale", gs)):
+        if a is not None and a.device != device:
+            raise ValueError(f"{name} is on {a.device}, x on {device}: all arrays must share one device")
+    if device.type != "cuda" and not _INTERPRETED:
+        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+    (n, d), v = xt.shape, wt.shape[0]
+    if check_targets:
+        checks.check_targets(tt, v, ignore_index)
+    dtype = xt.dtype
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        out = _run(xt, wt, tt, bt, acc_t, gs, n=n, d=d, v=v, dtype=dtype, ignore_index=ignore_index,
+                   reduction=reduction, eps=float(label_smoothing), z_coef=float(z_loss), softcap=softcap,
+                   need_dx=need_dx, grad=grad, chunk=chunk, allow_tf32=allow_tf32)
+    loss, dx, dw, db, lse = out
+    result = (as_given(loss, from_cupy), as_given(dx, from_cupy),
+              dw_accumulate if dw_accumulate is not None and grad else as_given(dw, from_cupy),
+              as_given(db, from_cupy))
+    return result + (as_given(lse, from_cupy),) if return_lse else result
+
+
+def _run(xt, wt, tt, bt, acc_t, gs, *, n, d, v, dtype, ignore_index, reduction, eps, z_coef, softcap, need_dx,
+         grad, chunk, allow_tf32):
+    """The chunk loop on torch tensors; returns (loss, dx, dw, db, lse)."""
+    device = xt.device
+    targets = tt.contiguous()
+    n_valid = (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
+    # the gradient's factor per row (ROW_SCALE) or for all rows: 1/n_valid for "mean", × grad_scale
+    scale = torch.ones((), dtype=torch.float32, device=device)
+    if reduction == "mean":
+        scale = scale / n_valid
+    if gs is not None:
+        scale = (scale * gs.to(torch.float32)).contiguous()
+    row_scale = scale.dim() == 1
+    row_loss = torch.empty(n, dtype=torch.float32, device=device)
+    lse = torch.empty(n, dtype=torch.float32, device=device)
+    dx = dw = db = None
+    if grad:
+        dx = torch.empty((n, d), dtype=dtype, device=device) if need_dx else None
+        dw = acc_t if acc_t is not None else torch.zeros((v, d), dtype=torch.float32, device=device)
+        db = torch.zeros(v, dtype=torch.float32, device=device) if bt is not None else None
+    if n > 0:
+        c = chunk or linear_cross_entropy_chunk(n, v, xt.element_size(), _free_bytes(device))
+        c = min(c, n)
+        stride = triton.cdiv(v, ROW_PAD) * ROW_PAD
+        buf = torch.empty((c, stride), dtype=dtype, device=device)
+        buf[:, v:].zero_()  # the kernel's scratch columns: finite from the start
+        meta = _kernel_meta(v, has_bias=bt is not None, grad=grad, label_smoothing=eps, z_loss=z_coef,
+                            softcap=softcap, row_scale=row_scale)
+        route = dw_route(device, dtype) if grad else None
+        bias_arg = bt.contiguous() if bt is not None else buf
+        with _pinned_matmul_precision(allow_tf32):
+            for r0 in range(0, n, c):
+                r1 = min(n, r0 + c)
+                zc = buf[:r1 - r0, :v]
+                xc = xt[r0:r1]
+                torch.mm(xc, wt.t(), out=zc)
+                _lce_rows_kernel[(r1 - r0,)](
+                    zc, stride, bias_arg, targets[r0:r1], row_loss[r0:r1], lse[r0:r1],
+                    scale[r0:r1] if row_scale else scale, v, ignore_index, eps, z_coef,
+                    float(softcap) if softcap is not None else 1.0, **meta)
+                if not grad:
+                    continue
+                if dx is not None:
+                    torch.mm(zc, wt, out=dx[r0:r1])
+                _accumulate_dw(dw, zc, xc, wt, route)
+                if db is not None:
+                    db += zc.sum(0, dtype=torch.float32)
+        del buf
+    loss = reduce_row_losses(row_loss, reduction, n_valid)
+    if grad:
+        if acc_t is None and dtype != torch.float32:
+            dw = dw.to(dtype)
+        if db is not None:
+            db = db.to(dtype)
+    return loss, dx, dw, db, lse
