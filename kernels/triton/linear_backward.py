@@ -15,11 +15,14 @@ a transposed view) free. db = the row sums of dyᵀ is M·N additions, nothing n
 
 Work units and split-K. Each family's output is cut into BLOCK_R × BLOCK_C tiles and each tile's
 reduction into S contiguous chunks of whole BLOCK_RED steps (S = 1: no split). A work unit is one
-chunk of one tile. Splitting matters where a family has few tiles against a long reduction: dW at
-65536×1024→1024 (64 tiles of 128×128, each reducing over 65536 rows), dX at 256×1024→1024 and at
-64×512→512 (8 to 16 tiles, each a long serial loop over N while most SMs idle). The default S per
-family (split "auto", see split_factors) is the one whose launch has the shortest makespan under a
-simple cost model (steps per unit, plus an epilogue, plus a split's partial round trip).
+chunk of one tile. Splitting matters where a family has few tiles against a long reduction: dX at
+256×1024→1024 and at 64×512→512 (8 to 16 tiles, each a long serial loop over N while most SMs
+idle), dW at 65536×1024→1024 without dx (64 tiles of 128×128 reducing over 65536 rows, for 132
+SMs). The default S per family (split "auto", see split_factors) is the one whose launch has the
+shortest makespan under a simple cost model (steps per unit, plus an epilogue, plus a split's
+partial round trip). With dx at 65536×1024→1024 the model keeps S = 1: 64 programs take one long
+dW unit each while 68 share the 4096 short dX units, about the same work, so run 1's 0.29× there
+is not load imbalance; the fixed split_dw values of the tuning space let a sweep rule on it.
 
 Persistent grid: min(programs_per_sm × #SMs, #units) programs, dealt between the two families so
 that the busiest program does the least work; each program walks its family's units in grouped
@@ -39,9 +42,9 @@ db is fused into the dW family. Without a split the dW tiles of the first K-bloc
 K-block (s mod #K-blocks), and reduced like the tiles (their own counters): with S ≥ #K-blocks every
 K-block carries an equal share, so no tile is left with all of db while the others wait.
 
-Expected share of the ceilings (to be measured; DESIGN.md has the targets): bf16/fp16 on tensor cores
-(wgmma) with pointer loads and no TMA: public Triton matmuls of this kind reach 0.6–0.75 of cuBLAS
-on an H100 (run 1: 447–542 TFLOP/s at the two large bf16 shapes, 0.64–0.81× torch); the fusion saves
+Expected share of the ceilings (to be measured; DESIGN.md has the targets). The FLOPs are 4·M·N·K,
+half per family; db adds M·N additions. bf16/fp16 run on tensor cores (wgmma) with pointer loads,
+no TMA: public Triton matmuls of this kind reach 0.6–0.75 of cuBLAS on an H100 (run 1: 447–542 TFLOP/s at the two large bf16 shapes, 0.64–0.81× torch); the fusion saves
 the db pass and two launches, which matters only at launch-bound shapes (a few µs of GPU work). The
 split adds one fp32 round trip of the split outputs through L2 (S × R × C × 4 bytes written and read
 back), small next to the matmul at the shapes that split.
@@ -59,14 +62,15 @@ global torch state differs). route="auto" (the default) does what the tuning par
 "measure" (default) times the fused kernel (its tile and split candidates) and cuBLAS on the first call
 of each problem, as an autotuner does, keeps the fastest and reports the timings in route_choices()
 and fused_choices(). Without measuring (the interpreter, or GPUAD_TRITON_AUTOTUNE=0, read when a
-problem is first planned) "auto" takes the fused route with the default tile. It takes the fused route without measuring
-when fp16/bf16 products go into an fp32 dw_accumulate (cuBLAS cannot add them to an fp32 buffer
-without rounding them first). Under the Triton interpreter bf16 tl.dot returns wrong numbers (an
+problem is first planned) "auto" takes the fused route with the default tile. It takes the fused
+route untimed when fp16/bf16 products go into an fp32 dw_accumulate (cuBLAS cannot add them to an
+fp32 buffer without rounding them first). Under the Triton interpreter bf16 tl.dot returns wrong numbers (an
 interpreter limit), so the fused route refuses bf16 there and "auto" takes cuBLAS (torch on the CPU).
 
 Tuning. Every launch parameter is declared with gpuad.kernels.tuning as op "triton.linear_backward"
 (TUNING_SPACE, defaults TUNING_DEFAULTS) and read per device: a checked-in table of the GPU, an active
-tuning.override(...), or the defaults, which are today's behaviour plus the split candidates.
+tuning.override(...), or the defaults: today's behaviour (every tile of the element size timed on a
+problem's first call, route "measure") plus split "auto" (timed against no split where it splits).
 
 Per-call cost. Everything that depends only on the problem (shapes, strides, dtype, device, flags,
 tuning values) is resolved once into a plan, cached by a key built from attributes the call reads
@@ -209,16 +213,21 @@ def _grouped(t, tiles_r, tiles_c, GROUP: tl.constexpr):
 
 
 @triton.jit
-def _store_tile(c_ptr, sc_r, sc_c, R, C, tile_r, tile_c, acc, ACCUMULATE: tl.constexpr,
-                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
-    """C[tile] = acc (C[tile] += acc when ACCUMULATE), in C's dtype, masked to R × C."""
-    rows = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
+def _store_rows(c_ptr, sc_r, sc_c, R, C, rows, cols, acc, ACCUMULATE: tl.constexpr):
+    """C[rows, cols] = acc (C[...] += acc when ACCUMULATE), in C's dtype, masked to R × C."""
     ptrs = c_ptr + rows[:, None] * sc_r + cols[None, :] * sc_c
     mask = (rows[:, None] < R) & (cols[None, :] < C)
     if ACCUMULATE:
         acc += tl.load(ptrs, mask=mask, other=0.0)
     tl.store(ptrs, acc.to(c_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store_tile(c_ptr, sc_r, sc_c, R, C, tile_r, tile_c, acc, ACCUMULATE: tl.constexpr,
+                BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+    """C[tile] = acc (C[tile] += acc when ACCUMULATE), in C's dtype, masked to R × C."""
+    _store_rows(c_ptr, sc_r, sc_c, R, C, tile_r * BLOCK_R + tl.arange(0, BLOCK_R),
+                tile_c * BLOCK_C + tl.arange(0, BLOCK_C), acc, ACCUMULATE)
 
 
 @triton.jit
@@ -232,25 +241,29 @@ def _arrive(cnt_ptr):
 @triton.jit
 def _finish_split_tile(acc, ws_ptr, cnt_ptr, s, splits, R, C, tile_r, tile_c, c_ptr, sc_r, sc_c,
                        ACCUMULATE: tl.constexpr, INT64: tl.constexpr,
-                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+                       BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr, SUB_R: tl.constexpr):
     """Store split s's fp32 partial of the tile in the workspace ([splits, R, C]); the last of the
-    `splits` units to arrive adds them in the order 0..splits-1 and writes the tile."""
-    rows = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
-    cols = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    mask = (rows[:, None] < R) & (cols[None, :] < C)
+    `splits` units to arrive adds them in the order 0..splits-1 and writes the tile, SUB_R rows at
+    a time (a fraction of the tile's registers: the partial's offsets are dead by then)."""
     if INT64:
         width = tl.cast(C, tl.int64)
         plane = tl.cast(R, tl.int64) * width
     else:
         width = C
         plane = R * C
-    offs = rows[:, None] * width + cols[None, :]
-    tl.store(ws_ptr + s * plane + offs, acc, mask=mask)
+    rows = tile_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    cols = tile_c * BLOCK_C + tl.arange(0, BLOCK_C)
+    tl.store(ws_ptr + s * plane + rows[:, None] * width + cols[None, :], acc,
+             mask=(rows[:, None] < R) & (cols[None, :] < C))
     if _arrive(cnt_ptr) == splits - 1:
-        total = tl.zeros((BLOCK_R, BLOCK_C), dtype=tl.float32)
-        for k in range(0, splits):  # .cg: read past L1, which may hold lines of a neighbour's partials
-            total += tl.load(ws_ptr + k * plane + offs, mask=mask, other=0.0, cache_modifier=".cg")
-        _store_tile(c_ptr, sc_r, sc_c, R, C, tile_r, tile_c, total, ACCUMULATE, BLOCK_R, BLOCK_C)
+        for r0 in tl.static_range(0, BLOCK_R, SUB_R):
+            sub = tile_r * BLOCK_R + r0 + tl.arange(0, SUB_R)
+            offs = sub[:, None] * width + cols[None, :]
+            mask = (sub[:, None] < R) & (cols[None, :] < C)
+            total = tl.zeros((SUB_R, BLOCK_C), dtype=tl.float32)
+            for k in range(0, splits):  # .cg: read past L1, which may hold lines of a neighbour's partials
+                total += tl.load(ws_ptr + k * plane + offs, mask=mask, other=0.0, cache_modifier=".cg")
+            _store_rows(c_ptr, sc_r, sc_c, R, C, sub, cols, total, ACCUMULATE)
         tl.store(cnt_ptr, 0)  # ready for the next launch
 
 
@@ -296,7 +309,7 @@ def _family(pid, n_progs, a_ptr, sa_r, sa_red, b_ptr, sb_red, sb_c, c_ptr, sc_r,
                                        tile_r, tile_c, False, PRECISION, BLOCK_R, BLOCK_C, BLOCK_RED)
         if SPLIT:
             _finish_split_tile(acc, ws_ptr, cnt_ptr + t, s, splits, R, C, tile_r, tile_c, c_ptr, sc_r, sc_c,
-                               ACCUMULATE, INT64, BLOCK_R, BLOCK_C)
+                               ACCUMULATE, INT64, BLOCK_R, BLOCK_C, 32)  # 32 rows at a time
             if with_db:
                 _finish_split_rowsum(rowsum, ws_db_ptr, cnt_db_ptr + tile_r, s, splits, R, tile_r, db_ptr,
                                      BLOCK_R)
@@ -702,7 +715,8 @@ def _candidates(prob: _Problem, params: dict, programs: int, measuring: bool) ->
     out = []
     for tile in tiles:
         auto = split_factors(prob.m, prob.n, prob.k, tile, programs, prob.need_dx)
-        asked = tuple(auto[i] if params[p] == "auto" else params[p] for i, p in enumerate(("split_dw", "split_dx")))
+        asked = tuple(auto[i] if params[p] == "auto" else params[p]
+                      for i, p in enumerate(("split_dw", "split_dx")))
         out.append((tile, asked))
         if measuring and asked != (1, 1) and "auto" in (params["split_dw"], params["split_dx"]):
             out.append((tile, tuple(1 if params[p] == "auto" else asked[i]
@@ -759,8 +773,9 @@ def _make_plan(xt, wt, dyt, acc_t, bias, need_dx, allow_tf32, route) -> _Plan:
             "its tl.dot does not support bfloat16 and returns wrong numbers; run bf16 on a GPU, or use "
             "route='cublas' (torch)")
     x2, dy2 = xt.reshape(m, k), dyt.reshape(m, n)
+    # whether the 2-D views exist: then the kernel reads the given tensors with the views' strides
     views = tuple(a.data_ptr() == b.data_ptr() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-                  for a, b in ((x2, xt), (dy2, dyt)))  # the 2-D views exist: the kernel can read the given tensors
+                  for a, b in ((x2, xt), (dy2, dyt)))
     index = device.index if device.type == "cuda" else None
     n_sm, gpu_name = _device_info(index)
     params = tuning.values(OP, gpu_name)
