@@ -4,6 +4,8 @@ accumulates in float32, as the GPU kernels do.
 """
 from __future__ import annotations
 
+import math
+
 from gpuad.backend import array_module
 
 from . import checks
@@ -79,8 +81,9 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
     xp = array_module(x, w, dy)
     acc = _acc_dtype(xp, x.dtype)
     n, k = w.shape
-    x2 = x.reshape(-1, k).astype(acc)
-    dy2 = dy.reshape(-1, n).astype(acc)
+    m = math.prod(x.shape[:-1])  # not reshape(-1, ...): K or N may be 0
+    x2 = x.reshape(m, k).astype(acc)
+    dy2 = dy.reshape(m, n).astype(acc)
     dx = (dy2 @ w.astype(acc)).astype(x.dtype).reshape(x.shape) if need_dx else None
     dw = dy2.T @ x2
     if dw_accumulate is not None:

@@ -374,6 +374,24 @@ def test_linear_backward_empty_batch(cp):
 
 
 @gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lead,k,n", [((0,), 5, 3), ((4,), 0, 3), ((4,), 5, 0), ((2, 3), 0, 0), ((0,), 0, 0)])
+def test_linear_backward_zero_sizes(cp, dtype, lead, k, n):
+    """K = 0 or N = 0 (and M = 0): the empty sums are zeros and db still sums dy when only K is 0,
+    as torch gives (issue 13); dw_accumulate is left as it was."""
+    x_h, w_h, dy_h = make_linear(lead, k, n, dtype, seed=5)
+    got = linear_backward(cp.asarray(x_h), cp.asarray(w_h), cp.asarray(dy_h))
+    for name, g, want in zip(("dx", "dw", "db"), got, ref.linear_backward(x_h, w_h, dy_h)):
+        assert g.shape == want.shape and g.dtype == host_dtype(dtype), name
+        assert_rel(g, to64(want), LIN_TOL[dtype], name)
+    acc = cp.asarray(np.random.default_rng(6).standard_normal((n, k), dtype=np.float32))
+    old = acc.copy()
+    dx, dw, db = linear_backward(cp.asarray(x_h), cp.asarray(w_h), cp.asarray(dy_h), dw_accumulate=acc,
+                                 need_dx=False)
+    assert dx is None and dw is acc and bits(acc) == bits(old)
+
+
+@gpu
 def test_linear_backward_bad_arguments_on_gpu(cp):
     x, w, dy = cp.zeros((6, 4), cp.float32), cp.zeros((3, 4), cp.float32), cp.zeros((6, 3), cp.float32)
     with pytest.raises(ValueError, match="K = w.shape"):

@@ -7,31 +7,31 @@ triton.compile runs the whole pipeline (TTIR → TTGIR → LLVM → PTX → cubi
 ships in the triton wheel) for an explicit target, without a GPU.
 
 The variants come from the launchers themselves: cross_entropy._kernel_config picks the kernel,
-its tiles, warps and flags; linear_backward's autotuner holds the configs (pruned by its own prune
-function, as at a launch), _fixed_config is the config without the sweep and _constexprs gives
-the flags. Signature types and divisibility hints follow from representative launch arguments
-by the rules JITFunction applies at a launch (_arg_type).
+its tiles, warps and flags; linear_backward.tiles_for gives the tiles of an element size (the
+default first), geometry the grid, partition and split arguments, constexprs the flags. Signature
+types and divisibility hints follow from representative launch arguments by the rules
+JITFunction applies at a launch (_arg_type).
 
 Cross-entropy: every dtype × every shape below (the row kernel at its narrowest and widest tiles,
 the two-pass kernel at the common vocabularies, aligned and unaligned, one row and many) × every
 (grad, reduction, smoothing) combination, plus int32 targets. Linear backward: the full product
-(576 kernels) takes too long for CI, so it is a covering set: every dtype × every launchable
-autotune config with all flags on (the most code and registers) and all off (each precision for
-fp32); the fixed default config with every flag combination; each other combination also with
-one non-default config (round-robin); the default config, all flags on, in three more layouts
-(odd sizes with a transposed w, M = 1, 64-bit offsets). Dropped: the rest of the product, i.e.
-most mixed flag combinations on the non-default configs, and the non-default configs in the
-non-contiguous layouts.
+(tiles × need_dx × bias × dw_accumulate × precision × split dW × split dX, over 1000 kernels)
+takes too long for CI, so it is a covering set: the default tile of each dtype with every
+(need_dx, bias, dw_accumulate, precision) combination unsplit, and all flags on with each split
+(dW, dX, both); every other tile with all flags and both splits on (the most code and registers)
+and all off; the default tile, all on with both splits, in three more layouts (odd sizes with a
+transposed w, M = 1, 64-bit offsets). Dropped: the mixed flag combinations on the non-default
+tiles and with splits, and the non-default tiles in the non-contiguous layouts.
 
 Each variant must compile, write to global memory (an st.global in the PTX) and fit the shared
 memory of one H100/H200 block. Spills (ptxas -v, run by compiling past the cache) are held to
 SPILL_BUDGET bytes of spill stores and of spill loads a thread, a few values that ptxas chose
 to keep in L1 (it does so below its register cap: the two-pass CE kernel gets 64 registers at
 512 threads and spills 28 bytes), where the launcher has no alternative: every CE variant, and
-the fixed default config of the linear backward in the layouts with 16-divisible strides. The
-other autotune candidates, and the odd-strided layout (no vector loads: per-element addresses
-cost registers), are compiled and their spills printed, not bounded: the autotuner times every
-candidate and keeps the fastest, spills included.
+the default tile of the linear backward in the layouts with 16-divisible strides. The other
+tiles, and the odd-strided layout (no vector loads: per-element addresses cost registers), are
+compiled and their spills printed, not bounded: a problem's first call times every candidate
+tile and keeps the fastest, spills included.
 """
 from __future__ import annotations
 
@@ -290,32 +290,13 @@ def _ce_variants():
 # --------------------------------------------------------------------------------------------
 # Linear-backward variants
 
-class _FakeTensor:
-    """What the autotuner's prune function reads of a tensor argument."""
-
-    def __init__(self, dtype):
-        self.dtype = dtype
-
-    def element_size(self):
-        return self.dtype.itemsize
-
-
 def _launchable_configs(dtype: str):
-    """The autotune configs a launch with this dtype sweeps: the autotuner's list through its
-    own early prune (the launcher's fixed config is one of them, see test_fixed_config_...)."""
-    tuner = lb._linear_backward_kernel
-    configs = list(tuner.configs)
-    prune = getattr(tuner, "early_config_prune", None)
-    if prune is not None:
-        fake = _FakeTensor(DTYPES[dtype])
-        named = {name: fake for name in ("x_ptr", "w_ptr", "dy_ptr", "dx_ptr", "dw_ptr", "db_ptr")}
-        configs = list(prune(configs, named))
-    return configs
+    """The tiles a launch with this dtype may take (the default first): those of its element size."""
+    return list(lb.tiles_for(DTYPES[dtype].itemsize))
 
 
-def _config_id(cfg) -> str:
-    kw = cfg.kwargs
-    return f"{kw['BLOCK_R']}x{kw['BLOCK_C']}x{kw['BLOCK_RED']}-g{kw['GROUP']}-w{cfg.num_warps}-s{cfg.num_stages}"
+def _config_id(tile) -> str:
+    return tile.name
 
 
 # Layouts as linear_backward passes them (M, N, K and ten strides), all from contiguous tensors
@@ -333,56 +314,67 @@ def _layout(name, m, n, k, *, w_t=False):
 LB_LAYOUTS = dict([
     _layout("contig", 8192, 4096, 4096),
     _layout("odd-wT", 1000, 777, 333, w_t=True),  # no divisibility; w a transposed view
-    _layout("m1", 1, 4096, 4096),  # a single row: M is the constexpr 1
+    _layout("m1", 1, 4096, 4096),  # a single row: M is the constexpr 1 (dW cannot split)
     _layout("int64", 2**20, 4096, 4096),  # M·K ≥ 2³¹: the launcher asks for 64-bit offsets
 ])
 LB_INT64 = {"int64"}
 LB_ALIGNED = {"contig", "m1", "int64"}  # every stride a multiple of 16 elements (or the constexpr 1)
+LB_PROGRAMS = 132  # an H100's SMs: the grid and partition as the launcher computes them there
 
 
-def _lb_variant(dtype: str, cfg, layout: str, flags, default: bool) -> Variant:
-    need_dx, bias, accumulate, allow_tf32 = flags
+def _lb_variant(dtype: str, tile, layout: str, flags, default: bool) -> Variant:
+    """flags = (need_dx, bias, dw_accumulate, allow_tf32, split dW, split dX): the constexprs and
+    the scalar arguments as the launcher derives them from lb.geometry (a split asked for where
+    the reduction has one step only is no split)."""
+    need_dx, bias, accumulate, allow_tf32, split_w, split_x = flags
     fn = _jit_function(lb._linear_backward_kernel)
-    meta = lb._constexprs(DTYPES[dtype], need_dx=need_dx, bias=bias, accumulate=accumulate,
-                          allow_tf32=allow_tf32, int64=layout in LB_INT64)
-    meta.update(cfg.kwargs)
-    options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
-    if getattr(cfg, "num_ctas", 1) not in (None, 1):
-        options["num_ctas"] = cfg.num_ctas
-    if getattr(cfg, "maxnreg", None) is not None:
-        options["maxnreg"] = cfg.maxnreg
-    # as linear_backward passes them: dw is the fp32 dw_accumulate buffer or a new one in the
-    # input dtype; dx and db are that dw when skipped (placeholders, never written)
+    m, n, k = LB_LAYOUTS[layout][:3]
+    g = lb.geometry(m, n, k, tile, (2 if split_w else 1, 2 if split_x else 1), LB_PROGRAMS, need_dx, bias)
+    meta = lb.constexprs(DTYPES[dtype], need_dx=need_dx, bias=bias, accumulate=accumulate,
+                         allow_tf32=allow_tf32, int64=layout in LB_INT64, split_w=g.splits_w > 1,
+                         split_x=g.splits_x > 1)
+    launch = lb.tile_meta(tile)
+    options = {"num_warps": launch.pop("num_warps"), "num_stages": launch.pop("num_stages")}
+    meta.update(launch)
+    # as the launcher passes them: dw is the fp32 dw_accumulate buffer or a new one in the input
+    # dtype; dx and db are that dw when skipped, and so are ws and cnt when nothing splits
     dw = "fp32" if accumulate else dtype
+    split = meta["SPLIT_W"] or meta["SPLIT_X"]
     args = dict(x_ptr=Ptr(dtype), w_ptr=Ptr(dtype), dy_ptr=Ptr(dtype), dx_ptr=Ptr(dtype if need_dx else dw),
-                dw_ptr=Ptr(dw), db_ptr=Ptr(dtype if bias else dw))
+                dw_ptr=Ptr(dw), db_ptr=Ptr(dtype if bias else dw), ws_ptr=Ptr("fp32" if split else dw),
+                cnt_ptr=Ptr("i32" if split else dw))
     names = ["M", "N", "K", "sx_m", "sx_k", "sw_n", "sw_k", "sdy_m", "sdy_n", "sdx_m", "sdx_k", "sdw_n", "sdw_k"]
     args.update(zip(names, LB_LAYOUTS[layout]))
+    args.update(p_dw=g.p_dw, splits_w=g.splits_w, chunk_w=g.chunk_w, splits_x=g.splits_x, chunk_x=g.chunk_x,
+                ws_db_off=g.ws_db_off, ws_dx_off=g.ws_dx_off, cnt_db_off=g.cnt_db_off, cnt_dx_off=g.cnt_dx_off)
     signature, constexprs, attrs = _specialize(fn, args, meta)
     flag_id = "-".join(f"{k}{int(v)}" for k, v in meta.items() if isinstance(v, bool))
-    return Variant(f"{dtype}-{_config_id(cfg)}{'(default)' if default else ''}-{layout}-{flag_id}"
+    return Variant(f"{dtype}-{_config_id(tile)}{'(default)' if default else ''}-{layout}-{flag_id}"
                    f"-{meta['PRECISION']}", fn, signature, constexprs, attrs, options,
                    spill_bounded=default and layout in LB_ALIGNED)
 
 
 def _lb_variants():
+    """A covering set (the full product, 1000+ kernels, is too long for CI): the default tile of
+    each dtype with every (need_dx, bias, dw_accumulate, precision) combination unsplit and with
+    each split (dW, dX, both) all flags on; every other tile all on with both splits and all off;
+    the default tile all on with both splits in the other layouts."""
     out = []
     for dtype in DTYPES:
         tf32 = (True, False) if dtype == "fp32" else (False,)  # allow_tf32 changes only fp32
-        # (need_dx, bias, dw_accumulate, allow_tf32)
-        combos = [(d, b, a, t) for t in tf32 for d in (True, False) for b in (True, False) for a in (True, False)]
-        extremes = [c for c in combos if c[:3] in ((True,) * 3, (False,) * 3)]  # all on / off, each precision
-        configs = _launchable_configs(dtype)
-        fixed = lb._fixed_config(DTYPES[dtype])
-        by_id = {_config_id(c): c for c in configs}
-        default_id = _config_id(fixed)
-        for shape, combo in _covering(list(by_id), combos, extremes, full=(default_id,)):
-            out.append(_lb_variant(dtype, by_id[shape], "contig", combo, shape == default_id))
-        # the other layouts: the default config with everything on (each precision)
-        for layout in LB_LAYOUTS:
-            if layout != "contig":
-                for t in tf32:
-                    out.append(_lb_variant(dtype, fixed, layout, (True, True, True, t), True))
+        tiles = _launchable_configs(dtype)
+        default = tiles[0]
+        for t in tf32:
+            for d, b, a in itertools.product((True, False), repeat=3):
+                out.append(_lb_variant(dtype, default, "contig", (d, b, a, t, False, False), True))
+            for sw, sx in ((True, False), (False, True), (True, True)):
+                out.append(_lb_variant(dtype, default, "contig", (True, True, True, t, sw, sx), True))
+            for tile in tiles[1:]:
+                out.append(_lb_variant(dtype, tile, "contig", (True, True, True, t, True, True), False))
+                out.append(_lb_variant(dtype, tile, "contig", (False,) * 3 + (t, False, False), False))
+            for layout in LB_LAYOUTS:
+                if layout != "contig":
+                    out.append(_lb_variant(dtype, default, layout, (True, True, True, t, True, True), True))
     return _dedupe(out)
 
 
@@ -534,8 +526,7 @@ def test_linear_backward_compiles_for_hopper(vid, worker):
 
 def _config_id_of(v: Variant) -> str:
     c = v.constexprs
-    return (f"{c['BLOCK_R']}x{c['BLOCK_C']}x{c['BLOCK_RED']}-g{c['GROUP']}-w{v.options['num_warps']}"
-            f"-s{v.options['num_stages']}")
+    return f"{c['BLOCK_R']}x{c['BLOCK_C']}x{c['BLOCK_RED']}-w{v.options['num_warps']}-s{v.options['num_stages']}"
 
 
 def test_variants_cover_every_dtype_kernel_and_config():
@@ -565,11 +556,25 @@ def test_arg_types_match_this_triton():
 
 
 @pytest.mark.parametrize("dtype", list(DTYPES))
-def test_fixed_config_is_one_of_the_launchable_configs(dtype):
-    """GPUAD_TRITON_AUTOTUNE=0 launches _fixed_config: it must survive the prune (so it is
-    compiled above, with every flag combination)."""
-    fixed = lb._fixed_config(DTYPES[dtype])
-    assert _config_id(fixed) in {_config_id(c) for c in _launchable_configs(dtype)}
+def test_every_linear_flag_and_split_is_compiled_with_the_default_tile(dtype):
+    """The tile launched without timing candidates (the first of the element size, named in the
+    tuning space) is compiled with every (need_dx, bias, dw_accumulate, precision) combination, and
+    with each split flag on; every tile with both splits on."""
+    default = _launchable_configs(dtype)[0]
+    assert default.name in lb.TUNING_SPACE["tile_fp32" if dtype == "fp32" else "tile_16bit"]
+    flags = ("NEED_DX", "HAS_BIAS", "ACCUMULATE", "PRECISION", "SPLIT_W", "SPLIT_X")
+    seen = {tuple(v.constexprs[f] for f in flags) for v in LB_VARIANTS
+            if v.id.startswith(f"{dtype}-{default.name}(default)-contig-")}
+    precisions = ("tf32", "ieee") if dtype == "fp32" else ("ieee",)
+    for d, b, a in itertools.product((True, False), repeat=3):
+        for p in precisions:
+            assert (d, b, a, p, False, False) in seen
+    for p in precisions:
+        for sw, sx in ((True, False), (False, True), (True, True)):
+            assert (True, True, True, p, sw, sx) in seen
+    both = {_config_id_of(v) for v in LB_VARIANTS
+            if v.id.startswith(dtype + "-") and v.constexprs["SPLIT_W"] and v.constexprs["SPLIT_X"]}
+    assert both == {t.name for t in _launchable_configs(dtype)}
 
 
 def test_every_ce_flag_combination_is_compiled():

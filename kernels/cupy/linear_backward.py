@@ -15,6 +15,7 @@ CuPy is imported only when called.
 from __future__ import annotations
 
 import contextlib
+import math
 
 import numpy as np
 
@@ -121,7 +122,8 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
     dx = dy w [..., K] (None when need_dx=False), dw = dyᵀ x [N, K], db = Σ dy over the
     leading axes [N] (None when bias=False), each in the input dtype with fp32 accumulation.
     dw_accumulate, a C-contiguous fp32 [N, K] cupy array, receives dw += dyᵀ x in place and is
-    returned as dw. allow_tf32=True lets fp32 matmuls use TF32 tensor cores (sm_80+).
+    returned as dw. allow_tf32=True lets fp32 matmuls use TF32 tensor cores (sm_80+). M, N or K
+    may be 0: the empty sums are zeros (db still sums dy when only K is 0), as in torch.
     """
     checks.check_linear_backward_args(x, w, dy, dw_accumulate, allowed=tuple(SUFFIX))
     arrays = {"x": x, "w": w, "dy": dy}
@@ -136,9 +138,14 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
     import cupy
 
     n, k = (int(d) for d in w.shape)
+    m = math.prod(int(d) for d in x.shape[:-1])  # not reshape(-1, ...): K or N may be 0
     with x.device:
-        x2 = cupy.ascontiguousarray(x.reshape(-1, k))
-        dy2 = cupy.ascontiguousarray(dy.reshape(-1, n))
+        x2 = cupy.ascontiguousarray(x.reshape(m, k))
+        dy2 = cupy.ascontiguousarray(dy.reshape(m, n))
+        if m == 0 or n == 0 or k == 0:  # the empty sums are zeros; db still sums dy when only K is 0
+            dx = cupy.zeros(x.shape, dtype=x.dtype) if need_dx else None
+            dw = dw_accumulate if dw_accumulate is not None else cupy.zeros((n, k), dtype=x.dtype)
+            return dx, dw, (bias_grad(dy2) if bias else None)
         with _float32_compute_type(allow_tf32):
             dx = cupy.matmul(dy2, w).reshape(x.shape) if need_dx else None
             if dw_accumulate is None:
