@@ -82,6 +82,7 @@ specialisation key) comes on top and is measured only on a GPU.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -584,16 +585,24 @@ def _pins(dtype: torch.dtype, allow_tf32: bool) -> list:
     return undo
 
 
-def _launch_cublas(x2, wt, dy2, dw_acc, need_dx, bias, allow_tf32):
-    """(dx2, dw, db) through torch (cuBLAS on a GPU): dx2 = dy2 wt, dw = dy2ᵀ x2 (or dw_acc += it:
-    fp32 inputs only, one GEMM with beta = 1), db = torch's column sum (fp32 accumulation)."""
-    undo = _pins(x2.dtype, allow_tf32)
+@contextlib.contextmanager
+def pinned_fp32_accumulation(dtype: torch.dtype, allow_tf32: bool = False):
+    """Within the block, torch's cuBLAS matmuls of `dtype` accumulate in fp32 (TF32 for fp32 inputs
+    only when allow_tf32); the global flags are restored on exit (see _pins)."""
+    undo = _pins(dtype, allow_tf32)
     try:
-        dx2 = torch.mm(dy2, wt) if need_dx else None
-        dw = dw_acc.addmm_(dy2.t(), x2) if dw_acc is not None else torch.mm(dy2.t(), x2)
+        yield
     finally:
         for restore in undo:
             restore()
+
+
+def _launch_cublas(x2, wt, dy2, dw_acc, need_dx, bias, allow_tf32):
+    """(dx2, dw, db) through torch (cuBLAS on a GPU): dx2 = dy2 wt, dw = dy2ᵀ x2 (or dw_acc += it:
+    fp32 inputs only, one GEMM with beta = 1), db = torch's column sum (fp32 accumulation)."""
+    with pinned_fp32_accumulation(x2.dtype, allow_tf32):
+        dx2 = torch.mm(dy2, wt) if need_dx else None
+        dw = dw_acc.addmm_(dy2.t(), x2) if dw_acc is not None else torch.mm(dy2.t(), x2)
     return dx2, dw, (torch.sum(dy2, 0) if bias else None)
 
 

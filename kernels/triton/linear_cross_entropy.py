@@ -52,7 +52,7 @@ import triton.language as tl
 from .. import checks
 from ..reference import check_linear_cross_entropy_args, linear_cross_entropy_chunk, reduce_row_losses
 from .interop import as_given, as_torch
-from .linear_backward import _pinned_matmul_precision
+from .linear_backward import pinned_fp32_accumulation
 from .linear_backward import linear_backward as _triton_linear_backward
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
@@ -294,7 +294,7 @@ def _run(xt, wt, tt, bt, acc_t, gs, *, n, d, v, dtype, ignore_index, reduction, 
                             softcap=softcap, row_scale=row_scale)
         route = dw_route(device, dtype) if grad else None
         bias_arg = bt.contiguous() if bt is not None else buf
-        with _pinned_matmul_precision(allow_tf32):
+        with pinned_fp32_accumulation(dtype, allow_tf32):
             for r0 in range(0, n, c):
                 r1 = min(n, r0 + c)
                 zc = buf[:r1 - r0, :v]
