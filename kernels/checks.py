@@ -46,12 +46,26 @@ def check_targets(targets, num_classes: int, ignore_index: int):
     """Raise IndexError naming the first target outside [0, V) that is not ignore_index.
 
     Reads the targets on the host (a device sync on the GPU)."""
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
+    bad = (targets < 0) | (targets >= num_classes)
+    if can_equal_a_target(ignore_index, targets.dtype):
+        bad &= targets != ignore_index
     if bool(bad.any()):
         row = int((bad * 1).argmax())
         value = int(targets[row])
         raise IndexError(f"target {value} at row {row} is outside [0, {num_classes}) "
                          f"and is not ignore_index ({ignore_index})")
+
+
+def can_equal_a_target(ignore_index, dtype) -> bool:
+    """Whether a target of integer `dtype` can equal ignore_index. None (no row ignored), or a
+    value outside the dtype's range, can not; torch would wrap such a value into the dtype
+    before comparing (an int32 target -100 would equal 2**32 - 100), so callers check here."""
+    if ignore_index is None:
+        return False
+    import numpy as np
+
+    info = np.iinfo(dtype_name(dtype))
+    return info.min <= int(ignore_index) <= info.max
 
 
 def check_linear_backward_args(x, w, dy, dw_accumulate, allowed=FLOAT_DTYPES):
