@@ -169,6 +169,20 @@ def test_tuning_override_reaches_the_launcher():
     assert_matches(loss, None, x, t, grad=False)
 
 
+def test_tuning_parameters_are_read_once_per_gpu(monkeypatch):
+    """The launcher's per-call cost: the tuned values are resolved once per GPU name, then
+    taken from a cache (unless an override is active)."""
+    calls = []
+    real = tuning.values
+    monkeypatch.setattr(tuning, "values", lambda *a: calls.append(a) or real(*a))
+    monkeypatch.setattr(ce, "_params_cache", {})
+    first = ce._params("Some GPU")
+    assert ce._params("Some GPU") is first and len(calls) == 1
+    with tuning.override(ce.OP, warps=8):
+        assert ce._params("Some GPU")["warps"] == 8 and len(calls) == 2
+    assert ce._params("Some GPU") is first and first == ce.DEFAULTS
+
+
 def test_all_rows_ignored(kernel):
     x, t = make(5, 300, seed=1)
     t[:] = IGNORE
@@ -466,3 +480,57 @@ def test_gpu_cupy_in_cupy_out():
         assert none is None and isinstance(loss_none, cupy.ndarray) and loss_none.shape == (300,)
         loss_ip, g_ip = ce.softmax_cross_entropy(xc, tc, label_smoothing=0.1, inplace=True)
         assert g_ip is xc and torch.equal(torch.from_dlpack(xc), t_g)
+
+
+#: Tuning points checked on the GPU at real sizes (each value of each parameter occurs).
+GPU_CANDIDATES = {
+    "defaults": {},
+    "chunked-staged": dict(num_stages=3, chunk_bytes=16384, programs_per_sm=2, count="program"),
+    "chunked-4-stages-8-warps": dict(num_stages=4, warps=8, chunk_bytes=8192, programs_per_sm=4),
+    "lanes": dict(wide_kernel="lanes"),
+    "lanes-2-rows": dict(wide_kernel="lanes", rows_per_program=2, num_stages=2, warps=8, count="program"),
+    "lanes-4-rows": dict(wide_kernel="lanes", rows_per_program=4, num_stages=3, warps=4, programs_per_sm=2),
+    "on-chip-32768": dict(single_pass_max=32768),
+    "wide-from-4096": dict(single_pass_max=4096, wide_kernel="lanes"),
+    "wide-from-8192": dict(single_pass_max=8192),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("candidate", list(GPU_CANDIDATES))
+@pytest.mark.parametrize("shape", [(1024, 32000), (300, 50257), (64, 128256), (500, 5000)],
+                         ids=lambda s: f"{s[0]}x{s[1]}")
+def test_gpu_tuning_candidates_match_reference(candidate, shape):
+    """Every candidate the sweep may pick, at real sizes in bf16 (and fp32 for the first shape),
+    poisoned outputs, mean with smoothing and ignored rows; loss-only gives the same loss."""
+    for dtype in (torch.bfloat16, torch.float32) if shape[1] == 32000 else (torch.bfloat16,):
+        x, t = make(*shape, dtype, seed=shape[0], ignore_every=5, device="cuda")
+        with tuning.override(ce.OP, **GPU_CANDIDATES[candidate]):
+            poison_allocator(shape, dtype)
+            loss, g = ce.softmax_cross_entropy(x, t, label_smoothing=0.1)
+            loss_only, _ = ce.softmax_cross_entropy(x, t, label_smoothing=0.1, grad=False)
+        assert torch.isfinite(g).all() and (g[t == IGNORE] == 0).all()
+        r_loss, r_g = torch_reference(x, t, label_smoothing=0.1)
+        assert_close_gpu(loss, g, r_loss, r_g, dtype)
+        assert torch.equal(loss_only, loss)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("candidate", ["defaults", "lanes-2-rows", "on-chip-32768"])
+def test_gpu_cuda_graph_capture(candidate):
+    """check_targets=False: no host sync, so the call records into a CUDA graph; replays on
+    new values give the eager results (the valid-row count is taken on the device)."""
+    x, t = make(512, 32000, torch.bfloat16, seed=15, ignore_every=3, device="cuda")
+    with tuning.override(ce.OP, **GPU_CANDIDATES[candidate]):
+        ce.softmax_cross_entropy(x, t, check_targets=False)  # compile outside the capture
+        torch.cuda.synchronize()
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            loss, g = ce.softmax_cross_entropy(x, t, check_targets=False)
+        x2, t2 = make(512, 32000, torch.bfloat16, seed=16, ignore_every=4, device="cuda")
+        x.copy_(x2)
+        t.copy_(t2)
+        graph.replay()
+        want = ce.softmax_cross_entropy(x2, t2, check_targets=False)
+    torch.cuda.synchronize()
+    assert torch.equal(loss, want[0]) and torch.equal(g, want[1])

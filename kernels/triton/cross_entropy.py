@@ -436,15 +436,6 @@ def _grid(kernel, meta: dict, n_rows: int, sm_count: int, params: dict | None = 
     return (min(groups, sm_count * p["programs_per_sm"]),)
 
 
-def _ignore_value(ignore_index, targets_dtype) -> int:
-    """The int64 the kernels compare targets with: ignore_index itself, or, when no target of
-    `targets_dtype` can equal it (None, or a value outside the dtype's range, which torch
-    would wrap into the dtype before comparing), the lowest int64 (no int32 target equals it)."""
-    if checks.can_equal_a_target(ignore_index, targets_dtype):
-        return int(ignore_index)
-    return -2**63
-
-
 def _may_overlap(x: torch.Tensor) -> bool:
     """Whether two elements of the 2-D `x` may share memory (a stride-0 expand, or as_strided
     with a row stride < V): True unless one axis's stride steps over the other axis's whole
@@ -459,7 +450,8 @@ def _may_overlap(x: torch.Tensor) -> bool:
 
 def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                           inplace=False, grad=True, check_targets=True):
-    """Softmax cross-entropy and its gradient in one fused kernel.
+    """Softmax cross-entropy and its gradient in one fused row kernel (plus, for "mean" and
+    "sum", a one-program sum of the row losses; see the module docstring).
 
     logits [B, V] float32/float16/bfloat16 and targets [B] integer: torch tensors on a CUDA
     device (CPU tensors under TRITON_INTERPRET=1) or CuPy arrays; results come back in the
@@ -493,7 +485,7 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     n_rows, n_cols = x.shape
     if check_targets:
         checks.check_targets(t, n_cols, ignore_index)
-    ignore = _ignore_value(ignore_index, t.dtype)
+    ignore = checks.kernel_ignore_index(ignore_index, t.dtype)
     eps = float(label_smoothing)
 
     target_buf = t.contiguous()
