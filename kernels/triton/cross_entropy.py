@@ -273,17 +273,25 @@ def _ce_lanes_kernel(x_ptr, g_ptr, t_ptr, loss_ptr, n_valid_ptr, n_rows, n_cols,
     """Persistent: program p takes row groups p, p + P, ... of ROWS rows; per group, pass 1
     keeps a running max m and sum s per tile element (one exp an element: with d =
     exp(-|x - m|), s ← s·d + 1 when x > m, else s + d) and merges the lanes once at the end
-    of the row; pass 2 writes the gradient, last chunk first."""
+    of the row; pass 2 writes the gradient, last chunk first. The targets of the next group
+    are loaded a group ahead, and the target logit before the chunks: no chunk load waits on
+    a dependent load."""
     pid = tl.program_id(0)
     scale = 1.0
     if HAS_GRAD:
         scale = _mean_scale(t_ptr, n_valid_ptr, n_rows, ignore_index, MEAN, COUNT)
     lanes = tl.arange(0, BLOCK)
     edge = tl.arange(0, 2 * VEC)
-    for group in range(pid, tl.cdiv(n_rows, ROWS), tl.num_programs(0)):
+    n_prog = tl.num_programs(0)
+    next_rows = pid * ROWS + tl.arange(0, ROWS)
+    t_next = tl.load(t_ptr + next_rows, mask=next_rows < n_rows, other=0)
+    for group in range(pid, tl.cdiv(n_rows, ROWS), n_prog):
         rows = group * ROWS + tl.arange(0, ROWS)
         row_ok = rows < n_rows
-        t = tl.load(t_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        t = t_next.to(tl.int64)
+        # The next group's targets, loaded now: its chunk loads will not wait on them.
+        next_rows = rows + n_prog * ROWS
+        t_next = tl.load(t_ptr + next_rows, mask=next_rows < n_rows, other=0)
         valid = row_ok & (t != ignore_index)
         start = rows.to(tl.int64) * stride
         end = start + n_cols
