@@ -38,7 +38,7 @@ def use_variant(name):
     """The launcher reads VARIANTS[name] as its tuning parameters (values outside the declared
     space included, which tuning.override would refuse)."""
     params = dict(ce.DEFAULTS, **VARIANTS[name])
-    with mock.patch.object(ce, "_params", lambda device_name: params):
+    with mock.patch.object(tuning, "launch_values", lambda op, device_name: params):
         yield
 
 
@@ -170,17 +170,17 @@ def test_tuning_override_reaches_the_launcher():
 
 
 def test_tuning_parameters_are_read_once_per_gpu(monkeypatch):
-    """The launcher's per-call cost: the tuned values are resolved once per GPU name, then
-    taken from a cache (unless an override is active)."""
+    """The launcher's per-call cost: tuning.launch_values resolves the values once per GPU
+    name, then takes them from a cache (unless an override is active)."""
     calls = []
     real = tuning.values
     monkeypatch.setattr(tuning, "values", lambda *a: calls.append(a) or real(*a))
-    monkeypatch.setattr(ce, "_params_cache", {})
-    first = ce._params("Some GPU")
-    assert ce._params("Some GPU") is first and len(calls) == 1
+    tuning.reload()
+    first = tuning.launch_values(ce.OP, "Some GPU")
+    assert tuning.launch_values(ce.OP, "Some GPU") is first and len(calls) == 1
     with tuning.override(ce.OP, warps=8):
-        assert ce._params("Some GPU")["warps"] == 8 and len(calls) == 2
-    assert ce._params("Some GPU") is first and first == ce.DEFAULTS
+        assert tuning.launch_values(ce.OP, "Some GPU")["warps"] == 8 and len(calls) == 2
+    assert tuning.launch_values(ce.OP, "Some GPU") is first and first == ce.DEFAULTS
 
 
 def test_all_rows_ignored(kernel):

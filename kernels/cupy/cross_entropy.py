@@ -118,20 +118,6 @@ def _device_info(device_id: int) -> tuple:
     return (name.decode() if isinstance(name, bytes) else name), int(props["multiProcessorCount"])
 
 
-_params_cache: dict = {}
-
-
-def _params(device_name) -> dict:
-    """The tuned parameters of OP on this GPU, cached per GPU; an active tuning.override is
-    read afresh on every call (the sweep, the tests)."""
-    if OP in (getattr(tuning._local, "overrides", None) or ()):
-        return tuning.values(OP, device_name)
-    params = _params_cache.get(device_name)
-    if params is None:
-        params = _params_cache[device_name] = tuning.values(OP, device_name)
-    return params
-
-
 def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                           inplace=False, grad=True, check_targets=True):
     """Softmax cross-entropy and its gradient in fused CUDA kernels.
@@ -172,6 +158,6 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
         for name, grid, block, args in launches(
                 x, dlogits, t, row_loss, n_valid, None if reduction == "none" else loss,
                 dtype_name=checks.dtype_name(logits.dtype), reduction=reduction, ignore=ignore,
-                eps=label_smoothing, params=_params(device_name), sm_count=sm_count):
+                eps=label_smoothing, params=tuning.launch_values(OP, device_name), sm_count=sm_count):
             get_function(SOURCE, name)(grid, block, args)
     return loss, dlogits

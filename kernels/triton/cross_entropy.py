@@ -374,20 +374,6 @@ def _device_info(device: torch.device) -> tuple:
     return props.name, props.multi_processor_count
 
 
-_params_cache: dict = {}
-
-
-def _params(device_name) -> dict:
-    """The tuned parameters of OP on this GPU, cached per GPU; an active tuning.override is
-    read afresh on every call (the sweep, the tests)."""
-    if OP in (getattr(tuning._local, "overrides", None) or ()):
-        return tuning.values(OP, device_name)
-    params = _params_cache.get(device_name)
-    if params is None:
-        params = _params_cache[device_name] = tuning.values(OP, device_name)
-    return params
-
-
 def _kernel_config(n_rows: int, n_cols: int, stride: int, elem_size: int, *, grad: bool, reduction: str,
                    label_smoothing: float, params: dict | None = None):
     """The one place where the kernel and its compile-time parameters are chosen: a pure
@@ -509,7 +495,7 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
 
     device_name, sm_count = _device_info(x.device)
-    params = _params(device_name)
+    params = tuning.launch_values(OP, device_name)
     if n_rows > 0:
         kernel, meta = _kernel_config(n_rows, n_cols, stride, x.element_size(), grad=out is not None,
                                       reduction=reduction, label_smoothing=eps, params=params)
