@@ -16,8 +16,9 @@ emulation of the CUDA builtins the kernels use:
   ``test_prelude_conversions`` checks the host replacements bit by bit here.
 
 The launch geometry (grid, block, split counts, kernel names) comes from the CuPy launchers'
-own constants and functions, and each emulated launch repeats the launcher's sequence of
-kernels, with CuPy's argument convention (numpy scalars of the parameter's type; a wrapper
+own constants and functions (cross-entropy runs the launcher's own launch list,
+cross_entropy.launches, for each candidate of its tuning space), and each emulated launch
+repeats the launcher's sequence of kernels, with CuPy's argument convention (numpy scalars of the parameter's type; a wrapper
 checks every argument's kind against the kernel's signature). Outputs are poisoned with NaN
 before each launch, so an element a kernel forgets to write fails the comparison.
 

@@ -8,8 +8,8 @@ tuning candidate (the tuning space "triton.softmax_cross_entropy", see below):
 * ``_ce_rows_kernel`` — rows with next_power_of_2(V) ≤ ``single_pass_max``: a program loads
   ROWS whole rows into registers once and computes loss and gradient from them. One read, one
   write per element: it should run at the copy rate (1.0× copy, plus the per-row reductions).
-  The widest tile (32768, 32 warps: 32 values a thread) is the "row kept on chip" candidate
-  for V = 32000.
+  The widest tile (32768, 32 warps: 32 values a thread; 16-byte aligned rows only) is the
+  "row kept on chip" candidate for V = 32000.
 * ``_ce_chunked_kernel`` ("chunked", the default for wide rows) — persistent programs walk over
   rows; per row a first pass folds BLOCK-wide chunks into an online max and sum (two block
   reductions a chunk), a second pass re-reads the chunks in *reverse* order (the last chunks
@@ -75,7 +75,7 @@ tuning.register(OP, SPACE, DEFAULTS)
 #: The lanes kernel holds a running max and sum per tile element: at most this many tile
 #: elements a thread (3 fp32 registers each, 4 with label smoothing).
 LANES_MAX_PER_THREAD = 16
-#: Threads of the one-program count and finish kernels.
+#: Elements a step of the one-program count and finish kernels.
 REDUCE_BLOCK = 1024
 _LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite fp32: a running max never makes NaN
 _INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
