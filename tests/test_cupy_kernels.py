@@ -269,7 +269,7 @@ CE_CANDIDATES = {
     "v4-128": dict(vec_bytes=4, threads_per_row=128, blocks_per_sm=8),
     "warp-4": dict(warp_row_max_cols=8192, warps_per_block=4),
     "warp-16-persistent-reverse": dict(warp_row_max_cols=2048, warps_per_block=16, blocks_per_sm=2, pass2="reverse"),
-    "warp-8-v8": dict(warp_row_max_cols=1024, vec_bytes=8, threads_per_row=512),
+    "warp-8-v8": dict(warp_row_max_cols=2048, vec_bytes=8, threads_per_row=512),
 }
 
 
