@@ -6,6 +6,8 @@ and can be turned off with ``check_targets=False``.
 """
 from __future__ import annotations
 
+import functools
+
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -46,12 +48,42 @@ def check_targets(targets, num_classes: int, ignore_index: int):
     """Raise IndexError naming the first target outside [0, V) that is not ignore_index.
 
     Reads the targets on the host (a device sync on the GPU)."""
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= num_classes))
+    bad = (targets < 0) | (targets >= num_classes)
+    if can_equal_a_target(ignore_index, targets.dtype):
+        bad &= targets != ignore_index
     if bool(bad.any()):
         row = int((bad * 1).argmax())
         value = int(targets[row])
         raise IndexError(f"target {value} at row {row} is outside [0, {num_classes}) "
                          f"and is not ignore_index ({ignore_index})")
+
+
+def can_equal_a_target(ignore_index, dtype) -> bool:
+    """Whether a target of integer `dtype` can equal ignore_index. None (no row ignored), or a
+    value outside the dtype's range, can not; torch would wrap such a value into the dtype
+    before comparing (an int32 target -100 would equal 2**32 - 100), so callers check here."""
+    if ignore_index is None:
+        return False
+    low, high = _int_range(dtype_name(dtype))
+    return low <= int(ignore_index) <= high
+
+
+@functools.lru_cache(maxsize=None)
+def _int_range(name: str) -> tuple:
+    import numpy as np
+
+    info = np.iinfo(name)
+    return int(info.min), int(info.max)
+
+
+def kernel_ignore_index(ignore_index, targets_dtype) -> int:
+    """The int64 a kernel compares targets with: ignore_index itself, or the lowest int64 when
+    no target of `targets_dtype` can equal it (None; a value outside the dtype's range). An
+    int64 target equal to that lowest value then reads as ignored, which only matters with
+    check_targets=False (check_targets rejects it as out of range)."""
+    if can_equal_a_target(ignore_index, targets_dtype):
+        return int(ignore_index)
+    return -2**63
 
 
 def check_linear_backward_args(x, w, dy, dw_accumulate, allowed=FLOAT_DTYPES):

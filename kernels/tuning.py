@@ -47,7 +47,7 @@ def register(op: str, space: dict, defaults: dict) -> None:
             raise ValueError(f"tuning.register({op!r}): default {k}={v!r} is not among {space[k]}")
     _SPACES[op] = space
     _DEFAULTS[op] = dict(defaults)
-    _resolved.cache_clear()
+    reload()
 
 
 def spaces() -> dict:
@@ -122,6 +122,21 @@ def values(op: str, device_name: str | None = None) -> dict:
     return {k: value(op, k, device_name) for k in _SPACES[op]}
 
 
+_launch_cache: dict = {}
+
+
+def launch_values(op: str, device_name: str | None = None) -> dict:
+    """`values(op, device_name)` for a launcher's hot path: cached per (op, GPU), a dictionary
+    lookup a call, and read afresh while an override of `op` is active. Read-only."""
+    over = getattr(_local, "overrides", None)
+    if over and op in over:
+        return values(op, device_name)
+    got = _launch_cache.get((op, device_name))
+    if got is None:
+        got = _launch_cache[(op, device_name)] = values(op, device_name)
+    return got
+
+
 @contextlib.contextmanager
 def override(op: str, **params):
     """Within the block (this thread), `op`'s named parameters take these values; each is
@@ -142,3 +157,4 @@ def override(op: str, **params):
 def reload() -> None:
     """Forget the cached tables (after a table file changed)."""
     _resolved.cache_clear()
+    _launch_cache.clear()

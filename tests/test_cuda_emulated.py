@@ -16,8 +16,9 @@ emulation of the CUDA builtins the kernels use:
   ``test_prelude_conversions`` checks the host replacements bit by bit here.
 
 The launch geometry (grid, block, split counts, kernel names) comes from the CuPy launchers'
-own constants and functions, and each emulated launch repeats the launcher's sequence of
-kernels, with CuPy's argument convention (numpy scalars of the parameter's type; a wrapper
+own constants and functions (cross-entropy runs the launcher's own launch list,
+cross_entropy.launches, for each candidate of its tuning space), and each emulated launch
+repeats the launcher's sequence of kernels, with CuPy's argument convention (numpy scalars of the parameter's type; a wrapper
 checks every argument's kind against the kernel's signature). Outputs are poisoned with NaN
 before each launch, so an element a kernel forgets to write fails the comparison.
 
@@ -45,6 +46,7 @@ import pytest
 
 import closeness
 from closeness import GRAD_RTOL, LOSS_RTOL, grad_atol
+from gpuad.kernels import checks
 from gpuad.kernels import reference as ref
 from gpuad.kernels.cupy import compile as cc
 
@@ -251,33 +253,25 @@ def close(got, want, rtol, atol, what, name=None):
 # ---------------------------------------------------------------- the launchers, emulated
 
 def ce_emulated(module, logits, name, targets, *, ignore_index=IGNORE, reduction="mean", label_smoothing=0.0,
-                inplace=False, grad=True, grid=None):
-    """The launch sequence of cross_entropy.softmax_cross_entropy on host arrays (logits
-    C-contiguous, of dtype `name`), with poisoned outputs; `grid` overrides the row grid."""
+                inplace=False, grad=True, params=None, sm_count=132):
+    """cross_entropy.softmax_cross_entropy on host arrays (logits C-contiguous, of dtype
+    `name`): its own launch list (ce.launches, with the tuning parameters `params` and
+    `sm_count` SMs), run on poisoned outputs."""
     n_rows, n_cols = (int(d) for d in logits.shape)
     assert logits.flags.c_contiguous
-    eps = np.float32(label_smoothing)
-    ignore = np.int64(ignore_index)
-    x = logits
     t = np.ascontiguousarray(targets, dtype=np.int64)
     row_loss = np.full(n_rows, np.nan, np.float32)
-    n_valid = None
-    if reduction == "mean":
-        n_valid = np.full((), -5, np.int64)
-        module("ce_count_valid", (1,), (ce.REDUCE_THREADS,), (t, np.int64(n_rows), ignore, n_valid))
+    n_valid = np.full((), -5, np.int64) if reduction == "mean" else None
+    loss = row_loss if reduction == "none" else np.full((), np.nan, np.float32)
     dlogits = None
     if grad:  # like cupy.empty_like: a fresh, aligned buffer
-        dlogits = x if inplace else aligned(x.size, name, fill=POISON[name]).reshape(x.shape)
-    if n_rows:
-        module(f"ce_forward_{ce.SUFFIX[name]}", (grid or min(n_rows, ce.MAX_GRID),),
-               (ce.threads_per_row(n_cols, name),),
-               (x, dlogits, t, row_loss, n_valid, np.int64(n_rows), np.int64(n_cols), ignore, eps,
-                np.int32(1 if grad else 0)))
-    if reduction == "none":
-        loss = row_loss
-    else:
-        loss = np.full((), np.nan, np.float32)
-        module("ce_reduce_loss", (1,), (ce.REDUCE_THREADS,), (row_loss, np.int64(n_rows), n_valid, loss))
+        dlogits = logits if inplace else aligned(logits.size, name, fill=POISON[name]).reshape(logits.shape)
+    for kernel, grid, block, args in ce.launches(
+            logits, dlogits, t, row_loss, n_valid, None if reduction == "none" else loss, dtype_name=name,
+            reduction=reduction, ignore=checks.kernel_ignore_index(ignore_index, t.dtype), eps=label_smoothing,
+            params=params,
+            sm_count=sm_count):
+        module(kernel, grid, block, args)
     return loss, dlogits
 
 
@@ -412,31 +406,58 @@ REDUCTIONS = ("mean", "sum", "none")
 #: (label_smoothing, row offset of the logits in elements, inplace): a strength-2 orthogonal
 #: array, so every pair of values of these three flags occurs.
 FLAGS = ((0.0, 0, False), (0.0, 1, True), (0.1, 0, True), (0.1, 1, False))
-# Every dtype x vocabulary x reduction, with flag row (i + j + d) % 4: each (V, reduction),
-# (V, flag), (reduction, flag), (dtype, flag) and (flag, flag) pair occurs.
-CE_CASES = [(dtype, V, red, *FLAGS[(i + j + d) % 4])
-            for d, dtype in enumerate(DTYPES) for i, V in enumerate(VOCABS) for j, red in enumerate(REDUCTIONS)]
-CE_ROWS, CE_GRID = 9, 4  # fewer blocks than rows: the grid-stride loop over rows runs
+EMU_SMS = 2  # the emulated GPU's SMs: blocks_per_sm = 2 gives a grid of 4 blocks
+#: Row-kernel candidates of the tuning space (ce.SPACE), each value of each parameter at least
+#: once: layouts, vector widths, pass-2 orders, persistent grids (fewer blocks, or warps, than
+#: the 9 rows: the grid-stride loop over rows runs) and explicit block sizes.
+CE_VARIANTS = {
+    "block": {},
+    "block-persistent-v8-reverse": dict(blocks_per_sm=2, vec_bytes=8, pass2="reverse", threads_per_row=128),
+    "block-persistent-v4-256": dict(vec_bytes=4, threads_per_row=256, blocks_per_sm=1),
+    "warp": dict(warp_row_max_cols=8192, warps_per_block=4),
+    "warp-persistent-v4-reverse": dict(warp_row_max_cols=8192, warps_per_block=4, blocks_per_sm=1, vec_bytes=4,
+                                       pass2="reverse"),
+}
+# Every variant x dtype x vocabulary, with reduction (i + d + v) % 3 and flag row (i + d) % 4:
+# every pair of values of any two factors occurs (test_ce_cases_cover_every_pair).
+CE_CASES = [(variant, dtype, V, REDUCTIONS[(i + d + v) % 3], *FLAGS[(i + d) % 4])
+            for v, variant in enumerate(CE_VARIANTS) for d, dtype in enumerate(DTYPES) for i, V in enumerate(VOCABS)]
+CE_ROWS = 9
 
 
 def test_ce_cases_cover_every_pair():
-    factors = [DTYPES, VOCABS, REDUCTIONS, (0.0, 0.1), (0, 1), (False, True)]
+    factors = [tuple(CE_VARIANTS), DTYPES, VOCABS, REDUCTIONS, (0.0, 0.1), (0, 1), (False, True)]
     for a in range(len(factors)):
         for b in range(a + 1, len(factors)):
             seen = {(case[a], case[b]) for case in CE_CASES}
             missing = {(u, v) for u in factors[a] for v in factors[b]} - seen
             assert not missing, f"factors {a} and {b}: pairs {sorted(missing)} never occur"
-    assert CE_GRID < CE_ROWS
+
+
+def test_ce_variants_cover_the_tuning_space():
+    """Both layouts, every vector width and pass-2 order, automatic and explicit block sizes,
+    and one-block-a-row and persistent grids occur among the variants; each variant launches
+    the layout its name says, and the persistent ones hold fewer rows at once than CE_ROWS
+    (so the loop over rows runs)."""
+    full = [dict(ce.DEFAULTS, **params) for params in CE_VARIANTS.values()]
+    assert {p["vec_bytes"] for p in full} == set(ce.SPACE["vec_bytes"])
+    assert {p["pass2"] for p in full} == set(ce.SPACE["pass2"])
+    assert {p["threads_per_row"] > 0 for p in full} == {p["blocks_per_sm"] > 0 for p in full} == {True, False}
+    for variant, params in CE_VARIANTS.items():
+        kernel, grid, block = ce.row_launch(CE_ROWS, max(VOCABS), "float32", params, EMU_SMS)
+        assert kernel.startswith(f"ce_{variant.split('-')[0]}_") and kernel in ce.KERNEL_NAMES, (variant, kernel)
+        rows_at_once = grid[0] * (block[0] // 32 if kernel.startswith("ce_warp") else 1)
+        assert (rows_at_once < CE_ROWS) == ("persistent" in variant), (variant, grid, block)
 
 
 def _ce_id(case):
-    dtype, V, red, eps, off, inplace = case
-    return f"{dtype}-V{V}-{red}-eps{eps}-off{off}" + ("-inplace" if inplace else "")
+    variant, dtype, V, red, eps, off, inplace = case
+    return f"{variant}-{dtype}-V{V}-{red}-eps{eps}-off{off}" + ("-inplace" if inplace else "")
 
 
 @pytest.mark.parametrize("case", CE_CASES, ids=[_ce_id(c) for c in CE_CASES])
 def test_cross_entropy(emulated, case):
-    dtype, V, red, eps, off, inplace = case
+    variant, dtype, V, red, eps, off, inplace = case
     module = emulated[ce.SOURCE]
     rng = np.random.default_rng(CE_CASES.index(case))
     B = CE_ROWS
@@ -448,8 +469,9 @@ def test_cross_entropy(emulated, case):
     t[1::3] = IGNORE
     want_loss, want_grad = ref.softmax_cross_entropy(x64, t, reduction=red, label_smoothing=eps)
 
+    params = CE_VARIANTS[variant]
     loss, dl = ce_emulated(module, x, dtype, t, reduction=red, label_smoothing=eps, inplace=inplace,
-                           grid=CE_GRID)
+                           params=params, sm_count=EMU_SMS)
     close(loss, want_loss, LOSS_RTOL, LOSS_ATOL, "loss")
     unit = 1.0 / max(1, np.count_nonzero(t != IGNORE)) if red == "mean" else 1.0
     close(dl, want_grad, GRAD_RTOL[dtype], grad_atol(dtype, want_grad, unit), "dlogits", dtype)
@@ -459,13 +481,30 @@ def test_cross_entropy(emulated, case):
     else:
         assert x.tobytes() == pristine.tobytes(), "the logits changed"
 
-    # grad=False, with the launcher's own grid, on the same values at the same offset: the
-    # same loss bits, and the logits are only read.
+    # grad=False, on the same values at the same offset: the same loss bits, and the logits
+    # are only read.
     x2 = aligned(B * V, dtype, offset=off, fill=pristine.ravel()).reshape(B, V)
-    loss2, none = ce_emulated(module, x2, dtype, t, reduction=red, label_smoothing=eps, grad=False)
+    loss2, none = ce_emulated(module, x2, dtype, t, reduction=red, label_smoothing=eps, grad=False,
+                              params=params, sm_count=EMU_SMS)
     assert none is None
     assert loss2.tobytes() == loss.tobytes(), f"grad=False changed the loss: {loss2} vs {loss}"
     assert x2.tobytes() == pristine.tobytes(), "grad=False wrote the logits"
+
+
+@pytest.mark.parametrize("ignore_index", [None, 2**32 + 5, 2**70])
+def test_ce_ignore_index_that_matches_no_target(emulated, ignore_index):
+    """None, or a value no int32 target can hold: no row is ignored, int32 and int64 targets
+    alike (the launcher's own mapping, checks.kernel_ignore_index)."""
+    module = emulated[ce.SOURCE]
+    rng = np.random.default_rng(4)
+    x = _logits(rng, (6, 40), "float32")
+    t = rng.integers(0, 40, 6)
+    t[::2] = 5
+    want_loss, want_grad = ref.softmax_cross_entropy(x.astype(np.float64), t)
+    for targets in (t, t.astype(np.int32)):
+        loss, dl = ce_emulated(module, x, "float32", targets, ignore_index=ignore_index)
+        close(loss, want_loss, LOSS_RTOL, 1e-6, "loss")
+        close(dl, want_grad, GRAD_RTOL["float32"], grad_atol("float32", want_grad, 1 / 6), "dlogits")
 
 
 def _logits(rng, shape, dtype):
@@ -479,7 +518,8 @@ def test_ce_all_rows_ignored_and_no_rows(emulated, dtype):
     module = emulated[ce.SOURCE]
     x = _logits(np.random.default_rng(1), (5, 100), dtype)
     for red in REDUCTIONS:
-        loss, dl = ce_emulated(module, x, dtype, np.full(5, IGNORE), reduction=red, grid=2)
+        loss, dl = ce_emulated(module, x, dtype, np.full(5, IGNORE), reduction=red,
+                               params=CE_VARIANTS["block-persistent-v8-reverse"], sm_count=1)
         assert (np.asarray(loss) == 0).all(), (red, loss)
         assert (to_f64(dl, dtype) == 0).all(), red
     empty = aligned(0, dtype).reshape(0, 7)
@@ -499,7 +539,7 @@ def test_ce_out_of_range_targets_unchecked(emulated, dtype):
     x64 = to_f64(x, dtype)
     t = rng.integers(0, 100, 5)
     t[2], t[3] = 100, -7
-    loss, dl = ce_emulated(module, x, dtype, t, reduction="none", grid=3)
+    loss, dl = ce_emulated(module, x, dtype, t, reduction="none", params=CE_VARIANTS["warp"])
     assert np.isnan(loss[2]) and np.isnan(loss[3]), loss
     good, bad = [0, 1, 4], [2, 3]
     want_loss, want_grad = ref.softmax_cross_entropy(x64[good], t[good], reduction="none")

@@ -7,6 +7,8 @@ dtype; gradient tolerances add one rounding to the output dtype. Each test is me
 few seconds on an H100/H200. The tests at the top need no GPU: bad arguments fail before CuPy
 is touched.
 """
+import importlib
+
 import numpy as np
 import pytest
 
@@ -41,6 +43,26 @@ def test_ce_bad_arguments_raise_before_cupy():
         softmax_cross_entropy(logits.astype(np.float64), targets)  # the CUDA kernels take fp32/fp16/bf16
     with pytest.raises(TypeError, match="CuPy arrays"):
         softmax_cross_entropy(logits, targets)
+
+
+def test_ce_zero_classes_raise_before_cupy():
+    for shape in ((4, 0), (0, 0)):
+        with pytest.raises(ValueError, match="at least one class"):
+            softmax_cross_entropy(np.zeros(shape, np.float32), np.zeros(shape[0], np.int64))
+
+
+def test_ce_row_launch_follows_the_tuning_parameters():
+    """No GPU needed: the launch each tuning value asks for (layout, width, grid, block)."""
+    ce = importlib.import_module("gpuad.kernels.cupy.cross_entropy")
+    assert ce.row_launch(8192, 32000, "bfloat16") == ("ce_block_bf16_v16", (8192,), (512,))
+    assert ce.row_launch(8192, 1000, "float32", dict(warp_row_max_cols=1024, warps_per_block=4)) == \
+        ("ce_warp_f32_v16", (2048,), (128,))
+    assert ce.row_launch(8192, 128256, "bfloat16", dict(blocks_per_sm=2, vec_bytes=8, threads_per_row=1024),
+                         sm_count=132) == ("ce_block_bf16_v8", (264,), (1024,))
+    for name, values in ce.SPACE.items():
+        for value in values:
+            kernel, grid, block = ce.row_launch(5, 50257, "float16", {name: value}, sm_count=4)
+            assert kernel in ce.KERNEL_NAMES and 1 <= grid[0] <= 5 and block[0] % 32 == 0 and block[0] <= 1024
 
 
 def test_linear_backward_bad_arguments_raise_before_cupy():
@@ -237,6 +259,73 @@ def test_ce_bad_arguments_on_gpu(cp):
         softmax_cross_entropy(cp.zeros((5, 4), cp.float32).T, targets, inplace=True)
     with pytest.raises(TypeError, match="CuPy arrays"):
         softmax_cross_entropy(logits, np.zeros(4, np.int64))
+
+
+#: Row-kernel candidates of the tuning space checked at real sizes (each value occurs).
+CE_CANDIDATES = {
+    "defaults": {},
+    "persistent-reverse-1024": dict(blocks_per_sm=1, pass2="reverse", threads_per_row=1024),
+    "persistent-v8-256": dict(blocks_per_sm=4, vec_bytes=8, threads_per_row=256),
+    "v4-128": dict(vec_bytes=4, threads_per_row=128, blocks_per_sm=8),
+    "warp-4": dict(warp_row_max_cols=8192, warps_per_block=4),
+    "warp-16-persistent-reverse": dict(warp_row_max_cols=2048, warps_per_block=16, blocks_per_sm=2, pass2="reverse"),
+    "warp-8-v8": dict(warp_row_max_cols=2048, vec_bytes=8, threads_per_row=512),
+}
+
+
+@gpu
+@pytest.mark.parametrize("candidate", list(CE_CANDIDATES))
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_ce_tuning_candidates(cp, candidate, dtype):
+    """Every candidate the sweep may pick, on unaligned wide rows and on narrow rows (both
+    layouts), poisoned outputs; inplace and loss-only give the same bits."""
+    from gpuad.kernels import tuning
+
+    ce = importlib.import_module("gpuad.kernels.cupy.cross_entropy")
+    for n_rows, n_cols in ((300, 50257), (1000, 1031), (64, V_LLAMA3)):
+        logits_host, targets_host = make_ce(n_rows, n_cols, dtype, seed=n_cols)
+        logits, targets = cp.asarray(logits_host), cp.asarray(targets_host)
+        with tuning.override(ce.OP, **CE_CANDIDATES[candidate]):
+            poison_pool(cp, logits.nbytes)
+            loss, dlogits = softmax_cross_entropy(logits, targets, label_smoothing=0.1)
+            loss_only, _ = softmax_cross_entropy(logits, targets, label_smoothing=0.1, grad=False)
+            loss_in, dl_in = softmax_cross_entropy(logits.copy(), targets, label_smoothing=0.1, inplace=True)
+        check_ce(cp, logits_host, targets_host, loss, dlogits, dtype, label_smoothing=0.1)
+        assert bits(loss_only) == bits(loss) == bits(loss_in) and bits(dl_in) == bits(dlogits)
+
+
+@gpu
+def test_ce_ignore_index_none_and_outside_the_targets_dtype(cp):
+    """None ignores no row; 2**32 + 5 matches no int32 target (CuPy would wrap it to 5)."""
+    logits_host, targets_host = make_ce(12, 300, "float32", ignore_every=0)
+    targets_host[::3] = 5
+    logits = cp.asarray(logits_host)
+    want = ref.softmax_cross_entropy(logits_host.astype(np.float64), targets_host, ignore_index=None)
+    for ignore_index in (None, 2**32 + 5, 2**70):
+        for dtype in (np.int64, np.int32):
+            loss, dlogits = softmax_cross_entropy(logits, cp.asarray(targets_host.astype(dtype)),
+                                                  ignore_index=ignore_index)
+            check_ce(cp, logits_host, targets_host, loss, dlogits, "float32", ignore_index=None)
+            assert_close(loss, want[0], LOSS_RTOL, 1e-6, f"loss, ignore_index {ignore_index}, {dtype.__name__}")
+    targets_host[4] = -100
+    with pytest.raises(IndexError, match="-100 at row 4"):
+        softmax_cross_entropy(logits, cp.asarray(targets_host), ignore_index=None)
+
+
+@gpu
+def test_ce_overlapping_rows(cp):
+    """Rows that share memory (broadcast, as_strided) are read as their values; inplace=True
+    on them is refused."""
+    logits_host, targets_host = make_ce(5, 300, "float32", ignore_every=2)
+    row = cp.asarray(logits_host[0])
+    for view in (cp.broadcast_to(row, (5, 300)),
+                 cp.lib.stride_tricks.as_strided(cp.asarray(logits_host.reshape(-1)), (5, 300), (160, 4))):
+        before = cp.asnumpy(view)
+        loss, dlogits = softmax_cross_entropy(view, cp.asarray(targets_host), label_smoothing=0.1)
+        check_ce(cp, before, targets_host, loss, dlogits, "float32", label_smoothing=0.1)
+        assert (cp.asnumpy(view) == before).all()
+        with pytest.raises(ValueError, match="C-contiguous"):
+            softmax_cross_entropy(view, cp.asarray(targets_host), inplace=True)
 
 
 @gpu

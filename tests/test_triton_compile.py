@@ -12,9 +12,16 @@ default first), geometry the grid, partition and split arguments, constexprs the
 types and divisibility hints follow from representative launch arguments by the rules
 JITFunction applies at a launch (_arg_type).
 
-Cross-entropy: every dtype × every shape below (the row kernel at its narrowest and widest tiles,
-the two-pass kernel at the common vocabularies, aligned and unaligned, one row and many) × every
-(grad, reduction, smoothing) combination, plus int32 targets. Linear backward: the full product
+Cross-entropy (the launcher's tuning space, ce.SPACE, picks among the row kernel and the two
+wide kernels): every dtype × each launched kernel × its shapes below (the row kernel at its
+narrowest and widest tiles, the wide kernels at the common vocabularies, aligned and unaligned,
+one row and many), every (grad, reduction, smoothing) combination on an aligned and an
+unaligned shape and all on / all off on the others; each value of each tuning parameter that
+changes the compiled code, all flags on, at V = 50257; the on-chip row tile (32768) with every
+flag combination; int32 targets with an int64 ignore_index; the count and finish kernels. The
+lanes kernel's widest tile (LANES_MAX_PER_THREAD values a thread) is its default. Dropped: the
+products of non-default tuning values (each value is compiled with the others at their
+defaults), and programs_per_sm, which changes only the grid. Linear backward: the full product
 (tiles × need_dx × bias × dw_accumulate × precision × split dW × split dX, over 1000 kernels)
 takes too long for CI, so it is a covering set: the default tile of each dtype with every
 (need_dx, bias, dw_accumulate, precision) combination unsplit, and all flags on with each split
@@ -236,55 +243,114 @@ def _covering(shapes, combos, extremes, full=()):
 
 # (rows B, vocabulary V, row stride, what it stands for): the row kernel at its smallest and
 # widest tiles, and the vocabularies of common tokenizers, contiguous and as a padded view.
+SPM = ce.DEFAULTS["single_pass_max"]
 CE_SHAPES = [
     (1, 5, 5, "one-row"),
     (8192, 5, 5, "tiny-V"),
     (8192, 1000, 1000, "V1000"),
     (8192, 1000, 1001, "V1000-padded"),
-    (8192, ce.SINGLE_PASS_MAX, ce.SINGLE_PASS_MAX, "widest-rows"),
-    (8192, ce.SINGLE_PASS_MAX, ce.SINGLE_PASS_MAX + 1, "widest-rows-padded"),
+    (8192, SPM, SPM, "widest-rows"),
+    (8192, SPM, SPM + 1, "widest-rows-padded"),
     (8192, 32000, 32000, "V32000"),
     (8192, 32000, 32001, "V32000-padded"),
     (8192, 50257, 50257, "V50257"),
     (8192, 128256, 128256, "V128256"),
     (1, 128256, 128256, "V128256-one-row"),
 ]
+CE_BY_LABEL = {s[3]: s for s in CE_SHAPES}
+CE_WIDE = [s for s in CE_SHAPES if s[1] > SPM]  # the shapes a wide kernel takes by default
 # (grad, reduction, label_smoothing): every combination, all on first. "sum" and "none" give
 # the same kernel (MEAN=False), and shapes that pick the same tiles and hints compile once.
 CE_FLAGS = [(g, r, s) for g in (True, False) for r in ("mean", "sum", "none") for s in (0.1, 0.0)]
+CE_LAUNCH_KERNELS = ("_ce_rows_kernel", "_ce_chunked_kernel", "_ce_lanes_kernel")
 
 
-def _ce_variant(dtype: str, shape, flags, targets="i64") -> Variant:
+def _ce_tuning_points():
+    """Tuning parameter sets that change what a wide kernel compiles to: for each wide kernel,
+    the defaults and each other value of each parameter it reads, one at a time (the lanes
+    kernel's largest tile, LANES_MAX_PER_THREAD values a thread, is reached by its defaults;
+    programs_per_sm changes only the grid)."""
+    compiled = ("chunk_bytes", "warps", "num_stages", "count")
+    points = []
+    for wide in ce.SPACE["wide_kernel"]:
+        base = dict(ce.DEFAULTS, wide_kernel=wide)
+        points.append(base)
+        for name in compiled + (("rows_per_program",) if wide == "lanes" else ()):
+            points += [dict(base, **{name: v}) for v in ce.SPACE[name] if v != base[name]]
+    return points
+
+
+def _ce_variant(dtype: str, shape, flags, targets="i64", params=None, ignore_index=-100) -> Variant:
     n_rows, n_cols, stride, label = shape
     grad, reduction, smoothing = flags
     elem = DTYPES[dtype].itemsize
     kernel, meta = ce._kernel_config(n_rows, n_cols, stride, elem, grad=grad, reduction=reduction,
-                                     label_smoothing=smoothing)
+                                     label_smoothing=smoothing, params=params)
     meta = dict(meta)
     options = {"num_warps": meta.pop("num_warps")}
     if "num_stages" in meta:
         options["num_stages"] = meta.pop("num_stages")
     fn = _jit_function(kernel)
     # as softmax_cross_entropy passes them: logits, dlogits (the logits when grad=False),
-    # targets, fp32 row losses, the int64 count of valid rows, then B, V, stride, ignore_index, eps
+    # targets, fp32 row losses, the int32 count of valid rows (the row losses as a placeholder
+    # when no count kernel runs), then B, V, stride, ignore_index (int64 min for None), eps
+    counted = meta["MEAN"] and meta["HAS_GRAD"] and not meta.get("COUNT", False)
     args = dict(x_ptr=Ptr(dtype), g_ptr=Ptr(dtype), t_ptr=Ptr(targets), loss_ptr=Ptr("fp32"),
-                n_valid_ptr=Ptr("i64"), n_rows=n_rows, n_cols=n_cols, stride=stride, ignore_index=-100,
-                eps=float(smoothing))
+                n_valid_ptr=Ptr("i32" if counted else "fp32"), n_rows=n_rows, n_cols=n_cols, stride=stride,
+                ignore_index=ignore_index, eps=float(smoothing))
     signature, constexprs, attrs = _specialize(fn, args, meta)
     flag_id = "-".join(f"{k}{int(v)}" for k, v in meta.items() if isinstance(v, bool))
     tile = "-".join(f"{k}{meta[k]}" for k in ("ROWS", "BLOCK") if k in meta)
-    kname = "rows" if kernel is ce._ce_rows_kernel else "online"
-    return Variant(f"{dtype}-{kname}-{label}-{tile}-w{options['num_warps']}-{flag_id}-t{targets}",
-                   fn, signature, constexprs, attrs, options)
+    kname = fn.__name__.split("_")[2]
+    stages = f"-s{meta['NUM_STAGES']}" if "NUM_STAGES" in meta else ""
+    return Variant(f"{dtype}-{kname}-{label}-{tile}-w{options['num_warps']}{stages}-{flag_id}-t{targets}"
+                   f"{'-ign64' if ignore_index < -2**31 else ''}", fn, signature, constexprs, attrs, options)
+
+
+def _ce_helper_variants():
+    """The one-program count and finish kernels: int64 and int32 targets, an int32 and an
+    int64 ignore_index, each reduction."""
+    out = []
+    for targets, ignore in (("i64", -100), ("i32", -2**63)):
+        args = dict(t_ptr=Ptr(targets), n_valid_ptr=Ptr("i32"), n_rows=8192, ignore_index=ignore)
+        fn = _jit_function(ce._ce_count_kernel)
+        out.append(Variant(f"count-t{targets}-ign{ignore}", fn, *_specialize(fn, args, {"BLOCK": ce.REDUCE_BLOCK}),
+                           {"num_warps": 4}))
+        for mean in (True, False):
+            fn = _jit_function(ce._ce_finish_kernel)
+            args = dict(row_loss_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), t_ptr=Ptr(targets), n_rows=8191,
+                        ignore_index=ignore)
+            out.append(Variant(f"finish-MEAN{int(mean)}-t{targets}-ign{ignore}", fn,
+                               *_specialize(fn, args, {"MEAN": mean, "BLOCK": ce.REDUCE_BLOCK}), {"num_warps": 4}))
+    return out
 
 
 def _ce_variants():
-    out = [_ce_variant(dtype, shape, flags) for dtype in DTYPES for shape in CE_SHAPES for flags in CE_FLAGS]
-    by_label = {s[3]: s for s in CE_SHAPES}
-    for dtype in DTYPES:  # int32 targets (any integer dtype is accepted): once a kernel, all on
-        out.append(_ce_variant(dtype, by_label["widest-rows"], CE_FLAGS[0], targets="i32"))
-        out.append(_ce_variant(dtype, by_label["V128256"], CE_FLAGS[0], targets="i32"))
-    return _dedupe(out)
+    """For each dtype and launched kernel, its default shapes × flag combinations: every
+    combination on an aligned and an unaligned shape, the other shapes all on and all off. Then every tuning point on the unaligned V = 50257 (the most
+    code), all flags on; the row kernel at single_pass_max 32768 (aligned V = 32000 held on
+    chip) with every flag combination; int32 targets (with the int64 ignore_index that None
+    maps to); the helper kernels."""
+    combos = [f for f in CE_FLAGS if f[1] != "none"]  # "none" compiles as "sum"
+    extremes = [CE_FLAGS[0], CE_FLAGS[-1]]  # all on; all off
+    lanes = dict(ce.DEFAULTS, wide_kernel="lanes")
+    narrow = [s for s in CE_SHAPES if s not in CE_WIDE]
+    out = []
+    for dtype in DTYPES:
+        for shapes, full, params in ((narrow, ("V1000", "V1000-padded"), None),
+                                     (CE_WIDE, ("V32000", "V50257"), None),
+                                     (CE_WIDE, ("V32000", "V50257"), lanes)):
+            out += [_ce_variant(dtype, shape, flags, params=params) for shape in shapes
+                    for flags in (combos if shape[3] in full else extremes)]
+        out += [_ce_variant(dtype, CE_BY_LABEL["V50257"], CE_FLAGS[0], params=point)
+                for point in _ce_tuning_points()]
+        on_chip = dict(ce.DEFAULTS, single_pass_max=32768)
+        out += [_ce_variant(dtype, CE_BY_LABEL["V32000"], flags, params=on_chip) for flags in combos]
+        # int32 targets (any integer dtype is accepted): once a kernel, all on
+        for shape, params in ((CE_BY_LABEL["widest-rows"], None), (CE_BY_LABEL["V128256"], None),
+                              (CE_BY_LABEL["V50257"], lanes)):
+            out.append(_ce_variant(dtype, shape, CE_FLAGS[0], targets="i32", params=params, ignore_index=-2**63))
+    return _dedupe(out + _ce_helper_variants())
 
 
 # --------------------------------------------------------------------------------------------
@@ -530,8 +596,8 @@ def _config_id_of(v: Variant) -> str:
 
 
 def test_variants_cover_every_dtype_kernel_and_config():
-    ce_kernels = {(v.id.split("-")[0], v.fn.__name__) for v in CE_VARIANTS}
-    assert ce_kernels == {(d, k) for d in DTYPES for k in ("_ce_rows_kernel", "_ce_online_kernel")}
+    ce_kernels = {(v.id.split("-")[0], v.fn.__name__) for v in CE_VARIANTS if v.fn.__name__ in CE_LAUNCH_KERNELS}
+    assert ce_kernels == {(d, k) for d in DTYPES for k in CE_LAUNCH_KERNELS}
     for dtype in DTYPES:
         want = {_config_id(c) for c in _launchable_configs(dtype)}
         got = {_config_id_of(v) for v in LB_VARIANTS if v.id.startswith(dtype + "-")}
@@ -578,12 +644,27 @@ def test_every_linear_flag_and_split_is_compiled_with_the_default_tile(dtype):
 
 
 def test_every_ce_flag_combination_is_compiled():
-    """Each (HAS_GRAD, MEAN, SMOOTH) combination of each kernel and dtype compiles somewhere."""
+    """Each (HAS_GRAD, MEAN, SMOOTH, ALIGNED) combination of each kernel and dtype compiles somewhere."""
     seen = {(v.id.split("-")[0], v.fn.__name__,
-             tuple(v.constexprs[k] for k in ("HAS_GRAD", "MEAN", "SMOOTH", "ALIGNED"))) for v in CE_VARIANTS}
-    for dtype, kernel in itertools.product(DTYPES, ("_ce_rows_kernel", "_ce_online_kernel")):
+             tuple(v.constexprs[k] for k in ("HAS_GRAD", "MEAN", "SMOOTH", "ALIGNED")))
+            for v in CE_VARIANTS if v.fn.__name__ in CE_LAUNCH_KERNELS}
+    for dtype, kernel in itertools.product(DTYPES, CE_LAUNCH_KERNELS):
         for flags in itertools.product((True, False), repeat=4):
             assert (dtype, kernel, flags) in seen, (dtype, kernel, flags)
+
+
+def test_every_ce_tuning_value_is_compiled():
+    """Each value of each tuning parameter that changes the compiled code is among the tuning
+    points compiled above (programs_per_sm changes only the grid; single_pass_max 32768 is
+    the on-chip row kernel, the smaller ones send narrower rows to the wide kernels)."""
+    points = _ce_tuning_points()
+    for wide in ce.SPACE["wide_kernel"]:
+        names = ("chunk_bytes", "warps", "num_stages", "count") + (("rows_per_program",) if wide == "lanes" else ())
+        for name in names:
+            got = {p[name] for p in points if p["wide_kernel"] == wide}
+            assert got == set(ce.SPACE[name]), (wide, name, got)
+    on_chip = {v.constexprs["BLOCK"] for v in CE_VARIANTS if v.fn.__name__ == "_ce_rows_kernel"}
+    assert max(ce.SPACE["single_pass_max"]) in on_chip
 
 
 if __name__ == "__main__" and sys.argv[1:] == ["--serve"]:

@@ -5,12 +5,19 @@
 // compile.source puts in front). fp16 and bf16 are stored as unsigned short and
 // converted with inline PTX (cvt.rn.bf16.f32 needs sm_80 or newer).
 //
-// Kernels (one per logits dtype, suffix _f32 / _f16 / _bf16):
-//   ce_forward_<T>     one block per row (grid-stride over rows): pass 1 reads the row once,
-//                      keeping a per-thread online max and sum of exp plus the plain sum of the
-//                      logits (for label smoothing), merged by warp shuffles and shared memory in
-//                      a fixed order; writes the row loss to row_loss[B] (fp32). With write_grad,
-//                      pass 2 reads the row again and writes dlogits (may alias logits: inplace).
+// Row kernels, one per (layout, logits dtype, vector width): ce_<layout>_<f32|f16|bf16>_v<4|8|16>
+//   layout "block": one block per row (a grid-stride loop over rows: a grid smaller than B is
+//                   a persistent grid), for wide rows;
+//   layout "warp":  one warp per row, blockDim.x / 32 rows a block (no __syncthreads, no shared
+//                   memory), for narrow rows where a block would leave most threads idle.
+// Each row: pass 1 reads the row once with loads of <width> bytes (the row's aligned body; its
+// misaligned head and tail, < width bytes each, element by element), keeping a per-thread
+// online max and sum of exp plus the plain sum of the logits (for label smoothing), merged by
+// warp shuffles (and, for a block, shared memory) in a fixed order; it writes the row loss to
+// row_loss[B] (fp32). With write_grad, pass 2 reads the row again (forward, or last vector
+// first with reverse = 1: the end of the row is the likeliest to be still in L2) and writes
+// dlogits (may alias logits: inplace). Bytes: one read and one write per element when pass 2
+// hits L2 (1.0x a copy of the logits), 1.5x when it re-reads HBM.
 // and, dtype-free:
 //   ce_count_valid     number of rows whose target != ignore_index, to one int64 on the device.
 //   ce_reduce_loss     fp64-accumulated, fixed-order sum of row_loss, divided by max(n_valid, 1)
@@ -24,25 +31,29 @@
 #define CE_MAX_THREADS 1024
 #define CE_LOWEST (-3.402823466e+38f)
 
-struct alignas(16) Pack16 {
-    u32 w[4];
+// W 32-bit words loaded or stored as one vector (4, 8 or 16 bytes).
+template <int W>
+struct alignas(4 * W) Pack {
+    u32 w[W];
 };
 
 
-// Storage traits: element type, elements per 16-byte pack, scalar and pack conversions.
+// Storage traits: element type, elements per 32-bit word, scalar and pack conversions.
 struct TypeF32 {
     typedef float S;
-    static const int PACK = 4;
+    static const int PER_WORD = 1;
     __device__ static float to_f32(S v) { return v; }
     __device__ static S from_f32(float v) { return v; }
-    __device__ static void unpack(const Pack16& p, float* v) {
+    template <int W>
+    __device__ static void unpack(const Pack<W>& p, float* v) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) v[i] = __uint_as_float(p.w[i]);
+        for (int i = 0; i < W; ++i) v[i] = __uint_as_float(p.w[i]);
     }
-    __device__ static Pack16 pack(const float* v) {
-        Pack16 p;
+    template <int W>
+    __device__ static Pack<W> pack(const float* v) {
+        Pack<W> p;
 #pragma unroll
-        for (int i = 0; i < 4; ++i) p.w[i] = __float_as_uint(v[i]);
+        for (int i = 0; i < W; ++i) p.w[i] = __float_as_uint(v[i]);
         return p;
     }
 };
@@ -50,20 +61,22 @@ struct TypeF32 {
 template <float (*LOAD)(u16), u16 (*STORE)(float)>
 struct Type16 {
     typedef u16 S;
-    static const int PACK = 8;
+    static const int PER_WORD = 2;
     __device__ static float to_f32(S v) { return LOAD(v); }
     __device__ static S from_f32(float v) { return STORE(v); }
-    __device__ static void unpack(const Pack16& p, float* v) {
+    template <int W>
+    __device__ static void unpack(const Pack<W>& p, float* v) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i) {
+        for (int i = 0; i < W; ++i) {
             v[2 * i] = LOAD((u16)(p.w[i] & 0xffffu));
             v[2 * i + 1] = LOAD((u16)(p.w[i] >> 16));
         }
     }
-    __device__ static Pack16 pack(const float* v) {
-        Pack16 p;
+    template <int W>
+    __device__ static Pack<W> pack(const float* v) {
+        Pack<W> p;
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
+        for (int i = 0; i < W; ++i)
             p.w[i] = (u32)STORE(v[2 * i]) | ((u32)STORE(v[2 * i + 1]) << 16);
         return p;
     }
@@ -71,11 +84,11 @@ struct Type16 {
 typedef Type16<f16_to_f32, f32_to_f16> TypeF16;
 typedef Type16<bf16_to_f32, f32_to_bf16> TypeBF16;
 
-// Elements before the first 16-byte boundary of a row (rows are element-aligned).
-template <class S>
+// Elements before the first BYTES-byte boundary of a row (rows are element-aligned).
+template <int BYTES, class S>
 __device__ __forceinline__ i64 head_elements(const S* row, i64 n) {
-    u32 mis = (u32)((unsigned long long)row & 15ull);
-    i64 head = mis ? (i64)((16u - mis) / sizeof(S)) : 0;
+    u32 mis = (u32)((unsigned long long)row & (unsigned long long)(BYTES - 1));
+    i64 head = mis ? (i64)((BYTES - mis) / sizeof(S)) : 0;
     return head < n ? head : n;
 }
 
@@ -142,34 +155,55 @@ __device__ __forceinline__ void block_reduce(float& m, float& s, float& z) {
     __syncthreads();  // the shared slots are free again for the next row
 }
 
-template <class D>
+// The threads that share a row: a whole block (BlockRow) or one warp of it (WarpRow).
+struct BlockRow {
+    __device__ static i64 rank() { return threadIdx.x; }
+    __device__ static i64 size() { return blockDim.x; }
+    __device__ static i64 first_row() { return blockIdx.x; }
+    __device__ static i64 row_step() { return gridDim.x; }
+    __device__ static void reduce(float& m, float& s, float& z) { block_reduce(m, s, z); }
+};
+
+struct WarpRow {
+    __device__ static i64 rank() { return threadIdx.x & 31; }
+    __device__ static i64 size() { return 32; }
+    __device__ static i64 first_row() { return (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
+    __device__ static i64 row_step() { return (i64)gridDim.x * (blockDim.x >> 5); }
+    __device__ static void reduce(float& m, float& s, float& z) { warp_reduce(m, s, z); }
+};
+
+template <class D, int W, class G>
 __device__ __forceinline__ void ce_rows(const typename D::S* logits, typename D::S* dlogits,
                                         const i64* targets, float* row_loss, const i64* n_valid,
                                         i64 n_rows, i64 n_cols, i64 ignore_index, float smoothing,
-                                        int write_grad) {
+                                        int write_grad, int reverse) {
     typedef typename D::S S;
-    const int PACK = D::PACK;
-    const i64 tid = threadIdx.x, nthreads = blockDim.x;
-    for (i64 row = blockIdx.x; row < n_rows; row += gridDim.x) {
+    typedef Pack<W> P;
+    const int PACK = W * D::PER_WORD;  // elements a vector
+    const int BYTES = 4 * W;
+    const i64 tid = G::rank(), nthreads = G::size();
+    for (i64 row = G::first_row(); row < n_rows; row += G::row_step()) {
         const i64 offset = row * n_cols;  // 64-bit: B * V may exceed 2^31
         const S* x = logits + offset;
         S* y = write_grad ? dlogits + offset : (S*)0;
         const i64 target = targets[row];
-        const i64 head = head_elements(x, n_cols);
+        const i64 head = head_elements<BYTES>(x, n_cols);
         const i64 n_packs = (n_cols - head) / PACK;
         const i64 tail_start = head + n_packs * PACK;
-        const Pack16* xv = reinterpret_cast<const Pack16*>(x + head);
-        // dlogits rows share the logits rows' 16-byte phase unless logits is an offset view.
-        const bool y_vec = write_grad && ((((unsigned long long)y) & 15ull) == (((unsigned long long)x) & 15ull));
+        const P* xv = reinterpret_cast<const P*>(x + head);
+        // dlogits rows share the logits rows' phase unless logits is an offset view.
+        const bool y_vec = write_grad && ((((unsigned long long)y) & (BYTES - 1)) ==
+                                          (((unsigned long long)x) & (BYTES - 1)));
 
         if (target == ignore_index) {
             if (tid == 0) row_loss[row] = 0.0f;
             if (write_grad) {
                 const S zero = D::from_f32(0.0f);
                 if (y_vec) {
-                    Pack16 zp;
-                    zp.w[0] = zp.w[1] = zp.w[2] = zp.w[3] = 0u;
-                    Pack16* yv = reinterpret_cast<Pack16*>(y + head);
+                    P zp;
+#pragma unroll
+                    for (int i = 0; i < W; ++i) zp.w[i] = 0u;
+                    P* yv = reinterpret_cast<P*>(y + head);
                     if (tid < head) y[tid] = zero;
                     for (i64 v = tid; v < n_packs; v += nthreads) yv[v] = zp;
                     for (i64 c = tail_start + tid; c < n_cols; c += nthreads) y[c] = zero;
@@ -180,8 +214,8 @@ __device__ __forceinline__ void ce_rows(const typename D::S* logits, typename D:
             continue;
         }
         const bool in_range = target >= 0 && target < n_cols;
-        // Read the target logit before the block reduction's barriers: with inplace=True the
-        // gradient pass overwrites it afterwards.
+        // Read the target logit before the reduction's barriers (or shuffles): with
+        // inplace=True the gradient pass overwrites it afterwards.
         float z_target = 0.0f;
         if (tid == 0 && in_range) z_target = D::to_f32(x[target]);
 
@@ -195,7 +229,7 @@ __device__ __forceinline__ void ce_rows(const typename D::S* logits, typename D:
 #pragma unroll 2
         for (i64 p = tid; p < n_packs; p += nthreads) {
             float v[PACK];
-            D::unpack(xv[p], v);
+            D::template unpack<W>(xv[p], v);
             float pm = v[0];
 #pragma unroll
             for (int i = 1; i < PACK; ++i) pm = fmaxf(pm, v[i]);
@@ -214,7 +248,7 @@ __device__ __forceinline__ void ce_rows(const typename D::S* logits, typename D:
             online_add(m, s, v);
             z += v;
         }
-        block_reduce(m, s, z);
+        G::reduce(m, s, z);
 
         if (tid == 0) {
             // logsumexp - (1 - eps) z_t - eps mean(z), arranged so that close terms cancel first
@@ -239,23 +273,24 @@ __device__ __forceinline__ void ce_rows(const typename D::S* logits, typename D:
         const float hit = in_range ? (1.0f - smoothing) : 0.0f;
         const i64 t_col = in_range ? target : -1;
         if (y_vec) {
-            Pack16* yv = reinterpret_cast<Pack16*>(y + head);
+            P* yv = reinterpret_cast<P*>(y + head);
             if (tid < head) {
                 float p = exp2f(fmaf(D::to_f32(x[tid]) - m, CE_LOG2E, -log2_s));
                 float g = p - uniform - (tid == t_col ? hit : 0.0f);
                 y[tid] = D::from_f32(g * scale);
             }
 #pragma unroll 2
-            for (i64 p = tid; p < n_packs; p += nthreads) {
+            for (i64 i = tid; i < n_packs; i += nthreads) {
+                const i64 p = reverse ? n_packs - 1 - i : i;
                 float v[PACK];
-                D::unpack(xv[p], v);
+                D::template unpack<W>(xv[p], v);
                 const i64 c0 = head + p * PACK;
 #pragma unroll
-                for (int i = 0; i < PACK; ++i) {
-                    float q = exp2f(fmaf(v[i] - m, CE_LOG2E, -log2_s));
-                    v[i] = (q - uniform - (c0 + i == t_col ? hit : 0.0f)) * scale;
+                for (int k = 0; k < PACK; ++k) {
+                    float q = exp2f(fmaf(v[k] - m, CE_LOG2E, -log2_s));
+                    v[k] = (q - uniform - (c0 + k == t_col ? hit : 0.0f)) * scale;
                 }
-                yv[p] = D::pack(v);
+                yv[p] = D::template pack<W>(v);
             }
             for (i64 c = tail_start + tid; c < n_cols; c += nthreads) {
                 float p = exp2f(fmaf(D::to_f32(x[c]) - m, CE_LOG2E, -log2_s));
@@ -270,18 +305,26 @@ __device__ __forceinline__ void ce_rows(const typename D::S* logits, typename D:
     }
 }
 
-#define CE_DEFINE_FORWARD(SUFFIX, TRAITS)                                                          \
-    extern "C" __global__ void __launch_bounds__(CE_MAX_THREADS) ce_forward_##SUFFIX(              \
-        const TRAITS::S* logits, TRAITS::S* dlogits, const i64* targets, float* row_loss,          \
-        const i64* n_valid, i64 n_rows, i64 n_cols, i64 ignore_index, float smoothing,             \
-        int write_grad) {                                                                          \
-        ce_rows<TRAITS>(logits, dlogits, targets, row_loss, n_valid, n_rows, n_cols, ignore_index, \
-                        smoothing, write_grad);                                                    \
+#define CE_DEFINE_ROWS(LAYOUT, GROUP, SUFFIX, TRAITS, BYTES)                                       \
+    extern "C" __global__ void __launch_bounds__(CE_MAX_THREADS) ce_##LAYOUT##_##SUFFIX##_v##BYTES( \
+        const TRAITS::S* logits, TRAITS::S* dlogits, const i64* targets, float* row_loss,           \
+        const i64* n_valid, i64 n_rows, i64 n_cols, i64 ignore_index, float smoothing,              \
+        int write_grad, int reverse) {                                                              \
+        ce_rows<TRAITS, BYTES / 4, GROUP>(logits, dlogits, targets, row_loss, n_valid, n_rows,      \
+                                          n_cols, ignore_index, smoothing, write_grad, reverse);    \
     }
 
-CE_DEFINE_FORWARD(f32, TypeF32)
-CE_DEFINE_FORWARD(f16, TypeF16)
-CE_DEFINE_FORWARD(bf16, TypeBF16)
+#define CE_DEFINE_WIDTHS(LAYOUT, GROUP, SUFFIX, TRAITS) \
+    CE_DEFINE_ROWS(LAYOUT, GROUP, SUFFIX, TRAITS, 4)    \
+    CE_DEFINE_ROWS(LAYOUT, GROUP, SUFFIX, TRAITS, 8)    \
+    CE_DEFINE_ROWS(LAYOUT, GROUP, SUFFIX, TRAITS, 16)
+
+CE_DEFINE_WIDTHS(block, BlockRow, f32, TypeF32)
+CE_DEFINE_WIDTHS(block, BlockRow, f16, TypeF16)
+CE_DEFINE_WIDTHS(block, BlockRow, bf16, TypeBF16)
+CE_DEFINE_WIDTHS(warp, WarpRow, f32, TypeF32)
+CE_DEFINE_WIDTHS(warp, WarpRow, f16, TypeF16)
+CE_DEFINE_WIDTHS(warp, WarpRow, bf16, TypeBF16)
 
 // Sum of v over one block in a fixed order (warp butterflies, then warps 0, 1, ... by
 // thread 0); the total is valid in thread 0. Needs blockDim.x a multiple of 32.
