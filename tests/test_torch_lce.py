@@ -9,6 +9,7 @@ torch.compile(fullgraph=True), and the Triton path once in the interpreter. GPU 
 `gpu`): bf16 at real sizes, no host sync, peak memory.
 """
 import os
+import re
 import warnings
 
 import numpy as np
@@ -337,6 +338,20 @@ def test_triton_path_in_the_interpreter_matches_the_reference(monkeypatch, reduc
     monkeypatch.setattr(gt, "_TRITON_ON_CPU", True)
     with pytest.raises(RuntimeError, match="outside"):  # the device-side check (synchronous on the CPU)
         gt.linear_cross_entropy(x.float(), w, torch.tensor([0, 99, 1, 2, 3, 4, 5]))
+
+
+# --- README -----------------------------------------------------------------------------------
+def test_readme_example_runs(capsys):
+    """The snippet of the README's LM-head section, exactly as written, on the CPU."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+              encoding="utf-8") as f:
+        section = f.read().split("## The fused LM head", 1)[1]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    loss = float(re.fullmatch(r"loss (\S+)\n", capsys.readouterr().out).group(1))
+    assert 0 <= loss < 2.0  # from ln(100) = 4.6: it learned the (random) next tokens
+    assert namespace["logits"].shape == (8, 16, 100)
 
 
 # --- GPU: bf16 at real sizes ---------------------------------------------------------------------
