@@ -1,17 +1,21 @@
 """gpuad's fused kernels as PyTorch ops: drop-in replacements for ``F.cross_entropy``,
-``F.linear``, ``nn.CrossEntropyLoss`` and ``nn.Linear`` that work under autograd,
+``F.linear``, ``nn.CrossEntropyLoss`` and ``nn.Linear``, and the fused LM head
+(``linear_cross_entropy``, ``LinearCrossEntropy``), that work under autograd,
 ``torch.compile(fullgraph=True)`` and ``DistributedDataParallel``.
 
     import gpuad.torch as gt
     layer = gt.Linear(512, 1000)                 # an nn.Linear whose backward is gpuad's kernel
     loss = gt.cross_entropy(layer(x), targets)   # fused softmax + cross-entropy
     loss.backward()
+    head = gt.LinearCrossEntropy(512, 32000)     # an LM head that returns its loss, no logits
+    loss = head(hidden, targets)
 
 CUDA tensors run the Triton kernels (``gpuad.kernels.triton``); CPU tensors run the numpy
 reference (``gpuad.kernels.reference``) on zero-copy numpy views, so the ops work everywhere.
 
 The ops are registered with ``torch.library`` as opaque custom ops (``gpuad::cross_entropy``,
-``gpuad::cross_entropy_backward``, ``gpuad::linear``, ``gpuad::linear_backward``), each with a
+``gpuad::cross_entropy_backward``, ``gpuad::linear``, ``gpuad::linear_backward``,
+``gpuad::linear_cross_entropy`` with ``_scale`` and ``_backward``), each with a
 fake (shapes and dtypes only) and the forward ops with registered autograd whose backward is
 itself one of the ops, so compiled graphs hold them without a graph break. They are custom
 ops rather than ``triton_op``: the launchers choose their kernel at run time (a measured route
@@ -36,6 +40,14 @@ Semantics beyond the torch functions they replace:
   gradient is accumulated in fp32 by the kernel (``dw_accumulate``) and returned in fp32,
   never rounded to bf16 on the way (``torch.autocast`` with ``F.linear`` rounds dW to bf16
   before casting it back).
+* ``linear_cross_entropy``: cross-entropy of x weightᵀ + bias through the fused LM-head kernel,
+  which holds one chunk of logits at a time. "mean" / "sum": the forward computes dx, dw, db
+  with the loss and the backward scales them by the incoming 0-d gradient (in place in eager
+  mode: no second copy of dW). "none": the forward computes the row losses only, and the
+  backward runs the kernel again with the incoming gradient as per-row weights (grad_scale):
+  exact for any cotangent. Weights as for ``linear`` (a float32 master weight's dW accumulated
+  by the kernel in fp32, ``dw_accumulate``); ignored rows and no host sync as for
+  ``cross_entropy``.
 """
 import collections
 from typing import Optional
@@ -186,10 +198,8 @@ def _lce_body(x, weight, targets, bias, ignore_index, reduction, label_smoothing
             grad_scale=None if grad_scale is None else _as_numpy(grad_scale), **kw)
         loss = _from_numpy(loss, _loss_dtype(dtype))
         dx = None if dx is None else _from_numpy(dx, dtype)
-        dw = None if dw is None else _from_numpy(dw, dtype)
+        dw = acc if acc is not None else None if dw is None else _from_numpy(dw, dtype)
         db = None if db is None else _from_numpy(db, dtype)
-    if master and grad:
-        dw = acc
     if db is not None:
         db = db.to(weight.dtype)  # a master bias: db was accumulated in fp32, rounded once to x's dtype
     keep = lambda g, need, like: g if need and g is not None else _empty(like)
