@@ -21,6 +21,7 @@ gt = pytest.importorskip("gpuad.torch")
 
 from test_linear_cross_entropy import IGNORE, OPTION_SETS, make, oracle, options  # noqa: E402
 from test_torch_ops import _close, _compile_recording, _opcheck, _ops_in, eager_path  # noqa: E402,F401
+from test_torch_ops import _train as _train_model  # noqa: E402
 
 OPS = torch.ops.gpuad
 
@@ -244,16 +245,9 @@ def _batches(n_steps=4, rows=24, d=6, classes=9):
 
 
 def _train(body, head, step, batches):
-    params = list(body.parameters()) + list(head.parameters())
-    opt = torch.optim.SGD(params, lr=0.3, momentum=0.9)
-    losses = []
-    for x, t in batches:
-        loss = step(x, t)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.detach())
-    return torch.stack(losses), params
+    """(losses, parameters) after SGD with momentum on body and head."""
+    both = torch.nn.ModuleList([body, head])
+    return _train_model(both, step, batches, lr=0.3), list(both.parameters())
 
 
 def _torch_step(body, head, reduction="mean", weights=None):
