@@ -202,7 +202,8 @@ def _lce_body(x, weight, targets, bias, ignore_index, reduction, label_smoothing
         db = None if db is None else _from_numpy(db, dtype)
     if db is not None:
         db = db.to(weight.dtype)  # a master bias: db was accumulated in fp32, rounded once to x's dtype
-    keep = lambda g, need, like: g if need and g is not None else _empty(like)
+    def keep(g, need, like):
+        return g if need and g is not None else _empty(like)
     return loss, keep(dx, need_dx, x), keep(dw, need_dw, weight), keep(db, need_db, weight)
 
 
@@ -567,7 +568,6 @@ class CrossEntropyLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
-
 
 
 class LinearCrossEntropy(torch.nn.Module):
