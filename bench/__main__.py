@@ -90,8 +90,7 @@ def main(argv=None):
     ceilings = harness.measure_ceilings(env, {c.dtype for c in cases}, timing)
     impls, skip = args.impls or list(ops.IMPLS), {}
     if args.impls is None and args.preset == "quick" and env.cuda:  # compile time would dominate the quick run
-        skip = {(op, "torch_compile"): "left out of the quick preset on this op (compile time); add --impls"
-                for op in ("linear_backward", "mlp_step")}
+        skip = dict(ops.QUICK_GPU_SKIP)
     os.makedirs(args.out, exist_ok=True)
     meta = harness.run_meta(env, ceilings, args.preset, sys.argv[1:] if argv is None else argv)
     with open(os.path.join(args.out, "meta.json"), "w") as f:

@@ -10,7 +10,9 @@ synchronised only at its end (warm L2, host overhead included: what a training l
 ``ms_graph``, the time per call replayed from a CUDA graph (no host overhead), or None with
 ``graph_note`` saying why (no CUDA device, or not capturable: the op syncs or allocates);
 and ``host_us``, the host time per call of calls issued without waiting for the device: the
-launcher's Python overhead (checks, routing, autotuner lookup) plus the launches.
+launcher's Python overhead (checks, routing, autotuner lookup) plus the launches. Ops with a
+``peak_extra_bytes(prepared, impl)`` (the LM head) add ``peak_extra_bytes``: the peak memory of
+one call above what was allocated before it, on CUDA.
 """
 from __future__ import annotations
 
@@ -412,7 +414,7 @@ def new_record(case, impl, device_name, versions_):
                 ms_back_to_back=None, ms_graph=None, graph_note=None, host_us=None,
                 flops=op.flops(case), bytes=op.min_bytes(case), metric=op.metric, rate=None, ceiling=None,
                 pct_ceiling=None, speedup_vs_torch=None, max_error=None, max_error_host=None,
-                tolerance=TOLERANCE.get(case.dtype), timer=None, n_copies=None, wall_s=None)
+                tolerance=TOLERANCE.get(case.dtype), timer=None, n_copies=None, wall_s=None, peak_extra_bytes=None)
 
 
 def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, progress=True, skip=None,
@@ -470,6 +472,8 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
                 outs = None
                 rec["ms"], rec["timer"] = time_fn(prep.fn, prep.device, timing)
                 rec["n_copies"] = n
+                if hasattr(op, "peak_extra_bytes"):  # the ops whose memory is the point (the LM head)
+                    rec["peak_extra_bytes"] = op.peak_extra_bytes(prep, impl)
                 rec["status"] = "OK"
                 if extras:
                     try:
@@ -572,13 +576,18 @@ def graph_lines(records):
             for note, impls in by_note.items() for impl, ops_ in impls.items()]
 
 
+def gb(n_bytes):
+    return None if n_bytes is None else n_bytes / 1e9
+
+
 def table(records, ceilings=None) -> str:
     """The terminal table, then FAILs and UNAVAILABLE impls (each once, with the reason).
 
     ms: L2-flushed median; b2b ms: back to back, no flush; graph ms: replayed from a CUDA
-    graph; host us: host time per call (see the module docstring)."""
+    graph; host us: host time per call (see the module docstring); +peak GB: the peak memory
+    of one call above what was allocated before it (ops that measure it, on CUDA)."""
     head = ("op", "shape", "dtype", "impl", "status", "ms", "b2b ms", "graph ms", "host us", "rate", "% ceil",
-            "x torch")
+            "x torch", "+peak GB")
     rows = []
     for r in records:
         if r["status"] == "UNAVAILABLE":
@@ -587,7 +596,7 @@ def table(records, ceilings=None) -> str:
         rows.append((r["op"], r["shape_str"], r["dtype"], r["impl"], r["status"], _fmt(r["ms"], ".4f"),
                      _fmt(r.get("ms_back_to_back"), ".4f"), _fmt(r.get("ms_graph"), ".4f"),
                      _fmt(r.get("host_us"), ".1f"), rate, _fmt(r["pct_ceiling"], ".1f"),
-                     _fmt(r["speedup_vs_torch"], ".2f")))
+                     _fmt(r["speedup_vs_torch"], ".2f"), _fmt(gb(r.get("peak_extra_bytes")), ".3f")))
     lines = text_table(head, rows)
     if ceilings:
         mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceilings.get("matmul_TFLOPs", {}).items())
@@ -610,7 +619,7 @@ def table(records, ceilings=None) -> str:
 
 REQUIRED_KEYS = ("op", "impl", "shape", "shape_str", "dtype", "device", "versions", "status", "error", "ms",
                  "ms_back_to_back", "ms_graph", "graph_note", "host_us", "flops", "bytes", "metric", "rate", "ceiling",
-                 "pct_ceiling", "speedup_vs_torch", "max_error", "max_error_host", "wall_s")
+                 "pct_ceiling", "speedup_vs_torch", "max_error", "max_error_host", "wall_s", "peak_extra_bytes")
 
 
 def linear_routes() -> list[str]:

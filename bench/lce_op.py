@@ -1,31 +1,29 @@
-"""The bench op of the fused LM head (linear + cross-entropy), ready to be wired into
-bench/ops.py: ``OPS[LinearCrossEntropy.name] = LinearCrossEntropy`` and its shapes into the
-presets (``GPU_SHAPES`` below; ``CPU_SHAPES`` for the CPU presets). Same conventions as the
-other ops there: setups return ``harness.Prepared``; each checks its outputs against the float64
-reference before it is timed. ``peak_extra_bytes`` gives the peak-memory column: bytes allocated
-at the peak of one call above what was allocated before it (inputs, and the caller's dw buffer).
+"""The bench op of the fused LM head: linear + cross-entropy, forward and backward, with the
+peak memory above the inputs (``peak_extra_bytes``, the record's ``peak_extra_bytes``).
 
-Implementations: reference, triton, cupy (gpuad's kernels; dw accumulated into an fp32
-buffer the bench owns, as a trainer's main grad), triton_dw (dw returned in the input dtype:
-the fp32 accumulator is then gpuad's own, inside the peak), torch (eager F.linear + F.cross_entropy,
-forward and backward), torch_compile, torch_lce (torch's own F.linear_cross_entropy, chunked,
-where this torch has it), liger (LigerFusedLinearCrossEntropyFunction) and cce (Cut
-Cross-Entropy), each when importable.
+Implementations: reference, triton, cupy (gpuad's kernels; dw accumulated into an fp32 [V, D]
+buffer the bench owns, as a trainer's main grad, zeroed before each call), triton_dw (dw
+returned in the input dtype: the fp32 accumulator is then gpuad's own, inside the peak), torch
+(eager F.linear + F.cross_entropy), torch_compile, torch_lce (torch's own chunked
+F.linear_cross_entropy, where this torch has it), liger (Liger Kernel's fused linear
+cross-entropy) and cce (Cut Cross-Entropy), each when importable. Registered in
+``bench.ops.OPS`` by ``bench/ops.py``, which imports this module last.
 """
 from __future__ import annotations
 
 import numpy as np
 
-from .harness import Prepared, Unavailable, quantize, rotating
-from .ops import SEED, _compile, _gpuad_inputs, _isz, on_torch
+from .common import Prepared, Unavailable, itemsize, normal, rotating
 
-GPU_SHAPES = [((8192, 4096, 128256), "bfloat16"), ((16384, 2048, 32000), "bfloat16")]  # DESIGN.md
-CPU_SHAPES = [((256, 128, 4000), "float32")]
 IGNORE = -100
+IGNORE_EVERY = 17  # every 17th target is ignore_index: the padding rows of a real batch
+#: impls that hold device memory torch's allocator does not see (CuPy's pool): no peak figure
+NO_TORCH_PEAK = ("cupy", "reference")
 
 
 class LinearCrossEntropy:
-    """loss = cross_entropy(x wᵀ, targets) (mean), with dx and dw: x [N, D], w [V, D]."""
+    """loss = cross_entropy(x wᵀ, targets) (mean over the valid rows), with dx and dw:
+    x [N, D], w [V, D], targets [N]."""
     name = "linear_cross_entropy"
     dim_names = ("N", "D", "V")
     metric = "TFLOP/s"
@@ -43,25 +41,55 @@ class LinearCrossEntropy:
     @staticmethod
     def input_bytes(case):
         n, d, v = case.dims
-        return _isz(case.dtype) * (n * d + v * d) + 8 * n
+        return itemsize(case.dtype) * (n * d + v * d) + 8 * n
 
     @staticmethod
     def make_inputs(case):
         n, d, v = case.dims
-        rng = np.random.default_rng(SEED)
-        q = lambda *s, scale=1.0: quantize(rng.standard_normal(s, dtype=np.float32) * np.float32(scale), case.dtype)
-        t = rng.integers(0, v, size=n, dtype=np.int64)
-        t[::17] = IGNORE  # some padding rows, as in a real batch
-        return {"x": q(n, d), "w": q(v, d, scale=d ** -0.5), "targets": t}
+        t = np.random.default_rng(SEED).integers(0, v, size=n, dtype=np.int64)
+        t[::IGNORE_EVERY] = IGNORE
+        return {"x": normal((n, d), (SEED, 1), case.dtype), "w": normal((v, d), (SEED, 2), case.dtype, d ** -0.5),
+                "targets": t}
 
     @staticmethod
     def expected(case, host, xp):
-        """float64 loss, dx, dw from the chunked reference (no [N, V] array)."""
+        """float64 loss, dx and dw from the chunked reference (no [N, V] array)."""
         from gpuad.kernels import reference as K
         loss, dx, dw, _ = K.linear_cross_entropy(
-            *(xp.asarray(host[k], dtype=xp.float64) for k in ("x", "w")), xp.asarray(host["targets"]),
+            *(xp.asarray(host[k]).astype(xp.float64) for k in ("x", "w")), xp.asarray(host["targets"]),
             check_targets=False, chunk=max(1, (1 << 24) // case.dims[2]))
         return {"loss": loss, "dx": dx, "dw": dw}
+
+    @staticmethod
+    def host_slice(case, host):
+        """dx of the first SLICE_ROWS rows in float64 on the host, from the host inputs (w
+        widened in pieces of V)."""
+        from gpuad.kernels import reference as K
+        n, _, v = case.dims
+        r = slice(0, min(n, SLICE_ROWS))
+        x, w, step = host64(host, "x", r), host["w"], 1 << 14
+        pieces = range(0, v, step)
+        z = np.concatenate([x @ np.asarray(w[i:i + step], np.float64).T for i in pieces], axis=1)
+        _, g = K.softmax_cross_entropy(z, host["targets"][r], ignore_index=IGNORE, reduction="none")
+        g /= max(int((host["targets"] != IGNORE).sum()), 1)
+        return {"dx": (r, sum(g[:, i:i + step] @ np.asarray(w[i:i + step], np.float64) for i in pieces))}
+
+    @staticmethod
+    def peak_extra_bytes(prepared: Prepared, impl: str):
+        """Bytes torch's allocator holds at the peak of one call above what it held before it
+        (the inputs, and the bench's fp32 dw buffer); None off CUDA and for CuPy-array impls
+        (CuPy's pool is not seen). Run after the timed calls: compiles and workspaces exist."""
+        if prepared.device != "cuda" or impl in NO_TORCH_PEAK:
+            return None
+        import torch
+        torch.cuda.synchronize()
+        before = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        out = prepared.fn()
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - before
+        del out
+        return peak
 
 
 def _lce_gpuad(module, main_grad=True):
@@ -69,14 +97,13 @@ def _lce_gpuad(module, main_grad=True):
     (a trainer's main grad, zeroed each call), else dw returned in the input dtype."""
     def setup(env, case, host, n):
         K, sets, dev = _gpuad_inputs(env, module, host, [("x", case.dtype), ("w", case.dtype), ("targets", None)], n)
-        lib = type(sets[0][0]).__module__.split(".")[0]  # torch, cupy or numpy
-        v, d = case.dims[2], case.dims[1]
+        _, d, v = case.dims
         acc = None
-        if main_grad and lib == "torch":
+        if main_grad and module == "triton":
             torch = env.torch(module)
             acc = torch.zeros((v, d), dtype=torch.float32, device=dev)
         elif main_grad:
-            xp = env.cupy(module) if lib == "cupy" else np
+            xp = env.cupy(module) if dev == "cuda" else np
             acc = xp.zeros((v, d), dtype=xp.float32)
 
         def call(x, w, t):
@@ -91,41 +118,46 @@ def _lce_gpuad(module, main_grad=True):
     return setup
 
 
+def _peer(kind, torch):
+    """(x, w, t) -> loss of a peer implementation, or Unavailable with the reason."""
+    import torch.nn.functional as F
+    if kind == "torch_lce":
+        if not hasattr(F, "linear_cross_entropy"):
+            raise Unavailable(f"torch_lce: torch {torch.__version__} has no F.linear_cross_entropy")
+        opts = torch.nn.LinearCrossEntropyOptions()
+        return lambda x, w, t: F.linear_cross_entropy(x, w, t, ignore_index=IGNORE, options=opts)
+    if kind == "liger":
+        try:
+            from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
+        except Exception as e:
+            raise Unavailable(f"liger: Liger Kernel is not importable ({type(e).__name__}: {e})"[:300])
+
+        def fn(x, w, t):
+            out = liger(x, w, t, ignore_index=IGNORE)
+            return out[0] if isinstance(out, tuple) else out  # with extra outputs asked for: a tuple
+        return fn
+    if kind == "cce":
+        try:
+            from cut_cross_entropy import linear_cross_entropy as cce
+        except Exception as e:
+            raise Unavailable(f"cce: Cut Cross-Entropy is not importable ({type(e).__name__}: {e})"[:300])
+        return lambda x, w, t: cce(x, w, t, ignore_index=IGNORE)
+
+    def eager(x, w, t):
+        return F.cross_entropy(F.linear(x, w), t, ignore_index=IGNORE)
+    return _compile(torch, eager) if kind == "torch_compile" else eager
+
+
 def _lce_torch(kind):
     def setup(env, case, host, n):
         if kind not in ("torch", "torch_lce"):
-            env.require_cuda(kind, "timed on CUDA only")
+            env.require_cuda(kind, "timed on CUDA only" if kind == "torch_compile" else "needs a CUDA device")
         torch = env.torch(kind)
+        fn = _peer(kind, torch)
         dev = env.device
-        import torch.nn.functional as F
-        if kind == "torch_lce":
-            if not hasattr(F, "linear_cross_entropy"):
-                raise Unavailable(f"torch_lce: torch {torch.__version__} has no F.linear_cross_entropy")
-            opts = torch.nn.LinearCrossEntropyOptions()
-            fn = lambda x, w, t: F.linear_cross_entropy(x, w, t, ignore_index=IGNORE, options=opts)
-        elif kind == "liger":
-            try:
-                from liger_kernel.transformers.functional import liger_fused_linear_cross_entropy as liger
-            except Exception as e:
-                raise Unavailable(f"liger: Liger Kernel is not importable ({type(e).__name__}: {e})"[:300])
-
-            def fn(x, w, t):
-                out = liger(x, w, t, ignore_index=IGNORE)
-                return out[0] if isinstance(out, tuple) else out  # newer versions add extra outputs
-        elif kind == "cce":
-            try:
-                from cut_cross_entropy import linear_cross_entropy as cce
-            except Exception as e:
-                raise Unavailable(f"cce: Cut Cross-Entropy is not importable ({type(e).__name__}: {e})"[:300])
-            fn = lambda x, w, t: cce(x, w, t, ignore_index=IGNORE)
-        else:
-            def fn(x, w, t):
-                return F.cross_entropy(F.linear(x, w), t, ignore_index=IGNORE)
-            if kind == "torch_compile":
-                fn = _compile(torch, fn)
-        sets = [(on_torch(torch, host["x"], case.dtype, dev).requires_grad_(),
-                 on_torch(torch, host["w"], case.dtype, dev).requires_grad_(),
-                 on_torch(torch, host["targets"], None, dev)) for _ in range(n)]
+        sets = [(on_torch(torch, host, case.dtype, dev, "x").requires_grad_(),
+                 on_torch(torch, host, case.dtype, dev, "w").requires_grad_(),
+                 on_torch(torch, host, None, dev, "targets")) for _ in range(n)]
 
         def call(x, w, t):
             loss = fn(x, w, t)
@@ -152,18 +184,14 @@ LinearCrossEntropy.impls = {
     "torch_compile": _lce_torch("torch_compile"),
 }
 
+#: GPU shapes (DESIGN.md's LM-head anchors) and small CPU ones, as (dims, dtype)
+GPU_SHAPES = [((8192, 4096, 128256), "bfloat16"), ((16384, 2048, 32000), "bfloat16")]
+CPU_QUICK_SHAPES = [((256, 128, 4000), "float32")]
+CPU_FULL_SHAPES = [((1024, 256, 8000), "float32"), ((100, 64, 50257), "float32")]
+TINY_SHAPES = [((64, 32, 500), "float32"), ((37, 16, 1031), "float32")]
+#: impls run on these shapes by the quick preset on a GPU (its time budget; the rest: --impls)
+QUICK_GPU_IMPLS = ("triton", "torch", "torch_lce", "liger")
 
-def peak_extra_bytes(prepared: Prepared, torch) -> int | None:
-    """Bytes torch's allocator holds at the peak of one call above what it held before (CUDA
-    only; CuPy's pool is not seen, so None for the cupy impl). Run after the timed calls, so
-    that compiles and workspaces are already in place."""
-    if prepared.device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    before = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    out = prepared.fn()
-    torch.cuda.synchronize()
-    peak = torch.cuda.max_memory_allocated() - before
-    del out
-    return peak
+# Last, after the class and its impls exist: bench.ops imports this module to register the op,
+# so whichever of the two is imported first, the other finds what it needs.
+from .ops import SEED, SLICE_ROWS, _compile, _gpuad_inputs, host64, on_torch  # noqa: E402

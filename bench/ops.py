@@ -12,7 +12,8 @@ import numpy as np
 
 from .common import Prepared, Unavailable, itemsize, normal, np_dtype, rotating
 
-IMPLS = ("reference", "triton", "triton_fused", "cupy", "torch", "liger", "torch_compile")  # compile last
+IMPLS = ("reference", "triton", "triton_fused", "triton_dw", "cupy", "torch", "torch_lce", "liger", "cce",
+         "torch_compile")  # compile last
 SEED = 0
 SLICE_ROWS = 16  # rows of each output checked again on the host in float64 (ops' host_slice)
 
@@ -20,7 +21,7 @@ SLICE_ROWS = 16  # rows of each output checked again on the host in float64 (ops
 @dataclass(frozen=True)
 class Case:
     op: str
-    dims: tuple  # CE (B, V); linear (M, K, N); mlp (B, D, H, C)
+    dims: tuple  # CE (B, V); linear (M, K, N); LM head (N, D, V); mlp (B, D, H, C)
     dtype: str
 
     @property
@@ -443,14 +444,18 @@ MLPStep.impls = {
     "liger": _mlp_torch("liger"),
 }
 
-OPS = {op.name: op for op in (CrossEntropy, LinearBackward, MLPStep)}
+from . import lce_op  # noqa: E402 (the fused LM head; it builds on the helpers above)
+from .lce_op import LinearCrossEntropy  # noqa: E402
+
+OPS = {op.name: op for op in (CrossEntropy, LinearBackward, LinearCrossEntropy, MLPStep)}
 
 
 # --- presets -----------------------------------------------------------------------------
 # (op, dims, dtype). GPU shapes are those of DESIGN.md; CPU shapes are small enough that
 # the numpy reference and torch on the CPU finish quickly.
 
-_CE, _LIN, _MLP = CrossEntropy.name, LinearBackward.name, MLPStep.name
+_CE, _LIN, _MLP, _LCE = CrossEntropy.name, LinearBackward.name, MLPStep.name, LinearCrossEntropy.name
+_lce = lambda shapes: [(_LCE, dims, dt) for dims, dt in shapes]  # noqa: E731
 
 GPU_QUICK = [  # every DESIGN.md target shape, then the MLP step
     (_CE, (8192, 32000), "bfloat16"), (_CE, (8192, 128256), "bfloat16"), (_CE, (16384, 50257), "bfloat16"),
@@ -458,6 +463,7 @@ GPU_QUICK = [  # every DESIGN.md target shape, then the MLP step
     (_LIN, (64, 512, 512), "float32"), (_LIN, (256, 1024, 1024), "bfloat16"),
     (_LIN, (4096, 1024, 1024), "float32"), (_LIN, (8192, 4096, 4096), "bfloat16"),
     (_LIN, (16384, 4096, 14336), "bfloat16"), (_LIN, (65536, 1024, 1024), "bfloat16"),
+    *_lce(lce_op.GPU_SHAPES),
     (_MLP, (4096, 1024, 1024, 8192), "float32"),
 ]
 GPU_FULL = GPU_QUICK + [
@@ -468,18 +474,29 @@ GPU_FULL = GPU_QUICK + [
 CPU_QUICK = [
     (_CE, (256, 32000), "float32"), (_CE, (2048, 4096), "float32"),
     (_LIN, (64, 512, 512), "float32"), (_LIN, (512, 1024, 1024), "float32"),
+    *_lce(lce_op.CPU_QUICK_SHAPES),
     (_MLP, (256, 512, 512, 1000), "float32"),
 ]
 CPU_FULL = CPU_QUICK + [
     *[(_CE, (512, v), "float32") for v in (1024, 8192, 65536)],
     *[(_LIN, (m, 512, 512), "float32") for m in (16, 256, 4096)],
+    *_lce(lce_op.CPU_FULL_SHAPES),
 ]
 TINY = [
     (_CE, (64, 1000), "float32"), (_CE, (37, 1031), "float32"),
     (_LIN, (64, 96, 80), "float32"), (_LIN, (1, 33, 17), "float32"),
+    *_lce(lce_op.TINY_SHAPES),
     (_MLP, (32, 64, 128, 10), "float32"),
 ]
 PRESETS = {"quick": (GPU_QUICK, CPU_QUICK), "full": (GPU_FULL, CPU_FULL), "tiny": (TINY, TINY)}
+# (op, impl) left out of the quick preset on a GPU unless --impls names them: compile time, and
+# the LM head's time budget (each of its calls takes tens of ms at the DESIGN.md shapes)
+QUICK_GPU_SKIP = {
+    **{(op, "torch_compile"): "left out of the quick preset on this op (compile time); add --impls"
+       for op in (_LIN, _MLP)},
+    **{(_LCE, impl): "left out of the quick preset on this op (its time budget); add --impls"
+       for impl in IMPLS if impl not in lce_op.QUICK_GPU_IMPLS},
+}
 
 
 def cases_for(preset, cuda, ops=None, dtypes=None):

@@ -1,17 +1,21 @@
 """gpuad's fused kernels as PyTorch ops: drop-in replacements for ``F.cross_entropy``,
-``F.linear``, ``nn.CrossEntropyLoss`` and ``nn.Linear`` that work under autograd,
+``F.linear``, ``nn.CrossEntropyLoss`` and ``nn.Linear``, and the fused LM head
+(``linear_cross_entropy``, ``LinearCrossEntropy``), that work under autograd,
 ``torch.compile(fullgraph=True)`` and ``DistributedDataParallel``.
 
     import gpuad.torch as gt
     layer = gt.Linear(512, 1000)                 # an nn.Linear whose backward is gpuad's kernel
     loss = gt.cross_entropy(layer(x), targets)   # fused softmax + cross-entropy
     loss.backward()
+    head = gt.LinearCrossEntropy(512, 32000)     # an LM head that returns its loss, no logits
+    loss = head(hidden, targets)
 
 CUDA tensors run the Triton kernels (``gpuad.kernels.triton``); CPU tensors run the numpy
 reference (``gpuad.kernels.reference``) on zero-copy numpy views, so the ops work everywhere.
 
 The ops are registered with ``torch.library`` as opaque custom ops (``gpuad::cross_entropy``,
-``gpuad::cross_entropy_backward``, ``gpuad::linear``, ``gpuad::linear_backward``), each with a
+``gpuad::cross_entropy_backward``, ``gpuad::linear``, ``gpuad::linear_backward``,
+``gpuad::linear_cross_entropy`` with ``_scale`` and ``_backward``), each with a
 fake (shapes and dtypes only) and the forward ops with registered autograd whose backward is
 itself one of the ops, so compiled graphs hold them without a graph break. They are custom
 ops rather than ``triton_op``: the launchers choose their kernel at run time (a measured route
@@ -36,7 +40,16 @@ Semantics beyond the torch functions they replace:
   gradient is accumulated in fp32 by the kernel (``dw_accumulate``) and returned in fp32,
   never rounded to bf16 on the way (``torch.autocast`` with ``F.linear`` rounds dW to bf16
   before casting it back).
+* ``linear_cross_entropy``: cross-entropy of x weightᵀ + bias through the fused LM-head kernel,
+  which holds one chunk of logits at a time. "mean" / "sum": the forward computes dx, dw, db
+  with the loss and the backward scales them by the incoming 0-d gradient (in place in eager
+  mode: no second copy of dW). "none": the forward computes the row losses only, and the
+  backward runs the kernel again with the incoming gradient as per-row weights (grad_scale):
+  exact for any cotangent. Weights as for ``linear`` (a float32 master weight's dW accumulated
+  by the kernel in fp32, ``dw_accumulate``); ignored rows and no host sync as for
+  ``cross_entropy``.
 """
+import collections
 from typing import Optional
 
 import numpy as np
@@ -46,7 +59,8 @@ from torch.autograd.function import once_differentiable
 
 from gpuad.kernels import checks, reference
 
-__all__ = ["cross_entropy", "linear", "CrossEntropyLoss", "Linear", "EAGER_BYPASS"]
+__all__ = ["cross_entropy", "linear", "linear_cross_entropy", "CrossEntropyLoss", "Linear", "LinearCrossEntropy",
+           "EAGER_BYPASS"]
 
 #: In eager mode, run the op bodies through torch.autograd.Function instead of the
 #: torch.library dispatch. Measured on a CPU (4×8 inputs): the dispatch added about 55 µs to
@@ -94,15 +108,20 @@ def _eager() -> bool:
     return EAGER_BYPASS and not torch.compiler.is_compiling()
 
 
+def _assert_targets_async(targets, n_classes, ignore_index, who):
+    """A device-side assertion that every target lies in [0, n_classes) or is ignore_index (no
+    host sync on CUDA; synchronous on the CPU)."""
+    bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_classes))
+    torch._assert_async(~bad.any(), f"gpuad.torch.{who}: a target is outside [0, V) and is not ignore_index")
+
+
 # --- op bodies (one per op, shared by the custom op and the eager autograd.Function) ----
 def _cross_entropy_body(logits, targets, ignore_index, reduction, label_smoothing, compute_grad):
     """(loss, dlogits): loss fp32 (fp64 for fp64 logits), 0-d or [B] for "none"; dlogits
     [B, V] in the logits' dtype, or an empty tensor when not compute_grad."""
     kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, grad=compute_grad)
     if _use_triton(logits):
-        n_classes = logits.shape[1]
-        bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_classes))
-        torch._assert_async(~bad.any(), "gpuad.torch.cross_entropy: a target is outside [0, V) and is not ignore_index")
+        _assert_targets_async(targets, logits.shape[1], ignore_index, "cross_entropy")
         loss, dlogits = _triton_kernels().softmax_cross_entropy(logits, targets, check_targets=False, **kw)
     else:
         loss, dlogits = reference.softmax_cross_entropy(_as_numpy(logits), _as_numpy(targets), **kw)
@@ -151,6 +170,41 @@ def _linear_backward_body(grad_y, x, weight, need_dx, need_dw, need_db):
             dw = None
     return (dx if dx is not None else _empty(x), dw if dw is not None else _empty(weight),
             db if db is not None else _empty(weight))
+
+
+def _lce_body(x, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, need_dx, need_dw,
+              need_db, grad_scale=None):
+    """(loss, dx, dw, db) of the fused LM head for x [N, D], weight [V, D] and bias [V] (x's
+    dtype, or its float32 master copy), targets [N]. loss: float32 (float64 for float64 x), 0-d
+    or [N] for "none". The gradients are computed when one is needed and the reduction is not
+    "none" or a grad_scale (0-d, or [N] for "none") multiplies them; each is in its input's
+    dtype (a master weight's accumulated in fp32 by the kernel), or an empty tensor."""
+    grad = (need_dx or need_dw or need_db) and (reduction != "none" or grad_scale is not None)
+    dtype = x.dtype
+    master = weight.dtype != dtype
+    w = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    acc = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grad and master else None
+    kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
+              softcap=softcap, need_dx=need_dx, grad=grad)
+    if _use_triton(x):
+        _assert_targets_async(targets, w.shape[0], ignore_index, "linear_cross_entropy")
+        loss, dx, dw, db = _triton_kernels().linear_cross_entropy(x, w, targets, bias=b, dw_accumulate=acc,
+                                                                  grad_scale=grad_scale, check_targets=False, **kw)
+    else:
+        loss, dx, dw, db = reference.linear_cross_entropy(
+            _as_numpy(x), _as_numpy(w), _as_numpy(targets), bias=None if b is None else _as_numpy(b),
+            dw_accumulate=None if acc is None else acc.numpy(),
+            grad_scale=None if grad_scale is None else _as_numpy(grad_scale), **kw)
+        loss = _from_numpy(loss, _loss_dtype(dtype))
+        dx = None if dx is None else _from_numpy(dx, dtype)
+        dw = acc if acc is not None else None if dw is None else _from_numpy(dw, dtype)
+        db = None if db is None else _from_numpy(db, dtype)
+    if db is not None:
+        db = db.to(weight.dtype)  # a master bias: db was accumulated in fp32, rounded once to x's dtype
+    def keep(g, need, like):
+        return g if need and g is not None else _empty(like)
+    return loss, keep(dx, need_dx, x), keep(dw, need_dw, weight), keep(db, need_db, weight)
 
 
 # --- torch.library registration --------------------------------------------------------
@@ -234,6 +288,89 @@ _linear_op.register_autograd(lambda ctx, grad_y: _linear_grads(ctx, grad_y, torc
                              setup_context=_linear_setup)
 
 
+@torch.library.custom_op("gpuad::linear_cross_entropy", mutates_args=())
+def _lce_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
+            ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
+            need_dx: bool, need_dw: bool, need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _lce_body(x, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, need_dx,
+                     need_dw, need_db)
+
+
+def _lce_fake_grads(x, weight, need_dx, need_dw, need_db):
+    return (torch.empty_like(x) if need_dx else _empty(x), torch.empty_like(weight) if need_dw else _empty(weight),
+            weight.new_empty((weight.shape[0],)) if need_db else _empty(weight))
+
+
+@_lce_op.register_fake
+def _(x, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, need_dx, need_dw, need_db):
+    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=_loss_dtype(x.dtype))
+    grad = reduction != "none"
+    return (loss, *_lce_fake_grads(x, weight, need_dx and grad, need_dw and grad, need_db and grad))
+
+
+@torch.library.custom_op("gpuad::linear_cross_entropy_backward", mutates_args=())
+def _lce_backward_op(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                     bias: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
+                     softcap: Optional[float], need_dx: bool, need_dw: bool,
+                     need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of reduction "none": the kernel again, the cotangent as per-row weights."""
+    return _lce_backward_body(grad_loss, x, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap,
+                              need_dx, need_dw, need_db)
+
+
+def _lce_backward_body(grad_loss, x, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, need_dx,
+                       need_dw, need_db):
+    return _lce_body(x, weight, targets, bias, ignore_index, "none", label_smoothing, z_loss, softcap, need_dx,
+                     need_dw, need_db, grad_scale=grad_loss)[1:]
+
+
+@_lce_backward_op.register_fake
+def _(grad_loss, x, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, need_dx, need_dw, need_db):
+    return _lce_fake_grads(x, weight, need_dx, need_dw, need_db)
+
+
+@torch.library.custom_op("gpuad::linear_cross_entropy_scale", mutates_args=())
+def _lce_scale_op(grad_loss: torch.Tensor, dx: torch.Tensor, dw: torch.Tensor,
+                  db: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of "mean" / "sum" (computed by the forward) times the 0-d cotangent."""
+    return tuple(_cross_entropy_backward_body(grad_loss, g) for g in (dx, dw, db))
+
+
+@_lce_scale_op.register_fake
+def _(grad_loss, dx, dw, db):
+    return torch.empty_like(dx), torch.empty_like(dw), torch.empty_like(db)
+
+
+def _lce_setup(ctx, inputs, output):
+    x, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap = inputs[:9]
+    ctx.reduction, ctx.needs = reduction, tuple(inputs[9:12])
+    ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.save_for_backward(*((x, weight, targets, bias) if reduction == "none" else output[1:]))
+
+
+def _lce_grads(ctx, grad_loss, backward_none, scale):
+    """The gradients of the 12 op inputs: (dx, dw, None, db, None, ...). `backward_none` (the
+    "none" backward: op or body) and `scale` (the mean / sum one) do the work."""
+    wanted = [ctx.needs_input_grad[i] for i in (0, 1, 3)]
+    if any(w and not need for w, need in zip(wanted, ctx.needs)):
+        raise RuntimeError("gpuad::linear_cross_entropy ran without computing a gradient that is now asked for "
+                           f"(need_dx, need_dw, need_db = {ctx.needs})")
+    if ctx.reduction == "none":
+        x, weight, targets, bias = ctx.saved_tensors
+        grads = backward_none(grad_loss, x, weight, targets, bias, *ctx.options, *ctx.needs)
+    else:
+        grads = scale(grad_loss, *ctx.saved_tensors)
+    dx, dw, db = (g if w else None for g, w in zip(grads, wanted))
+    return (dx, dw, None, db) + (None,) * 8
+
+
+_lce_op.register_autograd(
+    lambda ctx, grad_loss, *_: _lce_grads(ctx, grad_loss, torch.ops.gpuad.linear_cross_entropy_backward,
+                                          torch.ops.gpuad.linear_cross_entropy_scale),
+    setup_context=_lce_setup)
+
+
 # --- eager path: the same bodies without the custom-op dispatch --------------------------
 # (first-order only, like the ops: a double backward raises instead of treating dlogits as constant)
 class _CrossEntropyFunction(torch.autograd.Function):
@@ -265,6 +402,27 @@ class _LinearFunction(torch.autograd.Function):
         return _linear_grads(ctx, grad_y, _linear_backward_body)
 
 
+def _scale_in_place(grad_loss, *grads):
+    """The eager "mean" / "sum" backward: the saved gradients scaled in place (no second copy
+    of dW; a second backward through the same graph then fails autograd's version check)."""
+    return tuple(g.mul_(grad_loss.to(g.dtype)) for g in grads)
+
+
+class _LinearCrossEntropyFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(*args):
+        return _lce_body(*args)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        _lce_setup(ctx, inputs, output)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, *_):
+        return _lce_grads(ctx, grad_loss, _lce_backward_body, _scale_in_place)
+
+
 # --- public functions and modules ------------------------------------------------------
 def _check_device(name: str, t: torch.Tensor):
     if t.device.type not in ("cpu", "cuda"):
@@ -275,6 +433,38 @@ def _check_device(name: str, t: torch.Tensor):
 
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+
+
+def _compute_input(x: torch.Tensor) -> torch.Tensor:
+    """x checked (device, floating point) and cast to the autocast dtype when autocast is on."""
+    _check_device("x", x)
+    if not x.is_floating_point():
+        raise ValueError(f"x must be floating point, got {x.dtype}")
+    device = x.device.type
+    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
+        x = x.to(torch.get_autocast_dtype(device))
+    return x
+
+
+def _check_weight(x, weight, bias):
+    """The dtype policy of weight and bias (x's dtype, or a float32 master copy of fp16/bf16
+    x), bias [N] and the device."""
+    if weight.dtype != x.dtype and not (weight.dtype == torch.float32 and x.dtype in _LOW_PRECISION):
+        raise ValueError(f"weight must have x's dtype, or be float32 with float16/bfloat16 x: "
+                         f"got x {x.dtype}, weight {weight.dtype}")
+    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype):
+        raise ValueError(f"bias must be [N] = [{weight.shape[0]}] in weight's dtype {weight.dtype}, "
+                         f"got {bias.dtype} {tuple(bias.shape)}")
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device}, x on {x.device}: they must share one device")
+
+
+def _loss_out(loss, x):
+    """The loss in x's dtype, as torch's loss of x's logits would be (float32 or wider under
+    autocast)."""
+    autocast = torch.is_autocast_enabled(x.device.type)
+    return loss.to(torch.promote_types(x.dtype, torch.float32) if autocast else x.dtype)
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
@@ -295,8 +485,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
     else:
         loss, _ = torch.ops.gpuad.cross_entropy(logits, targets, ignore_index, reduction, label_smoothing,
                                                 _needs_grad(logits))
-    autocast = torch.is_autocast_enabled(logits.device.type)
-    return loss.to(torch.promote_types(logits.dtype, torch.float32) if autocast else logits.dtype)
+    return _loss_out(loss, logits)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -304,28 +493,55 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     gpuad's fused linear_backward. weight and bias share one dtype: x's, or float32 as the
     master copy of fp16/bf16 activations (its gradient is accumulated and returned in fp32).
     Under torch.autocast, x is cast to the autocast dtype, as F.linear would be."""
-    _check_device("x", x)
-    if not x.is_floating_point():
-        raise ValueError(f"x must be floating point, got {x.dtype}")
-    device = x.device.type
-    if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
-        x = x.to(torch.get_autocast_dtype(device))
+    x = _compute_input(x)
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x [..., K] and weight [N, K] do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
-    if weight.dtype != x.dtype and not (weight.dtype == torch.float32 and x.dtype in _LOW_PRECISION):
-        raise ValueError(f"weight must have x's dtype, or be float32 with float16/bfloat16 x: "
-                         f"got x {x.dtype}, weight {weight.dtype}")
-    if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype):
-        raise ValueError(f"bias must be [N] = [{weight.shape[0]}] in weight's dtype {weight.dtype}, "
-                         f"got {bias.dtype} {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}: they must share one device")
+    _check_weight(x, weight, bias)
     if _eager():
         if _needs_grad(x, weight, bias):
             return _LinearFunction.apply(x, weight, bias)
         return _linear_body(x, weight, bias)
     return torch.ops.gpuad.linear(x, weight, bias)
+
+
+_Spec = collections.namedtuple("_Spec", "shape dtype")  # what the shape and dtype checks read of an array
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                         bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
+                         label_smoothing: float = 0.0, z_loss: float = 0.0,
+                         softcap: Optional[float] = None) -> torch.Tensor:
+    """F.cross_entropy(F.linear(x, weight, bias), targets) without the [N, V] logits: the fused
+    LM head (row chunks of logits, three GEMMs, dW accumulated in fp32).
+
+    x [..., D], weight [V, D], bias [V] or None, integer targets x.shape[:-1]. weight and bias
+    share one dtype: x's, or float32 as the master copy of fp16/bf16 activations (then dW is
+    accumulated in fp32 and returned in fp32; a bias's gradient is rounded once to x's dtype).
+    Under torch.autocast, x is cast to the autocast dtype. z_loss adds z_loss·lse² per row
+    (PaLM); softcap c applies c·tanh(z / c) to the logits first (Gemma 2). Returns the loss in
+    x's dtype (float32 under autocast): a scalar, or targets' shape for reduction "none"."""
+    x = _compute_input(x)
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x [..., D] and weight [V, D] do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    if tuple(targets.shape) != tuple(x.shape[:-1]):
+        raise ValueError(f"targets must have x's shape without its last axis, {tuple(x.shape[:-1])}, "
+                         f"got {tuple(targets.shape)}")
+    _check_weight(x, weight, bias)
+    if targets.device != x.device:
+        raise ValueError(f"targets is on {targets.device}, x on {x.device}: they must share one device")
+    x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    reference.check_linear_cross_entropy_args(x2, _Spec(weight.shape, x.dtype), t2,
+                                              None if bias is None else _Spec(bias.shape, x.dtype), reduction,
+                                              label_smoothing, z_loss, softcap, None, None, None)
+    args = (x2, weight, t2, bias, int(ignore_index), reduction, float(label_smoothing), float(z_loss),
+            None if softcap is None else float(softcap), _needs_grad(x), _needs_grad(weight), _needs_grad(bias))
+    if not _eager():
+        loss = torch.ops.gpuad.linear_cross_entropy(*args)[0]
+    elif any(args[9:]):
+        loss = _LinearCrossEntropyFunction.apply(*args)[0]
+    else:
+        loss = _lce_body(*args)[0]
+    return _loss_out(loss.reshape(targets.shape) if reduction == "none" else loss, x)
 
 
 class Linear(torch.nn.Linear):
@@ -352,3 +568,45 @@ class CrossEntropyLoss(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
+
+
+class LinearCrossEntropy(torch.nn.Module):
+    """An LM head that returns its loss: ``forward(x, targets)`` is
+    ``linear_cross_entropy(x, self.weight, targets, self.bias, ...)``, so the [N, V] logits
+    never exist. It owns the weight [num_classes, in_features] (initialised and named as
+    nn.Linear's, so an nn.Linear's state_dict loads), so that a wrapper that shards
+    parameters (FSDP) has gathered the weight when the loss runs in this forward.
+    ``logits(x)`` gives the logits for inference. Keep the weight in float32 and feed bf16
+    activations (or use torch.autocast) for fp32 master weights with fp32-accumulated dW."""
+
+    def __init__(self, in_features: int, num_classes: int, bias: bool = False, ignore_index: int = -100,
+                 reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
+                 softcap: Optional[float] = None, device=None, dtype=None):
+        super().__init__()
+        if reduction not in checks.REDUCTIONS:
+            raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
+        self.in_features, self.num_classes = in_features, num_classes
+        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.z_loss, self.softcap = z_loss, softcap
+        self.weight = torch.nn.Parameter(torch.empty((num_classes, in_features), device=device, dtype=dtype))
+        if bias:
+            self.bias = torch.nn.Parameter(torch.empty(num_classes, device=device, dtype=dtype))
+        else:
+            self.register_parameter("bias", None)
+        self.reset_parameters()
+
+    def reset_parameters(self):
+        torch.nn.Linear.reset_parameters(self)  # U(-1/√in, 1/√in), as nn.Linear
+
+    def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return linear_cross_entropy(x, self.weight, targets, self.bias, self.ignore_index, self.reduction,
+                                    self.label_smoothing, self.z_loss, self.softcap)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """x [..., D] -> the logits [..., V] (for inference: this one holds them)."""
+        return linear(x, self.weight, self.bias)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, num_classes={self.num_classes}, bias={self.bias is not None}, "
+                f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}, z_loss={self.z_loss}, softcap={self.softcap}")

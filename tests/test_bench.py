@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))  # bench/ is a top-level folder of the repository,
 
 from bench import common, harness, ops, plot, sweep  # noqa: E402
 
-OPS_ARG = "softmax_cross_entropy,linear_backward,mlp_step"
+OPS_ARG = "softmax_cross_entropy,linear_backward,linear_cross_entropy,mlp_step"
 
 
 def test_counting_exact():
@@ -35,6 +35,9 @@ def test_counting_exact():
     assert ops.LinearBackward.flops(big) == 549_755_813_888
     mlp = ops.Case("mlp_step", (32, 64, 128, 10), "float32")
     assert ops.MLPStep.flops(mlp) == 4 * 32 * 64 * 128 + 6 * 32 * 128 * 10 == 1_294_336
+    lce = ops.Case("linear_cross_entropy", (8192, 4096, 128256), "bfloat16")
+    assert ops.LinearCrossEntropy.flops(lce) == 6 * 8192 * 4096 * 128256 == 25_821_343_383_552  # DESIGN.md: 25.8 T
+    assert ops.LinearCrossEntropy.input_bytes(lce) == 2 * (8192 * 4096 + 128256 * 4096) + 8 * 8192
 
 
 def test_rate_and_ceiling_from_counts():
@@ -114,6 +117,45 @@ def test_presets_and_dtype_override():
     assert {c.dtype for c in cpu} == {"float32", "float64"} and all(c.op == "linear_backward" for c in cpu)
 
 
+def test_quick_gpu_preset_has_the_lm_head_shapes_with_few_impls():
+    """The GPU check's quick preset measures both DESIGN.md LM-head shapes with gpuad, torch
+    eager, torch's F.linear_cross_entropy and Liger; the other impls are left out with a reason."""
+    lce = [c.dims for c in ops.cases_for("quick", cuda=True, ops=["linear_cross_entropy"])]
+    assert lce == [(8192, 4096, 128256), (16384, 2048, 32000)]
+    kept = [i for i in ops.IMPLS if ("linear_cross_entropy", i) not in ops.QUICK_GPU_SKIP]
+    assert kept == ["triton", "torch", "torch_lce", "liger"]
+    assert ("linear_backward", "torch_compile") in ops.QUICK_GPU_SKIP
+    cpu = [c.dims for c in ops.cases_for("quick", cuda=False, ops=["linear_cross_entropy"])]
+    assert cpu and all(n * d * v <= 1 << 28 for n, d, v in cpu)  # small on the CPU
+
+
+def _lce_record(impl, ms, peak, speedup=None, shape="8192x4096x128256", status="OK"):
+    return dict(op="linear_cross_entropy", shape_str=shape, dtype="bfloat16", impl=impl, status=status, ms=ms,
+                error=None, flops=6 * 8192 * 4096 * 128256, bytes=None, peak_extra_bytes=peak, host_us=50.0,
+                speedup_vs_torch=speedup)
+
+
+def test_summary_lm_head_targets():
+    """Speed over torch eager, peak memory against Liger's in the same run, and the GEMM floor
+    from the measured bf16 matmul rate (25.8 TFLOP at 700 TFLOP/s: 36.9 ms)."""
+    from bench import summary
+    ceilings = {"matmul_TFLOPs": {"bfloat16": 700.0}}
+    recs = [_lce_record("torch", 48.8, 12.6e9, 1.0), _lce_record("liger", 54.8, 1.18e9, 0.89),
+            _lce_record("triton", 40.0, 1.0e9, 1.22), _lce_record("cupy", 45.0, None, 1.08)]
+    lines = summary.target_lines(recs, ceilings)
+    triton = [line for line in lines if " triton " in line]
+    assert len(triton) == 3 and all(line.rstrip().endswith("us/call") for line in triton)
+    assert "1.22x torch" in triton[0] and " met" in triton[0]
+    assert "+1.00/1.18 GB" in triton[1] and " met" in triton[1]
+    assert "1.08x GEMMs" in triton[2] and " met" in triton[2]  # 40 ms / 36.9 ms
+    cupy = [line for line in lines if " cupy " in line]
+    assert "no peak figure" in cupy[1] and " ?" in cupy[1]
+    assert "1.22x GEMMs" in cupy[2] and "MISSED" in cupy[2]  # 45 ms / 36.9 ms > 1.1
+    recs[1]["peak_extra_bytes"] = 0.9e9
+    assert "MISSED" in summary.target_lines(recs, ceilings)[1]
+    assert "no matmul rate" in summary.target_lines(recs, {})[2]
+
+
 def test_plot_writes_one_png_per_op(tmp_path):
     recs = []
     for op, shape in (("softmax_cross_entropy", {"B": 4, "V": 8}), ("linear_backward", {"M": 1, "K": 2, "N": 3})):
@@ -176,6 +218,8 @@ def test_results_json_schema(tiny_run):
                 assert r["speedup_vs_torch"] == pytest.approx(1.0)
         assert r["metric"] in ("GB/s", "TFLOP/s")
         assert isinstance(r["shape"], dict) and r["device"] == meta["device"]
+        assert r["peak_extra_bytes"] is None  # measured on CUDA only
+    assert "+peak GB" in (out / "table.txt").read_text()
 
 
 def test_linear_routes_lines(monkeypatch):
