@@ -7,10 +7,14 @@ cotangent a node receives before it runs, and frees the graph as it goes.
 
 Forward mode rides along: a Tensor may carry a ``tangent`` array, and every op that sees a
 tangent on an input computes its output's tangent with the op's JVP rule.
+
+Grad mode (``no_grad`` / ``enable_grad``) is per thread, as in PyTorch. Arrays that a VJP saved
+are guarded against in-place writes while their graph lives (see :func:`guard_saved`).
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 
 import numpy as np
@@ -31,43 +35,207 @@ class Node:
     ``g -> tuple of cotangents`` for fused ops that produce them together. ``shape`` and
     ``dtype`` describe the node's output; ``out`` is a weak reference to its Tensor."""
 
-    __slots__ = ("name", "edges", "vjp", "shape", "dtype", "out", "__weakref__")
+    __slots__ = ("name", "edges", "vjp", "shape", "dtype", "out", "guarded", "__weakref__")
 
-    def __init__(self, name, edges, vjp, out):
+    def __init__(self, name, edges, vjp, out, guarded=()):
         self.name = name
         self.edges = edges
         self.vjp = vjp
         self.shape = tuple(out.data.shape)
         self.dtype = out.data.dtype
         self.out = weakref.ref(out)
+        self.guarded = guarded  # the memory owners this node holds read-only (guard_saved)
+
+    def release(self):
+        """Give back the guard on the saved arrays (the node ran for the last time or died)."""
+        guarded, self.guarded = self.guarded, ()
+        if guarded:
+            _unguard(guarded)
+
+    def __del__(self):
+        if self.guarded:
+            self.release()
 
 
 _FREED = "freed"  # marks a Tensor whose graph was released by backward
-_grad_mode = {"enabled": True}
-_seed = {"unit": None}  # the default cotangent (ones) of the backward now running
+
+
+class _ThreadState(threading.local):
+    """What each thread has of its own: grad mode, the transform now evaluating a function,
+    and the implicit cotangent of the backward now running."""
+
+    def __init__(self):
+        self.grad_enabled = True
+        self.grad_stack = []  # the modes that the open no_grad / enable_grad blocks replaced
+        self.transform = None  # name of the transform whose function is being evaluated
+        self.unit_seed = None
+
+
+_state = _ThreadState()
 
 
 def is_unit_seed(g) -> bool:
     """True when `g` is the implicit cotangent 1 of ``loss.backward()``: a VJP may then
     return its Jacobian row as it is, with no multiply."""
-    return g is _seed["unit"]
+    return g is _state.unit_seed
 
 
-class no_grad(contextlib.ContextDecorator):
-    """``with ad.no_grad(): ...`` (or as a decorator): ops record nothing on the tape."""
+class _GradMode(contextlib.ContextDecorator):
+    enabled = True
 
     def __enter__(self):
-        self._previous = _grad_mode["enabled"]
-        _grad_mode["enabled"] = False
+        state = _state
+        state.grad_stack.append(state.grad_enabled)
+        state.grad_enabled = self.enabled
         return self
 
     def __exit__(self, *exc):
-        _grad_mode["enabled"] = self._previous
+        _state.grad_enabled = _state.grad_stack.pop()
         return False
 
 
+class no_grad(_GradMode):
+    """``with ad.no_grad(): ...`` (or ``@ad.no_grad()``): ops record nothing on the tape.
+
+    Re-entrant (one instance may be entered again, by a recursive decorated function, say)
+    and per thread, as in PyTorch: each entry saves the calling thread's mode on that
+    thread's own stack and its exit restores it; a new thread starts with grad enabled.
+    Transforms (``ad.grad``, ``ad.vjp``, ...) record inside no_grad: they are an explicit
+    request for a derivative."""
+
+    enabled = False
+
+
+class enable_grad(_GradMode):
+    """``with ad.enable_grad(): ...``: ops record again (inside a ``no_grad`` block, say)."""
+
+    enabled = True
+
+
 def is_grad_enabled() -> bool:
-    return _grad_mode["enabled"]
+    """Whether ops record on the tape in the calling thread."""
+    return _state.grad_enabled
+
+
+@contextlib.contextmanager
+def transform_scope(name: str, record: bool):
+    """Evaluate a transform's function: recording on (`record`) or off whatever the caller's
+    grad mode, and no second transform inside it.
+
+    gpuad's VJPs compute on arrays and are not themselves recorded, so a transform nested in
+    another (``grad(grad(f))``, a ``vjp`` inside the function ``jacobian`` differentiates)
+    would return a constant to the outer one and its derivative would be silently zero:
+    that raises RuntimeError instead."""
+    state = _state
+    if state.transform is not None:
+        raise RuntimeError(f"{name} was called inside the function that {state.transform} is evaluating: "
+                           "gpuad's transforms are first-order and do not nest (the inner derivative would be "
+                           "a constant to the outer transform, and its derivative silently zero)")
+    state.transform = name
+    state.grad_stack.append(state.grad_enabled)
+    state.grad_enabled = record
+    try:
+        yield
+    finally:
+        state.grad_enabled = state.grad_stack.pop()
+        state.transform = None
+
+
+def check_not_in_transform(name: str):
+    """Raise, as transform_scope does, when called while a transform evaluates a function."""
+    if _state.transform is not None:
+        raise RuntimeError(f"{name} was called inside the function that {_state.transform} is evaluating: "
+                           "gpuad's transforms are first-order and do not nest")
+
+
+# --- the guard on saved arrays ----------------------------------------------------------
+# A VJP reads arrays saved in the forward pass; writing into one of them between the forward
+# and the backward would make the gradient silently wrong (the issue's example: y = (a*a).sum();
+# a.data[...] = 10; y.backward() gave [20, 20]). numpy arrays carry a writeable flag: while a
+# live node saved an array, the array and the memory owner behind it (its .base) are made
+# read-only, so a write raises at once ("assignment destination is read-only"), and the flag
+# comes back when the last node holding them runs its final VJP or is garbage collected.
+# The owners are reference-counted across nodes and graphs. CuPy arrays (and arrays whose
+# memory numpy does not own: DLPack imports, buffers) have no such flag and are not guarded;
+# gpuad itself never writes into Tensor data in place.
+_guards = {}  # id(owner) -> [owner, count of holders, views made read-only with it]
+_guarded_ids = {}  # id(array) -> id(owner), for each array the guard made read-only
+_guard_lock = threading.Lock()
+
+
+def _owner(a):
+    """The numpy array owning `a`'s memory, when numpy can lock and unlock it; else None."""
+    if type(a) is not np.ndarray:
+        return None
+    base = a.base
+    owner = a if base is None else base
+    return owner if type(owner) is np.ndarray and owner.base is None else None
+
+
+def guard_saved(arrays) -> tuple:
+    """Make the numpy arrays in `arrays` (None entries are skipped) and their memory owners
+    read-only until :func:`_unguard` of the returned tuple of owners."""
+    held = []
+    with _guard_lock:
+        for a in arrays:
+            owner = _owner(a)
+            if owner is None:
+                continue
+            key = id(owner)
+            entry = _guards.get(key)
+            if entry is None:
+                if not owner.flags.writeable:  # read-only already, and not by us: nothing to restore
+                    continue
+                owner.setflags(write=False)
+                entry = _guards[key] = [owner, 0, []]
+                _guarded_ids[key] = key
+            if a is not owner and id(a) not in _guarded_ids and a.flags.writeable:
+                a.setflags(write=False)
+                entry[2].append(a)
+                _guarded_ids[id(a)] = key
+            entry[1] += 1
+            held.append(owner)
+    return tuple(held)
+
+
+def adopt_view(source, view):
+    """`view` was just made from `source`: if `source` is read-only by the guard, so is the
+    view (numpy copies the flag), and it is made writeable again along with `source`."""
+    if id(source) not in _guarded_ids or type(view) is not np.ndarray or view.flags.writeable:
+        return  # not from a guarded array, or a copy
+    with _guard_lock:
+        key = _guarded_ids.get(id(source))
+        if key is not None and id(view) not in _guarded_ids:
+            _guards[key][2].append(view)
+            _guarded_ids[id(view)] = key
+
+
+def _unguard(owners):
+    with _guard_lock:
+        for owner in owners:
+            key = id(owner)
+            entry = _guards.get(key)
+            if entry is None:
+                continue
+            entry[1] -= 1
+            if entry[1] > 0:
+                continue
+            del _guards[key]
+            for a in [owner] + entry[2]:  # the owner first: a view can be writeable only below a writeable owner
+                _guarded_ids.pop(id(a), None)
+                try:
+                    a.setflags(write=True)
+                except ValueError:  # the user made the memory read-only meanwhile: leave it so
+                    pass
+
+
+def _check_guard(node):
+    """Before a VJP runs: each saved array must still be read-only (the user can lift the flag)."""
+    for owner in node.guarded:
+        if owner.flags.writeable:
+            raise RuntimeError(f"{node.name}: an array saved for its backward was made writeable after the "
+                               "forward pass and may have been changed in place, so the gradient would be wrong; "
+                               "recompute the forward pass after changing inputs")
 
 
 class Tensor:
@@ -76,7 +244,11 @@ class Tensor:
     ``data`` and ``grad`` are backend arrays (numpy.ndarray or cupy.ndarray)."""
 
     __slots__ = ("data", "grad", "requires_grad", "_node", "tangent", "__weakref__")
-    __array_priority__ = 1000  # numpy defers `array + tensor` to Tensor.__radd__
+    # numpy's operators and ufuncs defer to Tensor (`array + tensor` is Tensor.__radd__) and
+    # its other functions refuse Tensors (__array_function__), so nothing drops off the tape
+    __array_ufunc__ = None
+    # `==` and `!=` compare elementwise (as numpy and torch do); hashing is by identity (as torch)
+    __hash__ = object.__hash__
 
     def __init__(self, data, requires_grad=False):
         if isinstance(data, np.generic):
@@ -99,7 +271,35 @@ class Tensor:
     is_leaf = property(lambda self: self._node is None)
 
     def __len__(self):
+        if not self.shape:
+            raise TypeError("len() of a 0-d tensor")
         return self.shape[0]
+
+    def __bool__(self):
+        """The truth of a one-element tensor (as numpy and torch); more or none is ambiguous."""
+        if self.size != 1:
+            raise ValueError(f"the truth value of a tensor of shape {self.shape} is ambiguous: it has "
+                             f"{self.size} elements; use ad.where, or reduce it first (.numpy().any() / .all())")
+        return bool(self.data.reshape(()))
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    def __array__(self, dtype=None, copy=None):
+        """np.asarray(tensor): the values, a constant (as x.numpy()); CuPy tensors refuse it."""
+        if B.is_cupy_array(self.data):
+            raise TypeError("a cupy-backend Tensor does not convert to numpy implicitly; use x.numpy()")
+        if copy:
+            return np.array(self.data, dtype=dtype, copy=True)
+        return self.data if dtype is None else self.data.astype(dtype, copy=False)
+
+    def __array_function__(self, func, types, args, kwargs):
+        name = getattr(func, "__name__", str(func))
+        raise TypeError(f"numpy.{name} does not take gpuad Tensors: use gpuad's own op (ad.{name}, if it exists) "
+                        f"to stay on the tape, or numpy.{name}(x.numpy()) for a constant result")
 
     def __repr__(self):
         flag = ", requires_grad=True" if self.requires_grad else ""
@@ -146,17 +346,19 @@ def as_tensor(value, like: Tensor | None = None) -> Tensor:
     return Tensor(np.asarray(value))
 
 
-def record(name, data, parents, vjp, jvp) -> Tensor:
+def record(name, data, parents, vjp, jvp, saved=()) -> Tensor:
     """Make the output Tensor of an op on `parents` (a tuple of Tensors).
 
     Records a Node when grad mode is on and a parent requires grad; computes the output
     tangent with ``jvp(*parent_tangents)`` when a parent carries one (zeros stand in for
-    parents that carry none)."""
+    parents that carry none). `saved` lists the arrays the user can reach (a parent's or
+    the output's data, an index or mask) that the VJP reads: they are guarded against
+    in-place writes while the node lives (None entries are skipped)."""
     out = Tensor(data)
-    if _grad_mode["enabled"] and any(p.requires_grad for p in parents):
+    if _state.grad_enabled and any(p.requires_grad for p in parents):
         out.requires_grad = True
         edges = tuple((p if p._node is None else p._node) if p.requires_grad else None for p in parents)
-        out._node = Node(name, edges, vjp, out)
+        out._node = Node(name, edges, vjp, out, guard_saved(saved) if saved else ())
     if any(p.tangent is not None for p in parents):
         tangents = [p.tangent if p.tangent is not None else p.xp.zeros_like(p.data) for p in parents]
         t = jvp(*tangents)
@@ -199,11 +401,12 @@ def backward_pass(root: Tensor, cotangent=None, retain_graph=False, inputs=None)
         if inputs is None:
             raise RuntimeError("backward of a tensor that does not require grad (no input requires grad)")
     else:
-        _seed["unit"] = g if cotangent is None else None
+        state = _state
+        previous, state.unit_seed = state.unit_seed, (g if cotangent is None else None)
         try:
             _walk(root, g, retain_graph, collected)
         finally:
-            _seed["unit"] = None
+            state.unit_seed = previous
     if inputs is None:
         return None
     return [collected[id(t)] if collected[id(t)] is not None else t.xp.zeros_like(t.data) for t in inputs]
@@ -255,6 +458,8 @@ def _walk(root: Tensor, g, retain_graph, collected):
         node = ready.pop()
         g = cotangents.pop(id(node))
         edges = node.edges
+        if node.guarded:
+            _check_guard(node)
         if isinstance(node.vjp, tuple):
             grads = [None if e is None else f(g) for f, e in zip(node.vjp, edges)]
         else:
@@ -262,6 +467,7 @@ def _walk(root: Tensor, g, retain_graph, collected):
         del g
         if not retain_graph:
             node.vjp = node.edges = None
+            node.release()
         for e, gp in zip(edges, grads):
             if gp is None or e is None:
                 continue
