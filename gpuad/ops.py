@@ -81,12 +81,11 @@ def _as_dtype_of(a, like):
     return a.astype(like.dtype) if _is_half(like.dtype) and a.dtype != like.dtype else a
 
 
-def _view_of(source, y) -> tuple:
-    """For an op whose output `y` may be a view of `source`: what to guard. A later op that
-    saves the view guards its memory owner, but not `source` when `source` is itself a view
-    (a leaf made from a slice of the user's array): the view op guards `source` for it."""
-    adopt_view(source, y)
-    return (source,) if getattr(y, "base", None) is not None else ()
+def _view_of(x, y) -> tuple:
+    """What a view op (output data `y`, maybe a view of x's data) guards: x, since a later op
+    saving the view (an op's output) guards nothing, yet a write into x's data changes it."""
+    adopt_view(x.data, y)
+    return (x,) if getattr(y, "base", None) is not None else ()
 
 
 def _expand(g, axes, shape):
@@ -109,7 +108,7 @@ def _unary(name, x, forward, derivative, uses="x"):
     s = d if uses == "x" else y
     return record(name, y, (x,),
                   vjp=(lambda g: keep(g * derivative(xp, s)),),
-                  jvp=lambda t: keep(t * derivative(xp, s)), saved=(s,))
+                  jvp=lambda t: keep(t * derivative(xp, s)), saved=(x,) if uses == "x" else ())
 
 
 @functools.lru_cache(maxsize=None)
@@ -166,7 +165,7 @@ def mul(a, b):
     return record("mul", ad_ * bd, (a, b),
                   vjp=(lambda g: unbroadcast(g * bd, ad_.shape), lambda g: unbroadcast(g * ad_, bd.shape)),
                   jvp=lambda ta, tb: ta * bd + ad_ * tb,
-                  saved=(bd if a.requires_grad else None, ad_ if b.requires_grad else None))
+                  saved=(b if a.requires_grad else None, a if b.requires_grad else None))
 
 
 def div(a, b):
@@ -176,7 +175,7 @@ def div(a, b):
     y = a.data / bd
     return record("div", y, (a, b),
                   vjp=(lambda g: unbroadcast(g / bd, sa), lambda g: unbroadcast(-g * y / bd, bd.shape)),
-                  jvp=lambda ta, tb: (ta - y * tb) / bd, saved=(bd, y if b.requires_grad else None))
+                  jvp=lambda ta, tb: (ta - y * tb) / bd, saved=(b,))
 
 
 def neg(x):
@@ -233,7 +232,7 @@ def matmul(a, b):
 
     return record("matmul", y, (a, b), vjp=(vjp_a, vjp_b),
                   jvp=lambda ta, tb: xp.matmul(ta, b.data) + xp.matmul(a.data, tb),
-                  saved=(b.data if a.requires_grad else None, a.data if b.requires_grad else None))
+                  saved=(b if a.requires_grad else None, a if b.requires_grad else None))
 
 
 # --- elementwise ----------------------------------------------------------------------
@@ -340,7 +339,7 @@ def reshape(x, *shape):
     old_shape = x.shape
     y = x.data.reshape(shape)
     return record("reshape", y, (x,), vjp=(lambda g: g.reshape(old_shape),), jvp=lambda t: t.reshape(shape),
-                  saved=_view_of(x.data, y))
+                  saved=_view_of(x, y))
 
 
 def transpose(x, axes=None):
@@ -360,7 +359,7 @@ def transpose(x, axes=None):
     inverse = tuple(int(i) for i in np.argsort(axes))
     y = x.data.transpose(axes)
     return record("transpose", y, (x,), vjp=(lambda g: g.transpose(inverse),), jvp=lambda t: t.transpose(axes),
-                  saved=_view_of(x.data, y))
+                  saved=_view_of(x, y))
 
 
 def getitem(x, index):
@@ -384,7 +383,7 @@ def getitem(x, index):
 
     y = x.data[index]
     arrays = tuple(i for i in (index if isinstance(index, tuple) else (index,)) if B.backend_of(i) is not None)
-    return record("getitem", y, (x,), vjp=(vjp,), jvp=lambda t: t[index], saved=arrays + _view_of(x.data, y))
+    return record("getitem", y, (x,), vjp=(vjp,), jvp=lambda t: t[index], saved=arrays + _view_of(x, y))
 
 
 # --- softmax family -------------------------------------------------------------------
@@ -411,7 +410,7 @@ def softmax(x, axis=-1):
         yw, t = _wide(y), _wide(t)
         return _as_dtype_of(yw * (t - (t * yw).sum(axis=axes, keepdims=True)), y)
 
-    return record("softmax", y, (x,), vjp=(jvp,), jvp=jvp, saved=(y,))
+    return record("softmax", y, (x,), vjp=(jvp,), jvp=jvp)
 
 
 def log_softmax(x, axis=-1):
@@ -452,7 +451,7 @@ def sq_norm(x):
     xp, d = x.xp, x.data
     w = _wide(d)
     return record("sq_norm", _as_dtype_of(xp.asarray(0.5 * (w * w).sum()), d), (x,),
-                  vjp=(lambda g: g * d,), jvp=lambda t: _as_dtype_of((w * _wide(t)).sum(), t), saved=(d,))
+                  vjp=(lambda g: g * d,), jvp=lambda t: _as_dtype_of((w * _wide(t)).sum(), t), saved=(x,))
 
 
 # --- fused ops ------------------------------------------------------------------------
@@ -490,7 +489,7 @@ def linear(x, W, b=None):
         return ty if tb is None else ty + tb
 
     return record("linear", y, parents, vjp=vjp, jvp=jvp,
-                  saved=(xd if need_params else None, Wd if need_dx else None))
+                  saved=(x if need_params else None, W if need_dx else None))
 
 
 def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0):

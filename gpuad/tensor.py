@@ -44,17 +44,7 @@ class Node:
         self.shape = tuple(out.data.shape)
         self.dtype = out.data.dtype
         self.out = weakref.ref(out)
-        self.guarded = guarded  # the memory owners this node holds read-only (guard_saved)
-
-    def release(self):
-        """Give back the guard on the saved arrays (the node ran for the last time or died)."""
-        guarded, self.guarded = self.guarded, ()
-        if guarded:
-            _unguard(guarded)
-
-    def __del__(self):
-        if self.guarded:
-            self.release()
+        self.guarded = guarded  # the _Guards of the arrays its VJP saved: dropped after its last VJP
 
 
 _FREED = "freed"  # marks a Tensor whose graph was released by backward
@@ -152,87 +142,108 @@ def check_not_in_transform(name: str):
 # A VJP reads arrays saved in the forward pass; writing into one of them between the forward
 # and the backward would make the gradient silently wrong (the issue's example: y = (a*a).sum();
 # a.data[...] = 10; y.backward() gave [20, 20]). numpy arrays carry a writeable flag: while a
-# live node saved an array, the array and the memory owner behind it (its .base) are made
-# read-only, so a write raises at once ("assignment destination is read-only"), and the flag
-# comes back when the last node holding them runs its final VJP or is garbage collected.
-# The owners are reference-counted across nodes and graphs. CuPy arrays (and arrays whose
-# memory numpy does not own: DLPack imports, buffers) have no such flag and are not guarded;
-# gpuad itself never writes into Tensor data in place.
-_guards = {}  # id(owner) -> [owner, count of holders, views made read-only with it]
-_guarded_ids = {}  # id(array) -> id(owner), for each array the guard made read-only
-_guard_lock = threading.Lock()
+# live node saved a leaf's data (a parameter, an input, a transform's primal), a constant
+# operand (the user's array), an index or a mask, that array and the memory owner behind it
+# (its .base) are read-only, so a write raises at once ("assignment destination is read-only"),
+# and the flag comes back when the last node holding them runs its final VJP or is garbage
+# collected. Owners are reference-counted across nodes and graphs. View ops (reshape,
+# transpose, basic indexing) guard their leaf source, since their output shares its memory.
+# Not guarded, to keep the per-op cost to a dictionary lookup: the data of an op's output
+# (gpuad made the array and never writes Tensor data in place; a user writing into
+# `h.data` of an intermediate is not caught), CuPy arrays and arrays whose memory numpy does
+# not own (DLPack imports, buffers), which have no flag that can be set back.
+_guards = {}  # id(array) -> weak reference to the _Guard holding it read-only (owners and views)
+_guard_lock = threading.RLock()  # re-entrant: a garbage collection inside may finalize a guard
 
 
-def _owner(a):
-    """The numpy array owning `a`'s memory, when numpy can lock and unlock it; else None."""
-    if type(a) is not np.ndarray:
-        return None
-    base = a.base
-    owner = a if base is None else base
-    return owner if type(owner) is np.ndarray and owner.base is None else None
+class _Guard:
+    """The read-only flag on one memory owner and the views made read-only with it. Every node
+    whose VJP saved the memory holds the guard; when the last one lets go (it ran its final
+    VJP, or died unrun), Python's reference count drops it and the flags come back."""
 
+    __slots__ = ("owner", "views", "__weakref__")
 
-def guard_saved(arrays) -> tuple:
-    """Make the numpy arrays in `arrays` (None entries are skipped) and their memory owners
-    read-only until :func:`_unguard` of the returned tuple of owners."""
-    held = []
-    with _guard_lock:
-        for a in arrays:
-            owner = _owner(a)
-            if owner is None:
-                continue
-            key = id(owner)
-            entry = _guards.get(key)
-            if entry is None:
-                if not owner.flags.writeable:  # read-only already, and not by us: nothing to restore
-                    continue
-                owner.setflags(write=False)
-                entry = _guards[key] = [owner, 0, []]
-                _guarded_ids[key] = key
-            if a is not owner and id(a) not in _guarded_ids and a.flags.writeable:
-                a.setflags(write=False)
-                entry[2].append(a)
-                _guarded_ids[id(a)] = key
-            entry[1] += 1
-            held.append(owner)
-    return tuple(held)
+    def __init__(self, owner):
+        self.owner = owner
+        self.views = []
 
+    def add_view(self, view):
+        """Hold `view` (read-only already) too and make it writeable again with the owner."""
+        self.views.append(view)
+        _guards[id(view)] = _guards[id(self.owner)]
 
-def adopt_view(source, view):
-    """`view` was just made from `source`: if `source` is read-only by the guard, so is the
-    view (numpy copies the flag), and it is made writeable again along with `source`."""
-    if id(source) not in _guarded_ids or type(view) is not np.ndarray or view.flags.writeable:
-        return  # not from a guarded array, or a copy
-    with _guard_lock:
-        key = _guarded_ids.get(id(source))
-        if key is not None and id(view) not in _guarded_ids:
-            _guards[key][2].append(view)
-            _guarded_ids[id(view)] = key
-
-
-def _unguard(owners):
-    with _guard_lock:
-        for owner in owners:
-            key = id(owner)
-            entry = _guards.get(key)
-            if entry is None:
-                continue
-            entry[1] -= 1
-            if entry[1] > 0:
-                continue
-            del _guards[key]
-            for a in [owner] + entry[2]:  # the owner first: a view can be writeable only below a writeable owner
-                _guarded_ids.pop(id(a), None)
+    def __del__(self):
+        with _guard_lock:
+            for a in [self.owner] + self.views:  # the owner first: numpy refuses a writeable view below a read-only owner
+                _guards.pop(id(a), None)
                 try:
                     a.setflags(write=True)
                 except ValueError:  # the user made the memory read-only meanwhile: leave it so
                     pass
 
 
+def _new_guard(a):
+    """A guard making numpy array `a` and its memory owner read-only, or None when there is
+    nothing to guard (numpy does not own the memory, or it was read-only already)."""
+    with _guard_lock:
+        ref = _guards.get(id(a))
+        guard = ref() if ref is not None else None
+        if guard is not None:
+            return guard
+        base = a.base
+        owner = a if base is None else base
+        if type(owner) is not np.ndarray or owner.base is not None:
+            return None  # numpy does not own the memory: the flag could not be set back
+        ref = _guards.get(id(owner))
+        guard = ref() if ref is not None else None
+        if guard is None:
+            if not owner.flags.writeable:
+                return None  # read-only already, not by us
+            guard = _Guard(owner)
+            owner.setflags(write=False)
+            _guards[id(owner)] = weakref.ref(guard)
+        if a is not owner and a.flags.writeable:
+            a.setflags(write=False)
+            guard.add_view(a)
+        return guard
+
+
+def guard_saved(items) -> tuple:
+    """The guards (see above) on what a VJP saved: `items` holds Tensors, guarded when they
+    are not an op's output, and arrays (an index, a mask); None entries are skipped."""
+    held = ()
+    for a in items:
+        if type(a) is Tensor:
+            if a._node is not None:
+                continue  # an op's output: gpuad made the array and never writes it
+            a = a.data
+        if type(a) is not np.ndarray:
+            continue
+        ref = _guards.get(id(a))
+        guard = ref() if ref is not None else None
+        if guard is None:
+            guard = _new_guard(a)
+        if guard is not None:
+            held += (guard,)
+    return held
+
+
+def adopt_view(source, view):
+    """`view` was just made from `source`: if the guard holds `source` read-only, the view is
+    read-only too (numpy copies the flag); it comes back writeable along with `source`."""
+    ref = _guards.get(id(source))
+    if ref is None or type(view) is not np.ndarray or view.flags.writeable:
+        return  # not from a guarded array, or a copy
+    with _guard_lock:
+        guard = ref()
+        if guard is not None and id(view) not in _guards:
+            guard.add_view(view)
+
+
 def _check_guard(node):
     """Before a VJP runs: each saved array must still be read-only (the user can lift the flag)."""
-    for owner in node.guarded:
-        if owner.flags.writeable:
+    for guard in node.guarded:
+        if guard.owner.flags.writeable:
             raise RuntimeError(f"{node.name}: an array saved for its backward was made writeable after the "
                                "forward pass and may have been changed in place, so the gradient would be wrong; "
                                "recompute the forward pass after changing inputs")
@@ -351,9 +362,9 @@ def record(name, data, parents, vjp, jvp, saved=()) -> Tensor:
 
     Records a Node when grad mode is on and a parent requires grad; computes the output
     tangent with ``jvp(*parent_tangents)`` when a parent carries one (zeros stand in for
-    parents that carry none). `saved` lists the arrays the user can reach (a parent's or
-    the output's data, an index or mask) that the VJP reads: they are guarded against
-    in-place writes while the node lives (None entries are skipped)."""
+    parents that carry none). `saved` lists the parents whose data the VJP reads and the
+    arrays it keeps (an index, a mask): they are guarded against in-place writes while the
+    node lives (see guard_saved; None entries are skipped)."""
     out = Tensor(data)
     if _state.grad_enabled and any(p.requires_grad for p in parents):
         out.requires_grad = True
@@ -442,7 +453,7 @@ def _walk(root: Tensor, g, retain_graph, collected):
         for e in node.edges:
             if e is _FREED:
                 raise RuntimeError(_FREED_MESSAGE)
-            if type(e) is not Node:
+            if e is None or type(e) is Tensor:
                 continue
             k = id(e)
             if k in pending:
@@ -467,11 +478,11 @@ def _walk(root: Tensor, g, retain_graph, collected):
         del g
         if not retain_graph:
             node.vjp = node.edges = None
-            node.release()
+            node.guarded = ()
         for e, gp in zip(edges, grads):
             if gp is None or e is None:
                 continue
-            if type(e) is not Node:  # a leaf Tensor
+            if type(e) is Tensor:  # a leaf
                 gp = _coerce(gp, e.data.shape, e.dtype, node.name)
                 if retain_graph:
                     shared.add(id(gp))

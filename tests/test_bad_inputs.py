@@ -162,9 +162,12 @@ def test_guard_counts_graphs_and_covers_views_and_owners():
     owner[2] = 0.0
     x.data[0] = 7.0
     r = ad.tensor(np.ones(4), requires_grad=True)
-    view = ad.exp(r).reshape(2, 2)  # a view of a guarded output, made while it was guarded
-    ad.sum(view).backward()
+    square = r * r  # guards r's data
+    view = r.reshape(2, 2)  # made from the guarded array: read-only, as numpy copies the flag
+    assert not view.data.flags.writeable
+    (ad.sum(square) + ad.sum(view)).backward()
     view.data[0, 0] = 5.0  # writeable again along with its source
+    r.data[1] = 2.0
 
 
 def test_no_guard_without_a_graph():
