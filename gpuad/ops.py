@@ -100,15 +100,19 @@ def _expand(g, axes, shape):
 
 def _unary(name, x, forward, derivative, uses="x"):
     """An elementwise op y = forward(xp, x) whose derivative multiplies: ``derivative(xp, s)``
-    where s is the input (uses="x") or the output (uses="y"), the one array the VJP keeps."""
+    where s is the input (uses="x") or the output (uses="y"), the one array the VJP keeps.
+    16-bit floats are computed in float32 and rounded once (as torch): a composite formula
+    in fp16 would overflow (x³ in gelu) and round at every step."""
     x = as_tensor(x)
     xp, d = x.xp, x.data
     keep = (lambda a: a) if d.dtype.kind in "iub" else (lambda a: a.astype(d.dtype, copy=False))
-    y = keep(forward(xp, d))  # CuPy computes some bfloat16 functions in float32: keep x's dtype
-    s = d if uses == "x" else y
+    half = _is_half(d.dtype)
+    y = keep(forward(xp, d.astype(np.float32) if half else d))  # CuPy too computes some bf16 functions in fp32
+    s = d if uses == "x" else y  # kept in x's dtype, widened when used
     return record(name, y, (x,),
-                  vjp=(lambda g: keep(g * derivative(xp, s)),),
-                  jvp=lambda t: keep(t * derivative(xp, s)), saved=(x,) if uses == "x" else ())
+                  vjp=(lambda g: keep(g * derivative(xp, s.astype(np.float32) if half else s)),),
+                  jvp=lambda t: keep(t * derivative(xp, s.astype(np.float32) if half else s)),
+                  saved=(x,) if uses == "x" else ())
 
 
 @functools.lru_cache(maxsize=None)
@@ -514,8 +518,11 @@ def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean", 
     n_rows = int(np.prod(logits.shape[:-1]))
     need_grad = (is_grad_enabled() and logits.requires_grad) or logits.tangent is not None
     kernels = B.kernel_module(xp, logits.dtype)
+    rows = logits.data.reshape(n_rows, n_classes)
+    if 0 in rows.strides and rows.size > n_classes:  # rows sharing memory (expand): the GPU kernels want them apart
+        rows = xp.ascontiguousarray(rows)
     loss, dlogits = kernels.softmax_cross_entropy(
-        logits.data.reshape(n_rows, n_classes), t.reshape(n_rows), ignore_index=ignore_index, reduction=reduction,
+        rows, t.reshape(n_rows), ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, grad=need_grad)
     if reduction == "none":
         loss = loss.reshape(t.shape)

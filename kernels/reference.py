@@ -42,6 +42,9 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     _arrays("softmax_cross_entropy", logits=logits, targets=targets)
     checks.check_cross_entropy_args(logits, targets, reduction, label_smoothing)
     checks.check_ignore_index(ignore_index)
+    if inplace and grad and not getattr(getattr(logits, "flags", None), "writeable", True):
+        raise ValueError("inplace=True writes the gradient over logits, which are read-only (a broadcast view, "
+                         "or held by a graph): pass a writeable array, or inplace=False")
     xp = array_module(logits, targets)
     n_rows, n_classes = logits.shape
     if check_targets:
