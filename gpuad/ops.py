@@ -301,11 +301,18 @@ def where(condition, a, b):
 
 
 # --- reductions and shapes ------------------------------------------------------------
+def _sum_wide(a, axes, keepdims):
+    """a summed over `axes`: in float32 for 16-bit floats (the result too), else in a's dtype."""
+    if not _is_half(a.dtype):
+        return a.sum(axis=axes, keepdims=keepdims)
+    if a.dtype.kind == "f":  # fp16: the reduction reads it as float32, no copy
+        return a.sum(axis=axes, keepdims=keepdims, dtype=np.float32)
+    return a.astype(np.float32).sum(axis=axes, keepdims=keepdims)  # bf16 (ml_dtypes)
+
+
 def _sum(a, axes, keepdims):
     """a summed over `axes` in a's dtype, accumulated in float32 for 16-bit floats."""
-    if _is_half(a.dtype):
-        return a.sum(axis=axes, keepdims=keepdims, dtype=np.float32).astype(a.dtype)
-    return a.sum(axis=axes, keepdims=keepdims)
+    return _as_dtype_of(_sum_wide(a, axes, keepdims), a)
 
 
 def sum(x, axis=None, keepdims=False):
@@ -328,7 +335,7 @@ def mean(x, axis=None, keepdims=False):
     axes, shape = _axes(axis, x.ndim, "mean"), x.shape
     count = int(np.prod([shape[a] for a in axes]))
     scale = 1.0 / count if count else float("nan")
-    wide = d.sum(axis=axes, keepdims=keepdims, dtype=np.float32) if _is_half(d.dtype) else _sum(d, axes, keepdims)
+    wide = _sum_wide(d, axes, keepdims)
     dtype = d.dtype if d.dtype.kind in "fc" or _is_half(d.dtype) else np.dtype(np.float64)
     y = xp.asarray(wide * scale if count else xp.full(xp.asarray(wide).shape, scale)).astype(dtype, copy=False)
     return record("mean", y, (x,),
@@ -542,14 +549,17 @@ def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean", 
 
 
 def to(x, backend_name):
-    """A copy of x on backend `backend_name`; differentiable (the VJP copies back)."""
+    """x on backend `backend_name` (a copy, or x's own array when it is there already);
+    differentiable (the VJP copies back)."""
     x = as_tensor(x)
     source = x.backend
     target_xp = B.module_for(backend_name)
     move = (lambda a, xp: xp.asarray(a)) if backend_name == "cupy" else (lambda a, xp: B.to_host(a))
     back_xp = B.module_for(source)
     back = (lambda a: back_xp.asarray(a)) if source == "cupy" else B.to_host
-    return record("to", move(x.data, target_xp), (x,), vjp=(back,), jvp=lambda t: move(t, target_xp))
+    y = move(x.data, target_xp)
+    return record("to", y, (x,), vjp=(back,), jvp=lambda t: move(t, target_xp),
+                  saved=(x,) if y is x.data else _view_of(x, y))
 
 
 # --- Tensor operators -----------------------------------------------------------------

@@ -256,8 +256,10 @@ class Tensor:
 
     __slots__ = ("data", "grad", "requires_grad", "_node", "tangent", "__weakref__")
     # numpy's operators and ufuncs defer to Tensor (`array + tensor` is Tensor.__radd__) and
-    # its other functions refuse Tensors (__array_function__), so nothing drops off the tape
+    # its other functions refuse Tensors (__array_function__), so nothing drops off the tape;
+    # CuPy's operators defer by __array_priority__
     __array_ufunc__ = None
+    __array_priority__ = 1000
     # `==` and `!=` compare elementwise (as numpy and torch do); hashing is by identity (as torch)
     __hash__ = object.__hash__
 

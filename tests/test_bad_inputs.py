@@ -383,3 +383,18 @@ def test_numpy_functions_on_tensors(backend):
     # numpy's operators still defer to Tensor, and stay on the tape
     y = _dev(np.array([3.0, 4.0])) * t + np.float64(1.0)
     assert isinstance(y, ad.Tensor) and y.requires_grad
+
+
+def test_cross_entropy_of_rows_sharing_memory(backend):
+    """Logits whose rows share memory (a broadcast row: stride 0) give each row its own
+    gradient (the GPU kernels get a copy: they address rows by one stride)."""
+    rng = np.random.default_rng(4)
+    row = _dev(rng.standard_normal((1, 5)))
+    xp = B.array_module(row)
+    targets = _dev(np.array([0, 2, 4]))
+    shared = ad.Tensor(xp.broadcast_to(row, (3, 5)), requires_grad=True)
+    apart = ad.Tensor(xp.ascontiguousarray(xp.broadcast_to(row, (3, 5))), requires_grad=True)
+    for z in (shared, apart):
+        ad.softmax_cross_entropy(z, targets, reduction="sum").backward()
+    np.testing.assert_allclose(B.to_host(shared.grad), B.to_host(apart.grad), rtol=1e-12)
+    assert len({tuple(r) for r in B.to_host(shared.grad).round(12)}) == 3

@@ -36,7 +36,21 @@ PROFILE = os.environ.get("GPUAD_FUZZ", "ci")
 if PROFILE not in ("ci", "long"):
     raise ValueError(f"GPUAD_FUZZ must be 'ci' or 'long', got {PROFILE!r}")
 BUDGET = {"ci": 1, "long": 25}[PROFILE]
-TRIED = collections.Counter()  # kind of input -> how many were tried
+TRIED = collections.Counter()  # what was tried -> how many times
+
+
+def tried(entry, valid=True, *arrays):
+    """Count one call of `entry` (valid input, or invalid and expected to raise) and the
+    kinds of its input arrays (dtype, layout, values, empty or 0-d)."""
+    TRIED[f"call  {entry}" + ("" if valid else " (invalid input: a clear error expected)")] += 1
+    for spec in arrays:
+        if spec is None:
+            continue
+        shape = spec["shape"]
+        TRIED[f"array dtype {np.dtype(spec['dtype']).name}"] += 1
+        TRIED[f"array layout {spec['layout']}"] += 1
+        TRIED[f"array values {spec['values']}"] += 1
+        TRIED["array with a 0-size axis" if 0 in shape else "array 0-d" if not shape else "array non-empty"] += 1
 
 
 def fuzz(n):
@@ -48,7 +62,7 @@ def fuzz(n):
 def _report():
     yield
     if os.environ.get("GPUAD_FUZZ_REPORT"):
-        print(f"\nfuzz inputs tried ({PROFILE} profile): {sum(TRIED.values())}")
+        print(f"\nfuzz ({PROFILE} profile): {sum(n for k, n in TRIED.items() if k.startswith('call'))} calls")
         for kind, n in sorted(TRIED.items()):
             print(f"  {n:6d}  {kind}")
 
@@ -341,8 +355,7 @@ def test_one_input_ops(dtype, data):
 
 def _check_one_input(op, spec, x_np, buf, ad_fn, torch_fn, valid, elementwise):
     ndim, dtype = x_np.ndim, x_np.dtype
-    TRIED[f"one-input op {op} ({'valid' if valid else 'invalid'})"] += 1
-    TRIED[f"array {dtype} {spec['layout']} {spec['values']} ndim {ndim} empty {x_np.size == 0}"] += 1
+    tried(f"one-input op {op}", valid, spec)
     watch = Watch((x_np, buf))
     x = ad.Tensor(x_np, requires_grad=True)
     with np.errstate(all="ignore"):
@@ -425,7 +438,7 @@ def _check_two_inputs(op, spec_a, spec_b, requires, scalar_b):
         valid = True
     except ValueError:
         valid = False
-    TRIED[f"two-input op {op} ({'valid' if valid else 'invalid'}; {a_np.dtype}, {b_np.dtype})"] += 1
+    tried(f"two-input op {op}", valid, spec_a, None if scalar_b else spec_b)
     a = ad.Tensor(a_np, requires_grad=requires in ("both", "a"))
     b = float(b_np) if scalar_b else ad.Tensor(b_np, requires_grad=requires in ("both", "b"))
     cond = np.asarray(np.random.default_rng(spec_a["seed"]).random(out_shape if valid else ()) < 0.5)
@@ -494,8 +507,7 @@ def test_linear(case):
     (x_np, bx), (w_np, bw) = build(sx), build(sw)
     b_np, bb = build(sb) if sb is not None else (None, None)
     valid = w_np.shape[1] == x_np.shape[-1] and x_np.ndim >= 1
-    TRIED[f"linear ({'valid' if valid else 'invalid'}; {x_np.dtype}, K={x_np.shape[-1]}, N={w_np.shape[0]}, "
-          f"M={int(np.prod(x_np.shape[:-1]))}, bias {b_np is not None})"] += 1
+    tried("ad.linear", valid, sx, sw, sb)
     watch = Watch(*[(p, q) for p, q in ((x_np, bx), (w_np, bw), (b_np, bb)) if p is not None])
     req = {"x": requires in ("all", "x"), "w": requires in ("all", "w"), "b": requires in ("all", "b")}
     x, w = ad.Tensor(x_np, requires_grad=req["x"]), ad.Tensor(w_np, requires_grad=req["w"])
@@ -569,7 +581,7 @@ def _ce_valid(v, targets, ignore_index, reduction, smoothing):
 def _check_ce(loss, dlogits, logits_np, targets, ignore_index, reduction, smoothing, what, u=None):
     lt, loss_t, valid = torch_cross_entropy(logits_np, targets, ignore_index, reduction, smoothing)
     if dlogits is not None and not np.isfinite(logits_np[~valid.numpy()]).all():
-        TRIED[f"{what} cross-entropy: an ignored row holding NaN or inf"] += 1
+        TRIED[f"case  {what} cross-entropy: an ignored row holding NaN or inf"] += 1
     acc = np.float64 if logits_np.dtype == np.float64 else np.float32
     scale = magnitude(logits_np) + math.log(max(logits_np.shape[-1], 1)) + 1
     close(loss, loss_t, acc, scale * (targets.size if reduction != "mean" else 1), f"{what} loss")
@@ -590,8 +602,7 @@ def test_softmax_cross_entropy_op(case):
     spec, targets, ignore_index, reduction, smoothing = case
     logits_np, buf = build(spec)
     valid = _ce_valid(logits_np.shape[-1], targets, ignore_index, reduction, smoothing)
-    TRIED[f"ad.softmax_cross_entropy ({'valid' if valid else 'invalid'}; {logits_np.dtype}, {spec['layout']}, "
-          f"{spec['values']})"] += 1
+    tried("ad.softmax_cross_entropy", valid, spec)
     watch = Watch((logits_np, buf), (targets, targets))
     z = ad.Tensor(logits_np, requires_grad=True)
     kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing)
@@ -623,8 +634,7 @@ def test_reference_cross_entropy_kernel(case, inplace, target_layout):
     writes = inplace
     if writes and not logits_np.flags.writeable:
         valid = False  # an expanded (stride 0) input cannot take the gradient in place
-    TRIED[f"reference.softmax_cross_entropy ({'valid' if valid else 'invalid'}; {logits_np.dtype}, "
-          f"{spec['layout']}, inplace {inplace})"] += 1
+    tried(f"reference.softmax_cross_entropy (inplace={inplace})", valid, spec)
     original = logits_np.copy()
     watch = Watch((logits_np, buf), (targets, t_buf))
     kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=smoothing)
@@ -669,8 +679,7 @@ def test_reference_linear_backward_kernel(case):
     valid = dy.shape[:-1] == x.shape[:-1]
     acc = np.random.default_rng(sx["seed"]).standard_normal(w.shape).astype(np.float32) if accumulate else None
     acc_before = None if acc is None else acc.copy()
-    TRIED[f"reference.linear_backward ({'valid' if valid else 'invalid'}; {x.dtype}, {sx['layout']}, "
-          f"accumulate {accumulate})"] += 1
+    tried(f"reference.linear_backward (dw_accumulate: {accumulate})", valid, sx, sw, sdy)
     watch = Watch((x, bx), (w, bw), (dy, bdy))
     with np.errstate(all="ignore"):
         out = run(lambda: reference.linear_backward(x, w, dy, bias=bias, dw_accumulate=acc, need_dx=need_dx),
@@ -714,7 +723,8 @@ def test_transforms(name, shape, seed, inside_no_grad, argnums):
     x = np.random.default_rng(seed).standard_normal(tuple(shape))
     before = x.copy()
     valid_argnums = argnums in (0, (0,), -1)
-    TRIED[f"transforms on {name} (argnums {argnums}, no_grad {inside_no_grad})"] += 1
+    tried("transforms: jacobian fwd and rev, vjp, jvp, grad, value_and_grad, gradcheck"
+          + (" inside no_grad" if inside_no_grad else ""), valid_argnums)
     ctx = ad.no_grad() if inside_no_grad else ad.enable_grad()
     with ctx:
         J_rev = run(lambda: ad.jacobian(f, argnums=argnums, mode="rev")(x), valid_argnums, "jacobian argnums")
@@ -754,7 +764,7 @@ TORCH = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float1
 
 def torch_layout(arr, layout):
     """A torch tensor holding `arr`'s values with `layout`'s strides, and its storage buffer."""
-    base = torch.from_numpy(np.ascontiguousarray(arr))
+    base = torch.from_numpy(np.array(arr))  # a copy: an inplace kernel must not write the caller's array
     if layout == "transposed" and base.ndim == 2:
         buf = base.T.contiguous()
         return buf.T, buf
@@ -793,7 +803,7 @@ def test_triton_cross_entropy_kernel(case):
     logits, buf = torch_layout(logits_np, layout)
     t = torch.from_numpy(targets)
     before, t_before = buf.clone(), t.clone()
-    TRIED[f"triton.softmax_cross_entropy ({logits_np.dtype}, {layout}, {spec['values']}, inplace {inplace})"] += 1
+    tried(f"triton.softmax_cross_entropy (interpreter, inplace={inplace})", True, dict(spec, layout=layout))
     loss, dlogits = tk.softmax_cross_entropy(logits, t, reduction=reduction, label_smoothing=smoothing,
                                              grad=grad, inplace=inplace)
     with np.errstate(all="ignore"):
@@ -823,7 +833,8 @@ def test_triton_linear_backward_kernel(case):
     arrays = [build(s)[0] for s in (sx, sw, sdy)]
     tensors = [torch_layout(a, layout) for a, layout in zip(arrays, layouts)]
     befores = [buf.clone() for _, buf in tensors]
-    TRIED[f"triton.linear_backward ({arrays[0].dtype}, route {route}, layouts {'/'.join(layouts)})"] += 1
+    tried(f"triton.linear_backward (interpreter, route={route})", True,
+          *(dict(s, layout=layout) for s, layout in zip((sx, sw, sdy), layouts)))
     dx, dw, db = tk.linear_backward(*(t for t, _ in tensors), bias=bias, need_dx=need_dx, route=route)
     x, w, dy = arrays
     ex, ew, eb = _expected_linear_backward(x, w, dy)
