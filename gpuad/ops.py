@@ -468,6 +468,8 @@ def sq_norm(x):
 # --- fused ops ------------------------------------------------------------------------
 def linear(x, W, b=None):
     """y = x Wᵀ + b. x [..., K], W [N, K] (PyTorch's [out, in]), b [N] or None -> [..., N].
+    x Wᵀ is rounded to the dtype before b is added (torch's fused addmm rounds once: for fp16
+    at overflow, -inf + inf is NaN here where torch has inf).
 
     The VJP is one fused ``linear_backward`` call (the reference on numpy, the Triton or CuPy
     kernel on the cupy backend) computing only the gradients that are needed."""

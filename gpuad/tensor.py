@@ -116,11 +116,8 @@ def transform_scope(name: str, record: bool):
     another (``grad(grad(f))``, a ``vjp`` inside the function ``jacobian`` differentiates)
     would return a constant to the outer one and its derivative would be silently zero:
     that raises RuntimeError instead."""
+    check_not_in_transform(name)
     state = _state
-    if state.transform is not None:
-        raise RuntimeError(f"{name} was called inside the function that {state.transform} is evaluating: "
-                           "gpuad's transforms are first-order and do not nest (the inner derivative would be "
-                           "a constant to the outer transform, and its derivative silently zero)")
     state.transform = name
     state.grad_stack.append(state.grad_enabled)
     state.grad_enabled = record
@@ -135,7 +132,8 @@ def check_not_in_transform(name: str):
     """Raise, as transform_scope does, when called while a transform evaluates a function."""
     if _state.transform is not None:
         raise RuntimeError(f"{name} was called inside the function that {_state.transform} is evaluating: "
-                           "gpuad's transforms are first-order and do not nest")
+                           "gpuad's transforms are first-order and do not nest (the inner derivative would be "
+                           "a constant to the outer transform, and its derivative silently zero)")
 
 
 # --- the guard on saved arrays ----------------------------------------------------------

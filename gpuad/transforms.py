@@ -190,4 +190,3 @@ def jacobian(f, argnums=0, mode="auto"):
         return Js[0] if isinstance(argnums, (int, np.integer)) else tuple(Js)
 
     return wrapped
-
