@@ -172,7 +172,8 @@ class _Guard:
 
     def __del__(self):
         with _guard_lock:
-            for a in [self.owner] + self.views:  # the owner first: numpy refuses a writeable view below a read-only owner
+            # the owner first: numpy refuses a writeable view below a read-only owner
+            for a in [self.owner] + self.views:
                 _guards.pop(id(a), None)
                 try:
                     a.setflags(write=True)
