@@ -173,13 +173,16 @@ def mul(a, b):
 
 
 def div(a, b):
-    """a / b, with broadcasting."""
+    """a / b, with broadcasting. The two-step rules (-g·y/b, (ta - y·tb)/b) run in float32 for
+    16-bit floats: rounding -g·y first could overflow where the result does not."""
     a, b = _pair("div", a, b)
     sa, bd = a.shape, b.data
     y = a.data / bd
+    wide = _wide if _is_half(y.dtype) else (lambda v: v)
     return record("div", y, (a, b),
-                  vjp=(lambda g: unbroadcast(g / bd, sa), lambda g: unbroadcast(-g * y / bd, bd.shape)),
-                  jvp=lambda ta, tb: (ta - y * tb) / bd, saved=(b,))
+                  vjp=(lambda g: unbroadcast(g / bd, sa),
+                       lambda g: _as_dtype_of(unbroadcast(-wide(g) * y / bd, bd.shape), bd)),
+                  jvp=lambda ta, tb: _as_dtype_of((wide(ta) - y * tb) / bd, y), saved=(b,))
 
 
 def neg(x):
