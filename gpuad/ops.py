@@ -182,7 +182,7 @@ def div(a, b):
     return record("div", y, (a, b),
                   vjp=(lambda g: unbroadcast(g / bd, sa),
                        lambda g: _as_dtype_of(unbroadcast(-wide(g) * y / bd, bd.shape), bd)),
-                  jvp=lambda ta, tb: _as_dtype_of((wide(ta) - y * tb) / bd, y), saved=(b,))
+                  jvp=lambda ta, tb: _as_dtype_of((wide(ta) - y * wide(tb)) / bd, y), saved=(b,))
 
 
 def neg(x):

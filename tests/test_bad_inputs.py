@@ -398,3 +398,21 @@ def test_cross_entropy_of_rows_sharing_memory(backend):
         ad.softmax_cross_entropy(z, targets, reduction="sum").backward()
     np.testing.assert_allclose(B.to_host(shared.grad), B.to_host(apart.grad), rtol=1e-12)
     assert len({tuple(r) for r in B.to_host(shared.grad).round(12)}) == 3
+
+
+def test_fp16_composite_rules_do_not_overflow_midway(backend):
+    """fp16 elementwise rules with several steps run in float32 and round once, as torch: the
+    tanh-gelu derivative at 1e4 is 1 (x·x overflowed fp16: NaN), and d(a/b)/db = -g·a/b² at
+    a = 3e4, b = 2, g = 8 is -60000 (-g·y overflowed first: -inf)."""
+    x = ad.tensor([1e4, -1e4, 3.0], dtype="float16", requires_grad=True)
+    ad.gelu(x, approximate="tanh").backward(_dev(np.ones(3, np.float16)))
+    xt = torch.tensor([1e4, -1e4, 3.0], dtype=torch.float16, requires_grad=True)
+    torch.nn.functional.gelu(xt, approximate="tanh").backward(torch.ones(3, dtype=torch.float16))
+    np.testing.assert_allclose(B.to_host(x.grad).astype(np.float32), xt.grad.float().numpy(), rtol=2e-3)
+    a = ad.tensor([3e4], dtype="float16", requires_grad=True)
+    b = ad.tensor([2.0], dtype="float16", requires_grad=True)
+    (a / b).backward(_dev(np.array([8.0], np.float16)))
+    assert float(B.to_host(b.grad)[0]) == -60000.0
+    zero, eight = _dev(np.array([0.0], np.float16)), _dev(np.array([8.0], np.float16))
+    _, tangent = ad.jvp(lambda p, q: p / q, (a.data, b.data), (zero, eight))
+    assert float(B.to_host(tangent)[0]) == -60000.0
