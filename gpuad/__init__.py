@@ -23,7 +23,7 @@ from .ops import (add, div, exp, gelu, getitem, linear, log, log_softmax, logsum
                   pow, relu, reshape, sigmoid, softmax, softmax_cross_entropy, sq_norm, sub, sum, tanh, to,
                   transpose, unbroadcast, where)
 from .ops import linear_cross_entropy  # the fused LM head
-from .tensor import Tensor, is_grad_enabled, no_grad
+from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad
 from .transforms import grad, jacobian, jvp, value_and_grad, vjp
 from . import backend as _backend
 
@@ -55,7 +55,7 @@ def from_dlpack(x, requires_grad=False) -> Tensor:
 
 
 __all__ = [
-    "Tensor", "tensor", "from_dlpack", "no_grad", "is_grad_enabled",
+    "Tensor", "tensor", "from_dlpack", "no_grad", "enable_grad", "is_grad_enabled",
     "set_backend", "get_backend", "use_backend", "set_kernels", "get_kernels",
     "add", "sub", "mul", "div", "neg", "pow", "matmul", "linear", "exp", "log", "tanh", "sigmoid", "relu",
     "gelu", "sum", "mean", "reshape", "transpose", "getitem", "where", "softmax", "log_softmax", "logsumexp",

@@ -11,7 +11,10 @@ import math
 import numpy as np
 
 from . import backend as B
-from .tensor import Tensor, as_tensor, is_grad_enabled, is_unit_seed, record
+from .tensor import Tensor, adopt_view, as_tensor, is_grad_enabled, is_unit_seed, record
+
+# numpy's own error for an axis out of range: a ValueError and an IndexError at once
+AxisError = np.exceptions.AxisError if hasattr(np, "exceptions") else np.AxisError
 
 _SQRT_HALF = math.sqrt(0.5)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
@@ -41,12 +44,48 @@ def _pair(name, a, b):
     return a, b
 
 
-def _axes(axis, ndim):
-    """A normalised tuple of axes (all of them for None)."""
+def _is_int(a) -> bool:
+    return isinstance(a, (int, np.integer)) and not isinstance(a, bool)
+
+
+def _axes(axis, ndim, what):
+    """A sorted tuple of non-negative axes (all of them for None). As numpy: an axis outside
+    [-ndim, ndim) raises AxisError (a ValueError and an IndexError), a repeated one ValueError."""
     if axis is None:
         return tuple(range(ndim))
-    axis = (axis,) if isinstance(axis, int) else tuple(axis)
-    return tuple(sorted(a % ndim for a in axis)) if ndim else ()
+    if _is_int(axis):
+        axis = (axis,)
+    elif not (isinstance(axis, (tuple, list)) and all(_is_int(a) for a in axis)):
+        raise TypeError(f"{what}: axis must be None, an int or a tuple of ints, got {axis!r}")
+    for a in axis:
+        if not -ndim <= a < ndim:
+            raise AxisError(f"{what}: axis {a} is out of bounds for a tensor of dimension {ndim}")
+    axes = sorted(int(a) % ndim for a in axis)
+    if len(set(axes)) != len(axes):
+        raise ValueError(f"{what}: axis {tuple(axis)} names an axis more than once")
+    return tuple(axes)
+
+
+def _is_half(dtype) -> bool:
+    """fp16 or bf16: reductions over them accumulate in float32 (as torch does)."""
+    return dtype.itemsize == 2 and (dtype.kind == "f" or str(dtype) == "bfloat16")
+
+
+def _wide(a):
+    """`a` in float32 when it is a 16-bit float, else `a` itself."""
+    return a.astype(np.float32) if _is_half(a.dtype) else a
+
+
+def _as_dtype_of(a, like):
+    """`a` cast back to `like`'s dtype after a widened computation (a no-op otherwise)."""
+    return a.astype(like.dtype) if _is_half(like.dtype) and a.dtype != like.dtype else a
+
+
+def _view_of(x, y) -> tuple:
+    """What a view op (output data `y`, maybe a view of x's data) guards: x, since a later op
+    saving the view (an op's output) guards nothing, yet a write into x's data changes it."""
+    adopt_view(x.data, y)
+    return (x,) if getattr(y, "base", None) is not None else ()
 
 
 def _expand(g, axes, shape):
@@ -59,15 +98,21 @@ def _expand(g, axes, shape):
     return xp.broadcast_to(g, shape).copy()
 
 
-def _unary(name, x, forward, derivative):
-    """An elementwise op y = forward(x) whose derivative `derivative(x, y)` multiplies."""
+def _unary(name, x, forward, derivative, uses="x"):
+    """An elementwise op y = forward(xp, x) whose derivative multiplies: ``derivative(xp, s)``
+    where s is the input (uses="x") or the output (uses="y"), the one array the VJP keeps.
+    16-bit floats are computed in float32 and rounded once (as torch): a composite formula
+    in fp16 would overflow (x³ in gelu) and round at every step."""
     x = as_tensor(x)
     xp, d = x.xp, x.data
     keep = (lambda a: a) if d.dtype.kind in "iub" else (lambda a: a.astype(d.dtype, copy=False))
-    y = keep(forward(xp, d))  # CuPy computes some bfloat16 functions in float32: keep x's dtype
+    half = _is_half(d.dtype)
+    y = keep(forward(xp, d.astype(np.float32) if half else d))  # CuPy too computes some bf16 functions in fp32
+    s = d if uses == "x" else y  # kept in x's dtype, widened when used
     return record(name, y, (x,),
-                  vjp=(lambda g: keep(g * derivative(xp, d, y)),),
-                  jvp=lambda t: keep(t * derivative(xp, d, y)))
+                  vjp=(lambda g: keep(g * derivative(xp, s.astype(np.float32) if half else s)),),
+                  jvp=lambda t: keep(t * derivative(xp, s.astype(np.float32) if half else s)),
+                  saved=(x,) if uses == "x" else ())
 
 
 @functools.lru_cache(maxsize=None)
@@ -123,17 +168,21 @@ def mul(a, b):
     ad_, bd = a.data, b.data
     return record("mul", ad_ * bd, (a, b),
                   vjp=(lambda g: unbroadcast(g * bd, ad_.shape), lambda g: unbroadcast(g * ad_, bd.shape)),
-                  jvp=lambda ta, tb: ta * bd + ad_ * tb)
+                  jvp=lambda ta, tb: ta * bd + ad_ * tb,
+                  saved=(b if a.requires_grad else None, a if b.requires_grad else None))
 
 
 def div(a, b):
-    """a / b, with broadcasting."""
+    """a / b, with broadcasting. The two-step rules (-g·y/b, (ta - y·tb)/b) run in float32 for
+    16-bit floats: rounding -g·y first could overflow where the result does not."""
     a, b = _pair("div", a, b)
     sa, bd = a.shape, b.data
     y = a.data / bd
+    wide = _wide if _is_half(y.dtype) else (lambda v: v)
     return record("div", y, (a, b),
-                  vjp=(lambda g: unbroadcast(g / bd, sa), lambda g: unbroadcast(-g * y / bd, bd.shape)),
-                  jvp=lambda ta, tb: (ta - y * tb) / bd)
+                  vjp=(lambda g: unbroadcast(g / bd, sa),
+                       lambda g: _as_dtype_of(unbroadcast(-wide(g) * y / bd, bd.shape), bd)),
+                  jvp=lambda ta, tb: _as_dtype_of((wide(ta) - y * wide(tb)) / bd, y), saved=(b,))
 
 
 def neg(x):
@@ -148,8 +197,8 @@ def pow(x, p):
         raise TypeError("pow: the exponent must be a Python or 0-d scalar, not a Tensor or array")
     p = float(p)
     if p == 0.0:
-        return _unary("pow", x, lambda xp, d: xp.ones_like(d), lambda xp, d, y: xp.zeros_like(d))
-    return _unary("pow", x, lambda xp, d: d ** p, lambda xp, d, y: p * d ** (p - 1.0))
+        return _unary("pow", x, lambda xp, d: xp.ones_like(d), lambda xp, d: xp.zeros_like(d))
+    return _unary("pow", x, lambda xp, d: d ** p, lambda xp, d: p * d ** (p - 1.0))
 
 
 def matmul(a, b):
@@ -189,33 +238,34 @@ def matmul(a, b):
         return unbroadcast(gb[..., :, 0] if b.ndim == 1 else gb, b.shape)
 
     return record("matmul", y, (a, b), vjp=(vjp_a, vjp_b),
-                  jvp=lambda ta, tb: xp.matmul(ta, b.data) + xp.matmul(a.data, tb))
+                  jvp=lambda ta, tb: xp.matmul(ta, b.data) + xp.matmul(a.data, tb),
+                  saved=(b if a.requires_grad else None, a if b.requires_grad else None))
 
 
 # --- elementwise ----------------------------------------------------------------------
 def exp(x):
     """e ** x."""
-    return _unary("exp", x, lambda xp, d: xp.exp(d), lambda xp, d, y: y)
+    return _unary("exp", x, lambda xp, d: xp.exp(d), lambda xp, y: y, uses="y")
 
 
 def log(x):
     """Natural logarithm."""
-    return _unary("log", x, lambda xp, d: xp.log(d), lambda xp, d, y: 1.0 / d)
+    return _unary("log", x, lambda xp, d: xp.log(d), lambda xp, d: 1.0 / d)
 
 
 def tanh(x):
-    return _unary("tanh", x, lambda xp, d: xp.tanh(d), lambda xp, d, y: 1.0 - y * y)
+    return _unary("tanh", x, lambda xp, d: xp.tanh(d), lambda xp, y: 1.0 - y * y, uses="y")
 
 
 def sigmoid(x):
     """1 / (1 + e^-x), computed stably as exp(-log(1 + e^-x))."""
     return _unary("sigmoid", x, lambda xp, d: xp.exp(-xp.logaddexp(0, -d)).astype(d.dtype),
-                  lambda xp, d, y: y * (1.0 - y))
+                  lambda xp, y: y * (1.0 - y), uses="y")
 
 
 def relu(x):
     """max(x, 0); the derivative at 0 is taken as 0, as in PyTorch."""
-    return _unary("relu", x, lambda xp, d: xp.maximum(d, 0), lambda xp, d, y: (d > 0).astype(d.dtype))
+    return _unary("relu", x, lambda xp, d: xp.maximum(d, 0), lambda xp, d: (d > 0).astype(d.dtype))
 
 
 def gelu(x, approximate="none"):
@@ -224,13 +274,13 @@ def gelu(x, approximate="none"):
         def forward(xp, d):
             return 0.5 * d * (1.0 + _erf(xp, d * _SQRT_HALF))
 
-        def derivative(xp, d, y):
+        def derivative(xp, d):
             return 0.5 * (1.0 + _erf(xp, d * _SQRT_HALF)) + d * _INV_SQRT_2PI * xp.exp(-0.5 * d * d)
     elif approximate == "tanh":
         def forward(xp, d):
             return 0.5 * d * (1.0 + xp.tanh(_TANH_C * (d + 0.044715 * d ** 3)))
 
-        def derivative(xp, d, y):
+        def derivative(xp, d):
             t = xp.tanh(_TANH_C * (d + 0.044715 * d ** 3))
             return 0.5 * (1.0 + t) + 0.5 * d * (1.0 - t * t) * _TANH_C * (1.0 + 3 * 0.044715 * d * d)
     else:
@@ -250,26 +300,50 @@ def where(condition, a, b):
     return record("where", xp.where(cond, a.data, b.data), (a, b),
                   vjp=(lambda g: unbroadcast(xp.where(cond, g, zero), sa),
                        lambda g: unbroadcast(xp.where(cond, zero, g), sb)),
-                  jvp=lambda ta, tb: xp.where(cond, ta, tb))
+                  jvp=lambda ta, tb: xp.where(cond, ta, tb), saved=(cond,))
 
 
 # --- reductions and shapes ------------------------------------------------------------
+def _sum_wide(a, axes, keepdims):
+    """a summed over `axes`: in float32 for 16-bit floats (the result too), else in a's dtype."""
+    if not _is_half(a.dtype):
+        return a.sum(axis=axes, keepdims=keepdims)
+    if a.dtype.kind == "f":  # fp16: the reduction reads it as float32, no copy
+        return a.sum(axis=axes, keepdims=keepdims, dtype=np.float32)
+    return a.astype(np.float32).sum(axis=axes, keepdims=keepdims)  # bf16 (ml_dtypes)
+
+
+def _sum(a, axes, keepdims):
+    """a summed over `axes` in a's dtype, accumulated in float32 for 16-bit floats."""
+    return _as_dtype_of(_sum_wide(a, axes, keepdims), a)
+
+
 def sum(x, axis=None, keepdims=False):
-    """Sum over `axis` (all axes by default); a 0-d array, never a host scalar."""
+    """Sum over `axis` (all axes by default); a 0-d array, never a host scalar. fp16 / bf16
+    accumulate in float32 and the result keeps the input dtype (as torch)."""
     x = as_tensor(x)
-    axes, shape = _axes(axis, x.ndim), x.shape
-    y = x.xp.asarray(x.data.sum(axis=axes, keepdims=keepdims))
+    axes, shape = _axes(axis, x.ndim, "sum"), x.shape
+    y = x.xp.asarray(_sum(x.data, axes, keepdims))
     return record("sum", y, (x,),
                   vjp=(lambda g: _expand(g, () if keepdims else axes, shape),),
-                  jvp=lambda t: t.sum(axis=axes, keepdims=keepdims))
+                  jvp=lambda t: _sum(t, axes, keepdims))
 
 
 def mean(x, axis=None, keepdims=False):
-    """Mean over `axis` (all axes by default)."""
+    """Mean over `axis` (all axes by default). fp16 / bf16 accumulate in float32 and the
+    result keeps the input dtype (the mean of 70000 fp16 ones is 1, as in torch); the mean
+    over no elements is NaN (as numpy and torch)."""
     x = as_tensor(x)
-    axes = _axes(axis, x.ndim)
-    count = int(np.prod([x.shape[a] for a in axes])) if axes else 1
-    return mul(sum(x, axis, keepdims), 1.0 / max(count, 1))
+    xp, d = x.xp, x.data
+    axes, shape = _axes(axis, x.ndim, "mean"), x.shape
+    count = int(np.prod([shape[a] for a in axes]))
+    scale = 1.0 / count if count else float("nan")
+    wide = _sum_wide(d, axes, keepdims)
+    dtype = d.dtype if d.dtype.kind in "fc" or _is_half(d.dtype) else np.dtype(np.float64)
+    y = xp.asarray(wide * scale if count else xp.full(xp.asarray(wide).shape, scale)).astype(dtype, copy=False)
+    return record("mean", y, (x,),
+                  vjp=(lambda g: _expand(g * scale if count else g, () if keepdims else axes, shape),),
+                  jvp=lambda t: _sum(t, axes, keepdims) * scale)
 
 
 def reshape(x, *shape):
@@ -277,17 +351,29 @@ def reshape(x, *shape):
     x = as_tensor(x)
     shape = tuple(shape[0]) if len(shape) == 1 and isinstance(shape[0], (tuple, list)) else shape
     old_shape = x.shape
-    return record("reshape", x.data.reshape(shape), (x,),
-                  vjp=(lambda g: g.reshape(old_shape),), jvp=lambda t: t.reshape(shape))
+    y = x.data.reshape(shape)
+    return record("reshape", y, (x,), vjp=(lambda g: g.reshape(old_shape),), jvp=lambda t: t.reshape(shape),
+                  saved=_view_of(x, y))
 
 
 def transpose(x, axes=None):
-    """Permute axes (reverse them by default)."""
+    """Permute axes (reverse them by default); `axes` must be a permutation of the axes
+    (negative ones count from the end), as in numpy."""
     x = as_tensor(x)
-    axes = tuple(range(x.ndim))[::-1] if axes is None else tuple(a % x.ndim for a in axes)
-    inverse = tuple(np.argsort(axes))
-    return record("transpose", x.data.transpose(axes), (x,),
-                  vjp=(lambda g: g.transpose(inverse),), jvp=lambda t: t.transpose(axes))
+    if axes is None:
+        axes = tuple(range(x.ndim))[::-1]
+    else:
+        given = axes
+        if not (isinstance(given, (tuple, list)) and all(_is_int(a) for a in given)):
+            raise TypeError(f"transpose: axes must be None or a tuple of ints, got {given!r}")
+        if len(given) != x.ndim:
+            raise ValueError(f"transpose: axes {tuple(given)} do not match a tensor of dimension {x.ndim}")
+        axes = _axes(given, x.ndim, "transpose")  # range and repeats checked
+        axes = tuple(int(a) % x.ndim for a in given)
+    inverse = tuple(int(i) for i in np.argsort(axes))
+    y = x.data.transpose(axes)
+    return record("transpose", y, (x,), vjp=(lambda g: g.transpose(inverse),), jvp=lambda t: t.transpose(axes),
+                  saved=_view_of(x, y))
 
 
 def getitem(x, index):
@@ -309,23 +395,34 @@ def getitem(x, index):
             cupyx.scatter_add(full, index, g)
         return full
 
-    return record("getitem", x.data[index], (x,), vjp=(vjp,), jvp=lambda t: t[index])
+    y = x.data[index]
+    arrays = tuple(i for i in (index if isinstance(index, tuple) else (index,)) if B.backend_of(i) is not None)
+    return record("getitem", y, (x,), vjp=(vjp,), jvp=lambda t: t[index], saved=arrays + _view_of(x, y))
 
 
 # --- softmax family -------------------------------------------------------------------
-def _stable_softmax(xp, d, axis):
-    e = xp.exp(d - d.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+# Each takes `axis` as numpy does (an int or a tuple; out of range raises AxisError), works
+# over an empty axis (softmax: an empty result; logsumexp: -inf, as torch), and computes
+# 16-bit floats in float32 (the result keeps the input dtype).
+def _max_kept(xp, d, axes):
+    """max over `axes` with the axes kept (size 1); 0 where they are empty (nothing to shift)."""
+    if any(d.shape[a] == 0 for a in axes):
+        return xp.zeros(tuple(1 if i in axes else n for i, n in enumerate(d.shape)), dtype=d.dtype)
+    return d.max(axis=axes, keepdims=True)
 
 
 def softmax(x, axis=-1):
     """exp(x) / Σ exp(x) along `axis`."""
     x = as_tensor(x)
     xp = x.xp
-    y = _stable_softmax(xp, x.data, axis)
+    axes = _axes(axis, x.ndim, "softmax")
+    d = _wide(x.data)
+    e = xp.exp(d - _max_kept(xp, d, axes))
+    y = _as_dtype_of(e / e.sum(axis=axes, keepdims=True), x.data)
 
     def jvp(t):  # also the VJP: the softmax Jacobian is symmetric
-        return y * (t - (t * y).sum(axis=axis, keepdims=True))
+        yw, t = _wide(y), _wide(t)
+        return _as_dtype_of(yw * (t - (t * yw).sum(axis=axes, keepdims=True)), y)
 
     return record("softmax", y, (x,), vjp=(jvp,), jvp=jvp)
 
@@ -334,39 +431,48 @@ def log_softmax(x, axis=-1):
     """x - logsumexp(x) along `axis`."""
     x = as_tensor(x)
     xp = x.xp
-    shifted = x.data - x.data.max(axis=axis, keepdims=True)
-    y = shifted - xp.log(xp.exp(shifted).sum(axis=axis, keepdims=True))
+    axes = _axes(axis, x.ndim, "log_softmax")
+    d = _wide(x.data)
+    shifted = d - _max_kept(xp, d, axes)
+    y = shifted - xp.log(xp.exp(shifted).sum(axis=axes, keepdims=True))
     p = xp.exp(y)
-    return record("log_softmax", y, (x,),
-                  vjp=(lambda g: g - p * g.sum(axis=axis, keepdims=True),),
-                  jvp=lambda t: t - (p * t).sum(axis=axis, keepdims=True))
+    return record("log_softmax", _as_dtype_of(y, x.data), (x,),
+                  vjp=(lambda g: _as_dtype_of(_wide(g) - p * _wide(g).sum(axis=axes, keepdims=True), g),),
+                  jvp=lambda t: _as_dtype_of(_wide(t) - (p * _wide(t)).sum(axis=axes, keepdims=True), t))
 
 
 def logsumexp(x, axis=-1, keepdims=False):
-    """log Σ exp(x) along `axis`, stably."""
+    """log Σ exp(x) along `axis`, stably. As torch: a row of -inf gives -inf, a row holding
+    +inf gives +inf, an empty axis -inf; the gradient exp(x - y) is then NaN where torch's is
+    (the -inf row, the +inf entry) and 0 elsewhere."""
     x = as_tensor(x)
     xp = x.xp
-    axes, shape = _axes(axis, x.ndim), x.shape
-    m = x.data.max(axis=axes, keepdims=True)
-    y = xp.log(xp.exp(x.data - m).sum(axis=axes, keepdims=True)) + m
-    p = xp.exp(x.data - y)
-    out = y if keepdims else y.reshape(tuple(n for i, n in enumerate(x.shape) if i not in axes))
-    return record("logsumexp", out, (x,),
-                  vjp=(lambda g: _expand(g, () if keepdims else axes, shape) * p,),
-                  jvp=lambda t: (p * t).sum(axis=axes, keepdims=keepdims))
+    axes, shape = _axes(axis, x.ndim, "logsumexp"), x.shape
+    d = _wide(x.data)
+    m = _max_kept(xp, d, axes)
+    m = xp.where(xp.isinf(m), 0, m).astype(m.dtype)  # an infinite max shifts nothing (torch's rule)
+    y = xp.log(xp.exp(d - m).sum(axis=axes, keepdims=True)) + m
+    p = xp.exp(d - y)
+    out = y if keepdims else y.reshape(tuple(n for i, n in enumerate(shape) if i not in axes))
+    return record("logsumexp", _as_dtype_of(out, x.data), (x,),
+                  vjp=(lambda g: _as_dtype_of(_expand(_wide(g), () if keepdims else axes, shape) * p, g),),
+                  jvp=lambda t: _as_dtype_of((p * _wide(t)).sum(axis=axes, keepdims=keepdims), t))
 
 
 def sq_norm(x):
-    """½‖x‖², a 0-d array."""
+    """½‖x‖², a 0-d array (accumulated in float32 for 16-bit floats)."""
     x = as_tensor(x)
     xp, d = x.xp, x.data
-    return record("sq_norm", xp.asarray(0.5 * (d * d).sum()), (x,),
-                  vjp=(lambda g: g * d,), jvp=lambda t: (d * t).sum())
+    w = _wide(d)
+    return record("sq_norm", _as_dtype_of(xp.asarray(0.5 * (w * w).sum()), d), (x,),
+                  vjp=(lambda g: g * d,), jvp=lambda t: _as_dtype_of((w * _wide(t)).sum(), t), saved=(x,))
 
 
 # --- fused ops ------------------------------------------------------------------------
 def linear(x, W, b=None):
     """y = x Wᵀ + b. x [..., K], W [N, K] (PyTorch's [out, in]), b [N] or None -> [..., N].
+    x Wᵀ is rounded to the dtype before b is added (torch's fused addmm rounds once: for fp16
+    at overflow, -inf + inf is NaN here where torch has inf).
 
     The VJP is one fused ``linear_backward`` call (the reference on numpy, the Triton or CuPy
     kernel on the cupy backend) computing only the gradients that are needed."""
@@ -389,14 +495,17 @@ def linear(x, W, b=None):
     def vjp(g):
         if not need_params:
             return (xp.matmul(g, Wd), None, None)
-        kernels = B.kernel_module(xp, xd.dtype)
+        # an empty product (M, N or K = 0) has nothing for a GPU kernel to do: the reference
+        # (written with the array module, it runs on CuPy too) gives its zeros and db
+        kernels = B.kernel_module(xp, xd.dtype if xd.size and Wd.size else np.float64)
         return kernels.linear_backward(xd, Wd, g, bias=has_bias, need_dx=need_dx)
 
     def jvp(tx, tW, tb=None):
         ty = xp.matmul(tx, Wd.T) + xp.matmul(xd, tW.T)
         return ty if tb is None else ty + tb
 
-    return record("linear", y, parents, vjp=vjp, jvp=jvp)
+    return record("linear", y, parents, vjp=vjp, jvp=jvp,
+                  saved=(x if need_params else None, W if need_dx else None))
 
 
 def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0):
@@ -416,10 +525,16 @@ def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean", 
         raise ValueError(f"softmax_cross_entropy: targets {tuple(t.shape)} must have the shape of logits "
                          f"{logits.shape} without its last (class) axis")
     n_classes = logits.shape[-1]
+    if n_classes < 1:
+        raise ValueError(f"softmax_cross_entropy: logits {logits.shape} have no classes (V = 0 on the last axis)")
+    n_rows = int(np.prod(logits.shape[:-1]))
     need_grad = (is_grad_enabled() and logits.requires_grad) or logits.tangent is not None
     kernels = B.kernel_module(xp, logits.dtype)
+    rows = logits.data.reshape(n_rows, n_classes)
+    if 0 in rows.strides and rows.size > n_classes:  # rows sharing memory (expand): the GPU kernels want them apart
+        rows = xp.ascontiguousarray(rows)
     loss, dlogits = kernels.softmax_cross_entropy(
-        logits.data.reshape(-1, n_classes), t.reshape(-1), ignore_index=ignore_index, reduction=reduction,
+        rows, t.reshape(n_rows), ignore_index=ignore_index, reduction=reduction,
         label_smoothing=label_smoothing, grad=need_grad)
     if reduction == "none":
         loss = loss.reshape(t.shape)
@@ -439,14 +554,17 @@ def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean", 
 
 
 def to(x, backend_name):
-    """A copy of x on backend `backend_name`; differentiable (the VJP copies back)."""
+    """x on backend `backend_name` (a copy, or x's own array when it is there already);
+    differentiable (the VJP copies back)."""
     x = as_tensor(x)
     source = x.backend
     target_xp = B.module_for(backend_name)
     move = (lambda a, xp: xp.asarray(a)) if backend_name == "cupy" else (lambda a, xp: B.to_host(a))
     back_xp = B.module_for(source)
     back = (lambda a: back_xp.asarray(a)) if source == "cupy" else B.to_host
-    return record("to", move(x.data, target_xp), (x,), vjp=(back,), jvp=lambda t: move(t, target_xp))
+    y = move(x.data, target_xp)
+    return record("to", y, (x,), vjp=(back,), jvp=lambda t: move(t, target_xp),
+                  saved=(x,) if y is x.data else _view_of(x, y))
 
 
 # --- Tensor operators -----------------------------------------------------------------
@@ -469,10 +587,24 @@ Tensor.reshape = reshape
 Tensor.transpose = lambda self, *axes: transpose(
     self, axes[0] if len(axes) == 1 and (axes[0] is None or isinstance(axes[0], (tuple, list))) else (axes or None))
 Tensor.to = to
-for _name, _cmp in (("__lt__", "less"), ("__le__", "less_equal"), ("__gt__", "greater"), ("__ge__", "greater_equal")):
-    # comparisons give constant boolean Tensors (for ad.where), never recorded
-    setattr(Tensor, _name, (lambda fn: lambda self, other: Tensor(getattr(self.xp, fn)(
-        self.data, other.data if isinstance(other, Tensor) else other)))(_cmp))
+
+
+def _comparison(fn):
+    def compare(self, other):
+        if other is None or isinstance(other, str):
+            return NotImplemented  # `t == None` is False, as in torch
+        other = other.data if isinstance(other, Tensor) else other
+        xp = B.array_module(self.data, other)
+        return Tensor(xp.asarray(getattr(xp, fn)(self.data, other)))
+
+    return compare
+
+
+# Comparisons, `==` and `!=` included, are elementwise (as numpy and torch) and give constant
+# boolean Tensors (for ad.where and masks), never recorded. Tensors hash by identity.
+for _name, _fn in (("__lt__", "less"), ("__le__", "less_equal"), ("__gt__", "greater"),
+                   ("__ge__", "greater_equal"), ("__eq__", "equal"), ("__ne__", "not_equal")):
+    setattr(Tensor, _name, _comparison(_fn))
 
 
 # --- fused LM head ----------------------------------------------------------------------

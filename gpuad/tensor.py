@@ -7,10 +7,14 @@ cotangent a node receives before it runs, and frees the graph as it goes.
 
 Forward mode rides along: a Tensor may carry a ``tangent`` array, and every op that sees a
 tangent on an input computes its output's tangent with the op's JVP rule.
+
+Grad mode (``no_grad`` / ``enable_grad``) is per thread, as in PyTorch. Arrays that a VJP saved
+are guarded against in-place writes while their graph lives (see :func:`guard_saved`).
 """
 from __future__ import annotations
 
 import contextlib
+import threading
 import weakref
 
 import numpy as np
@@ -31,43 +35,217 @@ class Node:
     ``g -> tuple of cotangents`` for fused ops that produce them together. ``shape`` and
     ``dtype`` describe the node's output; ``out`` is a weak reference to its Tensor."""
 
-    __slots__ = ("name", "edges", "vjp", "shape", "dtype", "out", "__weakref__")
+    __slots__ = ("name", "edges", "vjp", "shape", "dtype", "out", "guarded", "__weakref__")
 
-    def __init__(self, name, edges, vjp, out):
+    def __init__(self, name, edges, vjp, out, guarded=()):
         self.name = name
         self.edges = edges
         self.vjp = vjp
         self.shape = tuple(out.data.shape)
         self.dtype = out.data.dtype
         self.out = weakref.ref(out)
+        self.guarded = guarded  # the _Guards of the arrays its VJP saved: dropped after its last VJP
 
 
 _FREED = "freed"  # marks a Tensor whose graph was released by backward
-_grad_mode = {"enabled": True}
-_seed = {"unit": None}  # the default cotangent (ones) of the backward now running
+
+
+class _ThreadState(threading.local):
+    """What each thread has of its own: grad mode, the transform now evaluating a function,
+    and the implicit cotangent of the backward now running."""
+
+    def __init__(self):
+        self.grad_enabled = True
+        self.grad_stack = []  # the modes that the open no_grad / enable_grad blocks replaced
+        self.transform = None  # name of the transform whose function is being evaluated
+        self.unit_seed = None
+
+
+_state = _ThreadState()
 
 
 def is_unit_seed(g) -> bool:
     """True when `g` is the implicit cotangent 1 of ``loss.backward()``: a VJP may then
     return its Jacobian row as it is, with no multiply."""
-    return g is _seed["unit"]
+    return g is _state.unit_seed
 
 
-class no_grad(contextlib.ContextDecorator):
-    """``with ad.no_grad(): ...`` (or as a decorator): ops record nothing on the tape."""
+class _GradMode(contextlib.ContextDecorator):
+    enabled = True
 
     def __enter__(self):
-        self._previous = _grad_mode["enabled"]
-        _grad_mode["enabled"] = False
+        state = _state
+        state.grad_stack.append(state.grad_enabled)
+        state.grad_enabled = self.enabled
         return self
 
     def __exit__(self, *exc):
-        _grad_mode["enabled"] = self._previous
+        _state.grad_enabled = _state.grad_stack.pop()
         return False
 
 
+class no_grad(_GradMode):
+    """``with ad.no_grad(): ...`` (or ``@ad.no_grad()``): ops record nothing on the tape.
+
+    Re-entrant (one instance may be entered again, by a recursive decorated function, say)
+    and per thread, as in PyTorch: each entry saves the calling thread's mode on that
+    thread's own stack and its exit restores it; a new thread starts with grad enabled.
+    Transforms (``ad.grad``, ``ad.vjp``, ...) record inside no_grad: they are an explicit
+    request for a derivative."""
+
+    enabled = False
+
+
+class enable_grad(_GradMode):
+    """``with ad.enable_grad(): ...``: ops record again (inside a ``no_grad`` block, say)."""
+
+    enabled = True
+
+
 def is_grad_enabled() -> bool:
-    return _grad_mode["enabled"]
+    """Whether ops record on the tape in the calling thread."""
+    return _state.grad_enabled
+
+
+@contextlib.contextmanager
+def transform_scope(name: str, record: bool):
+    """Evaluate a transform's function: recording on (`record`) or off whatever the caller's
+    grad mode, and no second transform inside it.
+
+    gpuad's VJPs compute on arrays and are not themselves recorded, so a transform nested in
+    another (``grad(grad(f))``, a ``vjp`` inside the function ``jacobian`` differentiates)
+    would return a constant to the outer one and its derivative would be silently zero:
+    that raises RuntimeError instead."""
+    check_not_in_transform(name)
+    state = _state
+    state.transform = name
+    state.grad_stack.append(state.grad_enabled)
+    state.grad_enabled = record
+    try:
+        yield
+    finally:
+        state.grad_enabled = state.grad_stack.pop()
+        state.transform = None
+
+
+def check_not_in_transform(name: str):
+    """Raise, as transform_scope does, when called while a transform evaluates a function."""
+    if _state.transform is not None:
+        raise RuntimeError(f"{name} was called inside the function that {_state.transform} is evaluating: "
+                           "gpuad's transforms are first-order and do not nest (the inner derivative would be "
+                           "a constant to the outer transform, and its derivative silently zero)")
+
+
+# --- the guard on saved arrays ----------------------------------------------------------
+# A VJP reads arrays saved in the forward pass; writing into one of them between the forward
+# and the backward would make the gradient silently wrong (the issue's example: y = (a*a).sum();
+# a.data[...] = 10; y.backward() gave [20, 20]). numpy arrays carry a writeable flag: while a
+# live node saved a leaf's data (a parameter, an input, a transform's primal), a constant
+# operand (the user's array), an index or a mask, that array and the memory owner behind it
+# (its .base) are read-only, so a write raises at once ("assignment destination is read-only"),
+# and the flag comes back when the last node holding them runs its final VJP or is garbage
+# collected. Owners are reference-counted across nodes and graphs. View ops (reshape,
+# transpose, basic indexing) guard their leaf source, since their output shares its memory.
+# Not guarded, to keep the per-op cost to a dictionary lookup: the data of an op's output
+# (gpuad made the array and never writes Tensor data in place; a user writing into
+# `h.data` of an intermediate is not caught), CuPy arrays and arrays whose memory numpy does
+# not own (DLPack imports, buffers), which have no flag that can be set back.
+_guards = {}  # id(array) -> weak reference to the _Guard holding it read-only (owners and views)
+_guard_lock = threading.RLock()  # re-entrant: a garbage collection inside may finalize a guard
+
+
+class _Guard:
+    """The read-only flag on one memory owner and the views made read-only with it. Every node
+    whose VJP saved the memory holds the guard; when the last one lets go (it ran its final
+    VJP, or died unrun), Python's reference count drops it and the flags come back."""
+
+    __slots__ = ("owner", "views", "__weakref__")
+
+    def __init__(self, owner):
+        self.owner = owner
+        self.views = []
+
+    def add_view(self, view):
+        """Hold `view` (read-only already) too and make it writeable again with the owner."""
+        self.views.append(view)
+        _guards[id(view)] = _guards[id(self.owner)]
+
+    def __del__(self):
+        with _guard_lock:
+            # the owner first: numpy refuses a writeable view below a read-only owner
+            for a in [self.owner] + self.views:
+                _guards.pop(id(a), None)
+                try:
+                    a.setflags(write=True)
+                except ValueError:  # the user made the memory read-only meanwhile: leave it so
+                    pass
+
+
+def _new_guard(a):
+    """A guard making numpy array `a` and its memory owner read-only, or None when there is
+    nothing to guard (numpy does not own the memory, or it was read-only already)."""
+    with _guard_lock:
+        ref = _guards.get(id(a))
+        guard = ref() if ref is not None else None
+        if guard is not None:
+            return guard
+        base = a.base
+        owner = a if base is None else base
+        if type(owner) is not np.ndarray or owner.base is not None:
+            return None  # numpy does not own the memory: the flag could not be set back
+        ref = _guards.get(id(owner))
+        guard = ref() if ref is not None else None
+        if guard is None:
+            if not owner.flags.writeable:
+                return None  # read-only already, not by us
+            guard = _Guard(owner)
+            owner.setflags(write=False)
+            _guards[id(owner)] = weakref.ref(guard)
+        if a is not owner and a.flags.writeable:
+            a.setflags(write=False)
+            guard.add_view(a)
+        return guard
+
+
+def guard_saved(items) -> tuple:
+    """The guards (see above) on what a VJP saved: `items` holds Tensors, guarded when they
+    are not an op's output, and arrays (an index, a mask); None entries are skipped."""
+    held = ()
+    for a in items:
+        if isinstance(a, Tensor):  # Parameters (subclasses) too
+            if a._node is not None:
+                continue  # an op's output: gpuad made the array and never writes it
+            a = a.data
+        if type(a) is not np.ndarray:
+            continue
+        ref = _guards.get(id(a))
+        guard = ref() if ref is not None else None
+        if guard is None:
+            guard = _new_guard(a)
+        if guard is not None:
+            held += (guard,)
+    return held
+
+
+def adopt_view(source, view):
+    """`view` was just made from `source`: if the guard holds `source` read-only, the view is
+    read-only too (numpy copies the flag); it comes back writeable along with `source`."""
+    ref = _guards.get(id(source))
+    if ref is None or type(view) is not np.ndarray or view.flags.writeable:
+        return  # not from a guarded array, or a copy
+    with _guard_lock:
+        guard = ref()
+        if guard is not None and id(view) not in _guards:
+            guard.add_view(view)
+
+
+def _check_guard(node):
+    """Before a VJP runs: each saved array must still be read-only (the user can lift the flag)."""
+    for guard in node.guarded:
+        if guard.owner.flags.writeable:
+            raise RuntimeError(f"{node.name}: an array saved for its backward was made writeable after the "
+                               "forward pass and may have been changed in place, so the gradient would be wrong; "
+                               "recompute the forward pass after changing inputs")
 
 
 class Tensor:
@@ -76,7 +254,13 @@ class Tensor:
     ``data`` and ``grad`` are backend arrays (numpy.ndarray or cupy.ndarray)."""
 
     __slots__ = ("data", "grad", "requires_grad", "_node", "tangent", "__weakref__")
-    __array_priority__ = 1000  # numpy defers `array + tensor` to Tensor.__radd__
+    # numpy's operators and ufuncs defer to Tensor (`array + tensor` is Tensor.__radd__) and
+    # its other functions refuse Tensors (__array_function__), so nothing drops off the tape;
+    # CuPy's operators defer by __array_priority__
+    __array_ufunc__ = None
+    __array_priority__ = 1000
+    # `==` and `!=` compare elementwise (as numpy and torch do); hashing is by identity (as torch)
+    __hash__ = object.__hash__
 
     def __init__(self, data, requires_grad=False):
         if isinstance(data, np.generic):
@@ -99,7 +283,35 @@ class Tensor:
     is_leaf = property(lambda self: self._node is None)
 
     def __len__(self):
+        if not self.shape:
+            raise TypeError("len() of a 0-d tensor")
         return self.shape[0]
+
+    def __bool__(self):
+        """The truth of a one-element tensor (as numpy and torch); more or none is ambiguous."""
+        if self.size != 1:
+            raise ValueError(f"the truth value of a tensor of shape {self.shape} is ambiguous: it has "
+                             f"{self.size} elements; use ad.where, or reduce it first (.numpy().any() / .all())")
+        return bool(self.data.reshape(()))
+
+    def __float__(self):
+        return float(self.item())
+
+    def __int__(self):
+        return int(self.item())
+
+    def __array__(self, dtype=None, copy=None):
+        """np.asarray(tensor): the values, a constant (as x.numpy()); CuPy tensors refuse it."""
+        if B.is_cupy_array(self.data):
+            raise TypeError("a cupy-backend Tensor does not convert to numpy implicitly; use x.numpy()")
+        if copy:
+            return np.array(self.data, dtype=dtype, copy=True)
+        return self.data if dtype is None else self.data.astype(dtype, copy=False)
+
+    def __array_function__(self, func, types, args, kwargs):
+        name = getattr(func, "__name__", str(func))
+        raise TypeError(f"numpy.{name} does not take gpuad Tensors: use gpuad's own op (ad.{name}, if it exists) "
+                        f"to stay on the tape, or numpy.{name}(x.numpy()) for a constant result")
 
     def __repr__(self):
         flag = ", requires_grad=True" if self.requires_grad else ""
@@ -146,17 +358,19 @@ def as_tensor(value, like: Tensor | None = None) -> Tensor:
     return Tensor(np.asarray(value))
 
 
-def record(name, data, parents, vjp, jvp) -> Tensor:
+def record(name, data, parents, vjp, jvp, saved=()) -> Tensor:
     """Make the output Tensor of an op on `parents` (a tuple of Tensors).
 
     Records a Node when grad mode is on and a parent requires grad; computes the output
     tangent with ``jvp(*parent_tangents)`` when a parent carries one (zeros stand in for
-    parents that carry none)."""
+    parents that carry none). `saved` lists the parents whose data the VJP reads and the
+    arrays it keeps (an index, a mask): they are guarded against in-place writes while the
+    node lives (see guard_saved; None entries are skipped)."""
     out = Tensor(data)
-    if _grad_mode["enabled"] and any(p.requires_grad for p in parents):
+    if _state.grad_enabled and any(p.requires_grad for p in parents):
         out.requires_grad = True
         edges = tuple((p if p._node is None else p._node) if p.requires_grad else None for p in parents)
-        out._node = Node(name, edges, vjp, out)
+        out._node = Node(name, edges, vjp, out, guard_saved(saved) if saved else ())
     if any(p.tangent is not None for p in parents):
         tangents = [p.tangent if p.tangent is not None else p.xp.zeros_like(p.data) for p in parents]
         t = jvp(*tangents)
@@ -199,11 +413,12 @@ def backward_pass(root: Tensor, cotangent=None, retain_graph=False, inputs=None)
         if inputs is None:
             raise RuntimeError("backward of a tensor that does not require grad (no input requires grad)")
     else:
-        _seed["unit"] = g if cotangent is None else None
+        state = _state
+        previous, state.unit_seed = state.unit_seed, (g if cotangent is None else None)
         try:
             _walk(root, g, retain_graph, collected)
         finally:
-            _seed["unit"] = None
+            state.unit_seed = previous
     if inputs is None:
         return None
     return [collected[id(t)] if collected[id(t)] is not None else t.xp.zeros_like(t.data) for t in inputs]
@@ -239,7 +454,7 @@ def _walk(root: Tensor, g, retain_graph, collected):
         for e in node.edges:
             if e is _FREED:
                 raise RuntimeError(_FREED_MESSAGE)
-            if type(e) is not Node:
+            if e is None or type(e) is not Node:  # no input, or a leaf Tensor (of any subclass)
                 continue
             k = id(e)
             if k in pending:
@@ -255,6 +470,8 @@ def _walk(root: Tensor, g, retain_graph, collected):
         node = ready.pop()
         g = cotangents.pop(id(node))
         edges = node.edges
+        if node.guarded:
+            _check_guard(node)
         if isinstance(node.vjp, tuple):
             grads = [None if e is None else f(g) for f, e in zip(node.vjp, edges)]
         else:
@@ -262,6 +479,7 @@ def _walk(root: Tensor, g, retain_graph, collected):
         del g
         if not retain_graph:
             node.vjp = node.edges = None
+            node.guarded = ()
         for e, gp in zip(edges, grads):
             if gp is None or e is None:
                 continue

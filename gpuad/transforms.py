@@ -1,13 +1,19 @@
 """Function transforms in JAX's vocabulary: primals, tangents, cotangents.
 
 Each accepts arrays or Tensors; `f` takes Tensors and returns a Tensor. Results are backend
-arrays. (Transforms do not nest: the VJPs are computed on arrays, not recorded.)"""
+arrays.
+
+A transform is an explicit request for a derivative: it records `f` on the tape even inside
+``ad.no_grad()``. Transforms are first-order: gpuad's VJPs compute on arrays and are not
+recorded, so a transform called inside the function another transform is evaluating
+(``grad(grad(f))``, ``jvp`` of ``grad``) raises RuntimeError rather than return a derivative
+that would be silently zero."""
 from __future__ import annotations
 
 import numpy as np
 
 from . import backend as B
-from .tensor import Tensor, backward_pass, no_grad
+from .tensor import Tensor, backward_pass, check_not_in_transform, transform_scope
 
 
 def _primal(value, what):
@@ -20,12 +26,26 @@ def _primal(value, what):
     return Tensor(data, requires_grad=True)
 
 
-def _argnums(argnums, n):
-    nums = (argnums,) if isinstance(argnums, int) else tuple(argnums)
+def _argnums(argnums, n, what):
+    """argnums as a tuple of distinct non-negative positions among `n` arguments.
+
+    Naming one argument twice raises ValueError. (JAX has no such check; its placement of the
+    differentiated arguments assumes distinct positions, and repeating one does not return its
+    gradient twice.)"""
+    if isinstance(argnums, (int, np.integer)) and not isinstance(argnums, bool):
+        nums = (int(argnums),)
+    elif isinstance(argnums, (tuple, list)) and argnums and all(
+            isinstance(a, (int, np.integer)) and not isinstance(a, bool) for a in argnums):
+        nums = tuple(int(a) for a in argnums)
+    else:
+        raise TypeError(f"{what}: argnums must be an int or a non-empty tuple of ints, got {argnums!r}")
     for a in nums:
         if not -n <= a < n:
-            raise ValueError(f"argnums {argnums} out of range for {n} positional arguments")
-    return tuple(a % n for a in nums)
+            raise ValueError(f"{what}: argnums {argnums} out of range for {n} positional arguments")
+    nums = tuple(a % n for a in nums)
+    if len(set(nums)) != len(nums):
+        raise ValueError(f"{what}: argnums {argnums} names an argument more than once")
+    return nums
 
 
 def _output(out, what):
@@ -36,11 +56,21 @@ def _output(out, what):
 
 def vjp(f, *primals):
     """(out, vjp_fn): out = f(*primals) as an array; vjp_fn(cotangent) -> a tuple with one
-    cotangent array per primal (cotangentᵀ J for each input). vjp_fn may be called repeatedly."""
-    leaves = [_primal(p, f"vjp: primal {i}") for i, p in enumerate(primals)]
-    out = _output(f(*leaves), "vjp")
+    cotangent array per primal (cotangentᵀ J for each input). vjp_fn may be called repeatedly.
+
+    f is recorded even inside ``ad.no_grad()``. While vjp_fn lives, the numpy arrays its VJPs
+    saved (the primals among them, when f's VJPs read them) are read-only: a write into one
+    raises at once instead of changing the derivative."""
+    return _vjp(f, primals, "ad.vjp")
+
+
+def _vjp(f, primals, what):
+    leaves = [_primal(p, f"{what}: primal {i}") for i, p in enumerate(primals)]
+    with transform_scope(what, record=True):
+        out = _output(f(*leaves), what)
 
     def vjp_fn(cotangent):
+        check_not_in_transform(f"the vjp_fn of {what}")
         return tuple(backward_pass(out, cotangent, retain_graph=True, inputs=leaves))
 
     return out.data, vjp_fn
@@ -62,7 +92,7 @@ def jvp(f, primals, tangents):
             raise ValueError(f"jvp: tangent {i} has shape {t.shape}, its primal {x.shape}")
         x.tangent = t
         inputs.append(x)
-    with no_grad():
+    with transform_scope("ad.jvp", record=False):
         out = _output(f(*inputs), "jvp")
     tangent = out.tangent if out.tangent is not None else out.xp.zeros_like(out.data)
     return out.data, tangent
@@ -70,15 +100,17 @@ def jvp(f, primals, tangents):
 
 def value_and_grad(f, argnums=0):
     """A function returning (f(*args), gradient): f must return one element; the gradient
-    is an array, or a tuple of arrays when argnums is a tuple."""
+    is an array, or a tuple of arrays when argnums is a tuple. f is recorded even inside
+    ``ad.no_grad()``; argnums naming an argument twice raises ValueError."""
     def wrapped(*args):
-        nums = _argnums(argnums, len(args))
+        nums = _argnums(argnums, len(args), "grad")
         args = list(args)
         leaves = []
         for a in nums:
             args[a] = _primal(args[a], f"grad: argument {a}")
             leaves.append(args[a])
-        out = _output(f(*args), "grad")
+        with transform_scope("ad.grad", record=True):
+            out = _output(f(*args), "grad")
         if out.size != 1:
             raise ValueError(f"grad: f must return a single element, got shape {out.shape}; use vjp or jacobian")
         grads = backward_pass(out, None, inputs=leaves)
@@ -93,55 +125,68 @@ def grad(f, argnums=0):
     return lambda *args: value_and_grad_f(*args)[1]
 
 
-def _jacobian_fwd(f_of_x, x):
-    """J [m, n] column by column, one JVP per input element; records no tape. Returns (out, J)."""
-    basis = x.xp.eye(x.size, dtype=x.dtype)
-    pairs = [jvp(f_of_x, (x.data,), (basis[i].reshape(x.shape),)) for i in range(x.size)]
-    if pairs:
-        out = pairs[0][0]
-    else:
-        with no_grad():
-            out = _output(f_of_x(x), "jacobian").data
-    cols = [tangent.reshape(-1) for _, tangent in pairs]
+def _jacobian_fwd(f_of_xs, xs):
+    """J [m, n] for each input, column by column: one JVP per input element; records no tape.
+    Returns (out, [J per input])."""
+    out, columns = None, [[] for _ in xs]
+    for k, x in enumerate(xs):
+        basis = x.xp.eye(x.size, dtype=x.dtype)
+        for i in range(x.size):
+            tangents = [x_.xp.zeros_like(x_.data) for x_ in xs]
+            tangents[k] = basis[i].reshape(x.shape)
+            out, tangent = jvp(f_of_xs, [x_.data for x_ in xs], tangents)
+            columns[k].append(tangent.reshape(-1))
+    if out is None:  # every input is empty: evaluate once for the output's shape
+        with transform_scope("ad.jacobian", record=False):
+            out = _output(f_of_xs(*xs), "jacobian").data
     m = int(np.prod(out.shape))
-    return out, x.xp.stack(cols, axis=1) if cols else x.xp.zeros((m, 0), dtype=x.dtype)
+    return out, [x.xp.stack(cols, axis=1) if cols else x.xp.zeros((m, 0), dtype=x.dtype)
+                 for x, cols in zip(xs, columns)]
 
 
-def _jacobian_rev(out, pullback, x):
-    """J [m, n] row by row, one VJP per output element of the taped `out`."""
+def _jacobian_rev(out, pullback, xs):
+    """J [m, n] for each input, row by row: one VJP per output element of the taped `out`."""
     m = int(np.prod(out.shape))
-    basis = x.xp.eye(m, dtype=x.dtype)
-    rows = [pullback(basis[j].reshape(out.shape))[0].reshape(-1) for j in range(m)]
-    return x.xp.stack(rows, axis=0) if rows else x.xp.zeros((0, x.size), dtype=x.dtype)
+    xp = B.array_module(out)
+    basis = xp.eye(m, dtype=xs[0].dtype)
+    rows = [pullback(basis[j].reshape(out.shape)) for j in range(m)]
+    return [xp.stack([r[k].reshape(-1) for r in rows], axis=0) if rows else xp.zeros((0, x.size), dtype=x.dtype)
+            for k, x in enumerate(xs)]
 
 
 def jacobian(f, argnums=0, mode="auto"):
     """The Jacobian of f with respect to argument `argnums`: an array of shape
-    out.shape + x.shape.
+    out.shape + x.shape; a tuple of such arrays, one per argument, when argnums is a tuple
+    (as JAX's jacfwd / jacrev).
 
     mode "fwd" builds it column by column (one JVP per input element, n products, no tape),
     "rev" row by row (one VJP per output element, m products); "auto" picks the cheaper:
-    forward mode when the input has fewer elements than the output, reverse otherwise (cost
-    min(n, m), plus the one taped forward pass that tells m)."""
+    forward mode when the inputs have fewer elements than the output, reverse otherwise (cost
+    min(n, m), plus the one taped forward pass that tells m). f is recorded even inside
+    ``ad.no_grad()``."""
     if mode not in ("auto", "fwd", "rev"):
         raise ValueError(f"jacobian: mode must be 'auto', 'fwd' or 'rev', got {mode!r}")
 
     def wrapped(*args):
-        (a,) = _argnums(argnums, len(args))
-        x = _primal(args[a], f"jacobian: argument {a}")
+        nums = _argnums(argnums, len(args), "jacobian")
+        xs = [_primal(args[a], f"jacobian: argument {a}") for a in nums]
 
-        def f_of_x(v):
-            return f(*args[:a], v, *args[a + 1:])
+        def f_of_xs(*vs):
+            full = list(args)
+            for a, v in zip(nums, vs):
+                full[a] = v
+            return f(*full)
 
         if mode == "fwd":
-            out, J = _jacobian_fwd(f_of_x, x)
+            out, Js = _jacobian_fwd(f_of_xs, xs)
         else:
-            out, pullback = vjp(f_of_x, x)
-            if mode == "auto" and x.size < int(np.prod(out.shape)):
+            out, pullback = _vjp(f_of_xs, [x.data for x in xs], "ad.jacobian")
+            if mode == "auto" and sum(x.size for x in xs) < int(np.prod(out.shape)):
                 del pullback  # frees the tape before the forward-mode products
-                out, J = _jacobian_fwd(f_of_x, x)
+                out, Js = _jacobian_fwd(f_of_xs, xs)
             else:
-                J = _jacobian_rev(out, pullback, x)
-        return J.reshape(tuple(out.shape) + x.shape)
+                Js = _jacobian_rev(out, pullback, xs)
+        Js = [J.reshape(tuple(out.shape) + x.shape) for J, x in zip(Js, xs)]
+        return Js[0] if isinstance(argnums, (int, np.integer)) else tuple(Js)
 
     return wrapped

@@ -44,8 +44,15 @@ def check_cross_entropy_args(logits, targets, reduction, label_smoothing, allowe
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
 
 
-def check_targets(targets, num_classes: int, ignore_index: int):
-    """Raise IndexError naming the first target outside [0, V) that is not ignore_index.
+def check_ignore_index(ignore_index):
+    """ignore_index is an integer, or None (no row is ignored)."""
+    if ignore_index is not None and (not hasattr(ignore_index, "__index__") or isinstance(ignore_index, bool)):
+        raise TypeError(f"ignore_index must be an integer or None, got {ignore_index!r}")
+
+
+def check_targets(targets, num_classes: int, ignore_index: int | None):
+    """Raise IndexError naming the first target outside [0, V) that is not ignore_index
+    (None: every target must lie in [0, V)).
 
     Reads the targets on the host (a device sync on the GPU)."""
     bad = (targets < 0) | (targets >= num_classes)

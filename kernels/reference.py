@@ -6,9 +6,20 @@ from __future__ import annotations
 
 import math
 
-from gpuad.backend import array_module
+from gpuad.backend import array_module, backend_of
 
 from . import checks
+
+
+def _arrays(what, **arrays):
+    """The reference takes numpy or CuPy arrays: anything else (a torch tensor, a list) is a
+    TypeError naming the argument."""
+    for name, a in arrays.items():
+        if a is not None and backend_of(a) is None:
+            hint = (" (convert a torch tensor with .numpy(), or with cupy.from_dlpack on the GPU)"
+                    if type(a).__module__.partition(".")[0] == "torch" else "")
+            raise TypeError(f"reference.{what}: {name} must be a numpy or CuPy array, got "
+                            f"{type(a).__module__}.{type(a).__qualname__}{hint}")
 
 
 def _acc_dtype(xp, dtype):
@@ -25,9 +36,15 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     or None when grad=False. With label_smoothing eps the target distribution is
     (1 - eps)·onehot + eps/V. Rows whose target equals ignore_index have loss 0 and
     gradient 0 and are not counted in the mean; when every row is ignored the loss is 0.
-    inplace=True writes dlogits over `logits` and returns that buffer.
+    inplace=True writes dlogits over `logits` and returns that buffer. ignore_index=None
+    ignores no row. An ignored row's gradient is exactly 0, whatever its logits (NaN included).
     """
+    _arrays("softmax_cross_entropy", logits=logits, targets=targets)
     checks.check_cross_entropy_args(logits, targets, reduction, label_smoothing)
+    checks.check_ignore_index(ignore_index)
+    if inplace and grad and not getattr(getattr(logits, "flags", None), "writeable", True):
+        raise ValueError("inplace=True writes the gradient over logits, which are read-only (a broadcast view, "
+                         "or held by a graph): pass a writeable array, or inplace=False")
     xp = array_module(logits, targets)
     n_rows, n_classes = logits.shape
     if check_targets:
@@ -37,7 +54,7 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     shifted = logits.astype(acc)  # a copy: z - max(z), row by row
     shifted -= shifted.max(axis=1, keepdims=True)
     log_sum_exp = xp.log(xp.exp(shifted).sum(axis=1))  # logsumexp(z) - max(z)
-    valid = targets != ignore_index
+    valid = targets != ignore_index if ignore_index is not None else xp.ones(targets.shape, dtype=bool)
     safe_targets = xp.where(valid, targets, 0).astype(xp.int64)
     target_logit = xp.take_along_axis(shifted, safe_targets[:, None], axis=1)[:, 0]
     row_loss = log_sum_exp - (1.0 - eps) * target_logit
@@ -58,7 +75,7 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     if eps:
         dlogits -= eps / n_classes
     dlogits[xp.arange(n_rows), safe_targets] -= 1.0 - eps
-    dlogits *= valid[:, None]
+    dlogits[~valid] = 0  # a select, not a multiply: NaN logits in an ignored row give 0
     if reduction == "mean":
         dlogits /= n_valid
     if inplace:
@@ -77,6 +94,7 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
     receives dw += dyᵀ x in place and is returned as dw. allow_tf32 is accepted for a
     common signature and ignored: the reference is always exact.
     """
+    _arrays("linear_backward", x=x, w=w, dy=dy, dw_accumulate=dw_accumulate)
     checks.check_linear_backward_args(x, w, dy, dw_accumulate)
     xp = array_module(x, w, dy)
     acc = _acc_dtype(xp, x.dtype)

@@ -202,18 +202,18 @@ def test_where_untaken_nan_branch_gives_no_nan(backend):
 
 def test_no_tape_node_alive_after_backward(backend):
     gc.collect()
-    before = sum(type(o) is Node for o in gc.get_objects())
+    before = sum(isinstance(o, Node) for o in gc.get_objects())
     x = ad.tensor(rand(4, 3), requires_grad=True)
     W = ad.tensor(rand(2, 3), requires_grad=True)
     loss = ad.softmax_cross_entropy(ad.relu(ad.linear(x, W)), ad.tensor(np.array([0, 1, 1, 0])).data)
     hidden = ad.tanh(x)  # a branch not on the loss's path is untouched
     loss.backward()
     gc.collect()
-    alive = sum(type(o) is Node for o in gc.get_objects()) - before
+    alive = sum(isinstance(o, Node) for o in gc.get_objects()) - before
     assert alive == 1  # only `hidden`'s node, which the backward never reached
     del hidden
     gc.collect()
-    assert sum(type(o) is Node for o in gc.get_objects()) == before
+    assert sum(isinstance(o, Node) for o in gc.get_objects()) == before
 
 
 def test_second_backward_needs_retain_graph(backend):

@@ -260,3 +260,15 @@ def test_bad_arguments_are_named():
         nn.Parameter(np.arange(3))
     with pytest.raises(NotImplementedError, match="Module defines no forward"):
         nn.Module()(1)
+
+
+def test_parameters_are_guarded_while_a_graph_holds_them():
+    """A Parameter (a Tensor subclass) saved for backward is read-only until backward, and its
+    gradient arrives as for a plain leaf."""
+    p = nn.Parameter(np.array([0.5, 1.5]))
+    y = (p * p).sum()
+    with pytest.raises(ValueError, match="read-only"):
+        p.data[...] = 10.0
+    y.backward()
+    np.testing.assert_allclose(p.grad, [1.0, 3.0])
+    p.data[...] = 10.0  # writable again once the graph is gone

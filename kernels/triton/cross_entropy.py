@@ -433,9 +433,9 @@ def _grid(kernel, meta: dict, n_rows: int, sm_count: int, params: dict | None = 
 def _may_overlap(x: torch.Tensor) -> bool:
     """Whether two elements of the 2-D `x` may share memory (a stride-0 expand, or as_strided
     with a row stride < V): True unless one axis's stride steps over the other axis's whole
-    extent (contiguous, padded and transposed layouts)."""
+    extent (contiguous, padded and transposed layouts). An empty `x` holds nothing to share."""
     axes = sorted((abs(st), n) for st, n in zip(x.stride(), x.shape) if n > 1)
-    if not axes:
+    if not axes or x.numel() == 0:
         return False
     if axes[0][0] == 0:
         return True
