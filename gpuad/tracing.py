@@ -299,12 +299,14 @@ class Trace:
         for s in self.forward:
             lines.append(f"  {s.index + 1:>3}  {s.op:<22} {s.formula:<34} {str(s.shape):<10} "
                          f"‖{s.out}‖ = {s.norm:<10.4g} +{s.saved_bytes} B")
-        lines.append(f"backward: {len(self.backward)} VJPs")
+        lines.append(f"backward: {len(self.backward)} VJPs, each with the cotangent it receives and its rules")
         for s in self.backward:
             where = "" if s.op is None else ("r" if s.recomputed else "") + str(s.op + 1)
-            rules = [f"{r}   ‖·‖ = {n:.4g}" for r, (_, _, n) in zip(s.rules, s.grads)] or ["(no input needs a gradient)"]
-            lines.append(f"  {where:>3}  {s.name:<22} {rules[0]}")
-            lines += [f"  {'':>3}  {'':<22} {r}" for r in rules[1:]]
+            op = (self.recomputed if s.recomputed else self.forward)[s.op] if s.op is not None else None
+            received = f"∇{op.out}" if op is not None else "∇y"
+            lines.append(f"  {where:>3}  {s.name:<22} {received} {s.shape}: ‖{received}‖ = {s.norm:.4g}")
+            for rule, (_, shape, norm) in zip(s.rules, s.grads):
+                lines.append(f"  {'':>3}  {'':<22}   {rule:<32} {str(shape):<10} ‖{rule.split(' = ')[0]}‖ = {norm:.4g}")
         return "\n".join(lines)
 
     __str__ = format
