@@ -114,7 +114,9 @@ def walk_lines(t, target):
     return steps
 
 
-def run_walk(seed, pause, out=sys.stdout, stdin=sys.stdin):
+def run_walk(seed, pause, out=None, stdin=None):
+    """Print the walk to `out` (stdout), one step per line read from `stdin` (stdin) when `pause`."""
+    out, stdin = out or sys.stdout, stdin or sys.stdin
     model, x, target, t = mlp_walk(seed)
     print(f"A {len(SIZES) - 1}-layer MLP {' → '.join(map(str, SIZES))} with ReLU, random weights (seed {seed}), "
           f"one input x and a fake target y* = {target}; float64. The formulas are per example, as column "
@@ -189,7 +191,11 @@ def depth_report(depth, width=32, sigma=0.5, activation="tanh", seed=0):
     return report
 
 
+_LAYER = {"plain": "act(W x)", "residual": "x + act(W x)"}
+
+
 def plot_depth(report, path, title):
+    """Both stacks' gradient norm per layer (log scale) and σ₁ per layer, side by side, to `path`."""
     figure = require("matplotlib.figure", "matplotlib", "train")
     fig = figure.Figure(figsize=(10, 4))
     ax_g, ax_s = fig.subplots(1, 2)
@@ -209,10 +215,8 @@ def plot_depth(report, path, title):
     fig.savefig(path, dpi=80)
 
 
-_LAYER = {"plain": "act(W x)", "residual": "x + act(W x)"}
-
-
-def run_depth(args, out=sys.stdout):
+def run_depth(args, out=None):
+    out = out or sys.stdout
     report = depth_report(args.depth, args.width, args.sigma, args.activation, args.seed)
     kind = "residual" if args.residual else "plain"
     r = report[kind]
