@@ -90,8 +90,20 @@ def test_trace_saved_bytes_and_arrays_as_inputs():
     """Arrays become leaves that require grad; the tape's bytes are those each op's VJP keeps."""
     rng = np.random.default_rng(0)
     x, W = rng.standard_normal((6, 3)), rng.standard_normal((4, 3))
-    t = ad.trace(lambda x, W: ad.relu(ad.linear(x, W)).sum(), x, W)
+    during = []  # ad.saved_bytes while the forward pass records
+
+    def f(x, W):
+        z = ad.linear(x, W)
+        during.append(ad.saved_bytes(z))
+        h = ad.relu(z)
+        during.append(ad.saved_bytes(h))
+        s = h.sum()
+        during.append(ad.saved_bytes(s))
+        return s
+
+    t = ad.trace(f, x, W)
     assert [s.op for s in t.forward] == ["linear", "relu", "sum"]
+    assert during == [s.tape_bytes for s in t.forward] == [0, 6 * 4 * 8, 6 * 4 * 8]
     # linear keeps x and W (leaves that need a gradient: not counted), relu its input z, sum nothing
     assert [s.saved_bytes for s in t.forward] == [0, 6 * 4 * 8, 0] and t.saved_bytes == 6 * 4 * 8
     assert t.backward[-1].rules == ["∇x1 = W1ᵀ ∇z1", "∇W1 = ∇z1 x1ᵀ"]
