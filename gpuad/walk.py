@@ -116,7 +116,8 @@ def walk_lines(t, target):
 
 def run_walk(seed, pause, out=None, stdin=None):
     """Print the walk to `out` (stdout), one step per line read from `stdin` (stdin) when `pause`."""
-    out, stdin = out or sys.stdout, stdin or sys.stdin
+    out = sys.stdout if out is None else out
+    stdin = sys.stdin if stdin is None else stdin
     model, x, target, t = mlp_walk(seed)
     print(f"A {len(SIZES) - 1}-layer MLP {' → '.join(map(str, SIZES))} with ReLU, random weights (seed {seed}), "
           f"one input x and a fake target y* = {target}; float64. The formulas are per example, as column "
@@ -216,7 +217,7 @@ def plot_depth(report, path, title):
 
 
 def run_depth(args, out=None):
-    out = out or sys.stdout
+    out = sys.stdout if out is None else out
     report = depth_report(args.depth, args.width, args.sigma, args.activation, args.seed)
     kind = "residual" if args.residual else "plain"
     r = report[kind]
