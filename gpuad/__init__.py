@@ -25,6 +25,9 @@ from .ops import (add, div, exp, gelu, getitem, linear, log, log_softmax, logsum
 from .ops import linear_cross_entropy  # the fused LM head
 from .tensor import Tensor, enable_grad, is_grad_enabled, no_grad
 from .transforms import grad, jacobian, jvp, value_and_grad, vjp
+from .tracing import saved_bytes, trace  # the recorded steps, and the tape's activation memory
+from .checkpointing import checkpoint
+from . import diagnostics
 from . import backend as _backend
 
 __version__ = "0.1.0"
@@ -63,3 +66,4 @@ __all__ = [
     "grad", "value_and_grad", "vjp", "jvp", "jacobian", "gradcheck", "GradcheckError",
 ]
 __all__ += ["linear_cross_entropy"]
+__all__ += ["trace", "saved_bytes", "checkpoint", "diagnostics"]

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 
 
 class CommandError(Exception):
@@ -52,3 +53,13 @@ def number(kind, low, high=None, low_open=False):
             raise argparse.ArgumentTypeError(f"must {need}, got {text}")
         return value
     return parse
+
+
+def output_file(path, flag, suffix):
+    """Check, before any work, that `path` (given to `flag`) ends in `suffix` and that its folder
+    exists; raise a CommandError saying which otherwise."""
+    if not path.lower().endswith(suffix):
+        raise CommandError(f"{flag} {path}: the file name must end in {suffix}")
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        raise CommandError(f"{flag} {path}: folder {folder} does not exist")

@@ -358,6 +358,12 @@ def as_tensor(value, like: Tensor | None = None) -> Tensor:
     return Tensor(np.asarray(value))
 
 
+# The inspection hook (gpuad.tracing: ad.trace, ad.checkpoint): None, or an object whose
+# on_record(out, name, parents) runs after every record() and on_vjp(node, g, grads) after every
+# VJP of a backward walk. Unset, it costs each op and each VJP one global None check.
+_inspector = None
+
+
 def record(name, data, parents, vjp, jvp, saved=()) -> Tensor:
     """Make the output Tensor of an op on `parents` (a tuple of Tensors).
 
@@ -375,6 +381,8 @@ def record(name, data, parents, vjp, jvp, saved=()) -> Tensor:
         tangents = [p.tangent if p.tangent is not None else p.xp.zeros_like(p.data) for p in parents]
         t = jvp(*tangents)
         out.tangent = out.xp.asarray(t, dtype=out.dtype)
+    if _inspector is not None:
+        _inspector.on_record(out, name, parents)
     return out
 
 
@@ -476,6 +484,8 @@ def _walk(root: Tensor, g, retain_graph, collected):
             grads = [None if e is None else f(g) for f, e in zip(node.vjp, edges)]
         else:
             grads = node.vjp(g)
+        if _inspector is not None:
+            _inspector.on_vjp(node, g, grads)
         del g
         if not retain_graph:
             node.vjp = node.edges = None

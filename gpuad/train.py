@@ -10,14 +10,13 @@ Needs the [train] extra (scikit-learn, tqdm; matplotlib for --plot).
 from __future__ import annotations
 
 import argparse
-import os
 import time
 
 import numpy as np
 
 from . import backend as B
 from . import nn, optim
-from .cli import CommandError, number, require
+from .cli import CommandError, number, output_file, require
 from .tensor import Tensor, no_grad
 
 HELP = "train an MLP on scikit-learn's handwritten digits; prints the test accuracy last"
@@ -166,11 +165,7 @@ def add_arguments(p):
 
 def run(args):
     if args.plot is not None:  # check before training, not after
-        if not args.plot.lower().endswith(".png"):
-            raise CommandError(f"--plot {args.plot}: the file name must end in .png")
-        folder = os.path.dirname(os.path.abspath(args.plot))
-        if not os.path.isdir(folder):
-            raise CommandError(f"--plot {args.plot}: folder {folder} does not exist")
+        output_file(args.plot, "--plot", ".png")
         require("matplotlib", "matplotlib", "train")
     if args.backend == "cupy":
         try:
