@@ -674,14 +674,14 @@ def limit_cpu_threads(n: int) -> str:
     """Run numpy's BLAS and torch's CPU ops on `n` threads from here on (what the CPU engine
     comparisons need: both sides on one thread). Returns what was limited, for the meta."""
     done = []
-    threadpoolctl, _ = try_import("threadpoolctl")
-    if threadpoolctl is not None:
-        threadpoolctl.threadpool_limits(limits=n)  # process-wide from here on
-        done.append("numpy BLAS/OpenMP")
-    torch, _ = try_import("torch")
+    torch, _ = try_import("torch")  # first: the thread pools it loads are limited below too
     if torch is not None:
         torch.set_num_threads(n)
         done.append("torch")
+    threadpoolctl, _ = try_import("threadpoolctl")
+    if threadpoolctl is not None:
+        threadpoolctl.threadpool_limits(limits=n)  # process-wide from here on
+        done.insert(0, "numpy BLAS/OpenMP")
     return f"{n} ({', '.join(done) or 'nothing limited: neither threadpoolctl nor torch imports'})"
 
 

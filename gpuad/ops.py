@@ -33,12 +33,14 @@ def unbroadcast(g, shape):
     return g.sum(axis=axes, keepdims=True).reshape(shape) if axes else g.reshape(shape)
 
 
+def _same_kind(a, b) -> bool:
+    """Whether a and b are Tensors holding arrays of one type (so one backend) and one shape:
+    the common case of a binary op, which then needs none of _pair's work."""
+    return type(a) is Tensor and type(b) is Tensor and type(a.data) is type(b.data) and a.data.shape == b.data.shape
+
+
 def _pair(name, a, b):
     """Two operands as Tensors on one backend, with broadcast-compatible shapes."""
-    if isinstance(a, Tensor) and isinstance(b, Tensor):  # the common case, checked cheaply first:
-        ad_, bd = a.data, b.data  # two arrays of one type (so one backend) and one shape
-        if type(ad_) is type(bd) and ad_.shape == bd.shape:
-            return a, b
     like = a if isinstance(a, Tensor) else b if isinstance(b, Tensor) else None
     a, b = as_tensor(a, like), as_tensor(b, like)
     B.array_module(a.data, b.data)
@@ -168,7 +170,8 @@ def _sum_to(shape, y):
 
 def add(a, b):
     """a + b, with broadcasting."""
-    a, b = _pair("add", a, b)
+    if not _same_kind(a, b):
+        a, b = _pair("add", a, b)
     y = a.data + b.data  # the VJP keeps shapes only, not the operands
     sa, sb = a.data.shape, b.data.shape
     vjp = _IDENTITIES if sa == sb == y.shape else (_sum_to(sa, y), _sum_to(sb, y))
@@ -177,7 +180,8 @@ def add(a, b):
 
 def sub(a, b):
     """a - b, with broadcasting."""
-    a, b = _pair("sub", a, b)
+    if not _same_kind(a, b):
+        a, b = _pair("sub", a, b)
     y = a.data - b.data
     sb = b.data.shape
     return record("sub", y, (a, b),
@@ -185,26 +189,24 @@ def sub(a, b):
                   jvp=operator.sub)
 
 
-def _mul_jvp(a, b, ta, tb):
-    return ta * b + a * tb
-
-
 def mul(a, b):
     """a * b, with broadcasting."""
-    a, b = _pair("mul", a, b)
+    if not _same_kind(a, b):
+        a, b = _pair("mul", a, b)
     ad_, bd = a.data, b.data
     if ad_.shape == bd.shape:
         vjp = (bd.__rmul__, ad_.__rmul__)  # g -> g * b, g -> g * a
     else:
         vjp = (lambda g: unbroadcast(g * bd, ad_.shape), lambda g: unbroadcast(g * ad_, bd.shape))
-    return record("mul", ad_ * bd, (a, b), vjp, functools.partial(_mul_jvp, ad_, bd),
+    return record("mul", ad_ * bd, (a, b), vjp, lambda ta, tb: ta * bd + ad_ * tb,
                   (b if a.requires_grad else None, a if b.requires_grad else None))
 
 
 def div(a, b):
     """a / b, with broadcasting. The two-step rules (-g·y/b, (ta - y·tb)/b) run in float32 for
     16-bit floats: rounding -g·y first could overflow where the result does not."""
-    a, b = _pair("div", a, b)
+    if not _same_kind(a, b):
+        a, b = _pair("div", a, b)
     sa, bd = a.shape, b.data
     y = a.data / bd
     wide = _wide if _is_half(y.dtype) else (lambda v: v)

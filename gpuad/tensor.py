@@ -247,13 +247,11 @@ def adopt_view(source, view):
             guard.add_view(view)
 
 
-def _check_guard(node):
-    """Before a VJP runs: each saved array must still be read-only (the user can lift the flag)."""
-    for guard in node.guarded:
-        if guard.owner.flags.writeable:
-            raise RuntimeError(f"{node.name}: an array saved for its backward was made writeable after the "
-                               "forward pass and may have been changed in place, so the gradient would be wrong; "
-                               "recompute the forward pass after changing inputs")
+def _raise_changed(node):
+    """A saved array of `node` was made writeable again after the forward pass."""
+    raise RuntimeError(f"{node.name}: an array saved for its backward was made writeable after the "
+                       "forward pass and may have been changed in place, so the gradient would be wrong; "
+                       "recompute the forward pass after changing inputs")
 
 
 class Tensor:
@@ -513,10 +511,13 @@ def _walk(root: Tensor, g, retain_graph, collected):
     while ready:
         node, g = ready.pop()
         edges, vjp = node.edges, node.vjp
-        if node.guarded:
-            _check_guard(node)
-        if isinstance(vjp, tuple):  # one VJP per input, called for those that need a gradient
-            grads = [None if e is None else f(g) for f, e in zip(vjp, edges)]
+        for guard in node.guarded:  # each saved array must still be read-only (the user can lift the flag)
+            if guard.owner.flags.writeable:
+                _raise_changed(node)
+        if type(vjp) is tuple:  # one VJP per input, called for those that need a gradient
+            grads = []
+            for f, e in zip(vjp, edges):
+                grads.append(None if e is None else f(g))
         else:
             grads = vjp(g)
         if _inspector is not None:

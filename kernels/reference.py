@@ -118,7 +118,7 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
         dw = dw_accumulate
     else:
         dw = dw.astype(x.dtype, copy=False)
-    db = dy2.sum(axis=0).astype(x.dtype, copy=False) if bias else None
+    db = (xp.ones(m, dtype=acc) @ dy2).astype(x.dtype, copy=False) if bias else None  # a GEMV: faster than sum
     return dx, dw, db
 
 
