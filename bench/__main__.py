@@ -1,4 +1,4 @@
-"""python -m bench [--ops OP,...] [--impls IMPL,...] [--preset tiny|quick|full] [--dtype DT,...] [--out DIR]
+"""python -m bench [--ops OP,...] [--impls IMPL,...] [--preset tiny|quick|full] [--dtype DT,...] [--out DIR] [--threads N]
 python -m bench --report DIR
 python -m bench --sweep [--ops OP,...] [--out DIR] [--tuned-dir DIR]
 
@@ -57,6 +57,9 @@ def main(argv=None):
                    help="comma list replacing each preset shape's dtype")
     p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     p.add_argument("--cpu", action="store_true", help="ignore any CUDA device (CPU shapes and timing)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="CPU runs: threads for numpy's BLAS and torch (default 1: the engine cases compare "
+                        "gpuad and torch on one thread each; 0 leaves the libraries' defaults)")
     p.add_argument("--report", metavar="DIR", help="rebuild table, results.json and plots from DIR, then exit")
     p.add_argument("--budget-s", type=float, default=None,
                    help="start no new measurement after this many seconds (the rest are left out, with the reason)")
@@ -87,12 +90,13 @@ def main(argv=None):
     print(f"bench: preset {args.preset} ({where}), {len(cases)} cases x {len(args.impls or ops.IMPLS)} impls on {env.device_name()}",
           file=sys.stderr, flush=True)
     timing = TIMING[args.preset]
+    cpu_threads = harness.limit_cpu_threads(args.threads) if not env.cuda and args.threads > 0 else None
     ceilings = harness.measure_ceilings(env, {c.dtype for c in cases}, timing)
     impls, skip = args.impls or list(ops.IMPLS), {}
     if args.impls is None and args.preset == "quick" and env.cuda:  # compile time would dominate the quick run
         skip = dict(ops.QUICK_GPU_SKIP)
     os.makedirs(args.out, exist_ok=True)
-    meta = harness.run_meta(env, ceilings, args.preset, sys.argv[1:] if argv is None else argv)
+    meta = harness.run_meta(env, ceilings, args.preset, sys.argv[1:] if argv is None else argv, cpu_threads)
     with open(os.path.join(args.out, "meta.json"), "w") as f:
         json.dump(meta, f, indent=1, default=str)
     sink = os.path.join(args.out, "results.jsonl")

@@ -233,8 +233,10 @@ def _time_cuda_events(fn, timing):
     return statistics.median(times)
 
 
-def time_cpu(fn, timing: Timing, stat=statistics.median):
-    """Median (or `stat`) ms of repeated calls after one warm-up call."""
+def time_cpu(fn, timing: Timing, stat=min):
+    """The fastest (or `stat`) ms of repeated calls after one warm-up call: on a CPU shared with
+    other work the slow calls are interference, so the minimum is the steadiest figure (as
+    timeit's); the ceilings are measured the same way."""
     fn()
     times = []
     t_end = time.perf_counter() + timing.cpu_budget_s
@@ -242,7 +244,24 @@ def time_cpu(fn, timing: Timing, stat=statistics.median):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return stat(times), "cpu-median"
+    return stat(times), f"cpu-{stat.__name__}"
+
+
+def time_cpu_interleaved(fns, timing: Timing):
+    """The fastest ms of each of `fns`, called in turn (one call of each per round) for the
+    run's CPU budget times their number, after one warm-up call each."""
+    for fn in fns:
+        fn()
+    times = [[] for _ in fns]
+    t_end = time.perf_counter() + timing.cpu_budget_s * len(fns)
+    n = 0
+    while n < timing.cpu_min_reps or (time.perf_counter() < t_end and n < timing.cpu_max_reps * 4):
+        for fn, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            fn()
+            ts.append((time.perf_counter() - t0) * 1e3)
+        n += 1
+    return [min(ts) for ts in times]
 
 
 def time_fn(fn, device, timing):
@@ -361,7 +380,7 @@ def measure_ceilings(env: Env, dtypes, timing: Timing) -> dict:
             a = np.random.default_rng(0).standard_normal(16 << 20, dtype=np.float32)  # 64 MiB
             b = np.empty_like(a)
             best = Timing(cpu_min_reps=10, cpu_max_reps=50, cpu_budget_s=0.1)  # a ceiling: the fastest run
-            ms, _ = time_cpu(lambda: np.copyto(b, a), best, min)
+            ms, _ = time_cpu(lambda: np.copyto(b, a), best)
             out["copy_GBps"] = 2 * a.nbytes / ms / 1e6
             out["how"]["copy"] = "numpy copyto of 64 MiB fp32"
             n = 1024
@@ -369,7 +388,7 @@ def measure_ceilings(env: Env, dtypes, timing: Timing) -> dict:
                 if dt not in ("float32", "float64"):
                     continue
                 x = np.random.default_rng(1).standard_normal((n, n)).astype(dt)
-                ms, _ = time_cpu(lambda: x @ x, best, min)
+                ms, _ = time_cpu(lambda: x @ x, best)
                 out["matmul_TFLOPs"][dt] = 2 * n ** 3 / ms / 1e9
             out["how"]["matmul"] = f"numpy {n}x{n} @ {n}x{n}, random data"
     except Exception as e:  # a missing ceiling leaves % empty, never stops the run
@@ -441,6 +460,9 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
     for case in cases:
         op = ops.OPS[case.op]
         host = expected = host_expected = None
+        # the CPU engine cases: every impl timed in one interleaved loop (below), so that a
+        # slow spell of a shared CPU falls on all of them alike and their ratio stands
+        interleave, paired = getattr(op, "interleave_cpu", False) and not env.cuda, []
         for impl in impls:
             prep = outs = None
             rec = new_record(case, impl, device_name, versions_)
@@ -470,7 +492,10 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
                         rec[field] = e.max_error
                         raise
                 outs = None
-                rec["ms"], rec["timer"] = time_fn(prep.fn, prep.device, timing)
+                if interleave:
+                    paired.append((rec, prep.fn))  # timed below, with the case's other impls
+                else:
+                    rec["ms"], rec["timer"] = time_fn(prep.fn, prep.device, timing)
                 rec["n_copies"] = n
                 if hasattr(op, "peak_extra_bytes"):  # the ops whose memory is the point (the LM head)
                     rec["peak_extra_bytes"] = op.peak_extra_bytes(prep, impl)
@@ -492,21 +517,32 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
                 if os.environ.get("BENCH_TRACEBACK"):
                     traceback.print_exc()
             rec["wall_s"] = round(time.monotonic() - t_start, 3)
-            if rec["ms"]:
-                scale = 1e9 if op.metric == "TFLOP/s" else 1e6
-                rec["rate"] = (rec["flops"] if op.metric == "TFLOP/s" else rec["bytes"]) / rec["ms"] / scale
-                rec["ceiling"] = ceiling_for(op.metric, case.dtype, ceilings)
-                if rec["ceiling"]:
-                    rec["pct_ceiling"] = 100.0 * rec["rate"] / rec["ceiling"]
             prep = outs = None
-            records.append(rec)
-            if sink:
-                append_jsonl(sink, rec)
+            if not any(rec is r for r, _ in paired):  # measured: it is recorded now
+                records.append(_with_rate(rec, op, ceilings, sink))
             if bar:
                 bar.step(f"{case.op} {case.label} {case.dtype} {impl}: {rec['status']}")
+        if paired:
+            for (rec, _), ms in zip(paired, time_cpu_interleaved([fn for _, fn in paired], timing)):
+                rec["ms"], rec["timer"] = ms, "cpu-min-interleaved"
+                records.append(_with_rate(rec, op, ceilings, sink))
+        paired = None
         host = expected = host_expected = None
         free(env)
     return add_speedups(records)
+
+
+def _with_rate(rec, op, ceilings, sink):
+    """`rec` with its rate and share of the ceiling, appended to `sink` (a path, or None)."""
+    if rec["ms"]:
+        scale = 1e9 if op.metric == "TFLOP/s" else 1e6
+        rec["rate"] = (rec["flops"] if op.metric == "TFLOP/s" else rec["bytes"]) / rec["ms"] / scale
+        rec["ceiling"] = ceiling_for(op.metric, rec["dtype"], ceilings)
+        if rec["ceiling"]:
+            rec["pct_ceiling"] = 100.0 * rec["rate"] / rec["ceiling"]
+    if sink:
+        append_jsonl(sink, rec)
+    return rec
 
 
 def append_jsonl(path, rec):
@@ -634,10 +670,25 @@ def linear_routes() -> list[str]:
     return lines
 
 
-def run_meta(env: Env, ceilings, preset, argv=None) -> dict:
+def limit_cpu_threads(n: int) -> str:
+    """Run numpy's BLAS and torch's CPU ops on `n` threads from here on (what the CPU engine
+    comparisons need: both sides on one thread). Returns what was limited, for the meta."""
+    done = []
+    torch, _ = try_import("torch")  # first: the thread pools it loads are limited below too
+    if torch is not None:
+        torch.set_num_threads(n)
+        done.append("torch")
+    threadpoolctl, _ = try_import("threadpoolctl")
+    if threadpoolctl is not None:
+        threadpoolctl.threadpool_limits(limits=n)  # process-wide from here on
+        done.insert(0, "numpy BLAS/OpenMP")
+    return f"{n} ({', '.join(done) or 'nothing limited: neither threadpoolctl nor torch imports'})"
+
+
+def run_meta(env: Env, ceilings, preset, argv=None, cpu_threads=None) -> dict:
     return {"device": env.device_name(), "cuda": env.cuda, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "versions": versions(), "ceilings": ceilings, "preset": preset, "argv": list(argv or []),
-            "tolerance": TOLERANCE}
+            "tolerance": TOLERANCE, "cpu_threads": cpu_threads}
 
 
 def write_results(path, records, meta):

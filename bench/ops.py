@@ -29,7 +29,10 @@ class Case:
         return "x".join(str(d) for d in self.dims)
 
     def shape_dict(self):
-        return dict(zip(OPS[self.op].dim_names, self.dims))
+        names = OPS[self.op].dim_names
+        if len(names) != len(self.dims):  # an MLP with several hidden layers: H1, H2, ...
+            names = (*names[:2], *(f"H{i}" for i in range(1, len(self.dims) - 2)), names[-1])
+        return dict(zip(names, self.dims))
 
 
 # --- arrays on each library --------------------------------------------------------------
@@ -318,22 +321,30 @@ LinearBackward.impls = {
 # --- one MLP training step ---------------------------------------------------------------
 
 LR = 1e-3
-PARAMS = ("w1", "b1", "w2", "b2")
+
+
+def mlp_params(case):
+    """The parameter names of an MLP case: w1, b1, ..., wL, bL for its L linear layers."""
+    return tuple(f"{k}{i}" for i in range(1, len(case.dims) - 1) for k in ("w", "b"))
 
 
 class MLPStep:
-    """One SGD step of relu(x W1ᵀ + b1) W2ᵀ + b2 -> softmax cross-entropy, end to end.
+    """One SGD step of an MLP, relu between its linear layers, into softmax cross-entropy,
+    end to end. dims (B, D, H1, ..., C): batch, input width, hidden widths, classes.
 
-    x [B, D] needs no gradient, so the backward matmuls are dW2, dh (layer 2) and dW1 only."""
+    x [B, D] needs no gradient, so the first layer's backward has no dx matmul."""
     name = "mlp_step"
-    dim_names = ("B", "D", "H", "C")
+    dim_names = ("B", "D", "H", "C")  # (B, D, H1, H2, C) and deeper name the layers' widths in order
     metric = "TFLOP/s"
+    interleave_cpu = True  # the CPU engine against torch: timed in one interleaved loop (bench.harness.run)
 
     @staticmethod
     def flops(case):
-        """Forward 2BDH + 2BHC; backward 4BHC (dh, dW2) + 2BDH (dW1)."""
-        b, d, h, c = case.dims
-        return 4 * b * d * h + 6 * b * h * c
+        """Forward 2B·in·out per layer; backward 2B·in·out (dW) per layer, and as much again
+        (dx) for each layer but the first."""
+        b, widths = case.dims[0], case.dims[1:]
+        layers = [i * o for i, o in zip(widths, widths[1:])]
+        return 2 * b * (2 * sum(layers) + sum(layers[1:]))
 
     @staticmethod
     def min_bytes(case):
@@ -341,28 +352,37 @@ class MLPStep:
 
     @staticmethod
     def input_bytes(case):
-        b, d, h, c = case.dims
-        return itemsize(case.dtype) * b * d + 8 * b
+        return itemsize(case.dtype) * case.dims[0] * case.dims[1] + 8 * case.dims[0]
 
     @staticmethod
     def make_inputs(case):
-        b, d, h, c = case.dims
-        dt = case.dtype
-        return {"x": normal((b, d), (SEED, 1), dt), "targets": np.random.default_rng(SEED).integers(0, c, size=b, dtype=np.int64),
-                "w1": normal((h, d), (SEED, 2), dt, d ** -0.5), "b1": normal((h,), (SEED, 3), dt, 0.1),
-                "w2": normal((c, h), (SEED, 4), dt, h ** -0.5), "b2": normal((c,), (SEED, 5), dt, 0.1)}
+        b, widths, dt = case.dims[0], case.dims[1:], case.dtype
+        host = {"x": normal((b, widths[0]), (SEED, 1), dt),
+                "targets": np.random.default_rng(SEED).integers(0, widths[-1], size=b, dtype=np.int64)}
+        for i, (n_in, n_out) in enumerate(zip(widths, widths[1:]), start=1):
+            host[f"w{i}"] = normal((n_out, n_in), (SEED, 2 * i), dt, n_in ** -0.5)
+            host[f"b{i}"] = normal((n_out,), (SEED, 2 * i + 1), dt, 0.1)
+        return host
 
     @staticmethod
     def expected(case, host, xp):
         """Loss and parameter gradients in float64 from the reference kernels."""
         from gpuad.kernels import reference as K
-        x, w1, b1, w2, b2 = (to64(xp, host[k]) for k in ("x",) + PARAMS)
-        h = x @ w1.T + b1
-        a = xp.maximum(h, 0.0)
-        loss, dlogits = K.softmax_cross_entropy(a @ w2.T + b2, xp.asarray(host["targets"]))
-        da, dw2, db2 = K.linear_backward(a, w2, dlogits)
-        _, dw1, db1 = K.linear_backward(x, w1, da * (h > 0), need_dx=False)
-        return {"loss": loss, "w1": dw1, "b1": db1, "w2": dw2, "b2": db2}
+        names = mlp_params(case)
+        p = {k: to64(xp, host[k]) for k in names}
+        n_layers = len(names) // 2
+        inputs, pre = [to64(xp, host["x"])], []
+        for i in range(1, n_layers + 1):
+            z = inputs[-1] @ p[f"w{i}"].T + p[f"b{i}"]
+            pre.append(z)
+            inputs.append(xp.maximum(z, 0.0))
+        loss, g = K.softmax_cross_entropy(pre[-1], xp.asarray(host["targets"]))
+        out = {"loss": loss}
+        for i in range(n_layers, 0, -1):
+            dx, out[f"w{i}"], out[f"b{i}"] = K.linear_backward(inputs[i - 1], p[f"w{i}"], g, need_dx=i > 1)
+            if i > 1:
+                g = dx * (pre[i - 2] > 0)
+        return out
 
     @staticmethod
     def host_slice(case, host):
@@ -383,15 +403,18 @@ def _mlp_gpuad(kernels, who):
             _import_kernels(kernels, who)
         backend = "numpy" if kernels is None else "cupy"
         with ad.use_backend(backend):
-            params = [ad.tensor(on_xp(xp, host[k], case.dtype), requires_grad=True) for k in PARAMS]
+            names = mlp_params(case)
+            params = [ad.tensor(on_xp(xp, host[k], case.dtype), requires_grad=True) for k in names]
             sets = [(ad.tensor(on_xp(xp, host["x"], case.dtype)), on_xp(xp, host["targets"], None)) for _ in range(n)]
-        w1, b1, w2, b2 = params
+        layers = list(zip(params[::2], params[1::2]))
 
         def step(x, targets):
             with ad.use_backend(backend):
                 if kernels is not None:
                     ad.set_kernels(kernels)
-                loss = ad.softmax_cross_entropy(ad.linear(ad.relu(ad.linear(x, w1, b1)), w2, b2), targets)
+                for i, (w, b) in enumerate(layers):
+                    x = ad.linear(x if i == 0 else ad.relu(x), w, b)
+                loss = ad.softmax_cross_entropy(x, targets)
                 loss.backward()
                 grads = [p.grad for p in params]
                 for p in params:
@@ -401,7 +424,7 @@ def _mlp_gpuad(kernels, who):
 
         def outputs():
             loss, grads = step(*sets[0])
-            return {"loss": loss.data, **dict(zip(PARAMS, grads))}
+            return {"loss": loss.data, **dict(zip(names, grads))}
         return Prepared(rotating(sets, step), outputs, "cuda" if kernels else "cpu")
     return setup
 
@@ -410,12 +433,15 @@ def _mlp_torch(kind):
     def setup(env, case, host, n):
         torch, dev = _torch_anchor(env, kind)
         import torch.nn.functional as F
-        params = [on_torch(torch, host, case.dtype, dev, k).requires_grad_() for k in PARAMS]
+        names = mlp_params(case)
+        params = [on_torch(torch, host, case.dtype, dev, k).requires_grad_() for k in names]
         sets = [(on_torch(torch, host, case.dtype, dev, "x"), on_torch(torch, host, None, dev, "targets"))
                 for _ in range(n)]
 
-        def forward(x, t, w1, b1, w2, b2):
-            return F.cross_entropy(F.linear(F.relu(F.linear(x, w1, b1)), w2, b2), t)
+        def forward(x, t, *params):
+            for i in range(0, len(params), 2):
+                x = F.linear(x if i == 0 else F.relu(x), params[i], params[i + 1])
+            return F.cross_entropy(x, t)
         fwd = _compile(torch, forward) if kind == "torch_compile" else forward
 
         def step(x, t):
@@ -430,7 +456,7 @@ def _mlp_torch(kind):
 
         def outputs():
             loss, grads = step(*sets[0])
-            return {"loss": loss.detach(), **dict(zip(PARAMS, grads))}
+            return {"loss": loss.detach(), **dict(zip(names, grads))}
         return Prepared(rotating(sets, step), outputs, dev)
     return setup
 
@@ -446,8 +472,9 @@ MLPStep.impls = {
 
 from . import lce_op  # noqa: E402 (the fused LM head; it builds on the helpers above)
 from .lce_op import LinearCrossEntropy  # noqa: E402
+from .chain_op import ElementwiseChain  # noqa: E402 (the engine's per-op cost, on the CPU)
 
-OPS = {op.name: op for op in (CrossEntropy, LinearBackward, LinearCrossEntropy, MLPStep)}
+OPS = {op.name: op for op in (CrossEntropy, LinearBackward, LinearCrossEntropy, MLPStep, ElementwiseChain)}
 
 
 # --- presets -----------------------------------------------------------------------------
@@ -455,6 +482,7 @@ OPS = {op.name: op for op in (CrossEntropy, LinearBackward, LinearCrossEntropy, 
 # the numpy reference and torch on the CPU finish quickly.
 
 _CE, _LIN, _MLP, _LCE = CrossEntropy.name, LinearBackward.name, MLPStep.name, LinearCrossEntropy.name
+_CHAIN = ElementwiseChain.name
 _lce = lambda shapes: [(_LCE, dims, dt) for dims, dt in shapes]  # noqa: E731
 
 GPU_QUICK = [  # every DESIGN.md target shape, then the MLP step
@@ -476,6 +504,9 @@ CPU_QUICK = [
     (_LIN, (64, 512, 512), "float32"), (_LIN, (512, 1024, 1024), "float32"),
     *_lce(lce_op.CPU_QUICK_SHAPES),
     (_MLP, (256, 512, 512, 1000), "float32"),
+    # the CPU engine against torch (issue 14's targets): an MLP 64-256-256-10 step at batch 128,
+    # and 1000 multiply-adds on 16 floats, forward and backward
+    (_MLP, (128, 64, 256, 256, 10), "float32"), (_CHAIN, (1000, 16), "float32"),
 ]
 CPU_FULL = CPU_QUICK + [
     *[(_CE, (512, v), "float32") for v in (1024, 8192, 65536)],
@@ -486,7 +517,7 @@ TINY = [
     (_CE, (64, 1000), "float32"), (_CE, (37, 1031), "float32"),
     (_LIN, (64, 96, 80), "float32"), (_LIN, (1, 33, 17), "float32"),
     *_lce(lce_op.TINY_SHAPES),
-    (_MLP, (32, 64, 128, 10), "float32"),
+    (_MLP, (32, 64, 128, 10), "float32"), (_MLP, (8, 16, 32, 32, 10), "float32"), (_CHAIN, (50, 16), "float32"),
 ]
 PRESETS = {"quick": (GPU_QUICK, CPU_QUICK), "full": (GPU_FULL, CPU_FULL), "tiny": (TINY, TINY)}
 # (op, impl) left out of the quick preset on a GPU unless --impls names them: compile time, and

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import sys
 
 import numpy as np
 
@@ -72,16 +73,25 @@ def get_kernels() -> str:
 
 
 def is_cupy_array(a) -> bool:
-    return type(a).__module__.partition(".")[0] == "cupy"
+    return _backend_of_type(type(a)) == "cupy"
+
+
+_TYPE_BACKEND = {np.ndarray: "numpy"}  # type -> "numpy", "cupy" or None, filled as types are first seen
+
+
+def _backend_of_type(t) -> str | None:
+    """The backend of arrays of type `t` (numpy subclasses included), cached per type: the check
+    runs on every op, so it costs one dictionary lookup after the first sight of a type."""
+    b = _TYPE_BACKEND.get(t, False)
+    if b is False:
+        b = "numpy" if issubclass(t, np.ndarray) else "cupy" if t.__module__.partition(".")[0] == "cupy" else None
+        _TYPE_BACKEND[t] = b
+    return b
 
 
 def backend_of(a) -> str | None:
     """"numpy" or "cupy" for an array; None for Python and numpy scalars, which mix with both."""
-    if isinstance(a, np.ndarray):
-        return "numpy"
-    if is_cupy_array(a):
-        return "cupy"
-    return None
+    return _backend_of_type(type(a))
 
 
 def array_module(*arrays):
@@ -90,13 +100,12 @@ def array_module(*arrays):
     Raises TypeError naming both when arrays from two backends meet in one op."""
     seen = None
     for a in arrays:
-        b = backend_of(a)
-        if b is None:
+        b = _backend_of_type(type(a))
+        if b is None or b == seen:
             continue
-        if seen is None:
-            seen = b
-        elif b != seen:
+        if seen is not None:
             raise TypeError(f"arrays from two backends in one op: {seen} and {b}; move one with Tensor.to()")
+        seen = b
     if seen == "cupy":
         return importlib.import_module("cupy")
     return np
@@ -116,9 +125,9 @@ def kernel_module(xp, dtype=None):
     Triton or CuPy kernels (``set_kernels``) on CuPy. float64 always takes the reference
     (written with the array module, it runs on CuPy too): the GPU kernels cover
     fp32 / fp16 / bf16."""
-    if xp is np or dtype == np.float64:
-        return importlib.import_module("gpuad.kernels.reference")
-    return importlib.import_module("gpuad.kernels." + get_kernels())
+    name = "gpuad.kernels.reference" if xp is np or dtype == np.float64 else "gpuad.kernels." + get_kernels()
+    module = sys.modules.get(name)  # imported already: every op's VJP asks, so skip the import machinery
+    return module if module is not None else importlib.import_module(name)
 
 
 def to_host(a) -> np.ndarray:

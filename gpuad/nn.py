@@ -70,11 +70,15 @@ class Module:
         stack = [(prefix, self)]
         while stack:
             path, module = stack.pop()
+            children = []
             for name, v in vars(module).items():
-                if isinstance(v, Parameter) and id(v) not in seen:
-                    seen.add(id(v))
-                    out.append((path + name, v))
-            stack.extend(reversed([(path + name + ".", m) for name, m in module.named_children()]))
+                if isinstance(v, Parameter):
+                    if id(v) not in seen:
+                        seen.add(id(v))
+                        out.append((path + name, v))
+                elif isinstance(v, Module):
+                    children.append((path + name + ".", v))
+            stack.extend(reversed(children))
         return out
 
     def parameters(self):

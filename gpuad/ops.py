@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 
 import numpy as np
 
@@ -30,6 +31,12 @@ def unbroadcast(g, shape):
     lead = g.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
     return g.sum(axis=axes, keepdims=True).reshape(shape) if axes else g.reshape(shape)
+
+
+def _same_kind(a, b) -> bool:
+    """Whether a and b are Tensors holding arrays of one type (so one backend) and one shape:
+    the common case of a binary op, which then needs none of _pair's work."""
+    return type(a) is Tensor and type(b) is Tensor and type(a.data) is type(b.data) and a.data.shape == b.data.shape
 
 
 def _pair(name, a, b):
@@ -105,7 +112,8 @@ def _unary(name, x, forward, derivative, uses="x"):
     in fp16 would overflow (x³ in gelu) and round at every step."""
     x = as_tensor(x)
     xp, d = x.xp, x.data
-    keep = (lambda a: a) if d.dtype.kind in "iub" else (lambda a: a.astype(d.dtype, copy=False))
+    dtype = d.dtype  # captured alone: a closure on `d` would keep the input alive for uses="y"
+    keep = (lambda a: a) if dtype.kind in "iub" else (lambda a: a.astype(dtype, copy=False))
     half = _is_half(d.dtype)
     y = keep(forward(xp, d.astype(np.float32) if half else d))  # CuPy too computes some bf16 functions in fp32
     s = d if uses == "x" else y  # kept in x's dtype, widened when used
@@ -144,38 +152,61 @@ def _erf(xp, z):
 
 
 # --- arithmetic -----------------------------------------------------------------------
+# The binary ops are the engine's hottest path (a chain of small elementwise ops is all
+# bookkeeping), so their common case of operands of one shape makes no closures: VJPs are
+# module functions (the identity where unbroadcast would have nothing to do) or bound methods.
+def _identity(g):
+    return g
+
+
+_IDENTITIES = (_identity, _identity)
+
+
+def _sum_to(shape, y):
+    """The VJP of broadcasting an operand of `shape` to y's shape: unbroadcast, or the
+    identity when the operand has y's shape already."""
+    return _identity if shape == y.shape else lambda g: unbroadcast(g, shape)
+
+
 def add(a, b):
     """a + b, with broadcasting."""
-    a, b = _pair("add", a, b)
-    sa, sb = a.shape, b.shape  # the VJP keeps shapes only, not the operands
-    return record("add", a.data + b.data, (a, b),
-                  vjp=(lambda g: unbroadcast(g, sa), lambda g: unbroadcast(g, sb)),
-                  jvp=lambda ta, tb: ta + tb)
+    if not _same_kind(a, b):
+        a, b = _pair("add", a, b)
+    y = a.data + b.data  # the VJP keeps shapes only, not the operands
+    sa, sb = a.data.shape, b.data.shape
+    vjp = _IDENTITIES if sa == sb == y.shape else (_sum_to(sa, y), _sum_to(sb, y))
+    return record("add", y, (a, b), vjp, operator.add)
 
 
 def sub(a, b):
     """a - b, with broadcasting."""
-    a, b = _pair("sub", a, b)
-    sa, sb = a.shape, b.shape
-    return record("sub", a.data - b.data, (a, b),
-                  vjp=(lambda g: unbroadcast(g, sa), lambda g: unbroadcast(-g, sb)),
-                  jvp=lambda ta, tb: ta - tb)
+    if not _same_kind(a, b):
+        a, b = _pair("sub", a, b)
+    y = a.data - b.data
+    sb = b.data.shape
+    return record("sub", y, (a, b),
+                  vjp=(_sum_to(a.data.shape, y), operator.neg if sb == y.shape else lambda g: unbroadcast(-g, sb)),
+                  jvp=operator.sub)
 
 
 def mul(a, b):
     """a * b, with broadcasting."""
-    a, b = _pair("mul", a, b)
+    if not _same_kind(a, b):
+        a, b = _pair("mul", a, b)
     ad_, bd = a.data, b.data
-    return record("mul", ad_ * bd, (a, b),
-                  vjp=(lambda g: unbroadcast(g * bd, ad_.shape), lambda g: unbroadcast(g * ad_, bd.shape)),
-                  jvp=lambda ta, tb: ta * bd + ad_ * tb,
-                  saved=(b if a.requires_grad else None, a if b.requires_grad else None))
+    if ad_.shape == bd.shape:
+        vjp = (bd.__rmul__, ad_.__rmul__)  # g -> g * b, g -> g * a
+    else:
+        vjp = (lambda g: unbroadcast(g * bd, ad_.shape), lambda g: unbroadcast(g * ad_, bd.shape))
+    return record("mul", ad_ * bd, (a, b), vjp, lambda ta, tb: ta * bd + ad_ * tb,
+                  (b if a.requires_grad else None, a if b.requires_grad else None))
 
 
 def div(a, b):
     """a / b, with broadcasting. The two-step rules (-g·y/b, (ta - y·tb)/b) run in float32 for
     16-bit floats: rounding -g·y first could overflow where the result does not."""
-    a, b = _pair("div", a, b)
+    if not _same_kind(a, b):
+        a, b = _pair("div", a, b)
     sa, bd = a.shape, b.data
     y = a.data / bd
     wide = _wide if _is_half(y.dtype) else (lambda v: v)
@@ -478,17 +509,19 @@ def linear(x, W, b=None):
     kernel on the cupy backend) computing only the gradients that are needed."""
     x, W = as_tensor(x), as_tensor(W)
     parents = (x, W) if b is None else (x, W, as_tensor(b))
-    xp = B.array_module(*(p.data for p in parents))
-    if W.ndim != 2 or x.ndim < 1 or x.shape[-1] != W.shape[1]:
-        raise ValueError(f"linear: x {x.shape} and W {W.shape} do not match: need x [..., K] and W [N, K]")
-    if b is not None and parents[2].shape != (W.shape[0],):
-        raise ValueError(f"linear: b {parents[2].shape} does not match W {W.shape}: need b [N] = [{W.shape[0]}]")
-    if len({p.dtype for p in parents}) != 1:
-        raise ValueError(f"linear: x, W and b must share one dtype, got {[str(p.dtype) for p in parents]}")
     xd, Wd, has_bias = x.data, W.data, b is not None
+    bd = parents[2].data if has_bias else None
+    xp = B.array_module(xd, Wd, bd)
+    ws = Wd.shape
+    if len(ws) != 2 or xd.ndim < 1 or xd.shape[-1] != ws[1]:
+        raise ValueError(f"linear: x {x.shape} and W {W.shape} do not match: need x [..., K] and W [N, K]")
+    if has_bias and bd.shape != ws[:1]:
+        raise ValueError(f"linear: b {parents[2].shape} does not match W {W.shape}: need b [N] = [{ws[0]}]")
+    if xd.dtype != Wd.dtype or (has_bias and bd.dtype != Wd.dtype):
+        raise ValueError(f"linear: x, W and b must share one dtype, got {[str(p.dtype) for p in parents]}")
     y = xp.matmul(xd, Wd.T)
     if has_bias:
-        y = y + parents[2].data
+        y += bd  # in place: y is the product just made
     need_dx = x.requires_grad
     need_params = W.requires_grad or (has_bias and parents[2].requires_grad)
 
@@ -527,7 +560,7 @@ def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean", 
     n_classes = logits.shape[-1]
     if n_classes < 1:
         raise ValueError(f"softmax_cross_entropy: logits {logits.shape} have no classes (V = 0 on the last axis)")
-    n_rows = int(np.prod(logits.shape[:-1]))
+    n_rows = math.prod(logits.shape[:-1])
     need_grad = (is_grad_enabled() and logits.requires_grad) or logits.tangent is not None
     kernels = B.kernel_module(xp, logits.dtype)
     rows = logits.data.reshape(n_rows, n_classes)

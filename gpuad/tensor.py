@@ -33,21 +33,23 @@ class Node:
     ``vjp`` is either a tuple with one function per input (``g -> cotangent of that input``;
     only those of inputs that need a gradient are called) or a single function
     ``g -> tuple of cotangents`` for fused ops that produce them together. ``shape`` and
-    ``dtype`` describe the node's output; ``out`` is a weak reference to its Tensor."""
+    ``dtype`` describe the node's output array `data` (which the node does not keep).
 
-    __slots__ = ("name", "edges", "vjp", "shape", "dtype", "out", "guarded", "__weakref__")
+    A backward without ``retain_graph`` frees each node it ran: ``vjp`` and ``edges`` become
+    None, and a later backward reaching the node raises."""
 
-    def __init__(self, name, edges, vjp, out, guarded=()):
+    __slots__ = ("name", "edges", "vjp", "shape", "dtype", "guarded", "__weakref__")
+
+    def __init__(self, name, edges, vjp, data, guarded=()):
         self.name = name
         self.edges = edges
         self.vjp = vjp
-        self.shape = tuple(out.data.shape)
-        self.dtype = out.data.dtype
-        self.out = weakref.ref(out)
+        self.shape = data.shape
+        self.dtype = data.dtype
         self.guarded = guarded  # the _Guards of the arrays its VJP saved: dropped after its last VJP
 
 
-_FREED = "freed"  # marks a Tensor whose graph was released by backward
+_FREED = "freed"  # the node of a backward's root once its graph was freed (the root forgets its node)
 
 
 class _ThreadState(threading.local):
@@ -157,54 +159,60 @@ _guard_lock = threading.RLock()  # re-entrant: a garbage collection inside may f
 class _Guard:
     """The read-only flag on one memory owner and the views made read-only with it. Every node
     whose VJP saved the memory holds the guard; when the last one lets go (it ran its final
-    VJP, or died unrun), Python's reference count drops it and the flags come back."""
+    VJP, or died unrun), Python's reference count drops it and the flags come back.
+
+    A guard is made and dropped for every saved array of every graph, so the lock is taken
+    with acquire/release (cheaper than ``with``) and setflags is called positionally."""
 
     __slots__ = ("owner", "views", "__weakref__")
 
     def __init__(self, owner):
         self.owner = owner
-        self.views = []
+        self.views = ()
 
     def add_view(self, view):
         """Hold `view` (read-only already) too and make it writeable again with the owner."""
-        self.views.append(view)
+        self.views += (view,)
         _guards[id(view)] = _guards[id(self.owner)]
 
     def __del__(self):
-        with _guard_lock:
+        _guard_lock.acquire()
+        try:
             # the owner first: numpy refuses a writeable view below a read-only owner
-            for a in [self.owner] + self.views:
+            for a in (self.owner, *self.views):
                 _guards.pop(id(a), None)
                 try:
-                    a.setflags(write=True)
+                    a.setflags(True)  # write=True
                 except ValueError:  # the user made the memory read-only meanwhile: leave it so
                     pass
+        finally:
+            _guard_lock.release()
 
 
 def _new_guard(a):
     """A guard making numpy array `a` and its memory owner read-only, or None when there is
     nothing to guard (numpy does not own the memory, or it was read-only already)."""
-    with _guard_lock:
-        ref = _guards.get(id(a))
-        guard = ref() if ref is not None else None
-        if guard is not None:
-            return guard
-        base = a.base
-        owner = a if base is None else base
-        if type(owner) is not np.ndarray or owner.base is not None:
+    _guard_lock.acquire()
+    try:
+        owner = a.base
+        if owner is None:
+            owner = a
+        elif type(owner) is not np.ndarray or owner.base is not None:
             return None  # numpy does not own the memory: the flag could not be set back
-        ref = _guards.get(id(owner))
+        ref = _guards.get(id(owner))  # looked up again under the lock: another thread may have guarded it
         guard = ref() if ref is not None else None
         if guard is None:
             if not owner.flags.writeable:
                 return None  # read-only already, not by us
             guard = _Guard(owner)
-            owner.setflags(write=False)
+            owner.setflags(False)  # write=False
             _guards[id(owner)] = weakref.ref(guard)
         if a is not owner and a.flags.writeable:
-            a.setflags(write=False)
+            a.setflags(False)
             guard.add_view(a)
         return guard
+    finally:
+        _guard_lock.release()
 
 
 def guard_saved(items) -> tuple:
@@ -239,13 +247,11 @@ def adopt_view(source, view):
             guard.add_view(view)
 
 
-def _check_guard(node):
-    """Before a VJP runs: each saved array must still be read-only (the user can lift the flag)."""
-    for guard in node.guarded:
-        if guard.owner.flags.writeable:
-            raise RuntimeError(f"{node.name}: an array saved for its backward was made writeable after the "
-                               "forward pass and may have been changed in place, so the gradient would be wrong; "
-                               "recompute the forward pass after changing inputs")
+def _raise_changed(node):
+    """A saved array of `node` was made writeable again after the forward pass."""
+    raise RuntimeError(f"{node.name}: an array saved for its backward was made writeable after the "
+                       "forward pass and may have been changed in place, so the gradient would be wrong; "
+                       "recompute the forward pass after changing inputs")
 
 
 class Tensor:
@@ -267,10 +273,10 @@ class Tensor:
             data = np.asarray(data)
         self.data = data
         self.grad = None
-        self.requires_grad = bool(requires_grad)
+        self.requires_grad = requires_grad = bool(requires_grad)
         self._node = None
         self.tangent = None
-        if self.requires_grad and data.dtype.kind not in "fc" and str(data.dtype) != "bfloat16":
+        if requires_grad and data.dtype.kind not in "fc" and str(data.dtype) != "bfloat16":
             raise ValueError(f"only floating-point tensors can require grad, got dtype {data.dtype}")
 
     # --- properties -------------------------------------------------------------------
@@ -363,6 +369,8 @@ def as_tensor(value, like: Tensor | None = None) -> Tensor:
 # VJP of a backward walk. Unset, it costs each op and each VJP one global None check.
 _inspector = None
 
+_new_tensor = object.__new__
+
 
 def record(name, data, parents, vjp, jvp, saved=()) -> Tensor:
     """Make the output Tensor of an op on `parents` (a tuple of Tensors).
@@ -371,24 +379,50 @@ def record(name, data, parents, vjp, jvp, saved=()) -> Tensor:
     tangent with ``jvp(*parent_tangents)`` when a parent carries one (zeros stand in for
     parents that carry none). `saved` lists the parents whose data the VJP reads and the
     arrays it keeps (an index, a mask): they are guarded against in-place writes while the
-    node lives (see guard_saved; None entries are skipped)."""
-    out = Tensor(data)
-    if _state.grad_enabled and any(p.requires_grad for p in parents):
+    node lives (see guard_saved; None entries are skipped).
+
+    Every op goes through here, so it is written for speed: plain loops, no generators."""
+    out = _new_tensor(Tensor)  # Tensor(data) without its checks: `data` is an op's result
+    out.data = np.asarray(data) if isinstance(data, np.generic) else data  # a 0-d op gives a numpy scalar
+    out.grad = out.tangent = None
+    edges = _edges(parents) if _state.grad_enabled else None
+    if edges is None:
+        out.requires_grad = False
+        out._node = None
+    else:
         out.requires_grad = True
-        edges = tuple((p if p._node is None else p._node) if p.requires_grad else None for p in parents)
-        out._node = Node(name, edges, vjp, out, guard_saved(saved) if saved else ())
-    if any(p.tangent is not None for p in parents):
-        tangents = [p.tangent if p.tangent is not None else p.xp.zeros_like(p.data) for p in parents]
-        t = jvp(*tangents)
-        out.tangent = out.xp.asarray(t, dtype=out.dtype)
+        out._node = Node(name, edges, vjp, out.data, guard_saved(saved) if saved else ())
+    for p in parents:
+        if p.tangent is not None:
+            out.tangent = _tangent_out(jvp, parents, out)
+            break
     if _inspector is not None:
         _inspector.on_record(out, name, parents)
     return out
 
 
+def _edges(parents):
+    """A node's edges to `parents` (see Node), or None when no parent requires grad."""
+    if len(parents) == 2:  # the binary ops, written out
+        a, b = parents
+        ea = (a if a._node is None else a._node) if a.requires_grad else None
+        eb = (b if b._node is None else b._node) if b.requires_grad else None
+        return None if ea is None and eb is None else (ea, eb)
+    edges = tuple([(p if p._node is None else p._node) if p.requires_grad else None for p in parents])
+    return None if edges.count(None) == len(edges) else edges
+
+
+def _tangent_out(jvp, parents, out):
+    """The output tangent ``jvp(*parent_tangents)``, zeros standing in for parents without one."""
+    tangents = [p.tangent if p.tangent is not None else p.xp.zeros_like(p.data) for p in parents]
+    return out.xp.asarray(jvp(*tangents), dtype=out.dtype)
+
+
 def _coerce(g, shape, dtype, name: str):
-    """A cotangent as an array of the given shape and dtype; a wrong shape is a bug in a rule."""
-    g = B.array_module(g).asarray(g, dtype=dtype)
+    """A cotangent as an array of the given shape and dtype; a wrong shape is a bug in a rule.
+    The common case (a numpy array that is right already) returns at once."""
+    if type(g) is not np.ndarray or g.dtype is not dtype:
+        g = B.array_module(g).asarray(g, dtype=dtype)
     if g.shape != shape:
         raise RuntimeError(f"internal error: VJP of {name} gave shape {g.shape} for an input of shape {shape}")
     return g
@@ -453,43 +487,44 @@ def _walk(root: Tensor, g, retain_graph, collected):
     if root._node is None:  # the root is itself a leaf
         _deliver_to_leaf(root, g, collected, shared)
         return
-    # 1. count, for every node reachable from the root, how many edges lead into it
-    pending = {id(root._node): 0}
+    # 1. count, for every node reachable from the root, how many edges lead into it (nodes
+    #    are their own dictionary keys: they hash by identity)
+    pending = {root._node: 0}
     stack = [root._node]
-    visited = [root._node]
     while stack:
-        node = stack.pop()
-        for e in node.edges:
-            if e is _FREED:
-                raise RuntimeError(_FREED_MESSAGE)
-            if e is None or type(e) is not Node:  # no input, or a leaf Tensor (of any subclass)
-                continue
-            k = id(e)
-            if k in pending:
-                pending[k] += 1
+        edges = stack.pop().edges
+        if edges is None:  # a node that a backward freed
+            raise RuntimeError(_FREED_MESSAGE)
+        for e in edges:
+            if type(e) is not Node:  # no input (None), a leaf Tensor (of any subclass), or freed
+                if e is _FREED:
+                    raise RuntimeError(_FREED_MESSAGE)
+            elif e in pending:
+                pending[e] += 1
             else:
-                pending[k] = 1
-                visited.append(e)
+                pending[e] = 1
                 stack.append(e)
-    # 2. run each node once all of its cotangents are summed (Kahn's order)
-    cotangents = {id(root._node): g}
-    ready = [root._node]
+    # 2. run each node once all of its cotangents are summed (Kahn's order): `ready` holds
+    #    (node, its summed cotangent), `partial` the sums of nodes still waiting for some
+    partial = {}
+    ready = [(root._node, g)]
     while ready:
-        node = ready.pop()
-        g = cotangents.pop(id(node))
-        edges = node.edges
-        if node.guarded:
-            _check_guard(node)
-        if isinstance(node.vjp, tuple):
-            grads = [None if e is None else f(g) for f, e in zip(node.vjp, edges)]
+        node, g = ready.pop()
+        edges, vjp = node.edges, node.vjp
+        for guard in node.guarded:  # each saved array must still be read-only (the user can lift the flag)
+            if guard.owner.flags.writeable:
+                _raise_changed(node)
+        if type(vjp) is tuple:  # one VJP per input, called for those that need a gradient
+            grads = []
+            for f, e in zip(vjp, edges):
+                grads.append(None if e is None else f(g))
         else:
-            grads = node.vjp(g)
+            grads = vjp(g)
         if _inspector is not None:
             _inspector.on_vjp(node, g, grads)
         del g
         if not retain_graph:
             node.vjp = node.edges = None
-            node.guarded = ()
         for e, gp in zip(edges, grads):
             if gp is None or e is None:
                 continue
@@ -499,16 +534,18 @@ def _walk(root: Tensor, g, retain_graph, collected):
                     shared.add(id(gp))
                 _deliver_to_leaf(e, gp, collected, shared)
                 continue
-            gp = _coerce(gp, e.shape, e.dtype, node.name)
-            k = id(e)
-            prev = cotangents.get(k)
-            cotangents[k] = gp if prev is None else prev + gp
-            pending[k] -= 1
-            if pending[k] == 0:
-                ready.append(e)
-        del edges, grads
-    if not retain_graph:  # release the graph: Tensors forget their nodes, so the nodes die
-        for node in visited:
-            t = node.out()
-            if t is not None:
-                t._node = _FREED
+            if type(gp) is not np.ndarray or gp.dtype is not e.dtype or gp.shape != e.shape:
+                gp = _coerce(gp, e.shape, e.dtype, node.name)
+            waiting = pending[e]
+            if waiting == 1:  # e's last cotangent: e is ready
+                prev = partial.pop(e, None)
+                ready.append((e, gp if prev is None else prev + gp))
+            else:
+                pending[e] = waiting - 1
+                prev = partial.get(e)
+                partial[e] = gp if prev is None else prev + gp
+        if not retain_graph:
+            node.guarded = ()  # after its last VJP: the arrays it saved may be written again
+        del edges, vjp, grads
+    if not retain_graph:  # the graph is released: its nodes die with the walk, the root's too
+        root._node = _FREED

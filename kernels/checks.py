@@ -12,8 +12,10 @@ FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 REDUCTIONS = ("mean", "sum", "none")
 
 
+@functools.lru_cache(maxsize=256)
 def dtype_name(dtype) -> str:
-    """'float32', 'bfloat16', 'int64', ... for numpy, CuPy and torch dtypes alike."""
+    """'float32', 'bfloat16', 'int64', ... for numpy, CuPy and torch dtypes alike (cached: every
+    kernel call checks its dtypes, and numpy builds a dtype's name anew each time)."""
     return str(dtype).replace("torch.", "")
 
 

@@ -51,17 +51,24 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
         checks.check_targets(targets, n_classes, ignore_index)
     eps = float(label_smoothing)
     acc = _acc_dtype(xp, logits.dtype)
+    rows = xp.arange(n_rows)
+    valid = targets != ignore_index if ignore_index is not None else None  # None: no row is ignored
+    if valid is not None and check_targets and bool(valid.all()):  # the check read the targets already
+        valid = None
+    safe_targets = targets if valid is None else xp.where(valid, targets, 0)
     shifted = logits.astype(acc)  # a copy: z - max(z), row by row
     shifted -= shifted.max(axis=1, keepdims=True)
-    log_sum_exp = xp.log(xp.exp(shifted).sum(axis=1))  # logsumexp(z) - max(z)
-    valid = targets != ignore_index if ignore_index is not None else xp.ones(targets.shape, dtype=bool)
-    safe_targets = xp.where(valid, targets, 0).astype(xp.int64)
-    target_logit = xp.take_along_axis(shifted, safe_targets[:, None], axis=1)[:, 0]
-    row_loss = log_sum_exp - (1.0 - eps) * target_logit
+    exp = xp.exp(shifted)
+    sum_exp = exp.sum(axis=1)
+    row_loss = xp.log(sum_exp)  # logsumexp(z) - max(z)
+    row_loss -= (1.0 - eps) * shifted[rows, safe_targets]
     if eps:
-        row_loss = row_loss - (eps / n_classes) * shifted.sum(axis=1)
-    row_loss = xp.where(valid, row_loss, 0.0).astype(acc)
-    n_valid = xp.maximum(valid.sum(), 1).astype(acc)
+        row_loss -= (eps / n_classes) * shifted.sum(axis=1)
+    if valid is None:
+        n_valid = xp.asarray(max(n_rows, 1), dtype=acc)
+    else:
+        row_loss = xp.where(valid, row_loss, 0.0).astype(acc, copy=False)
+        n_valid = xp.maximum(valid.sum(dtype=acc), 1)
     if reduction == "none":
         loss = row_loss
     else:
@@ -71,11 +78,12 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
         loss = xp.asarray(loss, dtype=acc)
     if not grad:
         return loss, None
-    dlogits = xp.exp(shifted - log_sum_exp[:, None], out=shifted)  # p
+    dlogits = xp.divide(exp, sum_exp[:, None], out=exp)  # p
     if eps:
         dlogits -= eps / n_classes
-    dlogits[xp.arange(n_rows), safe_targets] -= 1.0 - eps
-    dlogits[~valid] = 0  # a select, not a multiply: NaN logits in an ignored row give 0
+    dlogits[rows, safe_targets] -= 1.0 - eps
+    if valid is not None:
+        dlogits[~valid] = 0  # a select, not a multiply: NaN logits in an ignored row give 0
     if reduction == "mean":
         dlogits /= n_valid
     if inplace:
@@ -100,16 +108,17 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
     acc = _acc_dtype(xp, x.dtype)
     n, k = w.shape
     m = math.prod(x.shape[:-1])  # not reshape(-1, ...): K or N may be 0
-    x2 = x.reshape(m, k).astype(acc)
-    dy2 = dy.reshape(m, n).astype(acc)
-    dx = (dy2 @ w.astype(acc)).astype(x.dtype).reshape(x.shape) if need_dx else None
+    # no copies where the inputs are in the accumulation dtype already (float32, float64)
+    x2 = x.reshape(m, k).astype(acc, copy=False)
+    dy2 = dy.reshape(m, n).astype(acc, copy=False)
+    dx = (dy2 @ w.astype(acc, copy=False)).astype(x.dtype, copy=False).reshape(x.shape) if need_dx else None
     dw = dy2.T @ x2
     if dw_accumulate is not None:
         dw_accumulate += dw
         dw = dw_accumulate
     else:
-        dw = dw.astype(x.dtype)
-    db = dy2.sum(axis=0).astype(x.dtype) if bias else None
+        dw = dw.astype(x.dtype, copy=False)
+    db = (xp.ones(m, dtype=acc) @ dy2).astype(x.dtype, copy=False) if bias else None  # a GEMV: faster than sum
     return dx, dw, db
 
 
@@ -218,8 +227,8 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     acc = _acc_dtype(xp, x.dtype)
     eps, zc = float(label_smoothing), float(z_loss)
     chunk = chunk or linear_cross_entropy_chunk(n, v, xp.dtype(acc).itemsize)
-    wa = w.astype(acc)
-    ba = None if bias is None else bias.astype(acc)
+    wa = w.astype(acc, copy=False)  # read only below: no copy in the accumulation dtype
+    ba = None if bias is None else bias.astype(acc, copy=False)
     valid = targets != ignore_index
     n_valid = xp.maximum(valid.sum(), 1).astype(acc)
     # per-row factor of the gradient: 1/n_valid for "mean", times grad_scale
@@ -233,7 +242,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     db = xp.zeros(v, dtype=acc) if grad and bias is not None else None
     for r0 in range(0, n, chunk):
         rows = slice(r0, min(n, r0 + chunk))
-        xc = x[rows].astype(acc)
+        xc = x[rows].astype(acc, copy=False)
         z = xc @ wa.T
         if ba is not None:
             z += ba
@@ -244,7 +253,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
         log_s = xp.log(xp.exp(shifted).sum(axis=1))
         lse_c = m + log_s
         ok = valid[rows]
-        t = xp.where(ok, targets[rows], 0).astype(xp.int64)
+        t = xp.where(ok, targets[rows], 0).astype(xp.int64, copy=False)
         z_t = xp.take_along_axis(z, t[:, None], axis=1)[:, 0]
         loss_c = lse_c - (1.0 - eps) * z_t
         if eps:
@@ -271,12 +280,12 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
             db += g.sum(axis=0)
     loss = xp.asarray(reduce_row_losses(row_loss, reduction, n_valid), dtype=acc)
     if grad:
-        dx = None if dx is None else dx.astype(x.dtype)
-        db = None if db is None else db.astype(x.dtype)
+        dx = None if dx is None else dx.astype(x.dtype, copy=False)
+        db = None if db is None else db.astype(x.dtype, copy=False)
         if dw_accumulate is not None:
-            dw_accumulate += dw.astype(xp.float32)
+            dw_accumulate += dw.astype(xp.float32, copy=False)
             dw = dw_accumulate
         else:
-            dw = dw.astype(x.dtype)
+            dw = dw.astype(x.dtype, copy=False)
     out = (loss, dx, dw, db)
     return out + (lse,) if return_lse else out

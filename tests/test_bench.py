@@ -19,7 +19,7 @@ sys.path.insert(0, str(ROOT))  # bench/ is a top-level folder of the repository,
 
 from bench import common, harness, ops, plot, sweep  # noqa: E402
 
-OPS_ARG = "softmax_cross_entropy,linear_backward,linear_cross_entropy,mlp_step"
+OPS_ARG = "softmax_cross_entropy,linear_backward,linear_cross_entropy,mlp_step,elementwise_chain"
 
 
 def test_counting_exact():
@@ -35,6 +35,11 @@ def test_counting_exact():
     assert ops.LinearBackward.flops(big) == 549_755_813_888
     mlp = ops.Case("mlp_step", (32, 64, 128, 10), "float32")
     assert ops.MLPStep.flops(mlp) == 4 * 32 * 64 * 128 + 6 * 32 * 128 * 10 == 1_294_336
+    deep = ops.Case("mlp_step", (128, 64, 256, 256, 10), "float32")  # no dx matmul for the first layer
+    assert ops.MLPStep.flops(deep) == 2 * 128 * (2 * (64 * 256 + 256 * 256 + 256 * 10) + 256 * 256 + 256 * 10)
+    assert deep.shape_dict() == {"B": 128, "D": 64, "H1": 256, "H2": 256, "C": 10}
+    assert ops.mlp_params(deep) == ("w1", "b1", "w2", "b2", "w3", "b3")
+    assert ops.ElementwiseChain.flops(ops.Case("elementwise_chain", (1000, 16), "float32")) == 48_000
     lce = ops.Case("linear_cross_entropy", (8192, 4096, 128256), "bfloat16")
     assert ops.LinearCrossEntropy.flops(lce) == 6 * 8192 * 4096 * 128256 == 25_821_343_383_552  # DESIGN.md: 25.8 T
     assert ops.LinearCrossEntropy.input_bytes(lce) == 2 * (8192 * 4096 + 128256 * 4096) + 8 * 8192
@@ -49,6 +54,25 @@ def test_rate_and_ceiling_from_counts():
     assert rec["status"] == "OK", rec["error"]
     assert rec["rate"] == pytest.approx(rec["flops"] / rec["ms"] / 1e9)
     assert rec["pct_ceiling"] == pytest.approx(100 * rec["rate"] / 1.0)
+
+
+def test_cpu_engine_cases_in_the_cpu_preset_timed_interleaved():
+    """The CPU engine against torch (issue 14): both cases in the CPU quick preset, and their
+    impls timed in one interleaved loop, one figure per impl."""
+    quick = ops.cases_for("quick", cuda=False)
+    assert ops.Case("mlp_step", (128, 64, 256, 256, 10), "float32") in quick
+    assert ops.Case("elementwise_chain", (1000, 16), "float32") in quick
+    calls = []
+    fns = [lambda: calls.append("a"), lambda: (calls.append("b"), time.sleep(0.002))]
+    ms = harness.time_cpu_interleaved(fns, harness.Timing(cpu_min_reps=3, cpu_budget_s=0))
+    assert calls[:6] == ["a", "b"] * 3 and len(ms) == 2 and ms[1] >= 2.0 > ms[0]
+    env = harness.Env(force_cpu=True)
+    case = ops.Case("elementwise_chain", (50, 16), "float32")
+    recs = harness.run([case], ["reference", "torch"], env, harness.Timing(cpu_min_reps=2, cpu_budget_s=0),
+                       {"copy_GBps": 1.0, "matmul_TFLOPs": {}}, progress=False)
+    assert [r["status"] for r in recs] == ["OK", "OK"], [r["error"] for r in recs]
+    assert {r["timer"] for r in recs} == {"cpu-min-interleaved"} and all(r["ms"] > 0 for r in recs)
+    assert recs[1]["speedup_vs_torch"] == 1.0 and recs[0]["speedup_vs_torch"] == recs[1]["ms"] / recs[0]["ms"]
 
 
 def test_bfloat16_quantize_matches_torch():
@@ -288,7 +312,7 @@ def test_host_figures_on_cpu(tiny_run):
     for r in recs:
         assert r["host_us"] > 0 and r["ms_back_to_back"] > 0 and r["wall_s"] > 0
         assert r["ms_graph"] is None and r["graph_note"] == "no CUDA device"
-        if r["op"] != "mlp_step":
+        if r["op"] not in ("mlp_step", "elementwise_chain"):  # no host slice: the whole output is checked
             assert r["max_error_host"] is not None and r["max_error_host"] <= r["tolerance"]
     assert "b2b ms" in (out / "table.txt").read_text() and "all: no CUDA device" in (out / "table.txt").read_text()
 

@@ -325,3 +325,21 @@ def test_tape_keeps_only_what_vjps_need():
     assert logits_data() is None and shifted_data() is None
     loss.backward()
     assert x.grad.shape == (6, 4) and W.grad.shape == (5, 4)
+
+
+@pytest.mark.parametrize("op", [ad.exp, ad.tanh, ad.sigmoid])
+def test_unary_ops_that_save_their_output_free_their_input(op):
+    """exp, tanh and sigmoid differentiate from their output: the tape does not keep the input."""
+    import weakref
+
+    x = ad.tensor(rand(3, 4), requires_grad=True)
+    h = x * 2.0
+    h_data = weakref.ref(h.data)
+    y = op(h)
+    del h
+    gc.collect()
+    assert h_data() is None
+    y.sum().backward()
+    kept = ad.tensor(x.data.copy(), requires_grad=True)  # the same graph with the input kept
+    op(kept * 2.0).sum().backward()
+    np.testing.assert_array_equal(to_host(x.grad), to_host(kept.grad))
