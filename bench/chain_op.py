@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import Prepared, Unavailable, np_dtype, rotating
+from .common import Prepared, Unavailable, itemsize, np_dtype, rotating
 
 
 class ElementwiseChain:
@@ -32,7 +32,7 @@ class ElementwiseChain:
 
     @staticmethod
     def input_bytes(case):
-        return 3 * case.dims[1] * np.dtype(np_dtype(case.dtype)).itemsize
+        return 3 * case.dims[1] * itemsize(case.dtype)
 
     @staticmethod
     def make_inputs(case):

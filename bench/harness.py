@@ -518,7 +518,7 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
                     traceback.print_exc()
             rec["wall_s"] = round(time.monotonic() - t_start, 3)
             prep = outs = None
-            if not any(rec is r for r, _ in paired):  # measured: it is recorded now
+            if not (paired and paired[-1][0] is rec):  # measured (not left for the interleaved loop): record it now
                 records.append(_with_rate(rec, op, ceilings, sink))
             if bar:
                 bar.step(f"{case.op} {case.label} {case.dtype} {impl}: {rec['status']}")
@@ -526,7 +526,6 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
             for (rec, _), ms in zip(paired, time_cpu_interleaved([fn for _, fn in paired], timing)):
                 rec["ms"], rec["timer"] = ms, "cpu-min-interleaved"
                 records.append(_with_rate(rec, op, ceilings, sink))
-        paired = None
         host = expected = host_expected = None
         free(env)
     return add_speedups(records)
