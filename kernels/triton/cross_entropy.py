@@ -37,7 +37,6 @@ check_targets=False the call is CUDA-graph capturable.
 """
 from __future__ import annotations
 
-import functools
 import os
 
 import torch
@@ -45,7 +44,7 @@ import triton
 import triton.language as tl
 
 from .. import checks, tuning
-from .interop import as_given, as_torch
+from .interop import as_given, as_torch, device_info
 
 OP = "triton.softmax_cross_entropy"
 #: The tuning space (tuning.register): every value is a candidate the sweep can time.
@@ -365,15 +364,6 @@ def _ce_lanes_kernel(x_ptr, g_ptr, t_ptr, loss_ptr, n_valid_ptr, n_rows, n_cols,
 WIDE_KERNELS = {"chunked": _ce_chunked_kernel, "lanes": _ce_lanes_kernel}
 
 
-@functools.lru_cache(maxsize=None)
-def _device_info(device: torch.device) -> tuple:
-    """(GPU name or None, streaming multiprocessors): the interpreter gets a nameless GPU of 4 SMs."""
-    if device.type != "cuda":
-        return None, 4
-    props = torch.cuda.get_device_properties(device)
-    return props.name, props.multi_processor_count
-
-
 def _kernel_config(n_rows: int, n_cols: int, stride: int, elem_size: int, *, grad: bool, reduction: str,
                    label_smoothing: float, params: dict | None = None):
     """The one place where the kernel and its compile-time parameters are chosen: a pure
@@ -494,7 +484,7 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
         out = torch.empty_strided((n_rows, n_cols), (max(stride, 1), 1), dtype=x.dtype, device=x.device)
     row_loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
 
-    device_name, sm_count = _device_info(x.device)
+    device_name, sm_count = device_info(x.device)
     params = tuning.launch_values(OP, device_name)
     if n_rows > 0:
         kernel, meta = _kernel_config(n_rows, n_cols, stride, x.element_size(), grad=out is not None,

@@ -1,5 +1,8 @@
-"""Zero-copy hand-off between CuPy arrays and torch tensors for the Triton launchers."""
+"""What the Triton launchers share on the torch side: the zero-copy hand-off between CuPy arrays
+and torch tensors, and the device they run on."""
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -22,3 +25,12 @@ def as_given(t, from_cupy: bool):
     import cupy
 
     return cupy.from_dlpack(t)
+
+
+@functools.lru_cache(maxsize=None)
+def device_info(device: torch.device) -> tuple:
+    """(GPU name or None, streaming multiprocessors): the interpreter gets a nameless GPU of 4 SMs."""
+    if device.type != "cuda":
+        return None, 4
+    props = torch.cuda.get_device_properties(device)
+    return props.name, props.multi_processor_count

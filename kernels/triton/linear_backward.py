@@ -94,7 +94,7 @@ import triton.language as tl
 
 from gpuad.kernels import checks, tuning
 
-from .interop import as_given, as_torch
+from .interop import as_given, as_torch, device_info
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 _DTYPES = ("float16", "bfloat16", "float32")
@@ -463,15 +463,6 @@ def _max_offset(t) -> int:
 # --------------------------------------------------------------------------------------------
 # Device, tuning values and the split workspace
 
-@functools.lru_cache(maxsize=None)
-def _device_info(index) -> tuple[int, str | None]:
-    """(#SMs, GPU name) of a CUDA device index; (4, None) under the interpreter."""
-    if index is None:
-        return 4, None
-    props = torch.cuda.get_device_properties(index)
-    return props.multi_processor_count, props.name
-
-
 def _autotune_enabled() -> bool:
     """Whether the first call of a problem may time candidates (on a GPU, GPUAD_TRITON_AUTOTUNE
     not 0; read when a problem is planned, see clear_plans)."""
@@ -799,7 +790,7 @@ def _make_plan(xt, wt, dyt, acc_t, bias, need_dx, allow_tf32, route) -> _Plan:
     views = tuple(a.data_ptr() == b.data_ptr() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
                   for a, b in ((x2, xt), (dy2, dyt)))
     index = device.index if device.type == "cuda" else None
-    n_sm, gpu_name = _device_info(index)
+    gpu_name, n_sm = device_info(device)
     params = tuning.values(OP, gpu_name)
     measuring = _autotune_enabled() and device.type == "cuda"
     key = (index, checks.dtype_name(dtype), m, n, k, need_dx, bias, accumulate, tf32,
