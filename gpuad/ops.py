@@ -295,8 +295,14 @@ def sigmoid(x):
 
 
 def relu(x):
-    """max(x, 0); the derivative at 0 is taken as 0, as in PyTorch."""
-    return _unary("relu", x, lambda xp, d: xp.maximum(d, 0), lambda xp, d: (d > 0).astype(d.dtype))
+    """max(x, 0); the derivative at 0 is taken as 0, as in PyTorch. Exact in every dtype, so
+    16-bit floats are not widened. The VJP keeps the output (as torch; the next op usually
+    keeps it too): y > 0 exactly where x > 0."""
+    x = as_tensor(x)
+    d = x.data
+    xp = B.array_module(d)
+    y = xp.maximum(d, xp.zeros_like(d))  # numpy: against an array, its vectorised loop (~2x its scalar one)
+    return record("relu", y, (x,), vjp=(lambda g: g * (y > 0),), jvp=lambda t: t * (y > 0))
 
 
 def gelu(x, approximate="none"):

@@ -52,11 +52,14 @@ def check_ignore_index(ignore_index):
         raise TypeError(f"ignore_index must be an integer or None, got {ignore_index!r}")
 
 
-def check_targets(targets, num_classes: int, ignore_index: int | None):
+def check_targets(targets, num_classes: int, ignore_index: int | None) -> bool:
     """Raise IndexError naming the first target outside [0, V) that is not ignore_index
-    (None: every target must lie in [0, V)).
+    (None: every target must lie in [0, V)). Returns whether every target lies in [0, V):
+    then no row is ignored unless ignore_index itself lies there.
 
-    Reads the targets on the host (a device sync on the GPU)."""
+    Reads the targets on the host (one device sync on the GPU)."""
+    if targets.shape[0] == 0 or bool((targets.min() >= 0) & (targets.max() < num_classes)):
+        return True  # the common case, in two reductions
     bad = (targets < 0) | (targets >= num_classes)
     if can_equal_a_target(ignore_index, targets.dtype):
         bad &= targets != ignore_index
@@ -65,6 +68,7 @@ def check_targets(targets, num_classes: int, ignore_index: int | None):
         value = int(targets[row])
         raise IndexError(f"target {value} at row {row} is outside [0, {num_classes}) "
                          f"and is not ignore_index ({ignore_index})")
+    return False
 
 
 def can_equal_a_target(ignore_index, dtype) -> bool:

@@ -47,21 +47,24 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
                          "or held by a graph): pass a writeable array, or inplace=False")
     xp = array_module(logits, targets)
     n_rows, n_classes = logits.shape
-    if check_targets:
-        checks.check_targets(targets, n_classes, ignore_index)
+    in_range = checks.check_targets(targets, n_classes, ignore_index) if check_targets else False
     eps = float(label_smoothing)
     acc = _acc_dtype(xp, logits.dtype)
-    rows = xp.arange(n_rows)
-    valid = targets != ignore_index if ignore_index is not None else None  # None: no row is ignored
-    if valid is not None and check_targets and bool(valid.all()):  # the check read the targets already
-        valid = None
-    safe_targets = targets if valid is None else xp.where(valid, targets, 0)
-    shifted = logits.astype(acc)  # a copy: z - max(z), row by row
+    if ignore_index is None or (in_range and not 0 <= ignore_index < n_classes):
+        valid = None  # no row is ignored
+    else:
+        valid = targets != ignore_index
+    safe_targets = targets if valid is None else xp.where(valid, targets, 0)  # ignored rows are masked below
+    if not check_targets:  # a bad target gives its own row unspecified values, never another row's
+        safe_targets = xp.clip(safe_targets, 0, n_classes - 1)
+    picked = xp.arange(0, n_rows * n_classes, n_classes) + safe_targets  # flat index of each row's target
+    shifted = logits.astype(acc, order="C")  # a copy, row-major whatever the input's layout: z - max(z)
     shifted -= shifted.max(axis=1, keepdims=True)
-    exp = xp.exp(shifted)
+    exp = xp.exp(shifted)  # row-major too: ravel() below is a view
     sum_exp = exp.sum(axis=1)
     row_loss = xp.log(sum_exp)  # logsumexp(z) - max(z)
-    row_loss -= (1.0 - eps) * shifted[rows, safe_targets]
+    target_logit = shifted.ravel().take(picked)
+    row_loss -= (1.0 - eps) * target_logit if eps else target_logit
     if eps:
         row_loss -= (eps / n_classes) * shifted.sum(axis=1)
     if valid is None:
@@ -81,7 +84,7 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     dlogits = xp.divide(exp, sum_exp[:, None], out=exp)  # p
     if eps:
         dlogits -= eps / n_classes
-    dlogits[rows, safe_targets] -= 1.0 - eps
+    dlogits.ravel()[picked] -= 1.0 - eps
     if valid is not None:
         dlogits[~valid] = 0  # a select, not a multiply: NaN logits in an ignored row give 0
     if reduction == "mean":

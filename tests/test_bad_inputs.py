@@ -297,6 +297,32 @@ def test_reference_cross_entropy_nan_in_ignored_rows_gives_zero_gradient():
         reference.softmax_cross_entropy(logits, targets)
 
 
+def test_reference_unchecked_bad_targets_touch_only_their_own_rows():
+    """check_targets=False: a target outside [0, V) gives its row unspecified values; every other
+    row's loss and gradient are those of the checked call on the good rows alone."""
+    rng = np.random.default_rng(4)
+    logits, targets = rng.standard_normal((6, 5)), rng.integers(0, 5, 6)
+    bad = targets.copy()
+    bad[1], bad[4] = 5, -7  # the next row's first entry and a wrap-around, were the index flat
+    loss, dlogits = reference.softmax_cross_entropy(logits, bad, reduction="none", check_targets=False)
+    good = [0, 2, 3, 5]
+    want_loss, want_d = reference.softmax_cross_entropy(logits[good], targets[good], reduction="none")
+    np.testing.assert_array_equal(loss[good], want_loss)
+    np.testing.assert_array_equal(dlogits[good], want_d)
+
+
+def test_reference_ignore_index_inside_the_classes():
+    """ignore_index in [0, V): rows whose target is that class count for nothing."""
+    rng = np.random.default_rng(5)
+    logits, targets = rng.standard_normal((5, 4)), np.array([0, 2, 1, 2, 3])
+    loss, dlogits = reference.softmax_cross_entropy(logits, targets, ignore_index=2)
+    keep = targets != 2
+    want_loss, want_d = reference.softmax_cross_entropy(logits[keep], targets[keep])
+    np.testing.assert_allclose(loss, want_loss, rtol=1e-12)
+    np.testing.assert_allclose(dlogits[keep], want_d, rtol=1e-12)
+    assert np.all(dlogits[~keep] == 0)
+
+
 def test_zero_classes_raise_clearly(backend):
     with pytest.raises(ValueError, match="no classes"):
         ad.softmax_cross_entropy(ad.tensor(np.ones((3, 0))), _dev(np.zeros(3, dtype=np.int64)))

@@ -13,12 +13,12 @@ M, H, V = 16, 32, 10  # batch, width, classes
 F64 = 8
 
 
-def _mlp():
-    return nn.MLP([H] * 20 + [V], activation="relu", dtype="float64", rng=np.random.default_rng(0))
+def _mlp(activation="gelu"):
+    return nn.MLP([H] * 20 + [V], activation=activation, dtype="float64", rng=np.random.default_rng(0))
 
 
 def _blocks(model):
-    """The 20-layer MLP as 20 blocks: (Linear, ReLU) nineteen times, then the last Linear."""
+    """The 20-layer MLP as 20 blocks: (Linear, activation) nineteen times, then the last Linear."""
     layers = list(model)
     return [lambda h, a=layers[i], b=layers[i + 1]: b(a(h)) for i in range(0, 38, 2)] + [layers[38]]
 
@@ -31,10 +31,10 @@ def _loss(model, x, y, checkpointed):
 
 
 def test_checkpointing_each_block_cuts_saved_bytes_with_bit_identical_gradients():
-    """What each op keeps (parameters excluded, float64): linear its input [M, H], relu its input
+    """What each op keeps (parameters excluded, float64): linear its input [M, H], gelu its input
     [M, H], softmax_cross_entropy its gradient [M, V]; a checkpointed block its input [M, H].
     The input x needs a gradient: a leaf, like the parameters, it is not counted. Plain: 19
-    relu inputs + 19 linear inputs (h1 … h19) + dlogits; checkpointed: 19 block inputs + dlogits."""
+    gelu inputs + 19 linear inputs (h1 … h19) + dlogits; checkpointed: 19 block inputs + dlogits."""
     rng = np.random.default_rng(1)
     x, y = rng.standard_normal((M, H)), rng.integers(0, V, M)
     activation, dlogits = M * H * F64, M * V * F64
@@ -62,6 +62,18 @@ def test_checkpointing_each_block_cuts_saved_bytes_with_bit_identical_gradients(
         np.testing.assert_array_equal(g1, g0)
 
 
+def test_relu_keeps_its_output_which_the_next_linear_keeps_too():
+    """relu's VJP reads its output (y > 0 where x > 0), the array the next linear saves as its
+    input: one buffer for both, half of what an activation keeping its input costs."""
+    model = _mlp("relu")
+    rng = np.random.default_rng(3)
+    x, y = ad.tensor(rng.standard_normal((M, H)), requires_grad=True), rng.integers(0, V, M)
+    loss = _loss(model, x, y, checkpointed=False)
+    assert ad.saved_bytes(loss) == 19 * M * H * F64 + M * V * F64
+    loss.backward()
+    assert ad.saved_bytes(loss) == 0
+
+
 def test_checkpoint_in_transforms_forward_mode_and_trace():
     model = _mlp()
     rng = np.random.default_rng(2)
@@ -76,7 +88,7 @@ def test_checkpoint_in_transforms_forward_mode_and_trace():
     # the trace: one checkpoint op per block forward; in backward, each block's ops run again
     tr = ad.trace(f(True), x)
     assert [s.op for s in tr.forward] == ["checkpoint"] * 20 + ["softmax_cross_entropy"]
-    assert [s.op for s in tr.recomputed] == ["linear"] + ["linear", "relu"] * 19  # last block first
+    assert [s.op for s in tr.recomputed] == ["linear"] + ["linear", "gelu"] * 19  # last block first
     assert tr.saved_bytes == 19 * 4 * H * F64 + 4 * V * F64  # as above: x is a leaf that needs a gradient
     assert tr.forward[0].formula == "y1 = f(x1_1, x2_1, x3_1), its intermediates dropped"
     assert tr.backward[-1].name == "checkpoint" and tr.backward[-1].rules == [
