@@ -301,7 +301,7 @@ def relu(x):
     x = as_tensor(x)
     d = x.data
     xp = B.array_module(d)
-    y = xp.maximum(d, xp.zeros_like(d))  # numpy: against an array, its vectorised loop (~2x its scalar one)
+    y = xp.maximum(d, xp.zeros(d.shape, d.dtype))  # numpy: against an array, its vectorised loop (~2x its scalar one)
     return record("relu", y, (x,), vjp=(lambda g: g * (y > 0),), jvp=lambda t: t * (y > 0))
 
 

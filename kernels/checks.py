@@ -112,11 +112,10 @@ def check_linear_backward_args(x, w, dy, dw_accumulate, allowed=FLOAT_DTYPES):
         raise ValueError(f"dy's last axis must be N = w.shape[0] = {n}: dy {tuple(dy.shape)}, w {tuple(w.shape)}")
     if tuple(dy.shape[:-1]) != tuple(x.shape[:-1]):
         raise ValueError(f"x and dy must share their leading axes: x {tuple(x.shape)}, dy {tuple(dy.shape)}")
-    names = {dtype_name(a.dtype) for a in (x, w, dy)}
-    if len(names) != 1:
+    if not x.dtype == w.dtype == dy.dtype:
         raise ValueError(f"x, w and dy must share one dtype, got x {dtype_name(x.dtype)}, "
                          f"w {dtype_name(w.dtype)}, dy {dtype_name(dy.dtype)}")
-    if names.pop() not in allowed:
+    if dtype_name(x.dtype) not in allowed:
         raise ValueError(f"x, w and dy must be floating point ({', '.join(allowed)}), got {dtype_name(x.dtype)}")
     if dw_accumulate is not None:
         if tuple(dw_accumulate.shape) != (n, k) or dtype_name(dw_accumulate.dtype) != "float32":

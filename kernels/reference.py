@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
+
 from gpuad.backend import array_module, backend_of
 
 from . import checks
@@ -15,7 +17,7 @@ def _arrays(what, **arrays):
     """The reference takes numpy or CuPy arrays: anything else (a torch tensor, a list) is a
     TypeError naming the argument."""
     for name, a in arrays.items():
-        if a is not None and backend_of(a) is None:
+        if a is not None and type(a) is not np.ndarray and backend_of(a) is None:
             hint = (" (convert a torch tensor with .numpy(), or with cupy.from_dlpack on the GPU)"
                     if type(a).__module__.partition(".")[0] == "torch" else "")
             raise TypeError(f"reference.{what}: {name} must be a numpy or CuPy array, got "
@@ -109,19 +111,27 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
     checks.check_linear_backward_args(x, w, dy, dw_accumulate)
     xp = array_module(x, w, dy)
     acc = _acc_dtype(xp, x.dtype)
+    narrow = x.dtype != acc  # 16-bit inputs: computed in float32; float32 and float64 ones are not copied
     n, k = w.shape
-    m = math.prod(x.shape[:-1])  # not reshape(-1, ...): K or N may be 0
-    # no copies where the inputs are in the accumulation dtype already (float32, float64)
-    x2 = x.reshape(m, k).astype(acc, copy=False)
-    dy2 = dy.reshape(m, n).astype(acc, copy=False)
-    dx = (dy2 @ w.astype(acc, copy=False)).astype(x.dtype, copy=False).reshape(x.shape) if need_dx else None
+    x2, dy2, wa = x, dy, w
+    if x.ndim != 2:
+        m = math.prod(x.shape[:-1])  # not reshape(-1, ...): K or N may be 0
+        x2, dy2 = x.reshape(m, k), dy.reshape(m, n)
+    if narrow:
+        x2, dy2, wa = x2.astype(acc), dy2.astype(acc), w.astype(acc)
+    dx = dy2 @ wa if need_dx else None
     dw = dy2.T @ x2
+    db = xp.ones(dy2.shape[0], dtype=acc) @ dy2 if bias else None  # a GEMV: faster than sum
     if dw_accumulate is not None:
         dw_accumulate += dw
         dw = dw_accumulate
-    else:
-        dw = dw.astype(x.dtype, copy=False)
-    db = (xp.ones(m, dtype=acc) @ dy2).astype(x.dtype, copy=False) if bias else None  # a GEMV: faster than sum
+    elif narrow:
+        dw = dw.astype(x.dtype)
+    if narrow:
+        dx = None if dx is None else dx.astype(x.dtype)
+        db = None if db is None else db.astype(x.dtype)
+    if dx is not None and x.ndim != 2:
+        dx = dx.reshape(x.shape)
     return dx, dw, db
 
 
