@@ -31,8 +31,10 @@ from . import harness, ops, plot, sweep
 
 TIMING = {
     "tiny": harness.Timing(warmup_ms=5, rep_ms=20, cpu_min_reps=3, cpu_max_reps=10, cpu_budget_s=0.02),
-    "quick": harness.Timing(warmup_ms=25, rep_ms=100, cpu_min_reps=3, cpu_max_reps=20, cpu_budget_s=0.3),
-    "full": harness.Timing(warmup_ms=25, rep_ms=200, cpu_min_reps=5, cpu_max_reps=50, cpu_budget_s=1.0),
+    "quick": harness.Timing(warmup_ms=25, rep_ms=100, cpu_min_reps=3, cpu_max_reps=20, cpu_budget_s=0.3,
+                            cpu_interleaved_rounds=60),
+    "full": harness.Timing(warmup_ms=25, rep_ms=200, cpu_min_reps=5, cpu_max_reps=50, cpu_budget_s=1.0,
+                           cpu_interleaved_rounds=100),
 }
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import gc
 import importlib.metadata
 import json
 import math
@@ -210,6 +211,7 @@ class Timing:
     cpu_min_reps: int = 5
     cpu_max_reps: int = 50
     cpu_budget_s: float = 0.3
+    cpu_interleaved_rounds: int = 5  # at least this many rounds of an interleaved loop
 
 
 def time_cuda(fn, timing: Timing):
@@ -248,20 +250,22 @@ def time_cpu(fn, timing: Timing, stat=min):
 
 
 def time_cpu_interleaved(fns, timing: Timing):
-    """The fastest ms of each of `fns`, called in turn (one call of each per round) for the
-    run's CPU budget times their number, after one warm-up call each."""
+    """The fastest and the median ms of each of `fns`, called in turn (one call of each per
+    round) for the run's CPU budget times their number, and for at least
+    ``timing.cpu_interleaved_rounds`` rounds, after one warm-up call each: [(min, median), ...].
+    A slow spell of a shared CPU falls on every fn of a round alike, so both figures compare."""
     for fn in fns:
         fn()
     times = [[] for _ in fns]
     t_end = time.perf_counter() + timing.cpu_budget_s * len(fns)
-    n = 0
-    while n < timing.cpu_min_reps or (time.perf_counter() < t_end and n < timing.cpu_max_reps * 4):
+    n, least = 0, max(timing.cpu_min_reps, timing.cpu_interleaved_rounds)
+    while n < least or (time.perf_counter() < t_end and n < timing.cpu_max_reps * 4):
         for fn, ts in zip(fns, times):
             t0 = time.perf_counter()
             fn()
             ts.append((time.perf_counter() - t0) * 1e3)
         n += 1
-    return [min(ts) for ts in times]
+    return [(min(ts), statistics.median(ts)) for ts in times]
 
 
 def time_fn(fn, device, timing):
@@ -452,6 +456,29 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
     host from the host inputs (ops' host_slice)."""
     skip = skip or {}
     timing = timing or Timing()
+    with _libraries_frozen(env):
+        return _run(cases, impls, env, timing, ceilings, progress, skip, sink, deadline, extras)
+
+
+@contextlib.contextmanager
+def _libraries_frozen(env):
+    """On a CPU, the objects alive before timing (the imported libraries: torch alone brings
+    ~160k) are moved out of Python's garbage collector for the run, so that a full collection
+    triggered by an engine's own objects costs what it would in a process of its own (~1 ms,
+    against ~90 ms with every torch module walked again). gpuad's and torch's own objects are
+    collected as usual. CUDA runs are left as they are."""
+    if env.cuda:
+        yield
+        return
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
+
+
+def _run(cases, impls, env, timing, ceilings, progress, skip, sink, deadline, extras):
     if ceilings is None:
         ceilings = measure_ceilings(env, {c.dtype for c in cases}, timing)
     device_name, versions_ = env.device_name(), versions()
@@ -523,8 +550,8 @@ def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, pro
             if bar:
                 bar.step(f"{case.op} {case.label} {case.dtype} {impl}: {rec['status']}")
         if paired:
-            for (rec, _), ms in zip(paired, time_cpu_interleaved([fn for _, fn in paired], timing)):
-                rec["ms"], rec["timer"] = ms, "cpu-min-interleaved"
+            for (rec, _), (ms, median) in zip(paired, time_cpu_interleaved([fn for _, fn in paired], timing)):
+                rec["ms"], rec["ms_median"], rec["timer"] = ms, median, "cpu-min-interleaved"
                 records.append(_with_rate(rec, op, ceilings, sink))
         host = expected = host_expected = None
         free(env)
@@ -637,6 +664,10 @@ def table(records, ceilings=None) -> str:
         mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceilings.get("matmul_TFLOPs", {}).items())
         cp = ceilings.get("copy_GBps")
         lines.append(f"ceilings (measured in this run): copy {_fmt(cp, '.4g')} GB/s (read+write); matmul {mm}")
+    medians = [r for r in records if r.get("ms_median") is not None]
+    if medians:
+        lines.append("interleaved CPU cases, median ms of their rounds (ms above: the fastest round):")
+        lines += [f"  {r['op']} {r['shape_str']} {r['dtype']} {r['impl']}: {r['ms_median']:.4f}" for r in medians]
     graph = graph_lines(records)
     if graph:
         lines.append("no CUDA-graph time:")

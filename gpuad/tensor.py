@@ -385,7 +385,15 @@ def record(name, data, parents, vjp, jvp, saved=()) -> Tensor:
     out = _new_tensor(Tensor)  # Tensor(data) without its checks: `data` is an op's result
     out.data = np.asarray(data) if isinstance(data, np.generic) else data  # a 0-d op gives a numpy scalar
     out.grad = out.tangent = None
-    edges = _edges(parents) if _state.grad_enabled else None
+    if not _state.grad_enabled:
+        edges = None
+    elif len(parents) == 2:  # the binary ops, written out (see _edges)
+        a, b = parents
+        ea = (a if a._node is None else a._node) if a.requires_grad else None
+        eb = (b if b._node is None else b._node) if b.requires_grad else None
+        edges = None if ea is None and eb is None else (ea, eb)
+    else:
+        edges = _edges(parents)
     if edges is None:
         out.requires_grad = False
         out._node = None
@@ -403,11 +411,6 @@ def record(name, data, parents, vjp, jvp, saved=()) -> Tensor:
 
 def _edges(parents):
     """A node's edges to `parents` (see Node), or None when no parent requires grad."""
-    if len(parents) == 2:  # the binary ops, written out
-        a, b = parents
-        ea = (a if a._node is None else a._node) if a.requires_grad else None
-        eb = (b if b._node is None else b._node) if b.requires_grad else None
-        return None if ea is None and eb is None else (ea, eb)
     edges = tuple([(p if p._node is None else p._node) if p.requires_grad else None for p in parents])
     return None if edges.count(None) == len(edges) else edges
 
