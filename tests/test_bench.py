@@ -77,6 +77,16 @@ def test_cpu_engine_cases_in_the_cpu_preset_timed_interleaved():
     assert recs[1]["speedup_vs_torch"] == 1.0 and recs[0]["speedup_vs_torch"] == recs[1]["ms"] / recs[0]["ms"]
 
 
+def test_cpu_runs_freeze_the_libraries_out_of_the_collector():
+    """On a CPU the objects alive before timing are frozen for the run and thawed after it, so
+    that a full collection walks only the engines' own objects."""
+    import gc
+    frozen_before = gc.get_freeze_count()
+    with harness._libraries_frozen(harness.Env(force_cpu=True)):
+        assert gc.get_freeze_count() > frozen_before
+    assert gc.get_freeze_count() == 0
+
+
 def test_bfloat16_quantize_matches_torch():
     torch = pytest.importorskip("torch")
     a = np.random.default_rng(0).standard_normal(10_000, dtype=np.float32) * 100
