@@ -189,16 +189,23 @@ def sub(a, b):
                   jvp=operator.sub)
 
 
+def _mul_tangent(ad_, bd, ta, tb):
+    return ta * bd + ad_ * tb
+
+
+def _mul_broadcast_vjp(ad_, bd):
+    return lambda g: unbroadcast(g * bd, ad_.shape), lambda g: unbroadcast(g * ad_, bd.shape)
+
+
 def mul(a, b):
-    """a * b, with broadcasting."""
+    """a * b, with broadcasting. (No closures in the common same-shape case: every op of a
+    long chain pays for what it builds.)"""
     if not _same_kind(a, b):
         a, b = _pair("mul", a, b)
     ad_, bd = a.data, b.data
-    if ad_.shape == bd.shape:
-        vjp = (bd.__rmul__, ad_.__rmul__)  # g -> g * b, g -> g * a
-    else:
-        vjp = (lambda g: unbroadcast(g * bd, ad_.shape), lambda g: unbroadcast(g * ad_, bd.shape))
-    return record("mul", ad_ * bd, (a, b), vjp, lambda ta, tb: ta * bd + ad_ * tb,
+    # g -> g * b, g -> g * a
+    vjp = (bd.__rmul__, ad_.__rmul__) if ad_.shape == bd.shape else _mul_broadcast_vjp(ad_, bd)
+    return record("mul", ad_ * bd, (a, b), vjp, functools.partial(_mul_tangent, ad_, bd),
                   (b if a.requires_grad else None, a if b.requires_grad else None))
 
 
