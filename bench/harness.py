@@ -466,8 +466,8 @@ def _libraries_frozen(env):
     ~160k) are moved out of Python's garbage collector for the run, so that a full collection
     triggered by an engine's own objects costs what it would in a process of its own (~1 ms,
     against ~90 ms with every torch module walked again). gpuad's and torch's own objects are
-    collected as usual. CUDA runs are left as they are."""
-    if env.cuda:
+    collected as usual. CUDA runs, and a process that froze objects itself, are left as they are."""
+    if env.cuda or gc.get_freeze_count():
         yield
         return
     gc.collect()
