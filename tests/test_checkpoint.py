@@ -1,8 +1,6 @@
 """The activation memory of reverse mode: ad.saved_bytes (what each op's VJP keeps) and
 ad.checkpoint (keep a block's inputs only, recompute the rest in backward, same gradients)."""
 import gc
-import os
-import re
 
 import numpy as np
 import pytest
@@ -174,16 +172,3 @@ def test_nested_checkpoints_give_the_same_gradients():
     for g0, g1 in zip(*grads):
         np.testing.assert_array_equal(g1, g0)
 
-
-def test_readme_activation_memory_example(capsys):
-    """The README's activation-memory snippet, exactly as written: the bytes it prints are those
-    its comment states, and without checkpoints the same model keeps the 40 arrays it states."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    with open(os.path.join(root, "README.md"), encoding="utf-8") as f:
-        section = f.read().split("**Activation memory.**", 1)[1]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {})
-    assert capsys.readouterr().out == "1376256\n" and "# 1376256 (21 arrays" in code
-    plain = code.replace("h = ad.checkpoint(block, h)", "h = block(h)")
-    exec(compile(plain, "README.md", "exec"), {})
-    assert capsys.readouterr().out == "2621440\n" and "2621440 (40 arrays) without checkpoints" in code
