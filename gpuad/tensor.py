@@ -518,9 +518,13 @@ def _walk(root: Tensor, g, retain_graph, collected):
             if guard.owner.flags.writeable:
                 _raise_changed(node)
         if type(vjp) is tuple:  # one VJP per input, called for those that need a gradient
-            grads = []
-            for f, e in zip(vjp, edges):
-                grads.append(None if e is None else f(g))
+            if len(vjp) == 2:  # the binary ops, written out
+                e0, e1 = edges
+                grads = (None if e0 is None else vjp[0](g), None if e1 is None else vjp[1](g))
+            else:
+                grads = []
+                for f, e in zip(vjp, edges):
+                    grads.append(None if e is None else f(g))
         else:
             grads = vjp(g)
         if _inspector is not None:
@@ -541,7 +545,7 @@ def _walk(root: Tensor, g, retain_graph, collected):
                 gp = _coerce(gp, e.shape, e.dtype, node.name)
             waiting = pending[e]
             if waiting == 1:  # e's last cotangent: e is ready
-                prev = partial.pop(e, None)
+                prev = partial.pop(e, None) if partial else None
                 ready.append((e, gp if prev is None else prev + gp))
             else:
                 pending[e] = waiting - 1
