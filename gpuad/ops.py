@@ -170,12 +170,11 @@ def _sum_to(shape, y):
 
 def add(a, b):
     """a + b, with broadcasting."""
-    if not _same_kind(a, b):
-        a, b = _pair("add", a, b)
+    if _same_kind(a, b):  # one shape: no broadcasting to undo
+        return record("add", a.data + b.data, (a, b), _IDENTITIES, operator.add)
+    a, b = _pair("add", a, b)
     y = a.data + b.data  # the VJP keeps shapes only, not the operands
-    sa, sb = a.data.shape, b.data.shape
-    vjp = _IDENTITIES if sa == sb == y.shape else (_sum_to(sa, y), _sum_to(sb, y))
-    return record("add", y, (a, b), vjp, operator.add)
+    return record("add", y, (a, b), (_sum_to(a.data.shape, y), _sum_to(b.data.shape, y)), operator.add)
 
 
 def sub(a, b):
@@ -200,11 +199,12 @@ def _mul_broadcast_vjp(ad_, bd):
 def mul(a, b):
     """a * b, with broadcasting. (No closures in the common same-shape case: every op of a
     long chain pays for what it builds.)"""
-    if not _same_kind(a, b):
+    same = _same_kind(a, b)
+    if not same:
         a, b = _pair("mul", a, b)
+        same = a.data.shape == b.data.shape
     ad_, bd = a.data, b.data
-    # g -> g * b, g -> g * a
-    vjp = (bd.__rmul__, ad_.__rmul__) if ad_.shape == bd.shape else _mul_broadcast_vjp(ad_, bd)
+    vjp = (bd.__rmul__, ad_.__rmul__) if same else _mul_broadcast_vjp(ad_, bd)  # g -> g * b, g -> g * a
     return record("mul", ad_ * bd, (a, b), vjp, functools.partial(_mul_tangent, ad_, bd),
                   (b if a.requires_grad else None, a if b.requires_grad else None))
 

@@ -39,14 +39,8 @@ class Node:
     None, and a later backward reaching the node raises."""
 
     __slots__ = ("name", "edges", "vjp", "shape", "dtype", "guarded", "__weakref__")
-
-    def __init__(self, name, edges, vjp, data, guarded=()):
-        self.name = name
-        self.edges = edges
-        self.vjp = vjp
-        self.shape = data.shape
-        self.dtype = data.dtype
-        self.guarded = guarded  # the _Guards of the arrays its VJP saved: dropped after its last VJP
+    # made by record() alone, its slots set there (no __init__ frame per op); `guarded` holds the
+    # _Guards of the arrays its VJP saved, dropped after its last VJP
 
 
 _FREED = "freed"  # the node of a backward's root once its graph was freed (the root forgets its node)
@@ -369,7 +363,7 @@ def as_tensor(value, like: Tensor | None = None) -> Tensor:
 # VJP of a backward walk. Unset, it costs each op and each VJP one global None check.
 _inspector = None
 
-_new_tensor = object.__new__
+_new_tensor = _new_node = object.__new__
 
 
 def record(name, data, parents, vjp, jvp, saved=()) -> Tensor:
@@ -383,7 +377,9 @@ def record(name, data, parents, vjp, jvp, saved=()) -> Tensor:
 
     Every op goes through here, so it is written for speed: plain loops, no generators."""
     out = _new_tensor(Tensor)  # Tensor(data) without its checks: `data` is an op's result
-    out.data = np.asarray(data) if isinstance(data, np.generic) else data  # a 0-d op gives a numpy scalar
+    if type(data) is not np.ndarray and isinstance(data, np.generic):
+        data = np.asarray(data)  # a 0-d op gives a numpy scalar
+    out.data = data
     out.grad = out.tangent = None
     if not _state.grad_enabled:
         edges = None
@@ -399,7 +395,13 @@ def record(name, data, parents, vjp, jvp, saved=()) -> Tensor:
         out._node = None
     else:
         out.requires_grad = True
-        out._node = Node(name, edges, vjp, out.data, guard_saved(saved) if saved else ())
+        out._node = node = _new_node(Node)
+        node.name = name
+        node.edges = edges
+        node.vjp = vjp
+        node.shape = data.shape
+        node.dtype = data.dtype
+        node.guarded = guard_saved(saved) if saved else ()
     for p in parents:
         if p.tangent is not None:
             out.tangent = _tangent_out(jvp, parents, out)
