@@ -204,7 +204,10 @@ def mul(a, b):
         a, b = _pair("mul", a, b)
         same = a.data.shape == b.data.shape
     ad_, bd = a.data, b.data
-    vjp = (bd.__rmul__, ad_.__rmul__) if same else _mul_broadcast_vjp(ad_, bd)  # g -> g * b, g -> g * a
+    if same:  # g -> g * b, g -> g * a; only where a gradient is needed, so as to keep no operand for nothing
+        vjp = (bd.__rmul__ if a.requires_grad else None, ad_.__rmul__ if b.requires_grad else None)
+    else:
+        vjp = _mul_broadcast_vjp(ad_, bd)
     return record("mul", ad_ * bd, (a, b), vjp, functools.partial(_mul_tangent, ad_, bd),
                   (b if a.requires_grad else None, a if b.requires_grad else None))
 

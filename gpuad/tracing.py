@@ -77,7 +77,8 @@ def _owner(a):
 
 def _held_arrays(obj, found):
     """Add to `found` (id -> array) the memory owners of every array that `obj` holds: through
-    closures and default arguments of functions, partials, tuples, lists, dicts and Tensors."""
+    closures and default arguments of functions, bound methods (an array's ``__rmul__``, say),
+    partials, tuples, lists, dicts and Tensors."""
     seen, stack = set(), [obj]
     while stack:
         o = stack.pop()
@@ -97,6 +98,9 @@ def _held_arrays(obj, found):
                     pass
             stack.extend(o.__defaults__ or ())
             stack.extend((o.__kwdefaults__ or {}).values())
+        elif isinstance(o, (types.MethodWrapperType, types.BuiltinMethodType, types.MethodType)):
+            stack.append(o.__self__)
+            stack.append(getattr(o, "__func__", None))
         elif isinstance(o, functools.partial):
             stack += [o.func, *o.args, *o.keywords.values()]
         elif type(o) in (tuple, list):

@@ -74,6 +74,17 @@ def test_relu_keeps_its_output_which_the_next_linear_keeps_too():
     assert ad.saved_bytes(loss) == 0
 
 
+def test_mul_by_a_constant_keeps_only_the_constant():
+    """h * c with c a constant: h's gradient needs c, and nothing needs h, so h is not kept."""
+    rng = np.random.default_rng(4)
+    x, c = ad.tensor(rng.standard_normal(1000), requires_grad=True), ad.tensor(rng.standard_normal(1000))
+    h = x * 2.0  # keeps the scalar 2.0 only (x is a leaf that needs a gradient: not counted)
+    y = ad.sum(h * c)
+    assert ad.saved_bytes(y) == 8 + 1000 * F64
+    y.backward()
+    np.testing.assert_allclose(x.grad, 2.0 * c.numpy(), rtol=1e-15)
+
+
 def test_checkpoint_in_transforms_forward_mode_and_trace():
     model = _mlp()
     rng = np.random.default_rng(2)
