@@ -388,6 +388,9 @@ def record(name, data, parents, vjp, jvp, saved=()) -> Tensor:
         ea = (a if a._node is None else a._node) if a.requires_grad else None
         eb = (b if b._node is None else b._node) if b.requires_grad else None
         edges = None if ea is None and eb is None else (ea, eb)
+    elif len(parents) == 1:  # the unary ops
+        a = parents[0]
+        edges = ((a if a._node is None else a._node),) if a.requires_grad else None
     else:
         edges = _edges(parents)
     if edges is None:
@@ -538,7 +541,9 @@ def _walk(root: Tensor, g, retain_graph, collected):
             if gp is None or e is None:
                 continue
             if type(e) is not Node:  # a leaf Tensor
-                gp = _coerce(gp, e.data.shape, e.dtype, node.name)
+                data = e.data
+                if type(gp) is not np.ndarray or gp.dtype is not data.dtype or gp.shape != data.shape:
+                    gp = _coerce(gp, data.shape, data.dtype, node.name)
                 if retain_graph:
                     shared.add(id(gp))
                 _deliver_to_leaf(e, gp, collected, shared)
