@@ -311,7 +311,8 @@ def relu(x):
     x = as_tensor(x)
     d = x.data
     xp = B.array_module(d)
-    y = xp.maximum(d, xp.zeros(d.shape, d.dtype))  # numpy: against an array, its vectorised loop (~2x its scalar one)
+    # numpy: against a zero array, its vectorised loop (~2x its loop against a scalar); CuPy: one kernel
+    y = xp.maximum(d, np.zeros(d.shape, d.dtype) if xp is np else 0)
     return record("relu", y, (x,), vjp=(lambda g: g * (y > 0),), jvp=lambda t: t * (y > 0))
 
 
