@@ -235,10 +235,10 @@ def _time_cuda_events(fn, timing):
     return statistics.median(times)
 
 
-def time_cpu(fn, timing: Timing, stat=min):
-    """The fastest (or `stat`) ms of repeated calls after one warm-up call: on a CPU shared with
-    other work the slow calls are interference, so the minimum is the steadiest figure (as
-    timeit's); the ceilings are measured the same way."""
+def time_cpu(fn, timing: Timing):
+    """The fastest ms of repeated calls after one warm-up call: on a CPU shared with other work
+    the slow calls are interference, so the minimum is the steadiest figure (as timeit's); the
+    ceilings are measured the same way."""
     fn()
     times = []
     t_end = time.perf_counter() + timing.cpu_budget_s
@@ -246,7 +246,7 @@ def time_cpu(fn, timing: Timing, stat=min):
         t0 = time.perf_counter()
         fn()
         times.append((time.perf_counter() - t0) * 1e3)
-    return stat(times), f"cpu-{stat.__name__}"
+    return min(times), "cpu-min"
 
 
 def time_cpu_interleaved(fns, timing: Timing):

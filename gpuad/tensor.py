@@ -428,9 +428,8 @@ def _tangent_out(jvp, parents, out):
 
 def _coerce(g, shape, dtype, name: str):
     """A cotangent as an array of the given shape and dtype; a wrong shape is a bug in a rule.
-    The common case (a numpy array that is right already) returns at once."""
-    if type(g) is not np.ndarray or g.dtype is not dtype:
-        g = B.array_module(g).asarray(g, dtype=dtype)
+    The walk calls it only when `g` is not a numpy array of that dtype and shape already."""
+    g = B.array_module(g).asarray(g, dtype=dtype)
     if g.shape != shape:
         raise RuntimeError(f"internal error: VJP of {name} gave shape {g.shape} for an input of shape {shape}")
     return g
@@ -540,16 +539,15 @@ def _walk(root: Tensor, g, retain_graph, collected):
         for e, gp in zip(edges, grads):
             if gp is None or e is None:
                 continue
-            if type(e) is not Node:  # a leaf Tensor
-                data = e.data
-                if type(gp) is not np.ndarray or gp.dtype is not data.dtype or gp.shape != data.shape:
-                    gp = _coerce(gp, data.shape, data.dtype, node.name)
+            leaf = type(e) is not Node  # a leaf Tensor, else a node
+            like = e.data if leaf else e  # what the cotangent must match: shape and dtype
+            if type(gp) is not np.ndarray or gp.dtype is not like.dtype or gp.shape != like.shape:
+                gp = _coerce(gp, like.shape, like.dtype, node.name)
+            if leaf:
                 if retain_graph:
                     shared.add(id(gp))
                 _deliver_to_leaf(e, gp, collected, shared)
                 continue
-            if type(gp) is not np.ndarray or gp.dtype is not e.dtype or gp.shape != e.shape:
-                gp = _coerce(gp, e.shape, e.dtype, node.name)
             waiting = pending[e]
             if waiting == 1:  # e's last cotangent: e is ready
                 prev = partial.pop(e, None) if partial else None
