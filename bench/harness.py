@@ -437,7 +437,8 @@ def new_record(case, impl, device_name, versions_):
                 ms_back_to_back=None, ms_graph=None, graph_note=None, host_us=None,
                 flops=op.flops(case), bytes=op.min_bytes(case), metric=op.metric, rate=None, ceiling=None,
                 pct_ceiling=None, speedup_vs_torch=None, max_error=None, max_error_host=None,
-                tolerance=TOLERANCE.get(case.dtype), timer=None, n_copies=None, wall_s=None, peak_extra_bytes=None)
+                tolerance=TOLERANCE.get(case.dtype), timer=None, n_copies=None, wall_s=None, peak_extra_bytes=None,
+                model_ms=None)
 
 
 def run(cases, impls, env: Env, timing: Timing | None = None, ceilings=None, progress=True, skip=None,
@@ -566,6 +567,8 @@ def _with_rate(rec, op, ceilings, sink):
         rec["ceiling"] = ceiling_for(op.metric, rec["dtype"], ceilings)
         if rec["ceiling"]:
             rec["pct_ceiling"] = 100.0 * rec["rate"] / rec["ceiling"]
+        if hasattr(op, "model_ms"):  # the LM head: its schedule's modelled time at these ceilings
+            rec["model_ms"] = op.model_ms(rec, ceilings)
     if sink:
         append_jsonl(sink, rec)
     return rec
@@ -647,16 +650,17 @@ def table(records, ceilings=None) -> str:
 
     ms: L2-flushed median; b2b ms: back to back, no flush; graph ms: replayed from a CUDA
     graph; host us: host time per call (see the module docstring); +peak GB: the peak memory
-    of one call above what was allocated before it (ops that measure it, on CUDA)."""
-    head = ("op", "shape", "dtype", "impl", "status", "ms", "b2b ms", "graph ms", "host us", "rate", "% ceil",
-            "x torch", "+peak GB")
+    of one call above what was allocated before it (ops that measure it, on CUDA); model ms: the
+    time bench/lm_head_model.py gives the impl's schedule at the ceilings of the run (the LM head)."""
+    head = ("op", "shape", "dtype", "impl", "status", "ms", "model ms", "b2b ms", "graph ms", "host us", "rate",
+            "% ceil", "x torch", "+peak GB")
     rows = []
     for r in records:
         if r["status"] == "UNAVAILABLE":
             continue
         rate = f"{r['rate']:.3g} {r['metric']}" if r["rate"] else ""
         rows.append((r["op"], r["shape_str"], r["dtype"], r["impl"], r["status"], _fmt(r["ms"], ".4f"),
-                     _fmt(r.get("ms_back_to_back"), ".4f"), _fmt(r.get("ms_graph"), ".4f"),
+                     _fmt(r.get("model_ms"), ".4f"), _fmt(r.get("ms_back_to_back"), ".4f"), _fmt(r.get("ms_graph"), ".4f"),
                      _fmt(r.get("host_us"), ".1f"), rate, _fmt(r["pct_ceiling"], ".1f"),
                      _fmt(r["speedup_vs_torch"], ".2f"), _fmt(gb(r.get("peak_extra_bytes")), ".3f")))
     lines = text_table(head, rows)
@@ -685,7 +689,7 @@ def table(records, ceilings=None) -> str:
 
 REQUIRED_KEYS = ("op", "impl", "shape", "shape_str", "dtype", "device", "versions", "status", "error", "ms",
                  "ms_back_to_back", "ms_graph", "graph_note", "host_us", "flops", "bytes", "metric", "rate", "ceiling",
-                 "pct_ceiling", "speedup_vs_torch", "max_error", "max_error_host", "wall_s", "peak_extra_bytes")
+                 "pct_ceiling", "speedup_vs_torch", "max_error", "max_error_host", "wall_s", "peak_extra_bytes", "model_ms")
 
 
 def linear_routes() -> list[str]:

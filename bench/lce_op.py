@@ -13,10 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 
+from . import lm_head_model
 from .common import Prepared, Unavailable, itemsize, normal, rotating
 
 IGNORE = -100
 IGNORE_EVERY = 17  # every 17th target is ignore_index: the padding rows of a real batch
+#: impls whose schedule bench/lm_head_model.py models (gpuad's token chunks): a `model ms` figure
+MODELLED = ("triton", "triton_dw", "cupy")
 #: impls that hold device memory torch's allocator does not see (CuPy's pool): no peak figure
 NO_TORCH_PEAK = ("cupy", "reference")
 
@@ -90,6 +93,23 @@ class LinearCrossEntropy:
         peak = torch.cuda.max_memory_allocated() - before
         del out
         return peak
+
+    @staticmethod
+    def model_ms(rec, ceilings):
+        """The time bench/lm_head_model.py gives gpuad's current schedule (token chunks of the
+        default chunk) at the run's measured ceilings, for the gpuad impls (the "triton" and
+        "cupy" calls include the bench's zeroing of their fp32 dw buffer: a 4·V·D write); None
+        for the others, or without both ceilings."""
+        if rec["impl"] not in MODELLED:
+            return None
+        gbps = (ceilings or {}).get("copy_GBps")
+        tflops = (ceilings or {}).get("matmul_TFLOPs", {}).get(rec["dtype"])
+        if not (gbps and tflops):
+            return None
+        n, d, v, b = rec["shape"]["N"], rec["shape"]["D"], rec["shape"]["V"], itemsize(rec["dtype"])
+        main_grad = rec["impl"] != "triton_dw"
+        zero_ms = 4 * v * d / gbps / 1e6 if main_grad else 0.0
+        return lm_head_model.current(n, d, v, b, dw_accumulate=main_grad).ms(gbps, tflops) + zero_ms
 
 
 def _lce_gpuad(module, main_grad=True):

@@ -56,6 +56,26 @@ def test_rate_and_ceiling_from_counts():
     assert rec["pct_ceiling"] == pytest.approx(100 * rec["rate"] / 1.0)
 
 
+def test_lm_head_records_carry_the_model_time_at_the_run_ceilings():
+    from bench import lm_head_model
+    case = ops.Case("linear_cross_entropy", (8192, 4096, 128256), "bfloat16")
+    ceilings = {"copy_GBps": 3000.0, "matmul_TFLOPs": {"bfloat16": 700.0}}
+    recs = {}
+    for impl in ("triton", "triton_dw", "torch"):
+        rec = dict(harness.new_record(case, impl, "gpu", {}), status="OK", ms=50.0)
+        recs[impl] = harness._with_rate(rec, ops.OPS[case.op], ceilings, None)
+    sched = lm_head_model.token(8192, 4096, 128256, 2, 2048)
+    zero_ms = 4 * 128256 * 4096 / 3000.0 / 1e6  # the bench zeroes the fp32 dw buffer in its call
+    assert recs["triton"]["model_ms"] == pytest.approx(sched.ms(3000.0, 700.0) + zero_ms)
+    own = lm_head_model.token(8192, 4096, 128256, 2, 2048, dw_accumulate=False)
+    assert recs["triton_dw"]["model_ms"] == pytest.approx(own.ms(3000.0, 700.0))
+    assert recs["torch"]["model_ms"] is None
+    text = harness.table(list(recs.values()), ceilings)
+    assert "model ms" in text.splitlines()[0] and f"{recs['triton']['model_ms']:.4f}" in text
+    no_ceiling = dict(harness.new_record(case, "triton", "gpu", {}), status="OK", ms=50.0)
+    assert harness._with_rate(no_ceiling, ops.OPS[case.op], {"copy_GBps": 3000.0}, None)["model_ms"] is None
+
+
 def test_cpu_engine_cases_in_the_cpu_preset_timed_interleaved():
     """The CPU engine against torch (issue 14): both cases in the CPU quick preset, and their
     impls timed in one interleaved loop, one figure per impl."""
