@@ -3,13 +3,22 @@
 #   1 install gpuad from this tree (nothing downloaded; skipped when it is installed from here
 #     already) and say whether the kernel modules import
 #   2 the kernel tests (Triton CE, Triton linear, CuPy kernels, backends): pytest -m gpu, JUnit XML
-#   3 the quick benchmark (every DESIGN.md target shape; one JSON line per record as measured)
-#   4 the tuning sweep: every candidate the kernels declare, winners into kernels/tuned/<GPU>.json
-#   5 the cupy-backend engine tests (pytest -m gpu on the rest) with the time left
+#   3 the tuning sweep: the candidates the kernels declare, by expected gain, each op within its
+#     share of the time (bench/sweep.py); winners into OUTDIR/tuned/<GPU>.json
+#   4 the quick benchmark (every DESIGN.md target shape; one JSON line per record as measured),
+#     on the table the sweep just wrote (GPUAD_TUNED_DIR=OUTDIR/tuned)
+#   5 the cupy-backend engine tests (pytest -m gpu on the rest)
 #   6 a summary, last: tests per file, each target shape met or missed, the sweep's table, the
 #     benchmark's seconds per impl, time per step
+# Each test step also writes tests-<step>.jsonl, a line as each test starts and ends, so a step
+# killed by its limit still names what failed and what was running.
 #
 #   bash bench/gpu_check.sh [--dry-run] [OUTDIR]       (default ./gpu-out)
+#   bash bench/gpu_check.sh --bench-only [--dry-run] OUTDIR   a second call: install, the benchmark on
+#                                      the committed tables (kernels/tuned), Nsight Compute profiles of
+#                                      the gpuad kernels where `ncu` exists, the summary
+#   bash bench/gpu_check.sh --plan     each step of both commands, its limit and its estimated
+#                                      seconds (bench/plan.py); exit 1 when a command's limits pass 9 minutes
 #
 # --dry-run runs every step's plumbing on a CPU (pip install --dry-run, GPU tests skip, the
 # benchmark takes its tiny CPU shapes, the sweep runs the Triton candidates in the interpreter
@@ -18,39 +27,36 @@
 # (TRITON_CACHE_AUTOTUNING=1), CuPy's NVRTC kernels, Inductor's compiles, so a rerun on the same
 # machine compiles and autotunes nothing it did before.
 #
-# Time limits in seconds (environment): GPU_CHECK_KERNEL_S (default 90), GPU_CHECK_BENCH_S (160),
-# GPU_CHECK_SWEEP_S (75; 0 skips the sweep, for a rerun that needs no new table),
-# GPU_CHECK_BUDGET_S (360, the whole check; step 5 gets what is left, at least 30). The benchmark
-# stops starting new measurements 20 s before its limit, the sweep at three quarters of its
-# limit, and both still write their tables; a step killed by its limit leaves its log and JSON
-# lines. A sweep cut short starts, on the rerun, with the ops it did not reach.
+# Time limits in seconds (environment; bench/plan.py holds the defaults): GPU_CHECK_INSTALL_S,
+# GPU_CHECK_KERNEL_S, GPU_CHECK_SWEEP_S (0 skips the sweep), GPU_CHECK_BENCH_S, GPU_CHECK_ENGINE_S,
+# GPU_CHECK_PROFILE_S. The benchmark stops starting new measurements 20 s before its limit, the
+# sweep at nine tenths of its limit, and both still write their tables; a step killed by its limit
+# leaves its log and JSON lines. A sweep cut short starts, on the rerun, with the ops it did not reach.
 # pytest runs GPU_CHECK_WORKERS (default 8) processes where pytest-xdist is installed.
-#
-# Estimate (not a measurement of this script): run 1 on one H100 (bench/RESULTS.md) took 328 s
-# with cold caches: install 12 s, kernel tests 51 s, benchmark 227 s, engine tests 38 s. Since
-# then the benchmark draws its 2.9 G input elements with one thread per core and widens them to
-# float64 on the device. That host work took about 80 ns an element on one core of a shared
-# 2-core CPU (30 to draw, 35 to round to bf16, 15 to widen): on a GPU host's core, 2 to 4 times
-# faster, an estimated 60-120 s of those 227 s, now a few seconds. Its host, back-to-back and CUDA-graph figures add about 0.3 s a record (45 records). So,
-# cold: 12 + 51 + at most 160 (the torch.compile rows come last and are the ones cut if it does
-# not fit) + at most 75 + 38 = at most 336 s, under 6 minutes, plus the machine's start. A rerun
-# on the warm machine: install skipped, kernel tests about 35 s, benchmark about 75 s (nothing
-# compiled or autotuned again), sweep about 40 s (its candidates compiled already), engine tests
-# about 25 s: about 175 s, under 3 minutes (about 135 s with GPU_CHECK_SWEEP_S=0).
-# Exit status: 0 when the install, both test steps, the benchmark and the sweep passed.
+# Exit status: 0 when the install, both test steps, the sweep and the benchmark passed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
 PY=${PYTHON:-python3}
 command -v "$PY" >/dev/null 2>&1 || PY=python
 
-DRY=0
-if [ "${1:-}" = "--dry-run" ]; then DRY=1; shift; fi
+DRY=0 PLAN=0 BENCH_ONLY=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dry-run) DRY=1 ;;
+        --plan) PLAN=1 ;;
+        --bench-only) BENCH_ONLY=1 ;;
+        -*) echo "gpu_check.sh: unknown option $1 (--dry-run, --plan, --bench-only)" >&2; exit 2 ;;
+        *) break ;;
+    esac
+    shift
+done
+cd "$(dirname "$0")/.." || exit 2
+if [ $PLAN -eq 1 ]; then exec "$PY" -m bench.plan; fi
+eval "$("$PY" -m bench.plan --limits)"  # INSTALL_S ... PROFILE_S: the environment's, else the defaults
 OUT=${1:-./gpu-out}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
-cd "$(dirname "$0")/.." || exit 2
 ROOT=$(pwd)
 START=$SECONDS
-BUDGET=${GPU_CHECK_BUDGET_S:-360}
 : >"$OUT/steps.txt"
 step_done() { echo "  $1: rc $2$([ "$2" -eq 124 ] && echo ' (TIMED OUT)'), $((SECONDS - $3)) s" >>"$OUT/steps.txt"; }
 
@@ -70,7 +76,7 @@ elif [ "$INSTALLED_HERE" = "$ROOT" ]; then
     echo "== 1 install: gpuad is installed from this tree already (skipped)" | tee "$OUT/pip.log"
 else
     echo "== 1 install (pip --no-deps --no-build-isolation -e .)"
-    "$PY" -m pip install --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
+    timeout "$INSTALL_S" "$PY" -m pip install --no-deps --no-build-isolation -e . >"$OUT/pip.log" 2>&1
     PIP_RC=$?
 fi
 [ $PIP_RC -eq 0 ] || tail -n 20 "$OUT/pip.log"
@@ -90,22 +96,44 @@ XDIST=()
 if [ $DRY -eq 0 ] && "$PY" -c "import xdist" 2>/dev/null; then XDIST=(-n "${GPU_CHECK_WORKERS:-8}"); fi
 KERNEL_TESTS=(tests/test_triton_cross_entropy.py tests/test_triton_linear_backward.py
               tests/test_cupy_kernels.py tests/test_backends.py)
-
-T=$SECONDS
-echo "== 2 kernel tests: pytest -m gpu ${KERNEL_TESTS[*]}"
-timeout "${GPU_CHECK_KERNEL_S:-90}" "$PY" -m pytest -m gpu -q -rfE "${XDIST[@]}" --durations=15 \
-    --junitxml="$OUT/junit-kernels.xml" "${KERNEL_TESTS[@]}" 2>&1 | tee "$OUT/pytest-kernels.log"
-KERNEL_RC=$?
-step_done "kernel tests" $KERNEL_RC $T
-
 CPU_ARGS=()
 [ $DRY -eq 1 ] && CPU_ARGS=(--cpu)
+KERNEL_RC=0 SWEEP_RC=0 ENGINE_RC=0 PROFILE_RC=0
+
+# pytest -m gpu with a limit: JUnit XML at the end, and a line a test as it goes (tests-<name>.jsonl)
+gpu_tests() {
+    local name=$1 limit=$2
+    shift 2
+    : >"$OUT/tests-$name.jsonl"
+    timeout "$limit" "$PY" -m pytest -m gpu -q -rfE "${XDIST[@]}" --durations=15 --junitxml="$OUT/junit-$name.xml" \
+        --test-lines="$OUT/tests-$name.jsonl" "$@" 2>&1 | tee "$OUT/pytest-$name.log"
+}
+
+if [ $BENCH_ONLY -eq 0 ]; then
+    T=$SECONDS
+    echo "== 2 kernel tests: pytest -m gpu ${KERNEL_TESTS[*]} (limit ${KERNEL_S} s)"
+    gpu_tests kernels "$KERNEL_S" "${KERNEL_TESTS[@]}"
+    KERNEL_RC=$?
+    step_done "kernel tests" $KERNEL_RC $T
+
+    T=$SECONDS
+    if [ "$SWEEP_S" -gt 0 ]; then
+        echo "== 3 python -m bench --sweep ${CPU_ARGS[*]} (limit ${SWEEP_S} s)"
+        timeout "$SWEEP_S" "$PY" -m bench --sweep "${CPU_ARGS[@]}" --budget-s $((SWEEP_S * 9 / 10)) --out "$OUT" \
+            --tuned-dir "$OUT/tuned" 2>&1 | tee "$OUT/sweep.log"
+        SWEEP_RC=$?
+        step_done sweep $SWEEP_RC $T
+        export GPUAD_TUNED_DIR="$OUT/tuned"  # the benchmark's launchers read the table just written
+    else
+        echo "== 3 sweep skipped (GPU_CHECK_SWEEP_S=0)" | tee "$OUT/sweep.log"
+        echo "  sweep: skipped" >>"$OUT/steps.txt"
+    fi
+fi
 
 T=$SECONDS
-BENCH_S=${GPU_CHECK_BENCH_S:-160}
 BENCH_ARGS=(--preset quick)
 [ $DRY -eq 1 ] && BENCH_ARGS=(--preset tiny)
-echo "== 3 python -m bench ${BENCH_ARGS[*]} ${CPU_ARGS[*]} (limit ${BENCH_S} s)"
+echo "== 4 python -m bench ${BENCH_ARGS[*]} ${CPU_ARGS[*]} (limit ${BENCH_S} s; tuned tables: ${GPUAD_TUNED_DIR:-kernels/tuned})"
 timeout "$BENCH_S" "$PY" -m bench "${BENCH_ARGS[@]}" "${CPU_ARGS[@]}" --budget-s $((BENCH_S - 20)) --out "$OUT" \
     2>&1 | tee "$OUT/bench.log"
 BENCH_RC=$?
@@ -115,29 +143,26 @@ fi
 step_done benchmark $BENCH_RC $T
 
 T=$SECONDS
-SWEEP_S=${GPU_CHECK_SWEEP_S:-75}
-SWEEP_RC=0
-if [ "$SWEEP_S" -gt 0 ]; then
-    echo "== 4 python -m bench --sweep ${CPU_ARGS[*]} (limit ${SWEEP_S} s)"
-    timeout "$SWEEP_S" "$PY" -m bench --sweep "${CPU_ARGS[@]}" --budget-s $((SWEEP_S * 3 / 4)) --out "$OUT" \
-        2>&1 | tee "$OUT/sweep.log"
-    SWEEP_RC=$?
-    step_done sweep $SWEEP_RC $T
+if [ $BENCH_ONLY -eq 0 ]; then
+    IGNORES=()
+    for f in "${KERNEL_TESTS[@]}"; do IGNORES+=(--ignore="$f"); done
+    echo "== 5 engine tests on the cupy backend: pytest -m gpu (the rest), limit ${ENGINE_S} s"
+    gpu_tests engine "$ENGINE_S" "${IGNORES[@]}"
+    ENGINE_RC=$?
+    step_done "engine tests" $ENGINE_RC $T
+elif command -v ncu >/dev/null 2>&1 && [ $DRY -eq 0 ]; then
+    echo "== 5 Nsight Compute profiles of the gpuad kernels at the LM-head and CE shapes (limit ${PROFILE_S} s)"
+    mkdir -p "$OUT/ncu"
+    timeout "$PROFILE_S" ncu --target-processes all --kernel-name-base function -k 'regex:_ce_|_lce_|_tile_|ce_' \
+        --launch-count 12 --set full -o "$OUT/ncu/profiles" -f "$PY" -m bench --preset quick --impls triton,cupy \
+        --ops softmax_cross_entropy,linear_cross_entropy --budget-s $((PROFILE_S - 30)) --out "$OUT/ncu" \
+        >"$OUT/ncu.log" 2>&1
+    PROFILE_RC=$?
+    step_done "profiles" $PROFILE_RC $T
 else
-    echo "== 4 sweep skipped (GPU_CHECK_SWEEP_S=0)" | tee "$OUT/sweep.log"
-    echo "  sweep: skipped" >>"$OUT/steps.txt"
+    echo "== 5 profiles skipped: $([ $DRY -eq 1 ] && echo 'dry run' || echo 'no ncu on PATH')" | tee "$OUT/ncu.log"
+    echo "  profiles: skipped" >>"$OUT/steps.txt"
 fi
-
-T=$SECONDS
-LEFT=$((BUDGET - (SECONDS - START)))
-[ $LEFT -lt 30 ] && LEFT=30
-IGNORES=()
-for f in "${KERNEL_TESTS[@]}"; do IGNORES+=(--ignore="$f"); done
-echo "== 5 engine tests on the cupy backend: pytest -m gpu (the rest), ${LEFT} s"
-timeout "$LEFT" "$PY" -m pytest -m gpu -q -rfE "${XDIST[@]}" --durations=10 \
-    --junitxml="$OUT/junit-engine.xml" "${IGNORES[@]}" 2>&1 | tee "$OUT/pytest-engine.log"
-ENGINE_RC=$?
-step_done "engine tests" $ENGINE_RC $T
 
 echo
 echo "================ table, then summary ($((SECONDS - START)) s) ================"

@@ -1,6 +1,9 @@
 """python -m bench.summary OUTDIR: the last lines of the GPU check.
 
-Per test file of each JUnit XML in OUTDIR: passed / failed / skipped. Per DESIGN.md target
+Per test file of each JUnit XML in OUTDIR: passed / failed / skipped; for a test step killed by
+its time limit (no JUnit XML), the same counts from its tests-<step>.jsonl (one line a test as it
+starts and as it ends, see tests/conftest.py's --test-lines), then the tests that failed and the
+ones that were running when it was killed, by name. Per DESIGN.md target
 shape found in OUTDIR/results.jsonl: each gpuad impl's ms, its ratio to one copy of the logits
 (cross-entropy), its speed-up over torch's three ops (linear backward), or for the LM head
 (linear_cross_entropy) three lines: its speed-up over torch eager, its peak memory above the
@@ -40,6 +43,48 @@ TARGETS = {
     ("linear_cross_entropy", "16384x2048x32000", "bfloat16"): [("torch", 1.0), ("liger_memory", 1.0)],
 }
 GPUAD_IMPLS = ("triton", "triton_fused", "cupy")
+
+
+def line_results(path):
+    """{test id: (state, message)} from a --test-lines file: failed, skipped, passed, or running
+    (started, never finished: the run was killed during it)."""
+    out = {}
+    for rec in read_jsonl(path):
+        state, message = out.get(rec["nodeid"], ("running", None))
+        if rec["outcome"] == "failed":
+            state, message = "failed", rec.get("message")
+        elif rec["outcome"] == "skipped" and state != "failed":
+            state = "skipped"
+        elif rec["when"] == "call" and state == "running":
+            state = "passed"
+        out[rec["nodeid"]] = state, message
+    return out
+
+
+def _per_file(results):
+    per_file = {}
+    for nodeid, (state, _) in results.items():
+        counts = per_file.setdefault(os.path.basename(nodeid.split("::")[0]).removesuffix(".py"),
+                                     {"passed": 0, "failed": 0, "skipped": 0, "running": 0})
+        counts[state] += 1
+    return per_file
+
+
+def killed_step_lines(out_dir):
+    """Per tests-<step>.jsonl: counts per file when its step left no JUnit XML, then the failed
+    and the still-running tests by name."""
+    lines = []
+    for path in sorted(glob.glob(os.path.join(out_dir, "tests-*.jsonl"))):
+        step = os.path.basename(path)[len("tests-"):-len(".jsonl")]
+        results = line_results(path)
+        if not os.path.exists(os.path.join(out_dir, f"junit-{step}.xml")):
+            lines.append(f"  {step} tests: no JUnit XML (the step was killed); from {os.path.basename(path)}:")
+            lines += [f"  {name:34s} passed {c['passed']:4d}  failed {c['failed']:3d}  skipped {c['skipped']:3d}"
+                      f"  running {c['running']}" for name, c in _per_file(results).items()]
+        for nodeid, (state, message) in results.items():
+            if state in ("failed", "running"):
+                lines.append(f"  {state.upper()} {nodeid}" + (f": {message}" if message else ""))
+    return lines
 
 
 def test_lines(out_dir):
@@ -123,7 +168,7 @@ def main(argv=None):
         return 2
     out_dir = argv[0]
     print("tests (per file):")
-    print("\n".join(test_lines(out_dir)) or "  no JUnit XML")
+    print("\n".join(test_lines(out_dir) + killed_step_lines(out_dir)) or "  no JUnit XML")
     try:
         meta, records = read_partial(out_dir)
     except OSError:

@@ -14,9 +14,12 @@ swept, with the reason. ``--ops`` takes tuning op names or bench op names (all t
 Candidates: the full grid of the space when it has at most GRID_MAX points. Otherwise one
 parameter at a time: the start point (what the launcher uses now on this GPU: its tuned table,
 else the registered fallbacks), then each other value of each parameter with the rest held at
-the start, then the combination of every parameter's best value when that is a new point.
-A grid of a large space would outlast a GPU session; this is linear in the number of values,
-and the combination catches the common case of parameters that act independently.
+the start, the most promising parameters first and without the candidates that cannot change
+anything at the sweep's shapes (bench/sweep_plan.py: order, and why each dropped one is
+dropped; they are listed as DROPPED), then the combination of every parameter's best value
+when that is a new point. A grid of a large space would outlast a GPU session; this is linear
+in the number of values, and the combination catches the common case of parameters that act
+independently.
 
 Shapes: the DESIGN.md target shapes of the bench op (its GPU quick-preset shapes). Without a
 CUDA device, the small CPU_SHAPES run the Triton kernels in the interpreter (TRITON_INTERPRET=1,
@@ -31,7 +34,9 @@ mean time. The table is printed and written to OUT/sweep.txt; the winners go int
 ``<tuned-dir>/<tuning.file_name(GPU name)>.json`` (default: this tree's kernels/tuned on a CUDA
 device, OUT/tuned without one; a copy always lands in OUT/tuned), replacing the swept ops'
 entries and keeping the others, with a "measured" section per op (see kernels/tuning.py). ``--budget-s`` stops starting new
-measurements once spent; winners come from the candidates complete by then.
+measurements once spent; each op gets an equal share of what is left when its turn comes (an
+op that finishes early leaves its rest to the next), so every op is swept; winners come from
+the candidates complete by then.
 """
 from __future__ import annotations
 
@@ -44,7 +49,7 @@ import shutil
 import sys
 import time
 
-from . import harness, ops
+from . import harness, ops, sm90, sweep_plan
 from .common import Unavailable, try_import
 
 GRID_MAX = 8
@@ -198,18 +203,32 @@ def sweep_op(tuning_op, env, timing, tuned_dir, shared, sink=None, deadline=None
                     break
         return True
 
+    dropped = []
     if small:
         run([start] + [p for p in grid(space) if p != start])
-    elif run(one_at_a_time(space, start)):  # in time for the combination of the best values
-        combined = _best_per_parameter(records, space, start)
-        if combined not in one_at_a_time(space, start):
-            run([combined])
+    else:
+        kept, dropped = sweep_plan.candidates(tuning_op, space, start, [c.case for c in cases], _sm90_table())
+        if run(kept):  # in time for the combination of the best values
+            combined = _best_per_parameter(records, space, start)
+            if combined not in one_at_a_time(space, start):
+                run([combined])
     if not records:
         emit(dict(base, params=start, candidate=label(start), status="UNAVAILABLE",
                   error="not run: the sweep's time budget was spent"))
+    for params, why in dropped:
+        emit(dict(base, params=params, candidate=label(params), status="DROPPED", error=why))
     cases = None
     harness.free(env)
     return records
+
+
+def _sm90_table():
+    """bench/sm90_kernels.json, or None (then no candidate is dropped by occupancy)."""
+    try:
+        return sm90.load()
+    except (OSError, ValueError) as e:
+        print(f"sweep: no sm_90 resource table ({e}); programs_per_sm candidates are all kept", file=sys.stderr)
+        return None
 
 
 def _best_per_parameter(records, space, start):
@@ -277,7 +296,7 @@ def report_text(records):
     lines = []
     wins = winners(records)
     for op, recs in by_op(records).items():
-        first = recs[0]
+        first = next((r for r in recs if r.get("shape_str")), recs[0])
         if not first.get("shape_str"):
             lines.append(f"{op}: not swept ({first['status']}): {first['error']}")
             continue
@@ -293,6 +312,7 @@ def report_text(records):
         for c in cands:
             if c["error"]:
                 lines.append(f"  FAIL {c['candidate']}: {c['error']}")
+        lines += [f"  dropped {r['candidate']}: {r['error']}" for r in recs if r["status"] == "DROPPED"]
         w = wins.get(op)
         lines.append(f"  winner: {w['candidate']}: geomean {w['geomean_ms']:.4f} ms"
                      + (f" = {w['vs_start']:.3f}x the start" if w["vs_start"] else "") if w
@@ -389,11 +409,14 @@ def main(args):
     tuned_dir = args.tuned_dir or (ROOT_TUNED if env.cuda else os.path.join(args.out, "tuned"))
     records = []
     shared = {}
-    for op in sweep_order(tuning_ops, _measured_ops(env.device_name(), tuned_dir)):
+    order = sweep_order(tuning_ops, _measured_ops(env.device_name(), tuned_dir))
+    for i, op in enumerate(order):
         if shared and next(iter(shared)).op != op.partition(".")[2]:
             shared.clear()
             harness.free(env)
-        records += sweep_op(op, env, timing, tuned_dir, shared, sink, deadline)
+        now = time.monotonic()  # this op's share: an equal part of what is left
+        share = None if deadline is None else now + max(0.0, deadline - now) / (len(order) - i)
+        records += sweep_op(op, env, timing, tuned_dir, shared, sink, share)
     text = report_text(records) if tuning_ops else "nothing swept: no kernel module registered a tuning space"
     if deadline is not None and time.monotonic() > deadline:
         text += f"\n(the time budget of {args.budget_s:g} s ran out: candidates not measured are left out)"

@@ -9,7 +9,8 @@ Each launcher module declares its tuning space once, at import:
 and reads a value per call with ``tuning.value(op, param, device_name)``. The value comes from,
 in order: an active ``tuning.override(...)`` (the sweep, tests), the checked-in table of the GPU
 (``kernels/tuned/<GPU name with non-alphanumerics as _>.json``, written by
-``python -m bench --sweep``), and the fallback default. An unknown GPU, or no GPU, takes the
+``python -m bench --sweep``; the environment variable GPUAD_TUNED_DIR, when set, names another
+folder of such tables), and the fallback default. An unknown GPU, or no GPU, takes the
 fallbacks. A table naming an unknown op or parameter, or a value outside the declared space,
 is refused with a ValueError naming it.
 
@@ -28,7 +29,7 @@ import os
 import re
 import threading
 
-TUNED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
+TUNED_DIR = os.environ.get("GPUAD_TUNED_DIR") or os.path.join(os.path.dirname(os.path.abspath(__file__)), "tuned")
 
 _SPACES: dict[str, dict[str, tuple]] = {}
 _DEFAULTS: dict[str, dict] = {}

@@ -2,6 +2,7 @@
 
 `@triton.jit` reads TRITON_INTERPRET when a kernel is defined, so it is set here, before
 any test imports gpuad.kernels.triton."""
+import json
 import os
 
 import pytest
@@ -15,6 +16,38 @@ except ImportError:  # torch is a test dependency; the numpy engine tests run wi
 
 if not HAS_CUDA:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_addoption(parser):
+    parser.addoption("--test-lines", metavar="PATH", default=None,
+                     help="append a JSON line to PATH as each test starts and as each of its phases ends "
+                          "(a run killed by a time limit still names what failed and what was running)")
+
+
+_TEST_LINES = []  # the --test-lines path of this process, when it writes them
+
+
+def pytest_configure(config):
+    # xdist workers report to the controller, which writes the lines: one writer per file
+    path = config.getoption("--test-lines", None)
+    _TEST_LINES[:] = [path] if path and not hasattr(config, "workerinput") else []
+
+
+def _test_line(**fields):
+    if _TEST_LINES:
+        with open(_TEST_LINES[0], "a") as f:
+            f.write(json.dumps(fields) + "\n")
+
+
+def pytest_runtest_logstart(nodeid, location):
+    _test_line(nodeid=nodeid, when="start", outcome="started")
+
+
+def pytest_runtest_logreport(report):
+    if report.when == "call" or report.outcome != "passed":
+        text = report.longreprtext.strip() if report.failed else ""
+        _test_line(nodeid=report.nodeid, when=report.when, outcome=report.outcome, duration=round(report.duration, 3),
+                   message=text.splitlines()[-1][:300] if text else None)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -37,6 +37,20 @@ def test_table_is_read_and_validated(op, tmp_path, monkeypatch):
             tuning.value(op, "block", name)
 
 
+def test_the_tables_folder_comes_from_the_environment(tmp_path):
+    import os
+    import subprocess
+    import sys
+    code = "from gpuad.kernels import tuning; print(tuning.TUNED_DIR)"
+    got = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, GPUAD_TUNED_DIR=str(tmp_path)),
+                         capture_output=True, text=True, check=True).stdout.strip()
+    assert got == str(tmp_path)
+    env = {k: v for k, v in os.environ.items() if k != "GPUAD_TUNED_DIR"}
+    default = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                             check=True).stdout.strip()
+    assert default == os.path.join(os.path.dirname(tuning.__file__), "tuned")
+
+
 def test_override_wins_and_is_restored(op):
     with tuning.override(op, block=64):
         assert tuning.value(op, "block") == 64

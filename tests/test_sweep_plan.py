@@ -1,0 +1,94 @@
+"""bench/sweep_plan.py and bench/sm90.py: the sweep's candidates by expected gain, the ones that
+cannot change anything dropped (same launch at every shape, or more programs than an SM holds),
+and the sm_90 occupancy and compile-time table they read."""
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench import sm90, sweep_plan  # noqa: E402
+
+CE = "triton.softmax_cross_entropy"
+
+
+@pytest.mark.parametrize("regs, shared, warps, blocks", [
+    (64, 64, 16, 2),        # 64 x 32 = 2048 registers a warp, 16 warps: 32 K of the 64 K
+    (40, 64, 16, 3),        # 1280 a warp, 20 K a block
+    (78, 64, 16, 1),        # 2496 rounds up to 2560 a warp: 40 K a block
+    (32, 100000, 4, 2),     # shared memory: 228 K / (100000 + 1 K reserved)
+    (16, 0, 32, 2),         # threads: 2048 / 1024
+    (8, 0, 1, 32),          # the block limit
+])
+def test_blocks_per_sm_by_hand(regs, shared, warps, blocks):
+    assert sm90.blocks_per_sm(regs, shared, warps) == blocks
+
+
+def test_blocks_per_sm_refuses_nonsense():
+    with pytest.raises(ValueError, match="registers"):
+        sm90.blocks_per_sm(0, 0, 4)
+
+
+def _ce_setup():
+    from gpuad.kernels import tuning
+    from gpuad.kernels.triton import cross_entropy  # noqa: F401  (registers the space)
+    return tuning.spaces()[CE], tuning.defaults(CE), sweep_plan.gpu_cases("softmax_cross_entropy")
+
+
+def test_triton_ce_candidates_start_with_the_most_promising_and_drop_no_ops():
+    space, start, cases = _ce_setup()
+    kept, dropped = sweep_plan.candidates(CE, space, start, cases, table=None)
+    assert kept[0] == start
+    assert [k["num_stages"] for k in kept[1:4]] == [2, 3, 4]  # PRIORITY's first parameter
+    why = {sweep_plan._label(p, start): reason for p, reason in dropped}
+    # the chunked kernel ignores rows_per_program; no row of 32000 or more fits 4096 or 8192
+    for name in ("rows_per_program=2", "rows_per_program=4", "single_pass_max=4096", "single_pass_max=8192"):
+        assert "launches what the start point launches" in why[name]
+    assert "single_pass_max=32768" not in why  # 32000-wide rows fit it: the row kernel runs
+    assert all("programs_per_sm" not in k for k in why)  # no occupancy table: all kept
+    assert len(kept) + len(dropped) == 1 + sum(len(v) - 1 for v in space.values())
+
+
+def test_programs_an_sm_cannot_hold_are_dropped():
+    space, start, cases = _ce_setup()
+    table = sm90.load()
+    kept, dropped = sweep_plan.candidates(CE, space, start, cases, table)
+    assert {p["programs_per_sm"] for p in kept} == {1, 2}  # bf16 start kernel: 2 a SM, fp32: 3
+    assert [p["programs_per_sm"] for p, _ in dropped if p["programs_per_sm"] != 1] == [4]
+    one = {"kernels": [dict(k, blocks_per_sm=1) for k in table["kernels"]]}
+    kept, dropped = sweep_plan.candidates(CE, space, start, cases, one)
+    assert {p["programs_per_sm"] for p in kept} == {1}
+    assert "at most 1 program" in next(r for p, r in dropped if p["programs_per_sm"] == 2)
+
+
+def test_an_op_without_a_launch_function_keeps_every_candidate_in_priority_order():
+    space = {"split_dw": (1, 2), "route": ("measure", "fused"), "other": (0, 1)}
+    start = {"split_dw": 1, "route": "measure", "other": 0}
+    kept, dropped = sweep_plan.candidates("triton.linear_backward", space, start, [], None)
+    assert dropped == [] and [sweep_plan._label(p, start) for p in kept] == [
+        "the start point", "route=fused", "split_dw=2", "other=1"]
+
+
+def test_the_committed_table_matches_its_own_figures():
+    table = sm90.load()
+    assert [k["variant"] for k in table["kernels"]] == [sm90.parse_variant(t)["variant"] for _, t in sm90.MEASURED]
+    for k in table["kernels"]:
+        assert k["blocks_per_sm"] == sm90.blocks_per_sm(k["registers"], k["shared"], k["num_warps"])
+        assert k["compile_s"] > 0
+    assert sm90.compile_seconds(table, CE) > 0 and sm90.compile_seconds(table, "triton.linear_backward") > 0
+
+
+def test_variant_ids_and_logs_are_parsed():
+    v = sm90.parse_variant("t[bf16-chunked-V50257-BLOCK16384-w16-s3-COUNT0-ALIGNED0-HAS_GRAD1-MEAN1-SMOOTH1-ti64]")
+    assert (v["kernel"], v["dtype"], v["BLOCK"], v["ROWS"], v["num_warps"], v["num_stages"]) == (
+        "_ce_chunked_kernel", "bfloat16", 16384, 1, 16, 3)
+    lb = sm90.parse_variant("t[fp32-128x64x32-w8-s4(default)-contig-NEED_DX1]")
+    assert (lb["kernel"], lb["tile"], lb["num_warps"], lb["num_stages"]) == ("linear_backward", "128x64x32", 8, 4)
+    log = ("bf16-a-w4-x: {'registers': 40, 'shared': 64, 'st_global': True}\n"
+           "1.50s call     tests/test_triton_compile.py::test_x[bf16-a-w4-x]\n")
+    assert sm90.parse_log(log) == {"bf16-a-w4-x": {"registers": 40, "shared": 64, "st_global": True,
+                                                   "compile_s": 1.5}}
+    with pytest.raises(ValueError, match="no compile time"):
+        sm90.compile_seconds({"kernels": []}, CE)
