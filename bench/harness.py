@@ -722,7 +722,8 @@ def limit_cpu_threads(n: int) -> str:
 def run_meta(env: Env, ceilings, preset, argv=None, cpu_threads=None) -> dict:
     return {"device": env.device_name(), "cuda": env.cuda, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "versions": versions(), "ceilings": ceilings, "preset": preset, "argv": list(argv or []),
-            "tolerance": TOLERANCE, "cpu_threads": cpu_threads}
+            "tolerance": TOLERANCE, "cpu_threads": cpu_threads,
+            "tuned_dir": os.environ.get("GPUAD_TUNED_DIR") or "kernels/tuned"}  # the launchers' tables
 
 
 def write_results(path, records, meta):

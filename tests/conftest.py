@@ -45,9 +45,10 @@ def pytest_runtest_logstart(nodeid, location):
 
 def pytest_runtest_logreport(report):
     if report.when == "call" or report.outcome != "passed":
-        text = report.longreprtext.strip() if report.failed else ""
+        crash = getattr(getattr(report.longrepr, "reprcrash", None), "message", None)  # "AssertionError: ..."
+        text = (crash or report.longreprtext or "").strip() if report.failed else ""
         _test_line(nodeid=report.nodeid, when=report.when, outcome=report.outcome, duration=round(report.duration, 3),
-                   message=text.splitlines()[-1][:300] if text else None)
+                   message=text.splitlines()[0][:300] if text else None)
 
 
 def pytest_collection_modifyitems(config, items):

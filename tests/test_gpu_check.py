@@ -7,16 +7,19 @@ that folder instead of running the script a second time."""
 import json
 import os
 import subprocess
+import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ("install", "kernel tests", "benchmark", "sweep", "engine tests")
-FILES = ("pip.log", "pytest-kernels.log", "junit-kernels.xml", "bench.log", "meta.json", "results.jsonl",
-         "results.json", "table.txt", "sweep.log", "sweep.jsonl", "sweep.txt", "pytest-engine.log",
-         "junit-engine.xml", "steps.txt")
+sys.path.insert(0, str(ROOT))  # bench/ is a top-level folder of the repository, not installed
+STEPS = ("install", "kernel tests", "sweep", "benchmark", "engine tests")
+FILES = ("pip.log", "pytest-kernels.log", "junit-kernels.xml", "tests-kernels.jsonl", "bench.log", "meta.json",
+         "results.jsonl", "results.json", "table.txt", "sweep.log", "sweep.jsonl", "sweep.txt", "pytest-engine.log",
+         "junit-engine.xml", "tests-engine.jsonl", "steps.txt")
 
 
 def run_dry(out: Path):
@@ -65,3 +68,83 @@ def test_dry_run_leaves_every_file(dry_run):
     assert json.loads((out / "meta.json").read_text())["preset"] == "tiny"
     assert (out / "table.txt").read_text().count("\n") > 3
     assert (out / "sweep.txt").read_text().strip()
+
+
+def test_dry_run_sweeps_before_the_benchmark_which_reads_its_table(dry_run):
+    out, text, _ = dry_run
+    assert text.index("== 3 python -m bench --sweep") < text.index("== 4 python -m bench")
+    meta = json.loads((out / "meta.json").read_text())
+    assert meta["tuned_dir"] == str(out / "tuned")
+    assert list((out / "tuned").glob("*.json"))  # the table the sweep wrote there
+    # a line a test, as each started and ended: as many test ids as the JUnit XML has test cases
+    for step in ("kernels", "engine"):
+        lines = [json.loads(line) for line in (out / f"tests-{step}.jsonl").read_text().splitlines()]
+        cases = list(ET.parse(out / f"junit-{step}.xml").getroot().iter("testcase"))
+        assert len({r["nodeid"] for r in lines}) == len(cases) > 0
+        assert {r["outcome"] for r in lines} <= {"started", "passed", "failed", "skipped"}
+
+
+def test_plan_prints_both_commands_and_fails_over_nine_minutes():
+    ok = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--plan"], cwd=ROOT, capture_output=True,
+                        text=True, timeout=300)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    for part in ("bash bench/gpu_check.sh OUT", "bash bench/gpu_check.sh --bench-only OUT2", "sweep", "benchmark",
+                 "triton.softmax_cross_entropy:", "cupy.softmax_cross_entropy:", "triton.linear_backward:"):
+        assert part in ok.stdout, part
+    totals = [line.split() for line in ok.stdout.splitlines() if line.strip().startswith("total")]
+    assert len(totals) == 2 and all(int(t[1]) <= 540 for t in totals)
+    over = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--plan"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, GPU_CHECK_SWEEP_S="400"))
+    assert over.returncode == 1 and "OVER 540 s" in over.stdout
+    bad = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--nonesuch"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and "--nonesuch" in bad.stderr
+
+
+def test_a_killed_test_step_still_names_its_failures(tmp_path):
+    """pytest with --test-lines killed mid-test: the summary names the failed test and the one
+    that was running, with no JUnit XML."""
+    tests = tmp_path / "t"
+    tests.mkdir()
+    (tests / "test_cut.py").write_text("import time\n\ndef test_a():\n    assert 1 == 2, 'broken'\n\n"
+                                       "def test_b():\n    time.sleep(120)\n")
+    lines = tmp_path / "tests-kernels.jsonl"
+    proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "-p", "conftest", "--test-lines", str(lines),
+                             "--junitxml", str(tmp_path / "junit-kernels.xml"), str(tests)], cwd=tmp_path,
+                            env=dict(os.environ, PYTHONPATH=str(ROOT / "tests")), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while "test_b" not in (lines.read_text() if lines.exists() else "") and time.monotonic() < deadline:
+        time.sleep(0.2)
+    proc.kill()
+    proc.wait()
+    assert not (tmp_path / "junit-kernels.xml").exists()
+    from bench import summary
+    text = "\n".join(summary.killed_step_lines(str(tmp_path)))
+    assert "kernels tests: no JUnit XML" in text
+    assert "FAILED" in text and "test_cut.py::test_a: AssertionError: broken" in text
+    assert "RUNNING" in text and "test_cut.py::test_b" in text
+    assert "passed    0  failed   1  skipped   0  running 1" in text
+
+
+def test_bench_only_benches_on_the_committed_tables_without_sweep_or_tests(tmp_path):
+    """--bench-only's plumbing, with a stand-in python that logs each call (bench.plan and
+    bench.summary run for real)."""
+    log = tmp_path / "calls.txt"
+    fake = tmp_path / "py"
+    fake.write_text(f"""#!/usr/bin/env bash
+case "$1 $2" in "-m bench.plan"|"-m bench.summary") exec {sys.executable} "$@" ;; esac
+echo "$* tuned=${{GPUAD_TUNED_DIR:-committed}}" >>{log}
+""")
+    fake.chmod(0o755)
+    proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), "--bench-only", str(tmp_path / "out")],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120,
+                          env=dict(os.environ, PYTHON=str(fake), PATH="/usr/bin:/bin"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    calls = log.read_text().splitlines()
+    assert not any(c.startswith("-m pytest") or "--sweep" in c for c in calls), calls
+    (bench,) = [c for c in calls if c.startswith("-m bench --preset quick")]
+    assert bench.endswith("tuned=committed") and f"--out {tmp_path / 'out'}" in bench
+    steps = (tmp_path / "out" / "steps.txt").read_text()
+    assert [line.split(":")[0].strip() for line in steps.splitlines()] == ["install", "benchmark", "profiles"]
+    assert "profiles: skipped" in steps and "no ncu on PATH" in proc.stdout
