@@ -148,3 +148,21 @@ echo "$* tuned=${{GPUAD_TUNED_DIR:-committed}}" >>{log}
     steps = (tmp_path / "out" / "steps.txt").read_text()
     assert [line.split(":")[0].strip() for line in steps.splitlines()] == ["install", "benchmark", "profiles"]
     assert "profiles: skipped" in steps and "no ncu on PATH" in proc.stdout
+
+
+def test_the_gpu_run_doc_quotes_the_plan():
+    """docs/gpu-run.md: its commands are the plan's, with the plan's limits and estimates."""
+    import re
+    from bench import plan
+    doc = (ROOT / "docs" / "gpu-run.md").read_text()
+    lines, ok = plan.plan()
+    assert ok
+    totals = [line.split() for line in lines if line.strip().startswith("total")]
+    commands = [line for line in lines if line.startswith("bash ")]
+    quoted = re.findall(r"\(limit (\d+) s, estimated (\d+) s\)", doc)
+    assert quoted == [(t[1], t[2]) for t in totals]
+    for command in commands:
+        assert command.replace("OUT2", "gpu-out2").replace(" OUT", " gpu-out") in doc
+    assert f"limits of {sum(int(t[1]) for t in totals)} s" in doc
+    for key, limit in plan.limits({}).items():
+        assert f"({limit} s" in doc, key
