@@ -92,3 +92,29 @@ def test_variant_ids_and_logs_are_parsed():
                                                    "compile_s": 1.5}}
     with pytest.raises(ValueError, match="no compile time"):
         sm90.compile_seconds({"kernels": []}, CE)
+
+
+def test_plan_limits_from_the_environment():
+    from bench import plan
+    assert plan.limits({}) == plan.LIMITS
+    assert plan.limits({"GPU_CHECK_SWEEP_S": "0"})["sweep"] == 0
+    with pytest.raises(ValueError, match="GPU_CHECK_BENCH_S"):
+        plan.limits({"GPU_CHECK_BENCH_S": "2m"})
+
+
+def test_plan_estimates_from_the_newest_run_and_fails_over_the_limit(tmp_path):
+    from bench import plan
+    for name, text in (("2026-01-01-old", "  install: rc 0, 99 s\n"),
+                       ("2026-02-01-new", "  install: rc 0, 7 s\n  benchmark: rc 124 (TIMED OUT), 300 s\n"
+                                          "  engine tests: rc 0, 20 s\n  sweep: skipped\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "steps.txt").write_text(text)
+    run, steps, ms = plan.last_run(str(tmp_path))
+    assert (run, steps, ms) == ("2026-02-01-new", {"install": 7, "benchmark": 300, "engine tests": 20}, {})
+    lines, ok = plan.plan({}, str(tmp_path))
+    text = "\n".join(lines)
+    assert ok and "run 2026-02-01-new: 7 s" in text
+    assert "benchmark           160        160  run 2026-02-01-new: 300 s (cut at the limit)" in text
+    assert "kernel tests         90         90  nothing measured: the limit" in text
+    lines, ok = plan.plan({"GPU_CHECK_ENGINE_S": "100"}, str(tmp_path))
+    assert not ok and "OVER 540 s" in "\n".join(lines)
