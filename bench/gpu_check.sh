@@ -50,14 +50,17 @@ while [ $# -gt 0 ]; do
     esac
     shift
 done
+if [ $PLAN -eq 0 ]; then  # OUTDIR relative to where the script was called from
+    OUT=${1:-./gpu-out}
+    mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
+fi
 cd "$(dirname "$0")/.." || exit 2
 if [ $PLAN -eq 1 ]; then exec "$PY" -m bench.plan; fi
-eval "$("$PY" -m bench.plan --limits)"  # INSTALL_S ... PROFILE_S: the environment's, else the defaults
+LIMITS=$("$PY" -m bench.plan --limits) || exit 2  # INSTALL_S ... PROFILE_S: the environment's, else the defaults
+eval "$LIMITS"
 if [ $DRY -eq 1 ]; then  # a CI CPU: the interpreter's sweep gets less, pytest's collection of every file more
     SWEEP_S=${GPU_CHECK_SWEEP_S:-75} ENGINE_S=${GPU_CHECK_ENGINE_S:-240}
 fi
-OUT=${1:-./gpu-out}
-mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
 ROOT=$(pwd)
 START=$SECONDS
 : >"$OUT/steps.txt"
