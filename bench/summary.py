@@ -8,8 +8,8 @@ shape found in OUTDIR/results.jsonl: each gpuad impl's ms, its ratio to one copy
 (cross-entropy), its speed-up over torch's three ops (linear backward), or for the LM head
 (linear_cross_entropy) three lines: its speed-up over torch eager, its peak memory above the
 inputs against Liger's, and its time against the GEMM floor (6·N·D·V FLOPs at the bf16 matmul
-rate measured in the run); all measured in the same run, the target, met or missed, and the
-host time per call. Then the sweep's table
+rate measured in the run; beside it the model's, bench/lm_head_model.py); all measured in the
+same run, the target, met or missed, and the host time per call. Then the sweep's table
 (rebuilt from OUTDIR/sweep.jsonl), the benchmark's seconds per impl, and the time each step
 took (OUTDIR/steps.txt).
 """
@@ -128,8 +128,10 @@ def _measure(kind, bound, r, records, ceilings):
                 f"<= {bound}x Liger mem", None
         return f"+{mine / 1e9:.2f}/{theirs / 1e9:.2f} GB", f"<= {bound}x Liger mem", mine <= bound * theirs
     rate = (ceilings or {}).get("matmul_TFLOPs", {}).get(r["dtype"])  # kind "gemm_floor"
-    ratio = r["ms"] / (r["flops"] / rate / 1e9) if rate and r.get("flops") else None
-    return (f"{ratio:.2f}x GEMMs" if ratio else "no matmul rate"), f"<= {bound}x GEMMs", \
+    floor = r["flops"] / rate / 1e9 if rate and r.get("flops") else None
+    ratio = r["ms"] / floor if floor else None
+    model = f" (model {r['model_ms'] / floor:.2f}x)" if floor and r.get("model_ms") else ""
+    return (f"{ratio:.2f}x GEMMs{model}" if ratio else "no matmul rate"), f"<= {bound}x GEMMs", \
         None if ratio is None else ratio <= bound
 
 

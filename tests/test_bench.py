@@ -204,6 +204,10 @@ def test_summary_lm_head_targets():
     assert "1.22x torch" in triton[0] and " met" in triton[0]
     assert "+1.00/1.18 GB" in triton[1] and " met" in triton[1]
     assert "1.08x GEMMs" in triton[2] and " met" in triton[2]  # 40 ms / 36.9 ms
+    assert "model" not in triton[2]
+    recs[2]["model_ms"] = 44.3
+    assert "1.08x GEMMs (model 1.20x)" in summary.target_lines(recs, ceilings)[2]  # 44.3 ms / 36.9 ms
+    del recs[2]["model_ms"]
     cupy = [line for line in lines if " cupy " in line]
     assert "no peak figure" in cupy[1] and " ?" in cupy[1]
     assert "1.22x GEMMs" in cupy[2] and "MISSED" in cupy[2]  # 45 ms / 36.9 ms > 1.1
