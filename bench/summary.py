@@ -3,7 +3,7 @@
 Per test file of each JUnit XML in OUTDIR: passed / failed / skipped; for a test step killed by
 its time limit (no JUnit XML), the same counts from its tests-<step>.jsonl (one line a test as it
 starts and as it ends, see tests/conftest.py's --test-lines), then the tests that failed and the
-ones that were running when it was killed, by name. Per DESIGN.md target
+ones that were running when it was killed, by name. Per target
 shape found in OUTDIR/results.jsonl: each gpuad impl's ms, its ratio to one copy of the logits
 (cross-entropy), its speed-up over torch's three ops (linear backward), or for the LM head
 (linear_cross_entropy) three lines: its speed-up over torch eager, its peak memory above the
