@@ -1,8 +1,13 @@
 """bench/lm_head_model.py: bytes, FLOPs, times and memory of the LM-head schedules, checked
 against counts made by hand at a small shape (N=4, D=2, V=8, 2-byte inputs)."""
+import sys
+from pathlib import Path
+
 import pytest
 
-from bench import lm_head_model as M
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # bench/ is a top-level folder, not installed
+
+from bench import lm_head_model as M  # noqa: E402
 
 # ceilings at which a kernel's ms is its FLOPs or bytes themselves: 1e-6 GB/s, 1e-9 TFLOP/s
 UNIT = dict(gbps=1e-6, tflops=1e-9)
