@@ -89,10 +89,12 @@ def main(argv=None):
     deadline = t0 + args.budget_s if args.budget_s else None
     cases = ops.cases_for(args.preset, env.cuda, args.ops, args.dtype)
     where = "GPU shapes" if env.cuda else "no CUDA device: CPU shapes"
+    cpu_threads = None
+    if not env.cuda and args.threads > 0:
+        cpu_threads, env.cpu_threads = harness.limit_cpu_threads(args.threads), args.threads
     print(f"bench: preset {args.preset} ({where}), {len(cases)} cases x {len(args.impls or ops.IMPLS)} impls on {env.device_name()}",
           file=sys.stderr, flush=True)
     timing = TIMING[args.preset]
-    cpu_threads = harness.limit_cpu_threads(args.threads) if not env.cuda and args.threads > 0 else None
     ceilings = harness.measure_ceilings(env, {c.dtype for c in cases}, timing)
     impls, skip = args.impls or list(ops.IMPLS), {}
     if args.impls is None and args.preset == "quick" and env.cuda:  # compile time would dominate the quick run

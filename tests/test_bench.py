@@ -5,6 +5,7 @@ sweep (a fake registered op, then whatever the kernels register)."""
 import contextlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ sys.path.insert(0, str(ROOT))  # bench/ is a top-level folder of the repository,
 
 from bench import common, harness, ops, plot, sweep  # noqa: E402
 
-OPS_ARG = "softmax_cross_entropy,linear_backward,linear_cross_entropy,mlp_step,elementwise_chain"
+OPS_ARG = "softmax_cross_entropy,linear_backward,linear_cross_entropy,mlp_step,elementwise_chain,scalar_chain"
 
 
 def test_counting_exact():
@@ -136,13 +137,10 @@ def test_unavailable_listed_once_with_reason():
     recs = harness.run(cases, ["triton", "cupy", "torch_compile", "liger", "nonesuch"], harness.Env(force_cpu=True),
                        ceilings={}, progress=False)
     assert recs and all(r["status"] == "UNAVAILABLE" and r["error"] and r["ms"] is None for r in recs)
-    lines = harness.unavailable_lines(recs)
-    assert sorted(line.split(":")[0] for line in lines) == ["cupy", "liger", "nonesuch", "torch_compile", "triton"]
-    assert "triton: needs a CUDA device" in lines
-    assert any(line.startswith("liger:") and "cross-entropy only" in line for line in lines)
-    text = harness.table(recs)
-    for line in lines:
-        assert text.count(line) == 1
+    line = harness.unavailable_line(recs)
+    assert line == ("not run: triton, cupy, liger: needs a CUDA device; torch_compile: timed on CUDA only; "
+                    "nonesuch: not an implementation of the op")
+    assert harness.table(recs).count(line) == 1
 
 
 def test_presets_and_dtype_override():
@@ -219,8 +217,17 @@ def test_end_to_end_tiny(tiny_run):
     proc, out = tiny_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "op" in proc.stdout and "% ceil" in proc.stdout and "x torch" in proc.stdout
-    assert "triton: needs a CUDA device" in proc.stdout
     assert "[#" not in proc.stdout and "[#" in proc.stderr  # the progress bar goes to stderr
+    # what ran, on how many threads, by which statistic; what did not run, once, in one line
+    header = proc.stderr.splitlines()[0]
+    assert header.endswith(f"on CPU {platform.machine()} (1 thread of {os.cpu_count()} cores)"), header
+    assert "UNAVAILABLE" not in proc.stderr and "UNAVAILABLE" not in proc.stdout
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert len(progress) == 2 * len(ops.cases_for("tiny", cuda=False, ops=OPS_ARG.split(",")))  # reference, torch
+    assert [line for line in proc.stdout.splitlines() if line.startswith("not run: ")] == [
+        "not run: triton, liger: needs a CUDA device"]
+    assert ("ms: the fastest of repeated calls (softmax_cross_entropy, linear_backward, linear_cross_entropy); "
+            "the fastest round of an interleaved loop (mlp_step, elementwise_chain, scalar_chain)") in proc.stdout
     data = json.loads((out / "results.json").read_text())
     recs = data["records"]
     cases = ops.cases_for("tiny", cuda=False, ops=OPS_ARG.split(","))
@@ -324,7 +331,7 @@ def test_host_figures_on_cpu(tiny_run):
     for r in recs:
         assert r["host_us"] > 0 and r["ms_back_to_back"] > 0 and r["wall_s"] > 0
         assert r["ms_graph"] is None and r["graph_note"] == "no CUDA device"
-        if r["op"] not in ("mlp_step", "elementwise_chain"):  # no host slice: the whole output is checked
+        if r["op"] not in ("mlp_step", "elementwise_chain", "scalar_chain"):  # no host slice: the whole output is checked
             assert r["max_error_host"] is not None and r["max_error_host"] <= r["tolerance"]
     assert "b2b ms" in (out / "table.txt").read_text() and "all: no CUDA device" in (out / "table.txt").read_text()
 
