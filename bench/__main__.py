@@ -8,14 +8,17 @@ times the ones that pass, measures the device's ceilings in the same run, prints
 and writes meta.json, results.jsonl (one line per record, appended as it is measured),
 results.json, table.txt and one PNG per op into --out. --report DIR rebuilds the table,
 results.json and the plots from DIR's meta.json and results.jsonl (after an interrupted run).
-Each record holds the L2-flushed median, the back-to-back time per call, the time per call
-under a CUDA graph (or why the op cannot be captured) and the host time per call.
+Each record holds its time per call (on CUDA the L2-flushed median; on a CPU, where numpy's
+BLAS and torch run on --threads threads, the fastest call, or for the engine cases the fastest
+round of one loop that interleaves their impls; the table says which), the back-to-back time per
+call, the time per call under a CUDA graph (or why the op cannot be captured) and the host time
+per call.
 
 --sweep times every tuning candidate the kernels declare and writes one winner per op to
 kernels/tuned/<GPU>.json (see bench/sweep.py); --ops then takes tuning op names too.
 
-Presets: on a machine with a CUDA device, `quick` and `full` use the DESIGN.md shapes
-(full adds vocab and M sweeps). Without one, they switch to small CPU shapes (the numpy
+Presets: on a machine with a CUDA device, `quick` and `full` use the target shapes (full adds
+vocab and M sweeps); bench/TARGETS.md lists them with their targets and anchor figures. Without one, they switch to small CPU shapes (the numpy
 reference and torch on the CPU), and `tiny` is the smallest set, for CI.
 """
 from __future__ import annotations

@@ -3,10 +3,10 @@
 #   1 install gpuad from this tree (nothing downloaded; skipped when it is installed from here
 #     already) and say whether the kernel modules import
 #   2 the kernel tests (Triton CE, Triton linear, CuPy kernels, backends): pytest -m gpu, JUnit XML
-#   3 the quick benchmark (every DESIGN.md target shape; one JSON line per record as measured)
+#   3 the quick benchmark (every target shape of bench/TARGETS.md; one JSON line per record as measured)
 #   4 the tuning sweep: every candidate the kernels declare, winners into kernels/tuned/<GPU>.json
 #   5 the cupy-backend engine tests (pytest -m gpu on the rest) with the time left
-#   6 a summary, last: tests per file, each target shape met or missed, the sweep's table, the
+#   6 a summary, last: tests per file, each target shape met or missed (bench/TARGETS.md), the sweep's table, the
 #     benchmark's seconds per impl, time per step
 #
 #   bash bench/gpu_check.sh [--dry-run] [OUTDIR]       (default ./gpu-out)

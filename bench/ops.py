@@ -479,14 +479,14 @@ OPS = {op.name: op for op in (CrossEntropy, LinearBackward, LinearCrossEntropy, 
 
 
 # --- presets -----------------------------------------------------------------------------
-# (op, dims, dtype). GPU shapes are those of DESIGN.md; CPU shapes are small enough that
+# (op, dims, dtype). GPU shapes are the target shapes of bench/TARGETS.md; CPU shapes are small enough that
 # the numpy reference and torch on the CPU finish quickly.
 
 _CE, _LIN, _MLP, _LCE = CrossEntropy.name, LinearBackward.name, MLPStep.name, LinearCrossEntropy.name
 _CHAIN, _SCHAIN = ElementwiseChain.name, ScalarChain.name
 _lce = lambda shapes: [(_LCE, dims, dt) for dims, dt in shapes]  # noqa: E731
 
-GPU_QUICK = [  # every DESIGN.md target shape, then the MLP step
+GPU_QUICK = [  # every target shape (bench/TARGETS.md), then the MLP step
     (_CE, (8192, 32000), "bfloat16"), (_CE, (8192, 128256), "bfloat16"), (_CE, (16384, 50257), "bfloat16"),
     (_CE, (4096, 32000), "float32"),
     (_LIN, (64, 512, 512), "float32"), (_LIN, (256, 1024, 1024), "bfloat16"),
@@ -523,7 +523,7 @@ TINY = [
 ]
 PRESETS = {"quick": (GPU_QUICK, CPU_QUICK), "full": (GPU_FULL, CPU_FULL), "tiny": (TINY, TINY)}
 # (op, impl) left out of the quick preset on a GPU unless --impls names them: compile time, and
-# the LM head's time budget (each of its calls takes tens of ms at the DESIGN.md shapes)
+# the LM head's time budget (each of its calls takes tens of ms at the target shapes)
 QUICK_GPU_SKIP = {
     **{(op, "torch_compile"): "left out of the quick preset on this op (compile time); add --impls"
        for op in (_LIN, _MLP)},

@@ -42,7 +42,7 @@ def test_counting_exact():
     assert ops.mlp_params(deep) == ("w1", "b1", "w2", "b2", "w3", "b3")
     assert ops.ElementwiseChain.flops(ops.Case("elementwise_chain", (1000, 16), "float32")) == 48_000
     lce = ops.Case("linear_cross_entropy", (8192, 4096, 128256), "bfloat16")
-    assert ops.LinearCrossEntropy.flops(lce) == 6 * 8192 * 4096 * 128256 == 25_821_343_383_552  # DESIGN.md: 25.8 T
+    assert ops.LinearCrossEntropy.flops(lce) == 6 * 8192 * 4096 * 128256 == 25_821_343_383_552  # bench/TARGETS.md: 25.8 T
     assert ops.LinearCrossEntropy.input_bytes(lce) == 2 * (8192 * 4096 + 128256 * 4096) + 8 * 8192
 
 
@@ -152,7 +152,7 @@ def test_presets_and_dtype_override():
 
 
 def test_quick_gpu_preset_has_the_lm_head_shapes_with_few_impls():
-    """The GPU check's quick preset measures both DESIGN.md LM-head shapes with gpuad, torch
+    """The GPU check's quick preset measures both LM-head target shapes with gpuad, torch
     eager, torch's F.linear_cross_entropy and Liger; the other impls are left out with a reason."""
     lce = [c.dims for c in ops.cases_for("quick", cuda=True, ops=["linear_cross_entropy"])]
     assert lce == [(8192, 4096, 128256), (16384, 2048, 32000)]

@@ -394,10 +394,10 @@ def test_gpu_bf16_matches_fp32_torch(reduction, master):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(8192, 4096, 128256), (16384, 2048, 32000)])
 def test_gpu_peak_memory_of_the_module(shape):
-    """The module's forward + backward at the DESIGN.md shapes, bf16 activations and an fp32
+    """The module's forward + backward at the LM-head target shapes (bench/TARGETS.md), bf16 activations and an fp32
     master weight: peak memory above the inputs within the bf16 weight copy, the fp32 dW (the
     gradient itself), dx, one chunk of logits and 64 MiB (torch eager needs 12.6 GB more at the
-    large shape, DESIGN.md)."""
+    large shape, bench/TARGETS.md)."""
     from gpuad.kernels.reference import linear_cross_entropy_chunk
     n, d, v = shape
     x, _, t = _cuda_case(n, d, v, seed=2)
