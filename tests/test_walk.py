@@ -220,6 +220,35 @@ def test_page_test_skips_without_chromium_and_fails_under_ci(monkeypatch):
         _chromium()
 
 
+def _check_labels(dom):
+    """Every number label sits on a white chip drawn after every edge (so no edge runs through
+    it), and no two chips overlap or come within 4 px of each other."""
+    svg = dom.split('<svg id="net"', 1)[1].split("</svg>", 1)[0]
+    last_edge = max(m.start() for m in re.finditer(r"<line ", svg))
+    chips = []
+    for m in re.finditer(r'<rect class="chip( empty)?" x="([-\d.]+)" y="([-\d.]+)" width="([\d.]+)" height="([\d.]+)"'
+                         r'[^>]*>(?:</rect>)?<text class="(g?val)"[^>]*>([^<]*)</text>', svg):
+        empty, text = m.group(1), m.group(7)
+        assert bool(empty) == (text == ""), m.group(0)  # a chip shows exactly while its label has text
+        if text:
+            assert m.start() > last_edge
+            chips.append(tuple(float(m.group(i)) for i in range(2, 6)))
+    assert len(chips) == 2 * (4 + 5 + 5 + 3) + 1  # activations and gradients of every unit, and the loss
+    for i, (x, y, w, h) in enumerate(chips):
+        for x2, y2, w2, h2 in chips[i + 1:]:
+            assert x + w + 4 <= x2 or x2 + w2 + 4 <= x or y + h + 4 <= y2 or y2 + h2 + 4 <= y, (x, y, x2, y2)
+
+
+def test_page_text_and_style():
+    """The page says how ?play and ?speed work; the numbers box is hidden while empty (before
+    Forward); the formula uses the page's font."""
+    text = open(walk.PAGE, encoding="utf-8").read()
+    note = re.search(r'<p class="note" id="play-note">(.*?)</p>', text, re.S).group(1)
+    assert "?play" in note and "?speed=MS" in note
+    assert "#numbers:empty { display: none; }" in text
+    assert "font-family" not in re.search(r"#formula \{[^}]*\}", text).group(0)
+
+
 class _Cells(html.parser.HTMLParser):
     """The data-value and text of every cell of table#grad-first-layer, and body's data-state."""
 
@@ -263,7 +292,7 @@ def test_html_page_in_headless_chromium(tmp_path):
     os.makedirs(folder, exist_ok=True)
     shot = os.path.join(folder, "walk-page.png")
     run = subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--virtual-time-budget=60000",
-                          "--window-size=1200,760", f"--screenshot={shot}", "--dump-dom", page.as_uri() + "?play"],
+                          "--window-size=1200,840", f"--screenshot={shot}", "--dump-dom", page.as_uri() + "?play"],
                          capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr[-2000:]
     print(f"screenshot of the page after Forward and Backward: {shot}")
@@ -278,6 +307,7 @@ def test_html_page_in_headless_chromium(tmp_path):
                                atol=1e-12)
     assert np.count_nonzero(engine) >= 8  # a gradient with something in it
     assert "largest difference from the engine's ∇W1 in the trace: 0<" in run.stdout
+    _check_labels(run.stdout)
     with open(shot, "rb") as f:
         png = f.read()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
