@@ -313,27 +313,26 @@ def test_html_page_in_headless_chromium(tmp_path):
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 20_000
 
 
-# --- README ----------------------------------------------------------------------------------------
-def _readme_section():
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        text = f.read()
-    return text.split("## See the chain rule", 1)[1].split("\n## ", 1)[0]
+# --- docs/walker.md and docs/memory.md --------------------------------------------------------------
+def _doc(name):
+    with open(os.path.join(ROOT, "docs", name), encoding="utf-8") as f:
+        return f.read()
 
 
-def test_readme_section_shows_real_output(capsys):
-    """The walker excerpt is the command's output, line for line, and the snippet's number is
-    what it prints."""
-    section = _readme_section()
-    excerpt = re.search(r"excerpt of `python -m gpuad walk --no-pause`:\n\n```\n(.*?)```", section, re.S).group(1)
+def test_docs_show_real_output(capsys):
+    """The walker excerpt (docs/walker.md) is the command's output, line for line, and the
+    checkpoint snippet's number (docs/memory.md) is what it prints."""
+    excerpt = re.search(r"excerpt of `python -m gpuad walk --no-pause`:\n\n```\n(.*?)```", _doc("walker.md"),
+                        re.S).group(1)
     out = io.StringIO()
     walk.run_walk(2, pause=False, out=out)
     lines = out.getvalue().splitlines()
     start = lines.index(excerpt.splitlines()[0])
     assert lines[start:start + len(excerpt.splitlines())] == excerpt.splitlines()
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {})
+    code = re.search(r"```python\n(.*?)```", _doc("memory.md"), re.S).group(1)
+    exec(compile(code, "docs/memory.md", "exec"), {})
     printed = int(capsys.readouterr().out)
-    exec(compile(code.replace("ad.checkpoint(block, h)", "block(h)"), "README.md", "exec"), {})
+    exec(compile(code.replace("ad.checkpoint(block, h)", "block(h)"), "docs/memory.md", "exec"), {})
     plain = int(capsys.readouterr().out)
     assert f"print(ad.saved_bytes(loss))   # {printed} (21 arrays of 64×256 fp32); {plain} (40 arrays)" in code
     assert printed == 21 * 64 * 256 * 4 and plain == 40 * 64 * 256 * 4
