@@ -41,6 +41,7 @@ def test_counting_exact():
     assert deep.shape_dict() == {"B": 128, "D": 64, "H1": 256, "H2": 256, "C": 10}
     assert ops.mlp_params(deep) == ("w1", "b1", "w2", "b2", "w3", "b3")
     assert ops.ElementwiseChain.flops(ops.Case("elementwise_chain", (1000, 16), "float32")) == 48_000
+    assert ops.ScalarChain.flops(ops.Case("scalar_chain", (1000, 16), "float32")) == 48_000
     lce = ops.Case("linear_cross_entropy", (8192, 4096, 128256), "bfloat16")
     assert ops.LinearCrossEntropy.flops(lce) == 6 * 8192 * 4096 * 128256 == 25_821_343_383_552  # bench/TARGETS.md: 25.8 T
     assert ops.LinearCrossEntropy.input_bytes(lce) == 2 * (8192 * 4096 + 128256 * 4096) + 8 * 8192
@@ -58,11 +59,12 @@ def test_rate_and_ceiling_from_counts():
 
 
 def test_cpu_engine_cases_in_the_cpu_preset_timed_interleaved():
-    """The CPU engine against torch (issue 14): both cases in the CPU quick preset, and their
+    """The CPU engine against torch: the cases in the CPU quick preset, and their
     impls timed in one interleaved loop, one figure per impl."""
     quick = ops.cases_for("quick", cuda=False)
     assert ops.Case("mlp_step", (128, 64, 256, 256, 10), "float32") in quick
     assert ops.Case("elementwise_chain", (1000, 16), "float32") in quick
+    assert ops.Case("scalar_chain", (1000, 16), "float32") in quick
     calls = []
     fns = [lambda: calls.append("a"), lambda: (calls.append("b"), time.sleep(0.002))]
     ms = harness.time_cpu_interleaved(fns, harness.Timing(cpu_min_reps=3, cpu_budget_s=0, cpu_interleaved_rounds=4))
