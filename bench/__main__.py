@@ -18,8 +18,9 @@ per call.
 kernels/tuned/<GPU>.json (see bench/sweep.py); --ops then takes tuning op names too.
 
 Presets: on a machine with a CUDA device, `quick` and `full` use the target shapes (full adds
-vocab and M sweeps); bench/TARGETS.md lists them with their targets and anchor figures. Without one, they switch to small CPU shapes (the numpy
-reference and torch on the CPU), and `tiny` is the smallest set, for CI.
+vocab and M sweeps); bench/TARGETS.md lists them with their targets and anchor figures. Without
+one, they switch to small CPU shapes (the numpy reference and torch on the CPU), and `tiny` is
+the smallest set, for CI.
 """
 from __future__ import annotations
 

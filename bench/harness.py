@@ -645,7 +645,8 @@ def statistic(records) -> str:
             if r["op"] not in ops_:
                 ops_.append(r["op"])
     if len(timers) == 1:
-        return _STATISTICS.get(*[next(iter(timers))] * 2)
+        timer = next(iter(timers))
+        return _STATISTICS.get(timer, timer)
     return "; ".join(f"{_STATISTICS.get(t, t)} ({', '.join(o)})" for t, o in timers.items()) or "not timed"
 
 
@@ -679,9 +680,10 @@ def gb(n_bytes):
 def table(records, ceilings=None) -> str:
     """The terminal table, then FAILs and, in one line, what did not run.
 
-    ms: the L2-flushed median on CUDA, the fastest call on a CPU (named under the table); b2b ms: back to back, no flush; graph ms: replayed from a CUDA
-    graph; host us: host time per call (see the module docstring); +peak GB: the peak memory
-    of one call above what was allocated before it (ops that measure it, on CUDA)."""
+    ms: the L2-flushed median on CUDA, the fastest call or round on a CPU (a line under the
+    table names it); b2b ms: back to back, no flush; graph ms: replayed from a CUDA graph; host
+    us: host time per call (see the module docstring); +peak GB: the peak memory of one call
+    above what was allocated before it (ops that measure it, on CUDA)."""
     head = ("op", "shape", "dtype", "impl", "status", "ms", "b2b ms", "graph ms", "host us", "rate", "% ceil",
             "x torch", "+peak GB")
     rows = []

@@ -180,7 +180,7 @@ def _scalar_pair(a, b):
         t, c = b, a
     else:
         return None
-    return (t, c) if type(t) is Tensor and t.data.dtype.kind == "f" else None
+    return (t, c) if isinstance(t, Tensor) and t.data.dtype.kind == "f" else None
 
 
 def _add_scalar(x, c):
@@ -251,7 +251,7 @@ def mul(a, b):
 def div(a, b):
     """a / b, with broadcasting. The two-step rules (-g·y/b, (ta - y·tb)/b) run in float32 for
     16-bit floats: rounding -g·y first could overflow where the result does not."""
-    if (type(b) is float or type(b) is int) and type(a) is Tensor and a.data.dtype.kind == "f":  # x / c
+    if (type(b) is float or type(b) is int) and isinstance(a, Tensor) and a.data.dtype.kind == "f":  # x / c
         scale = lambda g: g / b  # noqa: E731
         return record("div_scalar", a.data / b, (a,), (scale,), scale)
     if not _same_kind(a, b):

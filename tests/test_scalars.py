@@ -46,6 +46,16 @@ def test_scalar_ops_in_a_trace():
     assert [s.formula for s in steps[:4]] == ["y1 = c x1", "y2 = c − y1", "y3 = y2 / c", "y4 = y3 + c"]
 
 
+def test_parameter_with_a_scalar():
+    """A Parameter (a Tensor subclass) takes the same one-edge path."""
+    from gpuad import nn
+    w = nn.Parameter(np.ones(3, np.float32))
+    y = 0.5 * w
+    assert len(y._node.edges) == 1 and y.dtype == np.float32
+    ad.sum(y).backward()
+    np.testing.assert_array_equal(w.grad, np.full(3, 0.5, np.float32))
+
+
 def test_integer_tensor_with_a_scalar_keeps_numpy_promotion():
     """An integer tensor and a Python float: numpy's promotion (float64), through the general path."""
     y = ad.tensor(np.arange(3)) * 0.5
