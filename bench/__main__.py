@@ -8,15 +8,19 @@ times the ones that pass, measures the device's ceilings in the same run, prints
 and writes meta.json, results.jsonl (one line per record, appended as it is measured),
 results.json, table.txt and one PNG per op into --out. --report DIR rebuilds the table,
 results.json and the plots from DIR's meta.json and results.jsonl (after an interrupted run).
-Each record holds the L2-flushed median, the back-to-back time per call, the time per call
-under a CUDA graph (or why the op cannot be captured) and the host time per call.
+Each record holds its time per call (on CUDA the L2-flushed median; on a CPU, where numpy's
+BLAS and torch run on --threads threads, the fastest call, or for the engine cases the fastest
+round of one loop that interleaves their impls; the table says which), the back-to-back time per
+call, the time per call under a CUDA graph (or why the op cannot be captured) and the host time
+per call.
 
 --sweep times every tuning candidate the kernels declare and writes one winner per op to
 kernels/tuned/<GPU>.json (see bench/sweep.py); --ops then takes tuning op names too.
 
-Presets: on a machine with a CUDA device, `quick` and `full` use the DESIGN.md shapes
-(full adds vocab and M sweeps). Without one, they switch to small CPU shapes (the numpy
-reference and torch on the CPU), and `tiny` is the smallest set, for CI.
+Presets: on a machine with a CUDA device, `quick` and `full` use the target shapes (full adds
+vocab and M sweeps); bench/TARGETS.md lists them with their targets and anchor figures. Without
+one, they switch to small CPU shapes (the numpy reference and torch on the CPU), and `tiny` is
+the smallest set, for CI.
 """
 from __future__ import annotations
 
@@ -89,10 +93,12 @@ def main(argv=None):
     deadline = t0 + args.budget_s if args.budget_s else None
     cases = ops.cases_for(args.preset, env.cuda, args.ops, args.dtype)
     where = "GPU shapes" if env.cuda else "no CUDA device: CPU shapes"
+    cpu_threads = None
+    if not env.cuda and args.threads > 0:
+        cpu_threads, env.cpu_threads = harness.limit_cpu_threads(args.threads), args.threads
     print(f"bench: preset {args.preset} ({where}), {len(cases)} cases x {len(args.impls or ops.IMPLS)} impls on {env.device_name()}",
           file=sys.stderr, flush=True)
     timing = TIMING[args.preset]
-    cpu_threads = harness.limit_cpu_threads(args.threads) if not env.cuda and args.threads > 0 else None
     ceilings = harness.measure_ceilings(env, {c.dtype for c in cases}, timing)
     impls, skip = args.impls or list(ops.IMPLS), {}
     if args.impls is None and args.preset == "quick" and env.cuda:  # compile time would dominate the quick run

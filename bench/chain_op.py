@@ -1,6 +1,8 @@
-"""The bench op of the engine's per-op cost: a chain of elementwise multiply-adds on a short
-vector, forward and backward. With 16 floats the arithmetic is nothing, so the time is the
-bookkeeping of each op (gpuad's tape against torch's autograd), on the CPU.
+"""The bench ops of the engine's per-op cost: a chain of elementwise multiply-adds on a short
+vector, forward and backward, with tensor constants (elementwise_chain) and with Python scalars
+(scalar_chain: y = y * 1.0001 + 0.001, as a learning rate or a `0.5 * x` is written). With 16
+floats the arithmetic is nothing, so the time is the bookkeeping of each op (gpuad's tape
+against torch's autograd), on the CPU.
 
 Implementations: reference (gpuad's engine on the numpy backend) and torch (eager autograd),
 both on the CPU only. Registered in ``bench.ops.OPS`` by ``bench/ops.py``.
@@ -57,7 +59,29 @@ class ElementwiseChain:
         return {}
 
 
-def _setup(engine):
+class ScalarChain(ElementwiseChain):
+    """y = x; y = y·A + C with the Python scalars A = 1.0001 and C = 0.001, `ops` times;
+    loss = Σ y; dloss/dx = A^ops. x [n] float."""
+    name = "scalar_chain"
+    A, C = 1.0001, 0.001
+
+    @staticmethod
+    def input_bytes(case):
+        return case.dims[1] * itemsize(case.dtype)
+
+    @staticmethod
+    def make_inputs(case):
+        return {"x": ElementwiseChain.make_inputs(case)["x"]}
+
+    @staticmethod
+    def expected(case, host, xp):
+        y = np.asarray(host["x"], np.float64)
+        for _ in range(case.dims[0]):
+            y = y * ScalarChain.A + ScalarChain.C
+        return {"loss": np.asarray(y.sum()), "dx": np.full(y.shape, ScalarChain.A ** case.dims[0])}
+
+
+def _setup(engine, scalars=False):
     def setup(env, case, host, n_copies):
         if env.cuda:
             raise Unavailable(f"{engine}: a CPU engine case; not timed on a CUDA machine")
@@ -78,7 +102,10 @@ def _setup(engine):
             grad, x.grad = x.grad, None
             return loss, grad
 
-        sets = [(make("x", True), make("a"), make("b")) for _ in range(n_copies)]
+        if scalars:
+            sets = [(make("x", True), ScalarChain.A, ScalarChain.C) for _ in range(n_copies)]
+        else:
+            sets = [(make("x", True), make("a"), make("b")) for _ in range(n_copies)]
 
         def outputs():
             loss, grad = call(*sets[0])
@@ -88,3 +115,4 @@ def _setup(engine):
 
 
 ElementwiseChain.impls = {"reference": _setup("reference"), "torch": _setup("torch")}
+ScalarChain.impls = {"reference": _setup("reference", True), "torch": _setup("torch", True)}

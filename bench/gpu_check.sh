@@ -5,10 +5,10 @@
 #   2 the kernel tests (Triton CE, Triton linear, CuPy kernels, backends): pytest -m gpu, JUnit XML
 #   3 the tuning sweep: the candidates the kernels declare, by expected gain, each op within its
 #     share of the time (bench/sweep.py); winners into OUTDIR/tuned/<GPU>.json
-#   4 the quick benchmark (every target shape; one JSON line per record as measured),
+#   4 the quick benchmark (every target shape of bench/TARGETS.md; one JSON line per record as measured),
 #     on the table the sweep just wrote (GPUAD_TUNED_DIR=OUTDIR/tuned)
 #   5 the cupy-backend engine tests (pytest -m gpu on the rest)
-#   6 a summary, last: tests per file, each target shape met or missed, the sweep's table, the
+#   6 a summary, last: tests per file, each target shape met or missed (bench/TARGETS.md), the sweep's table, the
 #     benchmark's seconds per impl, time per step
 # Each test step also writes tests-<step>.jsonl, a line as each test starts and ends, so a step
 # killed by its limit still names what failed and what was running.

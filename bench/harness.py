@@ -24,6 +24,7 @@ import json
 import math
 import os
 import platform
+import re
 import statistics
 import sys
 import time
@@ -55,6 +56,7 @@ class Env:
         # Without CUDA, run the Triton impls on CPU tensors (TRITON_INTERPRET=1 must have been
         # set before the kernels were imported); otherwise they are UNAVAILABLE on a CPU.
         self.interpret = bool(interpret) and not self.cuda
+        self.cpu_threads = None  # the threads numpy's BLAS and torch run on, once limited (limit_cpu_threads)
 
     def torch(self, who):
         torch, err = try_import("torch")
@@ -91,7 +93,10 @@ class Env:
                 return torch.cuda.get_device_name(0)
             cupy, _ = try_import("cupy")
             return cupy.cuda.runtime.getDeviceProperties(0)["name"].decode()
-        return f"CPU {platform.machine()} ({os.cpu_count()} threads)"
+        cores = f"{os.cpu_count()} cores"
+        if self.cpu_threads is None:
+            return f"CPU {platform.machine()} ({cores})"
+        return f"CPU {platform.machine()} ({self.cpu_threads} thread{'s' * (self.cpu_threads != 1)} of {cores})"
 
 
 def _cuda_available() -> bool:
@@ -417,7 +422,11 @@ class Progress:
         self.tty = getattr(self.stream, "isatty", lambda: False)()
 
     def step(self, text):
+        """Count one step; show `text` with the bar (None: count it without a line of its own)."""
         self.done += 1
+        if text is None and not (self.tty and self.done == self.total):
+            return
+        text = text or ""
         n = int(30 * self.done / self.total)
         line = f"[{'#' * n}{'.' * (30 - n)}] {self.done}/{self.total} {text}"
         if self.tty:
@@ -548,8 +557,9 @@ def _run(cases, impls, env, timing, ceilings, progress, skip, sink, deadline, ex
             prep = outs = None
             if not (paired and paired[-1][0] is rec):  # measured (not left for the interleaved loop): record it now
                 records.append(_with_rate(rec, op, ceilings, sink))
-            if bar:
-                bar.step(f"{case.op} {case.label} {case.dtype} {impl}: {rec['status']}")
+            if bar:  # what does not run here is listed once, under the table (unavailable_line)
+                bar.step(None if rec["status"] == "UNAVAILABLE" else f"{case.op} {case.label} {case.dtype} {impl}: "
+                         f"{rec['status']}")
         if paired:
             for (rec, _), (ms, median) in zip(paired, time_cpu_interleaved([fn for _, fn in paired], timing)):
                 rec["ms"], rec["ms_median"], rec["timer"] = ms, median, "cpu-min-interleaved"
@@ -600,22 +610,47 @@ def free(env):
 
 # --- output -----------------------------------------------------------------------------
 
-def unavailable_lines(records):
-    """Each unavailable impl once: its reasons, with the ops each applies to."""
-    by_impl = {}
+_NOT_AN_IMPL = "not an implementation of the op"
+
+
+def unavailable_line(records) -> str | None:
+    """What did not run, in one line: each impl once, under its first reason that belongs to
+    this machine or run ("needs a CUDA device"), else as not an implementation of the op (the
+    records keep every reason). None when everything ran."""
+    reason_of = {}  # impl -> reason
     for r in records:
         if r["status"] == "UNAVAILABLE":
-            reason = r["error"][len(r["impl"]) + 2:] if r["error"].startswith(r["impl"] + ": ") else r["error"]
-            ops_ = by_impl.setdefault(r["impl"], {}).setdefault(reason, [])
+            reason = re.sub(r"^\w+: ", "", r["error"])
+            if reason.startswith("not an implementation of "):
+                reason_of.setdefault(r["impl"], _NOT_AN_IMPL)
+            elif reason_of.get(r["impl"], _NOT_AN_IMPL) == _NOT_AN_IMPL:
+                reason_of[r["impl"]] = reason
+    if not reason_of:
+        return None
+    groups = {}  # reason -> impls
+    for impl, reason in reason_of.items():
+        groups.setdefault(reason, []).append(impl)
+    return "not run: " + "; ".join(f"{', '.join(impls)}: {reason}" for reason, impls in groups.items())
+
+
+_STATISTICS = {"cpu-min": "the fastest of repeated calls", "cpu-min-interleaved": "the fastest round of "
+               "an interleaved loop", "triton.testing.do_bench": "the median (L2 flushed)",
+               "cuda-events-median": "the median"}
+
+
+def statistic(records) -> str:
+    """Which statistic the records' ms is ("the fastest of repeated calls", "the median (L2
+    flushed)", ...), with the ops of each when the records were timed in more than one way."""
+    timers = {}
+    for r in records:
+        if r["status"] == "OK" and r.get("timer"):
+            ops_ = timers.setdefault(r["timer"], [])
             if r["op"] not in ops_:
                 ops_.append(r["op"])
-    all_ops = list(dict.fromkeys(r["op"] for r in records))
-    lines = []
-    for impl, reasons in by_impl.items():
-        parts = [reason if len(reasons) == 1 and len(o) == len(all_ops) else f"{reason} ({', '.join(o)})"
-                 for reason, o in reasons.items()]
-        lines.append(f"{impl}: " + "; ".join(parts))
-    return lines
+    if len(timers) == 1:
+        timer = next(iter(timers))
+        return _STATISTICS.get(timer, timer)
+    return "; ".join(f"{_STATISTICS.get(t, t)} ({', '.join(o)})" for t, o in timers.items()) or "not timed"
 
 
 def _fmt(v, spec):
@@ -646,12 +681,13 @@ def gb(n_bytes):
 
 
 def table(records, ceilings=None) -> str:
-    """The terminal table, then FAILs and UNAVAILABLE impls (each once, with the reason).
+    """The terminal table, then FAILs and, in one line, what did not run.
 
-    ms: L2-flushed median; b2b ms: back to back, no flush; graph ms: replayed from a CUDA
-    graph; host us: host time per call (see the module docstring); +peak GB: the peak memory
-    of one call above what was allocated before it (ops that measure it, on CUDA); model ms: the
-    time bench/lm_head_model.py gives the impl's schedule at the ceilings of the run (the LM head)."""
+    ms: the L2-flushed median on CUDA, the fastest call or round on a CPU (a line under the
+    table names it); b2b ms: back to back, no flush; graph ms: replayed from a CUDA graph; host
+    us: host time per call (see the module docstring); +peak GB: the peak memory of one call
+    above what was allocated before it (ops that measure it, on CUDA); model ms: the time
+    bench/lm_head_model.py gives the impl's schedule at the ceilings of the run (the LM head)."""
     head = ("op", "shape", "dtype", "impl", "status", "ms", "model ms", "b2b ms", "graph ms", "host us", "rate",
             "% ceil", "x torch", "+peak GB")
     rows = []
@@ -664,6 +700,8 @@ def table(records, ceilings=None) -> str:
                      _fmt(r.get("host_us"), ".1f"), rate, _fmt(r["pct_ceiling"], ".1f"),
                      _fmt(r["speedup_vs_torch"], ".2f"), _fmt(gb(r.get("peak_extra_bytes")), ".3f")))
     lines = text_table(head, rows)
+    if rows:
+        lines.append(f"ms: {statistic(records)}")
     if ceilings:
         mm = ", ".join(f"{k} {v:.3g} TFLOP/s" for k, v in ceilings.get("matmul_TFLOPs", {}).items())
         cp = ceilings.get("copy_GBps")
@@ -680,10 +718,9 @@ def table(records, ceilings=None) -> str:
     if fails:
         lines.append("FAIL (not timed):")
         lines += [f"  {r['op']} {r['shape_str']} {r['dtype']} {r['impl']}: {r['error']}" for r in fails]
-    una = unavailable_lines(records)
+    una = unavailable_line(records)
     if una:
-        lines.append("UNAVAILABLE:")
-        lines += [f"  {u}" for u in una]
+        lines.append(una)
     return "\n".join(lines)
 
 

@@ -204,7 +204,7 @@ LinearCrossEntropy.impls = {
     "torch_compile": _lce_torch("torch_compile"),
 }
 
-#: GPU shapes (DESIGN.md's LM-head anchors) and small CPU ones, as (dims, dtype)
+#: GPU shapes (the LM-head target shapes of bench/TARGETS.md) and small CPU ones, as (dims, dtype)
 GPU_SHAPES = [((8192, 4096, 128256), "bfloat16"), ((16384, 2048, 32000), "bfloat16")]
 CPU_QUICK_SHAPES = [((256, 128, 4000), "float32")]
 CPU_FULL_SHAPES = [((1024, 256, 8000), "float32"), ((100, 64, 50257), "float32")]

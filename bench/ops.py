@@ -472,20 +472,21 @@ MLPStep.impls = {
 
 from . import lce_op  # noqa: E402 (the fused LM head; it builds on the helpers above)
 from .lce_op import LinearCrossEntropy  # noqa: E402
-from .chain_op import ElementwiseChain  # noqa: E402 (the engine's per-op cost, on the CPU)
+from .chain_op import ElementwiseChain, ScalarChain  # noqa: E402 (the engine's per-op cost, on the CPU)
 
-OPS = {op.name: op for op in (CrossEntropy, LinearBackward, LinearCrossEntropy, MLPStep, ElementwiseChain)}
+OPS = {op.name: op for op in (CrossEntropy, LinearBackward, LinearCrossEntropy, MLPStep, ElementwiseChain,
+                              ScalarChain)}
 
 
 # --- presets -----------------------------------------------------------------------------
-# (op, dims, dtype). GPU shapes are those of DESIGN.md; CPU shapes are small enough that
+# (op, dims, dtype). GPU shapes are the target shapes of bench/TARGETS.md; CPU shapes are small enough that
 # the numpy reference and torch on the CPU finish quickly.
 
 _CE, _LIN, _MLP, _LCE = CrossEntropy.name, LinearBackward.name, MLPStep.name, LinearCrossEntropy.name
-_CHAIN = ElementwiseChain.name
+_CHAIN, _SCHAIN = ElementwiseChain.name, ScalarChain.name
 _lce = lambda shapes: [(_LCE, dims, dt) for dims, dt in shapes]  # noqa: E731
 
-GPU_QUICK = [  # every DESIGN.md target shape, then the MLP step
+GPU_QUICK = [  # every target shape (bench/TARGETS.md), then the MLP step
     (_CE, (8192, 32000), "bfloat16"), (_CE, (8192, 128256), "bfloat16"), (_CE, (16384, 50257), "bfloat16"),
     (_CE, (4096, 32000), "float32"),
     (_LIN, (64, 512, 512), "float32"), (_LIN, (256, 1024, 1024), "bfloat16"),
@@ -504,9 +505,9 @@ CPU_QUICK = [
     (_LIN, (64, 512, 512), "float32"), (_LIN, (512, 1024, 1024), "float32"),
     *_lce(lce_op.CPU_QUICK_SHAPES),
     (_MLP, (256, 512, 512, 1000), "float32"),
-    # the CPU engine against torch (issue 14's targets): an MLP 64-256-256-10 step at batch 128,
-    # and 1000 multiply-adds on 16 floats, forward and backward
-    (_MLP, (128, 64, 256, 256, 10), "float32"), (_CHAIN, (1000, 16), "float32"),
+    # the CPU engine against torch: an MLP 64-256-256-10 step at batch 128, and 1000 multiply-adds
+    # on 16 floats, forward and backward, with tensor constants and with Python scalars
+    (_MLP, (128, 64, 256, 256, 10), "float32"), (_CHAIN, (1000, 16), "float32"), (_SCHAIN, (1000, 16), "float32"),
 ]
 CPU_FULL = CPU_QUICK + [
     *[(_CE, (512, v), "float32") for v in (1024, 8192, 65536)],
@@ -518,10 +519,11 @@ TINY = [
     (_LIN, (64, 96, 80), "float32"), (_LIN, (1, 33, 17), "float32"),
     *_lce(lce_op.TINY_SHAPES),
     (_MLP, (32, 64, 128, 10), "float32"), (_MLP, (8, 16, 32, 32, 10), "float32"), (_CHAIN, (50, 16), "float32"),
+    (_SCHAIN, (50, 16), "float32"),
 ]
 PRESETS = {"quick": (GPU_QUICK, CPU_QUICK), "full": (GPU_FULL, CPU_FULL), "tiny": (TINY, TINY)}
 # (op, impl) left out of the quick preset on a GPU unless --impls names them: compile time, and
-# the LM head's time budget (each of its calls takes tens of ms at the DESIGN.md shapes)
+# the LM head's time budget (each of its calls takes tens of ms at the target shapes)
 QUICK_GPU_SKIP = {
     **{(op, "torch_compile"): "left out of the quick preset on this op (compile time); add --impls"
        for op in (_LIN, _MLP)},

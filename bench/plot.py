@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import os
 
+from .harness import statistic
+
 
 def plot_op(records, op, meta, path):
     """Write `path` for the records of `op`; shapes with no timed impl show 'not timed'."""
@@ -35,7 +37,7 @@ def plot_op(records, op, meta, path):
     ax.set_xticks(range(len(groups)), groups, fontsize=7)
     ax.set_ylabel(f"% of measured {ceiling}")
     dims = "×".join(recs[0]["shape"].keys()) if recs else ""
-    ax.set_xlabel(f"shape ({dims}) and dtype; bar labels: median ms")
+    ax.set_xlabel(f"shape ({dims}) and dtype\nbar labels: ms, {statistic(recs)}", fontsize=9)
     ax.set_title(f"{op} — {meta.get('device', '?')} — {meta.get('date', '')[:10]}", fontsize=10)
     ax.set_ylim(0, max([105.0] + [(r["pct_ceiling"] or 0) * 1.15 for r in recs if r["status"] == "OK"]))
     if any(r["status"] == "OK" for r in recs):

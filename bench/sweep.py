@@ -21,7 +21,7 @@ when that is a new point. A grid of a large space would outlast a GPU session; t
 in the number of values, and the combination catches the common case of parameters that act
 independently.
 
-Shapes: the DESIGN.md target shapes of the bench op (its GPU quick-preset shapes). Without a
+Shapes: the target shapes (bench/TARGETS.md) of the bench op (its GPU quick-preset shapes). Without a
 CUDA device, the small CPU_SHAPES run the Triton kernels in the interpreter (TRITON_INTERPRET=1,
 set before the kernels are imported): that checks every candidate and the plumbing; its
 times say nothing about a GPU.

@@ -168,8 +168,35 @@ def _sum_to(shape, y):
     return _identity if shape == y.shape else lambda g: unbroadcast(g, shape)
 
 
+# --- a Tensor and a Python scalar: unary ops on the Tensor (x * 0.5, x / n, lr * g, 1 - p) ---
+# The scalar stays a Python number: NumPy 2 and CuPy cast it to the array's float dtype (NEP 50),
+# the result the scalar as a 0-d constant of that dtype gives, without the constant's Tensor, its
+# broadcast check, its guard and a second tape edge.
+def _scalar_pair(a, b):
+    """(Tensor of floats, its Python float or int operand) for op(a, b) or op(b, a); else None."""
+    if type(b) is float or type(b) is int:
+        t, c = a, b
+    elif type(a) is float or type(a) is int:
+        t, c = b, a
+    else:
+        return None
+    return (t, c) if isinstance(t, Tensor) and t.data.dtype.kind == "f" else None
+
+
+def _add_scalar(x, c):
+    return record("add_scalar", x.data + c, (x,), (_identity,), _identity)
+
+
+def _mul_scalar(x, c):
+    scale = lambda g: g * c  # noqa: E731 (g ↦ c g: the VJP and the JVP)
+    return record("mul_scalar", x.data * c, (x,), (scale,), scale)
+
+
 def add(a, b):
     """a + b, with broadcasting."""
+    pair = _scalar_pair(a, b)
+    if pair is not None:
+        return _add_scalar(*pair)
     if _same_kind(a, b):  # one shape: no broadcasting to undo
         return record("add", a.data + b.data, (a, b), _IDENTITIES, operator.add)
     a, b = _pair("add", a, b)
@@ -179,6 +206,12 @@ def add(a, b):
 
 def sub(a, b):
     """a - b, with broadcasting."""
+    pair = _scalar_pair(a, b)
+    if pair is not None:  # x - c, or c - x
+        x, c = pair
+        if x is a:
+            return record("sub_scalar", x.data - c, (x,), (_identity,), _identity)
+        return record("rsub_scalar", c - x.data, (x,), (operator.neg,), operator.neg)
     if not _same_kind(a, b):
         a, b = _pair("sub", a, b)
     y = a.data - b.data
@@ -199,6 +232,9 @@ def _mul_broadcast_vjp(ad_, bd):
 def mul(a, b):
     """a * b, with broadcasting. (No closures in the common same-shape case: every op of a
     long chain pays for what it builds.)"""
+    pair = _scalar_pair(a, b)
+    if pair is not None:
+        return _mul_scalar(*pair)
     same = _same_kind(a, b)
     if not same:
         a, b = _pair("mul", a, b)
@@ -215,6 +251,9 @@ def mul(a, b):
 def div(a, b):
     """a / b, with broadcasting. The two-step rules (-g·y/b, (ta - y·tb)/b) run in float32 for
     16-bit floats: rounding -g·y first could overflow where the result does not."""
+    if (type(b) is float or type(b) is int) and isinstance(a, Tensor) and a.data.dtype.kind == "f":  # x / c
+        scale = lambda g: g / b  # noqa: E731
+        return record("div_scalar", a.data / b, (a,), (scale,), scale)
     if not _same_kind(a, b):
         a, b = _pair("div", a, b)
     sa, bd = a.shape, b.data

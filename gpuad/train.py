@@ -179,8 +179,9 @@ def run(args):
              f"lr {args.lr:g}, batch {args.batch_size}, label smoothing {args.label_smoothing:g}, {args.backend} "
              f"{args.dtype}, seed {args.seed}")
     print(f"digits: {history['n_train']} train / {history['n_test']} test images; {title}")
-    print(f"{args.epochs} epochs, {history['steps']} steps in {history['seconds']:.1f} s; final epoch: "
-          f"loss {history['epoch_loss'][-1]:.4f}, train accuracy {history['train_accuracy'][-1]:.4f}")
+    seconds, steps = history["seconds"], history["steps"]
+    print(f"{args.epochs} epochs, {steps} steps in {seconds:.3g} s ({1e3 * seconds / max(steps, 1):.3g} ms a step); "
+          f"final epoch: loss {history['epoch_loss'][-1]:.4f}, train accuracy {history['train_accuracy'][-1]:.4f}")
     if args.plot is not None:
         plot_curves(history, args.plot, title)
         print(f"wrote {args.plot}")

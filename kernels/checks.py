@@ -6,17 +6,20 @@ and can be turned off with ``check_targets=False``.
 """
 from __future__ import annotations
 
-import functools
-
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 REDUCTIONS = ("mean", "sum", "none")
 
 
-@functools.lru_cache(maxsize=256)
+_DTYPE_NAMES: dict = {}  # dtype -> name; a plain dict, which torch.compile traces without a warning
+
+
 def dtype_name(dtype) -> str:
-    """'float32', 'bfloat16', 'int64', ... for numpy, CuPy and torch dtypes alike (cached: every
+    """'float32', 'bfloat16', 'int64', ... for numpy, CuPy and torch dtypes alike (memoised: every
     kernel call checks its dtypes, and numpy builds a dtype's name anew each time)."""
-    return str(dtype).replace("torch.", "")
+    name = _DTYPE_NAMES.get(dtype)
+    if name is None:
+        name = _DTYPE_NAMES[dtype] = str(dtype).replace("torch.", "")
+    return name
 
 
 def is_float(dtype) -> bool:
@@ -77,16 +80,12 @@ def can_equal_a_target(ignore_index, dtype) -> bool:
     before comparing (an int32 target -100 would equal 2**32 - 100), so callers check here."""
     if ignore_index is None:
         return False
-    low, high = _int_range(dtype_name(dtype))
+    low, high = _INT_RANGES[dtype_name(dtype)]
     return low <= int(ignore_index) <= high
 
 
-@functools.lru_cache(maxsize=None)
-def _int_range(name: str) -> tuple:
-    import numpy as np
-
-    info = np.iinfo(name)
-    return int(info.min), int(info.max)
+_INT_RANGES = {f"{sign}int{bits}": ((0, 2**bits - 1) if sign else (-2**(bits - 1), 2**(bits - 1) - 1))
+               for sign in ("", "u") for bits in (8, 16, 32, 64)}  # name -> (lowest, highest)
 
 
 def kernel_ignore_index(ignore_index, targets_dtype) -> int:

@@ -5,6 +5,7 @@ sweep (a fake registered op, then whatever the kernels register)."""
 import contextlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ sys.path.insert(0, str(ROOT))  # bench/ is a top-level folder of the repository,
 
 from bench import common, harness, ops, plot, sweep  # noqa: E402
 
-OPS_ARG = "softmax_cross_entropy,linear_backward,linear_cross_entropy,mlp_step,elementwise_chain"
+OPS_ARG = "softmax_cross_entropy,linear_backward,linear_cross_entropy,mlp_step,elementwise_chain,scalar_chain"
 
 
 def test_counting_exact():
@@ -40,8 +41,9 @@ def test_counting_exact():
     assert deep.shape_dict() == {"B": 128, "D": 64, "H1": 256, "H2": 256, "C": 10}
     assert ops.mlp_params(deep) == ("w1", "b1", "w2", "b2", "w3", "b3")
     assert ops.ElementwiseChain.flops(ops.Case("elementwise_chain", (1000, 16), "float32")) == 48_000
+    assert ops.ScalarChain.flops(ops.Case("scalar_chain", (1000, 16), "float32")) == 48_000
     lce = ops.Case("linear_cross_entropy", (8192, 4096, 128256), "bfloat16")
-    assert ops.LinearCrossEntropy.flops(lce) == 6 * 8192 * 4096 * 128256 == 25_821_343_383_552  # DESIGN.md: 25.8 T
+    assert ops.LinearCrossEntropy.flops(lce) == 6 * 8192 * 4096 * 128256 == 25_821_343_383_552  # bench/TARGETS.md: 25.8 T
     assert ops.LinearCrossEntropy.input_bytes(lce) == 2 * (8192 * 4096 + 128256 * 4096) + 8 * 8192
 
 
@@ -77,11 +79,12 @@ def test_lm_head_records_carry_the_model_time_at_the_run_ceilings():
 
 
 def test_cpu_engine_cases_in_the_cpu_preset_timed_interleaved():
-    """The CPU engine against torch (issue 14): both cases in the CPU quick preset, and their
+    """The CPU engine against torch: the cases in the CPU quick preset, and their
     impls timed in one interleaved loop, one figure per impl."""
     quick = ops.cases_for("quick", cuda=False)
     assert ops.Case("mlp_step", (128, 64, 256, 256, 10), "float32") in quick
     assert ops.Case("elementwise_chain", (1000, 16), "float32") in quick
+    assert ops.Case("scalar_chain", (1000, 16), "float32") in quick
     calls = []
     fns = [lambda: calls.append("a"), lambda: (calls.append("b"), time.sleep(0.002))]
     ms = harness.time_cpu_interleaved(fns, harness.Timing(cpu_min_reps=3, cpu_budget_s=0, cpu_interleaved_rounds=4))
@@ -156,13 +159,10 @@ def test_unavailable_listed_once_with_reason():
     recs = harness.run(cases, ["triton", "cupy", "torch_compile", "liger", "nonesuch"], harness.Env(force_cpu=True),
                        ceilings={}, progress=False)
     assert recs and all(r["status"] == "UNAVAILABLE" and r["error"] and r["ms"] is None for r in recs)
-    lines = harness.unavailable_lines(recs)
-    assert sorted(line.split(":")[0] for line in lines) == ["cupy", "liger", "nonesuch", "torch_compile", "triton"]
-    assert "triton: needs a CUDA device" in lines
-    assert any(line.startswith("liger:") and "cross-entropy only" in line for line in lines)
-    text = harness.table(recs)
-    for line in lines:
-        assert text.count(line) == 1
+    line = harness.unavailable_line(recs)
+    assert line == ("not run: triton, cupy, liger: needs a CUDA device; torch_compile: timed on CUDA only; "
+                    "nonesuch: not an implementation of the op")
+    assert harness.table(recs).count(line) == 1
 
 
 def test_presets_and_dtype_override():
@@ -174,7 +174,7 @@ def test_presets_and_dtype_override():
 
 
 def test_quick_gpu_preset_has_the_lm_head_shapes_with_few_impls():
-    """The GPU check's quick preset measures both DESIGN.md LM-head shapes with gpuad, torch
+    """The GPU check's quick preset measures both LM-head target shapes with gpuad, torch
     eager, torch's F.linear_cross_entropy and Liger; the other impls are left out with a reason."""
     lce = [c.dims for c in ops.cases_for("quick", cuda=True, ops=["linear_cross_entropy"])]
     assert lce == [(8192, 4096, 128256), (16384, 2048, 32000)]
@@ -243,8 +243,17 @@ def test_end_to_end_tiny(tiny_run):
     proc, out = tiny_run
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "op" in proc.stdout and "% ceil" in proc.stdout and "x torch" in proc.stdout
-    assert "triton: needs a CUDA device" in proc.stdout
     assert "[#" not in proc.stdout and "[#" in proc.stderr  # the progress bar goes to stderr
+    # what ran, on how many threads, by which statistic; what did not run, once, in one line
+    header = proc.stderr.splitlines()[0]
+    assert header.endswith(f"on CPU {platform.machine()} (1 thread of {os.cpu_count()} cores)"), header
+    assert "UNAVAILABLE" not in proc.stderr and "UNAVAILABLE" not in proc.stdout
+    progress = [line for line in proc.stderr.splitlines() if line.startswith("[")]
+    assert len(progress) == 2 * len(ops.cases_for("tiny", cuda=False, ops=OPS_ARG.split(",")))  # reference, torch
+    assert [line for line in proc.stdout.splitlines() if line.startswith("not run: ")] == [
+        "not run: triton, liger: needs a CUDA device"]
+    assert ("ms: the fastest of repeated calls (softmax_cross_entropy, linear_backward, linear_cross_entropy); "
+            "the fastest round of an interleaved loop (mlp_step, elementwise_chain, scalar_chain)") in proc.stdout
     data = json.loads((out / "results.json").read_text())
     recs = data["records"]
     cases = ops.cases_for("tiny", cuda=False, ops=OPS_ARG.split(","))
@@ -348,7 +357,7 @@ def test_host_figures_on_cpu(tiny_run):
     for r in recs:
         assert r["host_us"] > 0 and r["ms_back_to_back"] > 0 and r["wall_s"] > 0
         assert r["ms_graph"] is None and r["graph_note"] == "no CUDA device"
-        if r["op"] not in ("mlp_step", "elementwise_chain"):  # no host slice: the whole output is checked
+        if r["op"] not in ("mlp_step", "elementwise_chain", "scalar_chain"):  # no host slice: the whole output is checked
             assert r["max_error_host"] is not None and r["max_error_host"] <= r["tolerance"]
     assert "b2b ms" in (out / "table.txt").read_text() and "all: no CUDA device" in (out / "table.txt").read_text()
 

@@ -96,7 +96,7 @@ def test_walk_depth_100_cli_with_plot(tmp_path):
     # tanh' ≤ 1 and σ = 0.5: the plain stack's ratio is at most 2⁻⁹⁹ (about it once activations are small)
     assert 2.0 ** -102 < ratio["plain"] <= 2.0 ** -99 * (1 + 1e-9)
     assert 1 / 30 < ratio["residual"] < 30
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:  # the README quotes this run
+    with open(os.path.join(ROOT, "docs", "jacobians.md"), encoding="utf-8") as f:  # the page quotes this run
         quoted = dict(re.findall(r"^(plain|residual): first layer's gradient / last layer's = (\S+)", f.read(), re.M))
     assert ratio == pytest.approx({k: float(v) for k, v in quoted.items()}, rel=1e-3)
     rows = re.findall(r"^\s+(\d+)\s+(\S+)\s+(\S+)$", out.stdout, flags=re.M)

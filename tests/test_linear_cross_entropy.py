@@ -682,7 +682,7 @@ def test_cupy_launcher_emulated(emulated_lce, monkeypatch, name, case):
 # ---------------------------------------------------------------- GPU
 
 gpu = pytest.mark.gpu
-LIGER_EXTRA_BYTES = {(8192, 4096, 128256): 1.18e9, (16384, 2048, 32000): 0.26e9}  # DESIGN.md, H200, bf16
+LIGER_EXTRA_BYTES = {(8192, 4096, 128256): 1.18e9, (16384, 2048, 32000): 0.26e9}  # bench/TARGETS.md: H200, bf16
 
 
 def _cuda_inputs(n, d, v, dtype=torch.bfloat16, seed=0):
@@ -787,7 +787,7 @@ def test_gpu_engine_op_on_cupy_backend():
 @gpu
 @pytest.mark.parametrize("shape", list(LIGER_EXTRA_BYTES))
 def test_gpu_peak_memory_within_target(shape):
-    """bf16 at the DESIGN.md shapes, dw into an fp32 buffer the caller owns (its main grad):
+    """bf16 at the LM-head target shapes (bench/TARGETS.md), dw into an fp32 buffer the caller owns (its main grad):
     peak memory above the inputs ≤ Liger's extra memory; without it, within the documented
     budget (fp32 accumulator + buffer + dx, then + the bf16 dw). Same bits on a second run."""
     n, d, v = shape

@@ -334,15 +334,15 @@ def test_triton_path_in_the_interpreter_matches_the_reference(monkeypatch, reduc
         gt.linear_cross_entropy(x.float(), w, torch.tensor([0, 99, 1, 2, 3, 4, 5]))
 
 
-# --- README -----------------------------------------------------------------------------------
-def test_readme_example_runs(capsys):
-    """The snippet of the README's LM-head section, exactly as written, on the CPU."""
-    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md"),
+# --- docs/lm-head.md -------------------------------------------------------------------------
+def test_docs_example_runs(capsys):
+    """The snippet of docs/lm-head.md, exactly as written, on the CPU."""
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "lm-head.md"),
               encoding="utf-8") as f:
-        section = f.read().split("## The fused LM head", 1)[1]
+        section = f.read()
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
     namespace = {}
-    exec(compile(code, "README.md", "exec"), namespace)
+    exec(compile(code, "docs/lm-head.md", "exec"), namespace)
     loss = float(re.fullmatch(r"loss (\S+)\n", capsys.readouterr().out).group(1))
     assert 0 <= loss < 2.0  # from ln(100) = 4.6: it learned the (random) next tokens
     assert namespace["logits"].shape == (8, 16, 100)
@@ -394,10 +394,10 @@ def test_gpu_bf16_matches_fp32_torch(reduction, master):
 @pytest.mark.gpu
 @pytest.mark.parametrize("shape", [(8192, 4096, 128256), (16384, 2048, 32000)])
 def test_gpu_peak_memory_of_the_module(shape):
-    """The module's forward + backward at the DESIGN.md shapes, bf16 activations and an fp32
+    """The module's forward + backward at the LM-head target shapes (bench/TARGETS.md), bf16 activations and an fp32
     master weight: peak memory above the inputs within the bf16 weight copy, the fp32 dW (the
     gradient itself), dx, one chunk of logits and 64 MiB (torch eager needs 12.6 GB more at the
-    large shape, DESIGN.md)."""
+    large shape, bench/TARGETS.md)."""
     from gpuad.kernels.reference import linear_cross_entropy_chunk
     n, d, v = shape
     x, _, t = _cuda_case(n, d, v, seed=2)

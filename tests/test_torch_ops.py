@@ -401,13 +401,13 @@ def test_triton_path_in_the_interpreter_matches_the_reference(monkeypatch):
         gt.cross_entropy(torch.randn(3, 4), torch.tensor([0, 9, 1]))
 
 
-# --- README -----------------------------------------------------------------------------------
-def test_readme_example_runs(capsys):
-    """The snippet under "Use in a PyTorch training loop", exactly as written, on the CPU."""
-    with open(os.path.join(ROOT, "README.md"), encoding="utf-8") as f:
-        section = f.read().split("## Use in a PyTorch training loop", 1)[1]
+# --- docs/pytorch.md -------------------------------------------------------------------------
+def test_docs_example_runs(capsys):
+    """The snippet of docs/pytorch.md, exactly as written, on the CPU."""
+    with open(os.path.join(ROOT, "docs", "pytorch.md"), encoding="utf-8") as f:
+        section = f.read()
     code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    exec(compile(code, "README.md", "exec"), {})
+    exec(compile(code, "docs/pytorch.md", "exec"), {})
     loss = float(re.fullmatch(r"loss (\S+)\n", capsys.readouterr().out).group(1))
     assert 0 <= loss < 0.5  # it learned the (random) labels
 

@@ -39,6 +39,10 @@ def test_cli_end_to_end_with_progress_bar_and_plot(tmp_path):
     assert match, lines
     assert float(match.group(1)) > 0.7  # 10 classes: chance is 0.1
     assert lines[-2] == f"wrote {png}"
+    timing = re.search(r"2 epochs, (\d+) steps in (\S+) s \((\S+) ms a step\)", out.stdout)
+    steps, seconds, ms = int(timing.group(1)), float(timing.group(2)), float(timing.group(3))
+    assert steps == 2 * -(-1437 // 64) and seconds > 0  # 3 significant digits: never "0.0 s"
+    assert ms * steps / 1e3 == pytest.approx(seconds, rel=0.01)
     assert "train (numpy)" in out.stderr and "loss" in out.stderr  # tqdm's bar with the running loss
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000

@@ -131,7 +131,7 @@ def test_default_config_either_side_of_threshold(v):
 
 def test_every_tuning_value_is_a_launchable_config():
     """Each value of each parameter (the others at their defaults) picks a kernel whose
-    constexprs are consistent, for the target shapes of DESIGN.md and a small one."""
+    constexprs are consistent, for the target shapes of bench/TARGETS.md and a small one."""
     for name, values in ce.SPACE.items():
         for value in values:
             params = dict(ce.DEFAULTS, **{name: value})

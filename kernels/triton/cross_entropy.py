@@ -2,7 +2,7 @@
 
 Bytes: the least any fused kernel can move is one read of the logits and one write of the
 gradient (2·B·V·itemsize, "one copy"); a kernel whose second pass re-reads a row from HBM moves
-1.5 copies. DESIGN.md's target is ≤ 1.5× the time of one copy. Three row kernels, each a
+1.5 copies. The target (bench/TARGETS.md) is ≤ 1.5× the time of one copy. Three row kernels, each a
 tuning candidate (the tuning space "triton.softmax_cross_entropy", see below):
 
 * ``_ce_rows_kernel`` — rows with next_power_of_2(V) ≤ ``single_pass_max``: a program loads

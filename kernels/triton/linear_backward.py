@@ -42,7 +42,7 @@ db is fused into the dW family. Without a split the dW tiles of the first K-bloc
 K-block (s mod #K-blocks), and reduced like the tiles (their own counters): with S ≥ #K-blocks every
 K-block carries an equal share, so no tile is left with all of db while the others wait.
 
-Expected share of the ceilings (to be measured; DESIGN.md has the targets). The FLOPs are 4·M·N·K,
+Expected share of the ceilings (to be measured; bench/TARGETS.md has the targets). The FLOPs are 4·M·N·K,
 half per family; db adds M·N additions. bf16/fp16 run on tensor cores (wgmma) with pointer loads,
 no TMA: public Triton matmuls of this kind reach 0.6–0.75 of cuBLAS on an H100 (run 1: 447–542 TFLOP/s at the two large bf16 shapes, 0.64–0.81× torch); the fusion saves
 the db pass and two launches, which matters only at launch-bound shapes (a few µs of GPU work). The
