@@ -101,6 +101,19 @@ def check_cross_entropy_layout(logits, targets, weight, reduction, label_smoothi
     return CELayout(n_batch, n_classes, n_spatial, soft)
 
 
+def class_strides(shape, strides):
+    """(batch, class, spatial) strides of F.cross_entropy's layout [C], [B, C] or [B, C, d1, ...]
+    from its per-axis `strides`: d1, ... walked as one axis (size-1 axes skipped; spatial 0
+    without any), or None when their strides do not allow it."""
+    if len(shape) == 1:
+        return (0, strides[0], 0)
+    kept = [(n, st) for n, st in zip(shape[2:], strides[2:]) if n != 1]
+    for (_, st), (n2, st2) in zip(kept, kept[1:]):
+        if st != st2 * n2:
+            return None
+    return (strides[0], strides[1], kept[-1][1] if kept else 0)
+
+
 def check_ignore_index(ignore_index):
     """ignore_index is an integer, or None (no row is ignored)."""
     if ignore_index is not None and (not hasattr(ignore_index, "__index__") or isinstance(ignore_index, bool)):

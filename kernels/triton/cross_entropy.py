@@ -560,27 +560,15 @@ def _may_overlap(x: torch.Tensor) -> bool:
     return len(axes) == 2 and (axes[0][1] - 1) * axes[0][0] + 1 > axes[1][0]
 
 
-def _collapsed_stride(sizes, strides):
-    """The one stride of axes that walk memory as a single axis (size-1 axes skipped; 0 when
-    none is left), or None when they do not."""
-    kept = [(n, st) for n, st in zip(sizes, strides) if n != 1]
-    for (_, st), (n2, st2) in zip(kept, kept[1:]):
-        if st != st2 * n2:
-            return None
-    return kept[-1][1] if kept else 0
-
-
 def _class_strides(a: torch.Tensor):
     """(a, (batch, class, spatial) strides) of F.cross_entropy's layout [C], [B, C] or
-    [B, C, d1, ...]: d1, ... collapse into one spatial axis in place when their strides allow
-    it, else `a` becomes a contiguous copy (the only copy of the N-d layout)."""
-    if a.dim() == 1:
-        return a, (0, a.stride(0), 0)
-    spatial = _collapsed_stride(a.shape[2:], a.stride()[2:])
-    if spatial is None:
+    [B, C, d1, ...]: d1, ... are walked as one axis in place when their strides allow it,
+    else `a` becomes a contiguous copy (the only copy of the N-d layout)."""
+    strides = checks.class_strides(a.shape, a.stride())
+    if strides is None:
         a = a.contiguous()
-        spatial = 1
-    return a, (a.stride(0), a.stride(1), spatial)
+        strides = checks.class_strides(a.shape, a.stride())
+    return a, strides
 
 
 def _general_config(n_rows: int, n_cols: int, class_stride: int, *, grad: bool, reduction: str,
