@@ -124,3 +124,84 @@ def test_bad_options_raise_errors_naming_the_argument():
         ref.softmax_cross_entropy(np.zeros(()), np.zeros((), np.int64))
     with pytest.raises(TypeError, match="weight"):
         ref.softmax_cross_entropy(x, t, weight=[1.0] * 5)
+
+
+# ------------------------------------------------------------------ the engine's op and gpuad.nn
+
+ENGINE_CASES = [  # (logits shape, class axis, probability targets, weighted)
+    ((3, 7, 4), 1, False, True), ((3, 7, 4), 1, True, True), ((3, 4, 7), -1, True, True),
+    ((3, 4, 7), -1, False, True), ((7,), 0, False, True), ((7, 2, 3), 0, True, False), ((2, 7, 3, 2), 1, False, False),
+]
+
+
+@pytest.mark.parametrize("shape,axis,soft,weighted", ENGINE_CASES)
+def test_engine_op_matches_torch(backend, shape, axis, soft, weighted):
+    """ad.softmax_cross_entropy with the classes on `axis`, weights and probability targets:
+    loss, and the gradient of a random cotangent (the VJP of "none", the kernels' gradient for
+    "mean"), against torch with the classes moved to axis 1."""
+    import gpuad as ad
+    from gpuad import backend as B
+
+    rng = np.random.default_rng(len(shape) * 10 + axis)
+    x = rng.standard_normal(shape) * 2
+    moved = np.moveaxis(x, axis, 1) if len(shape) > 1 else x
+    _, t_moved = make_case(moved.shape, soft, rng)
+    t = np.moveaxis(t_moved, 1, axis) if soft and len(shape) > 1 else t_moved
+    n_classes = shape[axis]
+    weight = rng.random(n_classes) + 0.1 if weighted else None
+    xp = B.module_for(backend)
+    for reduction, eps in (("none", 0.1), ("mean", 0.0), ("sum", 0.2)):
+        z = ad.tensor(x, requires_grad=True)
+        loss = ad.softmax_cross_entropy(z, xp.asarray(t), reduction=reduction, label_smoothing=eps, axis=axis,
+                                        weight=None if weight is None else xp.asarray(weight))
+        u = rng.standard_normal(loss.shape)
+        loss.backward(xp.asarray(u))
+        xt = torch.from_numpy(moved).requires_grad_()
+        want = F.cross_entropy(xt, torch.from_numpy(np.asarray(t_moved)), reduction=reduction, label_smoothing=eps,
+                               weight=None if weight is None else torch.from_numpy(weight))
+        want.backward(torch.from_numpy(u))
+        want_grad = np.moveaxis(xt.grad.numpy(), 1, axis) if len(shape) > 1 else xt.grad.numpy()
+        np.testing.assert_allclose(loss.numpy(), want.detach().numpy(), rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(B.to_host(z.grad), want_grad, rtol=1e-10, atol=1e-12)
+
+
+def test_engine_op_gradcheck_with_weights_and_probabilities(backend):
+    import gpuad as ad
+    from gpuad import backend as B
+
+    rng = np.random.default_rng(3)
+    xp = B.module_for(backend)
+    _, q = make_case((2, 5, 3), True, rng)
+    w = xp.asarray(rng.random(5) + 0.5)
+    t = xp.asarray(np.array([[1, -100, 4], [0, 2, 3]]))
+    for targets in (xp.asarray(q), t):
+        for reduction in ("mean", "none"):
+            f = lambda z: ad.softmax_cross_entropy(z, targets, reduction=reduction, label_smoothing=0.1, weight=w,
+                                                   axis=1)
+            assert ad.gradcheck(f, ad.tensor(rng.standard_normal((2, 5, 3))))
+
+
+def test_nn_loss_takes_weight_and_axis(backend):
+    from gpuad import backend as B
+    from gpuad import nn
+
+    import gpuad as ad
+
+    rng = np.random.default_rng(4)
+    x, t = make_case((4, 6, 3), False, rng)
+    weight = rng.random(6) + 0.1
+    xp = B.module_for(backend)
+    loss_fn = nn.CrossEntropyLoss(weight=xp.asarray(weight), label_smoothing=0.1, axis=1)
+    assert "weight=[6]" in repr(loss_fn) and "axis=1" in repr(loss_fn)
+    z = ad.tensor(x, requires_grad=True)
+    loss = loss_fn(z, xp.asarray(t))
+    loss.backward()
+    want_loss, want_grad = torch_loss_and_grad(x, t, weight=weight, label_smoothing=0.1)
+    np.testing.assert_allclose(loss.numpy(), want_loss, rtol=1e-10)
+    np.testing.assert_allclose(B.to_host(z.grad), want_grad, rtol=1e-10, atol=1e-12)
+    with pytest.raises(ValueError, match="weight"):
+        nn.CrossEntropyLoss(weight=np.ones((2, 3)))
+    with pytest.raises(TypeError, match="axis"):
+        ad.softmax_cross_entropy(z, xp.asarray(t), axis=None)
+    with pytest.raises(ValueError, match="targets"):
+        ad.softmax_cross_entropy(z, xp.asarray(t), axis=-1)
