@@ -58,13 +58,15 @@ def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, re
       probabilities:  loss = -Σ_c w_c·q_c·log p_c,  q = (1 - eps)·targets + eps / C
     Reduction "mean" divides the sum by Σ w_t over the rows not ignored (index targets; the
     number of such rows without weight) or by the number of rows (probabilities); a divisor
-    of 0 (every row ignored, or every target's weight 0) counts as 1: loss and gradient 0.
-    Rows whose index target equals ignore_index have loss 0 and gradient 0, whatever their
-    logits (NaN included); ignore_index=None ignores no row; probability targets refuse an
-    ignore_index >= 0. Returns (loss, dlogits): loss float32 (float64 for float64 logits),
-    0-d, or the logits' shape without the class axis for "none"; dlogits = dloss/dlogits in
-    the logits' shape and dtype (for "none": of the sum of the losses), or None when
-    grad=False. inplace=True writes dlogits over `logits` and returns that buffer.
+    of 0 (every row ignored, or every target's weight 0) counts as 1 (torch: NaN). Rows whose
+    index target equals ignore_index have loss 0 and gradient 0, whatever their logits (NaN
+    included); ignore_index=None ignores no row; probability targets refuse an ignore_index
+    >= 0. A class whose term's factor (w_c·q_c, or w_c) is 0 adds nothing, even where its
+    logit is -inf (torch: NaN, from 0·(-inf)). Returns (loss, dlogits): loss float32
+    (float64 for float64 logits), 0-d, or the logits' shape without the class axis for
+    "none"; dlogits = dloss/dlogits in the logits' shape and dtype (for "none": of the sum
+    of the losses), or None when grad=False. inplace=True writes dlogits over `logits` and
+    returns that buffer.
     """
     _arrays("softmax_cross_entropy", logits=logits, targets=targets, weight=weight)
     checks.check_ignore_index(ignore_index)
@@ -137,7 +139,7 @@ def _index_rows(xp, rows, targets, weight, ignore_index, label_smoothing, grad, 
         mass = (1.0 - eps) * weights + (eps / n_classes) * w.sum()
         row_loss = mass * row_loss - (1.0 - eps) * weights * target_logit
         if eps:
-            row_loss -= (eps / n_classes) * (shifted @ w)
+            row_loss -= (eps / n_classes) * xp.where(w != 0, shifted * w, 0.0).sum(axis=1)
     if valid is not None:
         row_loss = xp.where(valid, row_loss, 0.0).astype(acc, copy=False)
     denom = xp.asarray(n_rows if weights is None else weights.sum(), dtype=acc)
@@ -173,7 +175,7 @@ def _soft_rows(xp, rows, probs, weight, label_smoothing, grad):
     if weight is not None:
         a *= weight.astype(acc)
     mass = a.sum(axis=1)
-    row_loss = mass * log_s - (a * shifted).sum(axis=1)
+    row_loss = mass * log_s - xp.where(a != 0, a * shifted, 0.0).sum(axis=1)  # a = 0 adds 0, even at z = -inf
     denom = xp.asarray(max(n_rows, 1), dtype=acc)
     if not grad:
         return row_loss, None, denom

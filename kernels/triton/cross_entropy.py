@@ -461,7 +461,7 @@ def _ce_general_kernel(x_ptr, g_ptr, t_ptr, q_ptr, w_ptr, loss_ptr, denom_ptr, n
         m_new = tl.maximum(m, tl.max(z, axis=1))
         s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
         sa = tl.where(mass != 0.0, sa - (m_new - m) * mass, sa)
-        sa += tl.sum(a * tl.where(mask, z - m_new[:, None], 0.0), axis=1)
+        sa += tl.sum(tl.where(a != 0.0, a * (z - m_new[:, None]), 0.0), axis=1)  # a = 0: nothing, -inf z too
         mass += tl.sum(a, axis=1)
         m = m_new
     s = tl.where(valid, s, 1.0)  # ignored rows: keep log finite
