@@ -62,7 +62,8 @@ def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, re
     index target equals ignore_index have loss 0 and gradient 0, whatever their logits (NaN
     included); ignore_index=None ignores no row; probability targets refuse an ignore_index
     >= 0. A class whose term's factor (w_c·q_c, or w_c) is 0 adds nothing, even where its
-    logit is -inf (torch: NaN, from 0·(-inf)). Returns (loss, dlogits): loss float32
+    logit is -inf (torch: NaN, from 0·(-inf)); a row whose target mass Σ_c of those factors
+    is 0 has loss 0 and gradient 0. Returns (loss, dlogits): loss float32
     (float64 for float64 logits), 0-d, or the logits' shape without the class axis for
     "none"; dlogits = dloss/dlogits in the logits' shape and dtype (for "none": of the sum
     of the losses), or None when grad=False. inplace=True writes dlogits over `logits` and
@@ -137,9 +138,10 @@ def _index_rows(xp, rows, targets, weight, ignore_index, label_smoothing, grad, 
         w = weight.astype(acc)
         weights = w.take(safe_targets) if valid is None else xp.where(valid, w.take(safe_targets), 0.0)
         mass = (1.0 - eps) * weights + (eps / n_classes) * w.sum()
-        row_loss = mass * row_loss - (1.0 - eps) * weights * target_logit
+        row_loss = mass * row_loss - (1.0 - eps) * xp.where(weights != 0, weights * target_logit, 0.0)
         if eps:
             row_loss -= (eps / n_classes) * xp.where(w != 0, shifted * w, 0.0).sum(axis=1)
+        valid = mass != 0 if valid is None else valid & (mass != 0)  # no target mass: loss and gradient 0
     if valid is not None:
         row_loss = xp.where(valid, row_loss, 0.0).astype(acc, copy=False)
     denom = xp.asarray(n_rows if weights is None else weights.sum(), dtype=acc)
@@ -176,12 +178,15 @@ def _soft_rows(xp, rows, probs, weight, label_smoothing, grad):
         a *= weight.astype(acc)
     mass = a.sum(axis=1)
     row_loss = mass * log_s - xp.where(a != 0, a * shifted, 0.0).sum(axis=1)  # a = 0 adds 0, even at z = -inf
+    live = mass != 0  # no target mass: loss and gradient 0
+    row_loss = xp.where(live, row_loss, 0.0).astype(acc, copy=False)
     denom = xp.asarray(max(n_rows, 1), dtype=acc)
     if not grad:
         return row_loss, None, denom
     dlogits = xp.divide(exp, sum_exp[:, None], out=exp)
     dlogits *= mass[:, None]
     dlogits -= a
+    dlogits[~live] = 0
     return row_loss, dlogits, denom
 
 

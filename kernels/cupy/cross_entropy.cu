@@ -358,7 +358,8 @@ CE_DEFINE_WIDTHS(warp, WarpRow, bf16, TypeBF16)
 // mean's divisor (ce_general_denominator, or the row count for probabilities) or null.
 // With a the row's weighted target distribution (indices: (1-eps) w_t [c = t] + (eps/C) w_c;
 // probabilities: w_c ((1-eps) q_c + eps/C)), A = sum a: loss = A (max + log sum exp(z - max))
-// - sum a z, gradient (A softmax - a) / denom. A zero a_c adds nothing, even for z_c = -inf.
+// - sum a z, gradient (A softmax - a) / denom. A zero a_c adds nothing, even for z_c = -inf;
+// a row with A = 0 has loss 0 and gradient 0.
 // hit is (1-eps) w_t for class indices, 1 - eps for probabilities.
 template <class D>
 __device__ __forceinline__ float target_mass(const typename D::S* q, i64 q_sc, const float* weight, i64 c,
@@ -404,7 +405,9 @@ __device__ __forceinline__ void ce_general(const typename D::S* logits, typename
         }
         G::template reduce_n<2>(m, s, z);
         const float mass = z[0];
-        if (tid == 0) row_loss[row] = in_range ? mass * logf(s) + (mass * m - z[1]) : __int_as_float(0x7fffffff);
+        const bool live = mass != 0.0f;  // no target mass (every factor 0): loss and gradient 0
+        if (tid == 0)
+            row_loss[row] = !in_range ? __int_as_float(0x7fffffff) : live ? mass * logf(s) + (mass * m - z[1]) : 0.0f;
         if (!write_grad) continue;
 
         // Pass 2: dlogits = (A p - a) / denom, p = 2^((x - m) log2e - log2 s).
@@ -413,7 +416,7 @@ __device__ __forceinline__ void ce_general(const typename D::S* logits, typename
         for (i64 c = tid; c < n_cols; c += nthreads) {
             const float p = exp2f(fmaf(D::to_f32(x[c * x_sc]) - m, CE_LOG2E, -log2_s));
             const float a = target_mass<D>(q, q_sc, weight, c, target, hit, uniform);
-            y[c * g_sc] = D::from_f32((mass * p - a) * scale);
+            y[c * g_sc] = D::from_f32(live ? (mass * p - a) * scale : 0.0f);
         }
     }
 }

@@ -468,7 +468,8 @@ def _ce_general_kernel(x_ptr, g_ptr, t_ptr, q_ptr, w_ptr, loss_ptr, denom_ptr, n
     m = tl.where(valid, m, 0.0)  # and exp below
     log_s = tl.log(s)
     loss = mass * log_s - sa
-    tl.store(loss_ptr + rows, tl.where(valid, loss, 0.0), mask=row_ok)
+    live = valid & (mass != 0.0)  # no target mass (ignored, or every factor 0): loss and gradient 0
+    tl.store(loss_ptr + rows, tl.where(live, loss, 0.0), mask=row_ok)
 
     if HAS_GRAD:
         scale = 1.0
@@ -484,7 +485,7 @@ def _ce_general_kernel(x_ptr, g_ptr, t_ptr, q_ptr, w_ptr, loss_ptr, denom_ptr, n
             a = _target_mass(q_ptr, q_base[:, None] + cols[None, :].to(tl.int64) * q_sc, w_ptr, cols, col_ok,
                              mask, t, w_t, eps, n_cols, SOFT, HAS_WEIGHT, SMOOTH)
             g = (mass[:, None] * tl.exp((z - m[:, None]) - log_s[:, None]) - a) * scale
-            g = tl.where(mask, g, 0.0)  # a select: NaN logits of an ignored row give 0
+            g = tl.where(live[:, None] & col_ok[None, :], g, 0.0)  # a select: NaN logits of an ignored row give 0
             tl.store(g_ptr + g_base[:, None] + cols[None, :].to(tl.int64) * g_sc, g.to(g_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & col_ok[None, :])
 
