@@ -111,6 +111,12 @@ def _softmax_parts(xp, rows):
     return shifted, exp, sum_exp, xp.log(sum_exp)
 
 
+def _nonzero_times(xp, f, z):
+    """f·z where f != 0, else 0 (0·(-inf) is 0 here, not NaN); f broadcasts against z."""
+    with np.errstate(invalid="ignore"):
+        return xp.where(f != 0, f * z, 0.0)
+
+
 def _index_rows(xp, rows, targets, weight, ignore_index, label_smoothing, grad, check_targets):
     """Row losses [N], unscaled gradient [N, C] (None without grad) and the mean's divisor of
     class-index targets [N]."""
@@ -138,9 +144,9 @@ def _index_rows(xp, rows, targets, weight, ignore_index, label_smoothing, grad, 
         w = weight.astype(acc)
         weights = w.take(safe_targets) if valid is None else xp.where(valid, w.take(safe_targets), 0.0)
         mass = (1.0 - eps) * weights + (eps / n_classes) * w.sum()
-        row_loss = mass * row_loss - (1.0 - eps) * xp.where(weights != 0, weights * target_logit, 0.0)
+        row_loss = mass * row_loss - (1.0 - eps) * _nonzero_times(xp, weights, target_logit)
         if eps:
-            row_loss -= (eps / n_classes) * xp.where(w != 0, shifted * w, 0.0).sum(axis=1)
+            row_loss -= (eps / n_classes) * _nonzero_times(xp, w, shifted).sum(axis=1)
         valid = mass != 0 if valid is None else valid & (mass != 0)  # no target mass: loss and gradient 0
     if valid is not None:
         row_loss = xp.where(valid, row_loss, 0.0).astype(acc, copy=False)
@@ -177,7 +183,7 @@ def _soft_rows(xp, rows, probs, weight, label_smoothing, grad):
     if weight is not None:
         a *= weight.astype(acc)
     mass = a.sum(axis=1)
-    row_loss = mass * log_s - xp.where(a != 0, a * shifted, 0.0).sum(axis=1)  # a = 0 adds 0, even at z = -inf
+    row_loss = mass * log_s - _nonzero_times(xp, a, shifted).sum(axis=1)
     live = mass != 0  # no target mass: loss and gradient 0
     row_loss = xp.where(live, row_loss, 0.0).astype(acc, copy=False)
     denom = xp.asarray(max(n_rows, 1), dtype=acc)

@@ -675,6 +675,40 @@ def test_cross_entropy_general_all_ignored_and_zero_weights(emulated, weighted):
     assert loss == 0 and not dl.any()
 
 
+@pytest.mark.parametrize("layout", ["rows", "BCT"])
+def test_cross_entropy_general_masked_classes_and_bad_targets(emulated, layout):
+    """-inf logits with weight 0 (or probability 0) add nothing; a row with no target mass has
+    loss and gradient 0; an unchecked out-of-range target is never read (its row loss NaN)
+    and leaves the other rows alone."""
+    module = emulated[ce.SOURCE]
+    rng = np.random.default_rng(6)
+    x, targets, _ = _general_inputs(rng, layout, "float32", False, False)
+    x = np.ascontiguousarray(x)
+    x[:, :3] = -np.inf  # classes 0-2 masked
+    weight = np.ones(x.shape[1], np.float32)
+    weight[:3] = 0
+    targets = np.where(targets == IGNORE, IGNORE, np.maximum(targets, 3))
+    targets.reshape(-1)[0] = 0  # weight 0, no smoothing: no target mass
+    for eps in (0.0, 0.1):
+        want_loss, want_grad = ref.softmax_cross_entropy(x.astype(np.float64), targets, weight=weight,
+                                                         reduction="none", label_smoothing=eps)
+        loss, dl = general_emulated(module, x, "float32", targets, weight=weight, reduction="none",
+                                    label_smoothing=eps)
+        close(loss, want_loss, LOSS_RTOL, LOSS_ATOL, "loss")
+        close(dl, want_grad, GRAD_RTOL["float32"], 1e-7, "dlogits")
+    q = np.where(np.isinf(x), 0.0, rng.random(x.shape)).astype(np.float32)
+    want_loss, want_grad = ref.softmax_cross_entropy(x.astype(np.float64), q.astype(np.float64), reduction="none")
+    loss, dl = general_emulated(module, x, "float32", q, soft=True, reduction="none")
+    close(loss, want_loss, LOSS_RTOL, LOSS_ATOL, "probabilities: loss")
+    close(dl, want_grad, GRAD_RTOL["float32"], 1e-7, "probabilities: dlogits")
+    bad = targets.copy()
+    bad.reshape(-1)[2] = x.shape[1] + 4
+    loss, _ = general_emulated(module, np.where(np.isinf(x), 0, x).astype(np.float32), "float32", bad,
+                               weight=weight, reduction="none")
+    flat = loss.reshape(-1)
+    assert np.isnan(flat[2]) and np.isfinite(np.delete(flat, 2)).all(), flat
+
+
 # ---------------------------------------------------------------- bias gradient
 
 BG_SHAPES = ((0, 5), (1, 1), (37, 70), (300, 33), (4000, 40), (70000, 3))
