@@ -205,3 +205,15 @@ def test_nn_loss_takes_weight_and_axis(backend):
         ad.softmax_cross_entropy(z, xp.asarray(t), axis=None)
     with pytest.raises(ValueError, match="targets"):
         ad.softmax_cross_entropy(z, xp.asarray(t), axis=-1)
+
+
+def test_docs_snippet_runs():
+    import os
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "cross_entropy.md")
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    blocks = text.split("```python\n")[1:]
+    assert blocks, "docs/cross_entropy.md has no python snippet"
+    for block in blocks:
+        exec(compile(block.split("```")[0], "docs/cross_entropy.md", "exec"), {})
