@@ -99,15 +99,21 @@ def _ce_count_kernel(t_ptr, n_valid_ptr, n_rows, ignore_index, BLOCK: tl.constex
 
 
 @triton.jit
-def _ce_finish_kernel(row_loss_ptr, out_ptr, t_ptr, n_rows, ignore_index, MEAN: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """One program: out_ptr[0] = Σ row losses (fp64 lanes, a fixed order), / max(n_valid, 1) for "mean"."""
+def _sum_losses(row_loss_ptr, n_rows, BLOCK: tl.constexpr):
+    """Σ of the fp32 row losses in fp64 lanes, in a fixed order."""
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, n_rows, BLOCK):
         idx = start + offs
         acc += tl.load(row_loss_ptr + idx, mask=idx < n_rows, other=0.0).to(tl.float64)
-    total = tl.sum(acc, axis=0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _ce_finish_kernel(row_loss_ptr, out_ptr, t_ptr, n_rows, ignore_index, MEAN: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """One program: out_ptr[0] = Σ row losses (fp64 lanes, a fixed order), / max(n_valid, 1) for "mean"."""
+    total = _sum_losses(row_loss_ptr, n_rows, BLOCK)
     if MEAN:
         total = total / tl.maximum(_count_valid(t_ptr, n_rows, ignore_index, BLOCK), 1).to(tl.float64)
     tl.store(out_ptr, total.to(tl.float32))
@@ -384,12 +390,7 @@ def _ce_denominator_kernel(t_ptr, w_ptr, out_ptr, n_rows, n_cols, ignore_index, 
 @triton.jit
 def _ce_finish_denom_kernel(row_loss_ptr, out_ptr, denom_ptr, n_rows, MEAN: tl.constexpr, BLOCK: tl.constexpr):
     """One program: out_ptr[0] = Σ row losses (fp64 lanes, a fixed order), / denom_ptr[0] for "mean"."""
-    offs = tl.arange(0, BLOCK)
-    acc = tl.zeros((BLOCK,), tl.float64)
-    for start in range(0, n_rows, BLOCK):
-        idx = start + offs
-        acc += tl.load(row_loss_ptr + idx, mask=idx < n_rows, other=0.0).to(tl.float64)
-    total = tl.sum(acc, axis=0)
+    total = _sum_losses(row_loss_ptr, n_rows, BLOCK)
     if MEAN:
         total = total / tl.load(denom_ptr).to(tl.float64)
     tl.store(out_ptr, total.to(tl.float32))
