@@ -15,6 +15,9 @@ block); vec_bytes — 16-, 8- or 4-byte loads of the row's aligned body; blocks_
 block per row group, else a persistent grid of that many blocks an SM (fewer rows in flight,
 so more of the second pass hits L2: at V = 128256 bf16, 132 rows are 33 MB, under the 50 MB
 L2); pass2 — the gradient pass in column order or last vector first.
+
+Class weights, probability targets and the [C] and [B, C, d1, ...] layouts take the
+``ce_general_*`` kernels instead (:func:`general_launches`; not tuning candidates).
 """
 from __future__ import annotations
 
@@ -33,8 +36,8 @@ SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 PACK = {"float32": 4, "float16": 8, "bfloat16": 8}
 LAYOUTS = ("block", "warp")
 VEC_BYTES = (16, 8, 4)
+GENERAL_LAYOUTS = ("block", "thread")  # of ce_general_*: a block a row, or a thread a row
 #: Every kernel the launcher requests from SOURCE (the test suite checks they exist).
-GENERAL_LAYOUTS = ("block", "thread")
 KERNEL_NAMES = tuple(f"ce_{layout}_{s}_v{b}" for layout in LAYOUTS for s in SUFFIX.values() for b in VEC_BYTES) + (
     "ce_count_valid", "ce_reduce_loss") + tuple(
     f"ce_general_{layout}_{s}" for layout in GENERAL_LAYOUTS for s in SUFFIX.values()) + (

@@ -23,6 +23,13 @@ tuning candidate (the tuning space "triton.softmax_cross_entropy", see below):
   several rows per program put more loads in flight per SM. Same bytes as "chunked"
   (1.0–1.5× copy), fewer serial steps.
 
+Class weights, probability targets and the [C] and [B, C, d1, ...] layouts of F.cross_entropy
+take ``_ce_general_kernel`` (not a tuning candidate): ROWS rows a program, two passes over
+class chunks, the logits addressed through (batch, class, spatial) strides so that a [B, C, T]
+tensor is read in place, rows side by side; it reads the weight vector and, for probability
+targets, a second [B, C, ...] array in both passes. Its "mean" divisor (Σ w_t of the rows not
+ignored) comes from ``_ce_denominator_kernel``, its sum from ``_ce_finish_denom_kernel``.
+
 Rows whose start is not 16-byte aligned (V = 50257, say) are split into a small unaligned
 head and tail (< 16 bytes each, loaded masked) and an aligned middle, so the middle's loads
 and stores stay 16-byte vectors. Everything computes in fp32, uses 64-bit element offsets
