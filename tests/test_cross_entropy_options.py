@@ -14,9 +14,10 @@ from gpuad.kernels import reference as ref
 torch = pytest.importorskip("torch")
 F = torch.nn.functional
 
-#: logits shapes: unbatched, rows, [B, C, T], two spatial axes, and PyTorch's own sample shape
-#: with a singleton spatial axis.
-SHAPES = ((7,), (5, 7), (3, 7, 4), (2, 5, 3, 2), (2, 3, 1, 2, 3))
+#: logits shapes: unbatched, rows, [B, C, T], two spatial axes, and the shapes of PyTorch's own
+#: samples for F.cross_entropy (torch.testing's OpInfo: [2, 3] and [2, 3, 1, ...] up to three
+#: spatial axes, singletons among them).
+SHAPES = ((7,), (5, 7), (3, 7, 4), (2, 5, 3, 2), (2, 3), (2, 3, 1), (2, 3, 1, 2), (2, 3, 1, 2, 3))
 REDUCTIONS = ("mean", "sum", "none")
 IGNORE = -100
 
