@@ -23,8 +23,8 @@ IGNORE = -100
 
 
 def make_case(shape, soft, rng, ignore_index=IGNORE):
-    """(logits, targets) in float64: probability targets (rows summing to 1, one row with
-    negative-free zeros) or class indices with every third one ignore_index."""
+    """(logits, targets) in float64: probability targets (rows summing to 1) or class indices
+    with every third one ignore_index, the first one not."""
     x = rng.standard_normal(shape) * 3
     n_classes = shape[0] if len(shape) == 1 else shape[1]
     if soft:
@@ -34,6 +34,7 @@ def make_case(shape, soft, rng, ignore_index=IGNORE):
     t = rng.integers(0, n_classes, t_shape)
     if ignore_index is not None and t.ndim:
         t.reshape(-1)[1::3] = ignore_index
+        t.reshape(-1)[0] = 0 if ignore_index != 0 else 1  # one row counts: torch's mean over none is NaN
     return x, t
 
 
