@@ -244,19 +244,28 @@ class MLP(Sequential):
 
 
 class CrossEntropyLoss(Module):
-    """The fused softmax + cross-entropy: logits [..., V] float, targets [...] integer -> the loss
-    (0-d for "mean" / "sum", targets' shape for "none"); see ``ad.softmax_cross_entropy``."""
+    """The fused softmax + cross-entropy: logits [..., V] float (classes on `axis`, last by
+    default; axis=1 is nn.CrossEntropyLoss's [B, C, d1, ...]), targets class indices [...] or
+    class probabilities of the logits' shape -> the loss (0-d for "mean" / "sum", the logits'
+    shape without the class axis for "none"); weight None or a [V] class weight. See
+    ``ad.softmax_cross_entropy``."""
 
-    def __init__(self, ignore_index=-100, reduction="mean", label_smoothing=0.0):
+    def __init__(self, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0, axis=-1):
         if reduction not in REDUCTIONS:
             raise ValueError(f"CrossEntropyLoss: reduction must be one of {REDUCTIONS}, got {reduction!r}")
         if not 0.0 <= float(label_smoothing) <= 1.0:
             raise ValueError(f"CrossEntropyLoss: label_smoothing must lie in [0, 1], got {label_smoothing}")
+        if weight is not None and len(getattr(weight, "shape", ())) != 1:
+            raise ValueError(f"CrossEntropyLoss: weight must be None or a [V] array, got {weight!r}")
+        self.weight, self.axis = weight, int(axis)
         self.ignore_index, self.reduction, self.label_smoothing = int(ignore_index), reduction, float(label_smoothing)
 
     def forward(self, logits, targets):
-        return ops.softmax_cross_entropy(logits, targets, ignore_index=self.ignore_index,
-                                         reduction=self.reduction, label_smoothing=self.label_smoothing)
+        return ops.softmax_cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction=self.reduction,
+                                         label_smoothing=self.label_smoothing, weight=self.weight, axis=self.axis)
 
     def extra_repr(self):
-        return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
+        weight = "" if self.weight is None else f"weight=[{self.weight.shape[0]}], "
+        axis = "" if self.axis == -1 else f", axis={self.axis}"
+        return (f"{weight}ignore_index={self.ignore_index}, reduction={self.reduction!r}, "
+                f"label_smoothing={self.label_smoothing}{axis}")

@@ -597,49 +597,85 @@ def linear(x, W, b=None):
                   saved=(x if need_params else None, W if need_dx else None))
 
 
-def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0):
-    """Softmax + cross-entropy in one op.
+def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean", label_smoothing=0.0, *, weight=None,
+                          axis=-1):
+    """Softmax + cross-entropy in one op: F.cross_entropy with the classes on `axis`.
 
-    logits [..., V] float, targets [...] integer (a Tensor or array, not differentiated).
-    Returns the loss: a 0-d tensor for "mean" / "sum", targets' shape for "none". Rows whose
-    target equals ignore_index count for nothing; when all are ignored the loss and the
-    gradient are 0 in every reduction. The gradient p − y* (smoothed y* when
-    label_smoothing > 0) is computed in the forward pass by the fused kernel and reused by
-    the VJP; when no gradient is needed, the loss alone is computed (no [B, V] buffer)."""
+    logits [..., V] float (classes last; axis=1 takes F.cross_entropy's [B, C, d1, ...]);
+    targets (a Tensor or array, not differentiated) either integer class indices of the
+    logits' shape without the class axis, or floating class probabilities of the logits'
+    shape; weight None or a [V] class weight (not differentiated). Returns the loss: a 0-d
+    tensor for "mean" / "sum", the logits' shape without the class axis for "none". The
+    formulas (weighted mean over the target classes' weights, label smoothing with weights
+    and with probabilities) are those of ``gpuad.kernels.reference.softmax_cross_entropy``:
+    rows whose target equals ignore_index count for nothing; when all are ignored the loss
+    and the gradient are 0 in every reduction. The gradient is computed in the forward pass
+    by the fused kernel and reused by the VJP; when no gradient is needed, the loss alone is
+    computed (no gradient buffer)."""
     logits = as_tensor(logits)
     t = targets.data if isinstance(targets, Tensor) else targets
+    w = weight.data if isinstance(weight, Tensor) else weight
     xp = B.array_module(logits.data, t)
     t = xp.asarray(t)
-    if logits.ndim < 1 or tuple(t.shape) != logits.shape[:-1]:
+    w = None if w is None else xp.asarray(w)
+    if logits.ndim < 1:
+        raise ValueError("softmax_cross_entropy: logits must have a class axis, got a 0-d tensor")
+    if not _is_int(axis):
+        raise TypeError(f"softmax_cross_entropy: axis must be an int (the class axis), got {axis!r}")
+    cls = _axes(axis, logits.ndim, "softmax_cross_entropy")[0]
+    soft = tuple(t.shape) == logits.shape and t.dtype.kind == "f"
+    if not soft and tuple(t.shape) != logits.shape[:cls] + logits.shape[cls + 1:]:
         raise ValueError(f"softmax_cross_entropy: targets {tuple(t.shape)} must have the shape of logits "
-                         f"{logits.shape} without its last (class) axis")
-    n_classes = logits.shape[-1]
+                         f"{logits.shape} without its class axis {cls} (class indices) or the logits' own shape "
+                         f"(class probabilities)")
+    n_classes = logits.shape[cls]
     if n_classes < 1:
-        raise ValueError(f"softmax_cross_entropy: logits {logits.shape} have no classes (V = 0 on the last axis)")
-    n_rows = math.prod(logits.shape[:-1])
+        raise ValueError(f"softmax_cross_entropy: logits {logits.shape} have no classes (V = 0 on axis {cls})")
     need_grad = (is_grad_enabled() and logits.requires_grad) or logits.tangent is not None
     kernels = B.kernel_module(xp, logits.dtype)
-    rows = logits.data.reshape(n_rows, n_classes)
-    if 0 in rows.strides and rows.size > n_classes:  # rows sharing memory (expand): the GPU kernels want them apart
-        rows = xp.ascontiguousarray(rows)
+    z, kt = _class_layout(xp, logits.data, t, cls, soft)
     loss, dlogits = kernels.softmax_cross_entropy(
-        rows, t.reshape(n_rows), ignore_index=ignore_index, reduction=reduction,
-        label_smoothing=label_smoothing, grad=need_grad)
+        z, kt, weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+        grad=need_grad)
+    out_shape = logits.shape[:cls] + logits.shape[cls + 1:]
     if reduction == "none":
-        loss = loss.reshape(t.shape)
-    if dlogits is not None and dlogits.shape != logits.shape:
-        dlogits = dlogits.reshape(logits.shape)
+        loss = loss.reshape(out_shape)
+    if dlogits is not None:
+        dlogits = _from_class_layout(xp, dlogits, logits.shape, cls)
 
     def vjp(g):
         if is_unit_seed(g):  # loss.backward(): the kernel's gradient is the answer, no extra pass
             return dlogits
         g = g.astype(dlogits.dtype)
-        return g[..., None] * dlogits if reduction == "none" else g * dlogits
+        return xp.expand_dims(g, cls) * dlogits if reduction == "none" else g * dlogits
 
     def jvp(tl):
-        return (dlogits * tl).sum(axis=-1) if reduction == "none" else (dlogits * tl).sum()
+        return (dlogits * tl).sum(axis=cls) if reduction == "none" else (dlogits * tl).sum()
 
     return record("softmax_cross_entropy", loss, (logits,), vjp=(vjp,), jvp=jvp)
+
+
+def _class_layout(xp, z, t, cls, soft):
+    """(logits, targets) in the kernels' layout: classes last -> [N, V] rows (a reshape);
+    otherwise [C] or F.cross_entropy's [B, C, d1, ...] with the classes moved to axis 1 (a view)."""
+    if z.ndim == 1:
+        return z, t
+    if cls == z.ndim - 1:
+        n_rows = math.prod(z.shape[:-1])
+        rows = z.reshape(n_rows, z.shape[-1])
+        if 0 in rows.strides and rows.size > z.shape[-1]:  # rows sharing memory (expand): the GPU kernels want them apart
+            rows = xp.ascontiguousarray(rows)
+        return rows, t.reshape(rows.shape if soft else (n_rows,))
+    return xp.moveaxis(z, cls, 1), (xp.moveaxis(t, cls, 1) if soft else t)
+
+
+def _from_class_layout(xp, g, shape, cls):
+    """The kernels' gradient back in the logits' layout (the inverse of _class_layout)."""
+    if len(shape) == 1:
+        return g
+    if cls == len(shape) - 1:
+        return g.reshape(shape) if g.shape != shape else g
+    return xp.moveaxis(g, 1, cls)
 
 
 def to(x, backend_name):

@@ -6,6 +6,8 @@ and can be turned off with ``check_targets=False``.
 """
 from __future__ import annotations
 
+from typing import NamedTuple
+
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
 REDUCTIONS = ("mean", "sum", "none")
 
@@ -47,6 +49,73 @@ def check_cross_entropy_args(logits, targets, reduction, label_smoothing, allowe
         raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
     if not 0.0 <= float(label_smoothing) <= 1.0:
         raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+
+
+class CELayout(NamedTuple):
+    """logits [C] (n_batch 1), [B, C] or [B, C, d1, ...] hold n_batch · n_spatial rows of
+    n_classes logits (n_spatial = d1·d2·..., 1 without them); soft: the targets are
+    probabilities of the logits' shape, else class indices."""
+    n_batch: int
+    n_classes: int
+    n_spatial: int
+    soft: bool
+
+    @property
+    def n_rows(self) -> int:
+        return self.n_batch * self.n_spatial
+
+
+def check_cross_entropy_layout(logits, targets, weight, reduction, label_smoothing, ignore_index,
+                               allowed=FLOAT_DTYPES) -> CELayout:
+    """F.cross_entropy's layouts: logits [C], [B, C] or [B, C, d1, ...] (classes on axis 1, or
+    0 for [C]) with targets of the logits' shape without the class axis (integer class
+    indices) or of the logits' own shape (floating: class probabilities); weight None or a
+    floating [C]. Probability targets refuse an ignore_index >= 0, as torch does."""
+    shape = tuple(logits.shape)
+    if len(shape) < 1:
+        raise ValueError("logits must have shape [C], [B, C] or [B, C, d1, ...], got a 0-d array")
+    if dtype_name(logits.dtype) not in allowed:
+        raise ValueError(f"logits must be floating point ({', '.join(allowed)}), got {dtype_name(logits.dtype)}")
+    class_axis = 0 if len(shape) == 1 else 1
+    n_classes = shape[class_axis]
+    if n_classes < 1:
+        raise ValueError(f"logits must have at least one class (axis {class_axis}), got shape {shape}")
+    soft = tuple(targets.shape) == shape and is_float(targets.dtype)
+    if not soft:
+        want = shape[:class_axis] + shape[class_axis + 1:]
+        if tuple(targets.shape) != want:
+            raise ValueError(f"targets must have shape {list(want)} (class indices) or {list(shape)} (class "
+                             f"probabilities) to match logits {shape}, got {tuple(targets.shape)}")
+        if not is_integer(targets.dtype):
+            raise ValueError(f"targets of shape {list(want)} must be integers, got {dtype_name(targets.dtype)}")
+    elif ignore_index is not None and int(ignore_index) >= 0:
+        raise ValueError(f"ignore_index ({ignore_index}) is not supported with probability targets: pass a "
+                         f"negative one, or None")
+    if weight is not None and (tuple(weight.shape) != (n_classes,) or not is_float(weight.dtype)):
+        raise ValueError(f"weight must be None or a floating array of shape [C] = [{n_classes}], got "
+                         f"{dtype_name(weight.dtype)} {tuple(weight.shape)}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    n_batch = 1 if len(shape) == 1 else shape[0]
+    n_spatial = 1
+    for d in shape[2:]:
+        n_spatial *= d
+    return CELayout(n_batch, n_classes, n_spatial, soft)
+
+
+def class_strides(shape, strides):
+    """(batch, class, spatial) strides of F.cross_entropy's layout [C], [B, C] or [B, C, d1, ...]
+    from its per-axis `strides`: d1, ... walked as one axis (size-1 axes skipped; spatial 0
+    without any), or None when their strides do not allow it."""
+    if len(shape) == 1:
+        return (0, strides[0], 0)
+    kept = [(n, st) for n, st in zip(shape[2:], strides[2:]) if n != 1]
+    for (_, st), (n2, st2) in zip(kept, kept[1:]):
+        if st != st2 * n2:
+            return None
+    return (strides[0], strides[1], kept[-1][1] if kept else 0)
 
 
 def check_ignore_index(ignore_index):

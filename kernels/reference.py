@@ -28,30 +28,102 @@ def _acc_dtype(xp, dtype):
     return xp.float64 if dtype == xp.float64 else xp.float32
 
 
-def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
-                          inplace=False, grad=True, check_targets=True):
-    """Softmax cross-entropy and its gradient, never differentiating log(p).
+def class_rows(xp, a):
+    """F.cross_entropy's layout as rows of classes: [C] -> [1, C], [B, C] itself, [B, C, d1, ...]
+    -> [B·d1·..., C] (a copy, classes last)."""
+    if a.ndim == 1:
+        return a[None, :]
+    if a.ndim == 2:
+        return a
+    return xp.moveaxis(a, 1, -1).reshape(-1, a.shape[1])
 
-    logits [B, V] (fp16/bf16/fp32/fp64), targets [B] integer. Returns (loss, dlogits):
-    loss is float32 (float64 for float64 logits), a scalar, or [B] for reduction "none";
-    dlogits = dloss/dlogits in the logits' dtype (for "none": of the sum of the row losses),
-    or None when grad=False. With label_smoothing eps the target distribution is
-    (1 - eps)·onehot + eps/V. Rows whose target equals ignore_index have loss 0 and
-    gradient 0 and are not counted in the mean; when every row is ignored the loss is 0.
-    inplace=True writes dlogits over `logits` and returns that buffer. ignore_index=None
-    ignores no row. An ignored row's gradient is exactly 0, whatever its logits (NaN included).
+
+def from_class_rows(xp, rows, shape):
+    """The inverse of :func:`class_rows`: [N, C] rows back to the layout `shape`, C-contiguous."""
+    if len(shape) <= 2:
+        return rows.reshape(shape)
+    moved = rows.reshape((shape[0],) + tuple(shape[2:]) + (shape[1],))
+    return xp.ascontiguousarray(xp.moveaxis(moved, -1, 1))
+
+
+def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction="mean",
+                          label_smoothing=0.0, inplace=False, grad=True, check_targets=True):
+    """Softmax cross-entropy and its gradient, never differentiating log(p): F.cross_entropy.
+
+    logits [C], [B, C] or [B, C, d1, ...] (classes on axis 1; fp16/bf16/fp32/fp64); targets
+    either integer class indices of the logits' shape without the class axis, or floating
+    class probabilities of the logits' shape ("soft" targets); weight None or a floating [C]
+    class weight. Per row (eps = label_smoothing, w = weight or ones, log p = log_softmax):
+      indices:        loss = -(1 - eps)·w_t·log p_t - (eps / C)·Σ_c w_c·log p_c
+      probabilities:  loss = -Σ_c w_c·q_c·log p_c,  q = (1 - eps)·targets + eps / C
+    Reduction "mean" divides the sum by Σ w_t over the rows not ignored (index targets; the
+    number of such rows without weight) or by the number of rows (probabilities); a divisor
+    of 0 (every row ignored, or every target's weight 0) counts as 1 (torch: NaN). Rows whose
+    index target equals ignore_index have loss 0 and gradient 0, whatever their logits (NaN
+    included); ignore_index=None ignores no row; probability targets refuse an ignore_index
+    >= 0. A class whose term's factor (w_c·q_c, or w_c) is 0 adds nothing, even where its
+    logit is -inf (torch: NaN, from 0·(-inf)); a row whose target mass Σ_c of those factors
+    is 0 has loss 0 and gradient 0. Returns (loss, dlogits): loss float32
+    (float64 for float64 logits), 0-d, or the logits' shape without the class axis for
+    "none"; dlogits = dloss/dlogits in the logits' shape and dtype (for "none": of the sum
+    of the losses), or None when grad=False. inplace=True writes dlogits over `logits` and
+    returns that buffer.
     """
-    _arrays("softmax_cross_entropy", logits=logits, targets=targets)
-    checks.check_cross_entropy_args(logits, targets, reduction, label_smoothing)
+    _arrays("softmax_cross_entropy", logits=logits, targets=targets, weight=weight)
     checks.check_ignore_index(ignore_index)
+    layout = checks.check_cross_entropy_layout(logits, targets, weight, reduction, label_smoothing, ignore_index)
     if inplace and grad and not getattr(getattr(logits, "flags", None), "writeable", True):
         raise ValueError("inplace=True writes the gradient over logits, which are read-only (a broadcast view, "
                          "or held by a graph): pass a writeable array, or inplace=False")
-    xp = array_module(logits, targets)
-    n_rows, n_classes = logits.shape
+    xp = array_module(logits, targets, *(() if weight is None else (weight,)))
+    rows = class_rows(xp, logits)
+    if layout.soft:
+        row_loss, dlogits, denom = _soft_rows(xp, rows, class_rows(xp, targets), weight, label_smoothing, grad)
+    else:
+        row_loss, dlogits, denom = _index_rows(xp, rows, targets.reshape(-1), weight, ignore_index,
+                                               label_smoothing, grad, check_targets)
+    acc = row_loss.dtype
+    if reduction == "none":
+        loss = row_loss.reshape(logits.shape[:1] + logits.shape[2:] if logits.ndim > 1 else ())
+    else:
+        loss = row_loss.sum()
+        if reduction == "mean":
+            loss = loss / denom
+        loss = xp.asarray(loss, dtype=acc)
+    if not grad:
+        return loss, None
+    if reduction == "mean":
+        dlogits /= denom
+    dlogits = from_class_rows(xp, dlogits, logits.shape)
+    if inplace:
+        logits[...] = dlogits.astype(logits.dtype)
+        return loss, logits
+    return loss, dlogits.astype(logits.dtype, copy=False)
+
+
+def _softmax_parts(xp, rows):
+    """(z - max z, exp of it, Σ exp, log Σ exp) of [N, C] rows, in the accumulation dtype (a
+    row-major copy, whatever the input's layout)."""
+    shifted = rows.astype(_acc_dtype(xp, rows.dtype), order="C")
+    shifted -= shifted.max(axis=1, keepdims=True)
+    exp = xp.exp(shifted)
+    sum_exp = exp.sum(axis=1)
+    return shifted, exp, sum_exp, xp.log(sum_exp)
+
+
+def _nonzero_times(xp, f, z):
+    """f·z where f != 0, else 0 (0·(-inf) is 0 here, not NaN); f broadcasts against z."""
+    with np.errstate(invalid="ignore"):
+        return xp.where(f != 0, f * z, 0.0)
+
+
+def _index_rows(xp, rows, targets, weight, ignore_index, label_smoothing, grad, check_targets):
+    """Row losses [N], unscaled gradient [N, C] (None without grad) and the mean's divisor of
+    class-index targets [N]."""
+    n_rows, n_classes = rows.shape
     in_range = checks.check_targets(targets, n_classes, ignore_index) if check_targets else False
     eps = float(label_smoothing)
-    acc = _acc_dtype(xp, logits.dtype)
+    acc = _acc_dtype(xp, rows.dtype)
     if ignore_index is None or (in_range and not 0 <= ignore_index < n_classes):
         valid = None  # no row is ignored
     else:
@@ -60,41 +132,68 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     if not check_targets:  # a bad target gives its own row unspecified values, never another row's
         safe_targets = xp.clip(safe_targets, 0, n_classes - 1)
     picked = xp.arange(0, n_rows * n_classes, n_classes) + safe_targets  # flat index of each row's target
-    shifted = logits.astype(acc, order="C")  # a copy, row-major whatever the input's layout: z - max(z)
-    shifted -= shifted.max(axis=1, keepdims=True)
-    exp = xp.exp(shifted)  # row-major too: ravel() below is a view
-    sum_exp = exp.sum(axis=1)
-    row_loss = xp.log(sum_exp)  # logsumexp(z) - max(z)
+    shifted, exp, sum_exp, row_loss = _softmax_parts(xp, rows)  # row_loss: logsumexp(z) - max(z) so far
     target_logit = shifted.ravel().take(picked)
-    row_loss -= (1.0 - eps) * target_logit if eps else target_logit
-    if eps:
-        row_loss -= (eps / n_classes) * shifted.sum(axis=1)
-    if valid is None:
-        n_valid = xp.asarray(max(n_rows, 1), dtype=acc)
+    if weight is None:
+        mass = 1.0  # Σ_c of the row's target distribution
+        row_loss -= (1.0 - eps) * target_logit if eps else target_logit
+        if eps:
+            row_loss -= (eps / n_classes) * shifted.sum(axis=1)
+        weights = None if valid is None else valid.astype(acc)
     else:
+        w = weight.astype(acc)
+        weights = w.take(safe_targets) if valid is None else xp.where(valid, w.take(safe_targets), 0.0)
+        mass = (1.0 - eps) * weights + (eps / n_classes) * w.sum()
+        row_loss = mass * row_loss - (1.0 - eps) * _nonzero_times(xp, weights, target_logit)
+        if eps:
+            row_loss -= (eps / n_classes) * _nonzero_times(xp, w, shifted).sum(axis=1)
+        valid = mass != 0 if valid is None else valid & (mass != 0)  # no target mass: loss and gradient 0
+    if valid is not None:
         row_loss = xp.where(valid, row_loss, 0.0).astype(acc, copy=False)
-        n_valid = xp.maximum(valid.sum(dtype=acc), 1)
-    if reduction == "none":
-        loss = row_loss
-    else:
-        loss = row_loss.sum()
-        if reduction == "mean":
-            loss = loss / n_valid
-        loss = xp.asarray(loss, dtype=acc)
+    denom = xp.asarray(n_rows if weights is None else weights.sum(), dtype=acc)
+    denom = xp.where(denom == 0, xp.asarray(1.0, dtype=acc), denom)
     if not grad:
-        return loss, None
+        return row_loss, None, denom
     dlogits = xp.divide(exp, sum_exp[:, None], out=exp)  # p
-    if eps:
-        dlogits -= eps / n_classes
-    dlogits.ravel()[picked] -= 1.0 - eps
+    if weight is None:
+        if eps:
+            dlogits -= eps / n_classes
+        dlogits.ravel()[picked] -= 1.0 - eps
+    else:
+        dlogits *= mass[:, None]
+        dlogits.ravel()[picked] -= (1.0 - eps) * weights
+        if eps:
+            dlogits -= (eps / n_classes) * w
     if valid is not None:
         dlogits[~valid] = 0  # a select, not a multiply: NaN logits in an ignored row give 0
-    if reduction == "mean":
-        dlogits /= n_valid
-    if inplace:
-        logits[...] = dlogits.astype(logits.dtype)
-        return loss, logits
-    return loss, dlogits.astype(logits.dtype, copy=False)
+    return row_loss, dlogits, denom
+
+
+def _soft_rows(xp, rows, probs, weight, label_smoothing, grad):
+    """Row losses [N], unscaled gradient [N, C] (None without grad) and the mean's divisor of
+    probability targets [N, C]: with a = w·q, loss = Σa·logsumexp(z) - Σ a·z, gradient Σa·p - a."""
+    n_rows, n_classes = rows.shape
+    eps = float(label_smoothing)
+    acc = _acc_dtype(xp, rows.dtype)
+    shifted, exp, sum_exp, log_s = _softmax_parts(xp, rows)
+    a = probs.astype(acc)  # a copy
+    if eps:
+        a *= 1.0 - eps
+        a += eps / n_classes
+    if weight is not None:
+        a *= weight.astype(acc)
+    mass = a.sum(axis=1)
+    row_loss = mass * log_s - _nonzero_times(xp, a, shifted).sum(axis=1)
+    live = mass != 0  # no target mass: loss and gradient 0
+    row_loss = xp.where(live, row_loss, 0.0).astype(acc, copy=False)
+    denom = xp.asarray(max(n_rows, 1), dtype=acc)
+    if not grad:
+        return row_loss, None, denom
+    dlogits = xp.divide(exp, sum_exp[:, None], out=exp)
+    dlogits *= mass[:, None]
+    dlogits -= a
+    dlogits[~live] = 0
+    return row_loss, dlogits, denom
 
 
 def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, allow_tf32=False):

@@ -571,6 +571,144 @@ def test_ce_masked_vocabulary_and_nan_row(emulated, dtype):
     assert np.isnan(loss[2]), loss
 
 
+# ---------------------------------------------------------------- cross-entropy, general case
+
+def _element_strides(a):
+    return checks.class_strides(a.shape, tuple(st // a.itemsize for st in a.strides))
+
+
+def general_emulated(module, x, name, targets, *, weight=None, soft=False, reduction="mean", label_smoothing=0.0,
+                     inplace=False, grad=True, ignore_index=IGNORE):
+    """The general case of cross_entropy.softmax_cross_entropy on host arrays: x [C] / [B, C] /
+    [B, C, d1, ...] (any strides d1, ... can be walked as one axis), targets class indices or
+    probabilities in x's storage dtype, weight fp32 [C] or None; its own launch list
+    (ce.general_launches), run on NaN-poisoned outputs."""
+    n_classes = x.shape[0] if x.ndim == 1 else x.shape[1]
+    n_spatial = int(np.prod(x.shape[2:])) if x.ndim > 2 else 1
+    n_rows = (1 if x.ndim == 1 else x.shape[0]) * n_spatial
+    row_loss = np.full(n_rows, np.nan, np.float32)
+    denom = None
+    if reduction == "mean":
+        denom = np.full((), float(max(n_rows, 1)) if soft else np.nan, np.float32)
+    loss = None if reduction == "none" else np.full((), np.nan, np.float32)
+    dlogits = None
+    if grad:
+        dlogits = x if inplace else aligned(x.size, name, fill=POISON[name]).reshape(x.shape)
+    t = None if soft else np.ascontiguousarray(targets.reshape(-1), dtype=np.int64)
+    q = targets if soft else None
+    strides = (_element_strides(x), (0, 0, 0) if dlogits is None else _element_strides(dlogits),
+               _element_strides(q) if soft else (0, 0, 0))
+    for kernel, grid, block, args in ce.general_launches(
+            x, dlogits, t, q, weight, row_loss, denom, loss, strides=strides, n_rows=n_rows, n_cols=n_classes,
+            n_spatial=n_spatial, dtype_name=name, reduction=reduction,
+            ignore=checks.kernel_ignore_index(ignore_index, np.dtype(np.int64)), eps=label_smoothing):
+        module(kernel, grid, block, args)
+    return (row_loss.reshape(x.shape[:1] + x.shape[2:] if x.ndim > 1 else ()) if loss is None else loss), dlogits
+
+
+#: logits layouts: rows, unbatched, [B, C, T] and [B, C, d1, d2] (a thread a row), and a
+#: [B, T, C] buffer seen as [B, C, T] (classes adjacent, rows C apart: a block a row).
+GENERAL_LAYOUTS = {"rows": (7, 37), "unbatched": (37,), "BCT": (3, 37, 5), "BCHW": (2, 37, 3, 2),
+                   "BTC-view": (3, 37, 5)}
+GENERAL_CASES = [(layout, soft, weighted, DTYPES[i % 3], REDUCTIONS[(i // 3) % 3], (0.0, 0.1)[i % 2], i % 4 == 1)
+                 for i, (layout, soft, weighted) in enumerate(
+                     (lay, s, w) for lay in GENERAL_LAYOUTS for s in (False, True) for w in (False, True))]
+
+
+def _general_inputs(rng, layout, dtype, soft, weighted):
+    shape = GENERAL_LAYOUTS[layout]
+    if layout == "BTC-view":
+        b, c, t = shape
+        x = np.moveaxis(_logits(rng, (b, t, c), dtype), 2, 1)
+    else:
+        x = _logits(rng, shape, dtype)
+    n_classes = shape[0] if len(shape) == 1 else shape[1]
+    if soft:
+        q = rng.random(shape) ** 2
+        q /= q.sum(axis=0 if len(shape) == 1 else 1, keepdims=True)
+        targets = aligned(q.size, dtype).reshape(shape)
+        targets[...] = to_storage(q.astype(np.float32), dtype)
+    else:
+        targets = rng.integers(0, n_classes, shape[:0] if len(shape) == 1 else shape[:1] + shape[2:])
+        if targets.ndim:
+            targets.reshape(-1)[1::3] = IGNORE
+    weight = (rng.random(n_classes) + 0.1).astype(np.float32) if weighted else None
+    return x, targets, weight
+
+
+@pytest.mark.parametrize("case", GENERAL_CASES, ids=lambda c: "-".join(map(str, c)))
+def test_cross_entropy_general(emulated, case):
+    """Class weights, probability targets, label smoothing and every layout through the
+    ce_general_* kernels (both layouts of a row: a block, a thread) against the reference."""
+    layout, soft, weighted, dtype, red, eps, inplace = case
+    module = emulated[ce.SOURCE]
+    rng = np.random.default_rng(GENERAL_CASES.index(case))
+    x, targets, weight = _general_inputs(rng, layout, dtype, soft, weighted)
+    inplace = inplace and x.flags.c_contiguous
+    pristine, pristine_t = x.copy(), targets.copy()
+    t_ref = to_f64(targets, dtype) if soft else targets
+    want_loss, want_grad = ref.softmax_cross_entropy(to_f64(x, dtype), t_ref, weight=weight, reduction=red,
+                                                     label_smoothing=eps)
+    loss, dl = general_emulated(module, x, dtype, targets, weight=weight, soft=soft, reduction=red,
+                                label_smoothing=eps, inplace=inplace)
+    close(loss, want_loss, LOSS_RTOL, LOSS_ATOL, "loss")
+    close(dl, want_grad, GRAD_RTOL[dtype], grad_atol(dtype, want_grad, 0.1), "dlogits", dtype)
+    assert targets.tobytes() == pristine_t.tobytes(), "the targets changed"
+    if inplace:
+        assert dl is x
+    else:
+        assert x.tobytes() == pristine.tobytes(), "the logits changed"
+    loss2, none = general_emulated(module, pristine.copy() if inplace else x, dtype, targets, weight=weight,
+                                   soft=soft, reduction=red, label_smoothing=eps, grad=False)
+    assert none is None and loss2.tobytes() == loss.tobytes(), "grad=False changed the loss"
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_cross_entropy_general_all_ignored_and_zero_weights(emulated, weighted):
+    """Every row ignored (or, weighted, every target's weight 0): the mean's divisor counts 1,
+    loss and gradient 0."""
+    module = emulated[ce.SOURCE]
+    x = _logits(np.random.default_rng(5), (4, 6, 3), "float32")
+    weight = np.array([0, 1, 1, 1, 1, 1], np.float32) if weighted else None
+    targets = np.zeros((4, 3), np.int64) if weighted else np.full((4, 3), IGNORE)
+    loss, dl = general_emulated(module, x, "float32", targets, weight=weight)
+    assert loss == 0 and not dl.any()
+
+
+@pytest.mark.parametrize("layout", ["rows", "BCT"])
+def test_cross_entropy_general_masked_classes_and_bad_targets(emulated, layout):
+    """-inf logits with weight 0 (or probability 0) add nothing; a row with no target mass has
+    loss and gradient 0; an unchecked out-of-range target is never read (its row loss NaN)
+    and leaves the other rows alone."""
+    module = emulated[ce.SOURCE]
+    rng = np.random.default_rng(6)
+    x, targets, _ = _general_inputs(rng, layout, "float32", False, False)
+    x = np.ascontiguousarray(x)
+    x[:, :3] = -np.inf  # classes 0-2 masked
+    weight = np.ones(x.shape[1], np.float32)
+    weight[:3] = 0
+    targets = np.where(targets == IGNORE, IGNORE, np.maximum(targets, 3))
+    targets.reshape(-1)[0] = 0  # weight 0, no smoothing: no target mass
+    for eps in (0.0, 0.1):
+        want_loss, want_grad = ref.softmax_cross_entropy(x.astype(np.float64), targets, weight=weight,
+                                                         reduction="none", label_smoothing=eps)
+        loss, dl = general_emulated(module, x, "float32", targets, weight=weight, reduction="none",
+                                    label_smoothing=eps)
+        close(loss, want_loss, LOSS_RTOL, LOSS_ATOL, "loss")
+        close(dl, want_grad, GRAD_RTOL["float32"], 1e-7, "dlogits")
+    q = np.where(np.isinf(x), 0.0, rng.random(x.shape)).astype(np.float32)
+    want_loss, want_grad = ref.softmax_cross_entropy(x.astype(np.float64), q.astype(np.float64), reduction="none")
+    loss, dl = general_emulated(module, x, "float32", q, soft=True, reduction="none")
+    close(loss, want_loss, LOSS_RTOL, LOSS_ATOL, "probabilities: loss")
+    close(dl, want_grad, GRAD_RTOL["float32"], 1e-7, "probabilities: dlogits")
+    bad = targets.copy()
+    bad.reshape(-1)[2] = x.shape[1] + 4
+    loss, _ = general_emulated(module, np.where(np.isinf(x), 0, x).astype(np.float32), "float32", bad,
+                               weight=weight, reduction="none")
+    flat = loss.reshape(-1)
+    assert np.isnan(flat[2]) and np.isfinite(np.delete(flat, 2)).all(), flat
+
+
 # ---------------------------------------------------------------- bias gradient
 
 BG_SHAPES = ((0, 5), (1, 1), (37, 70), (300, 33), (4000, 40), (70000, 3))

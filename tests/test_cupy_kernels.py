@@ -493,3 +493,40 @@ def test_linear_backward_bad_arguments_on_gpu(cp):
         linear_backward(x, w, dy, dw_accumulate=cp.zeros((3, 4), cp.float16))
     with pytest.raises(ValueError, match="C-contiguous"):
         linear_backward(x, w, dy, dw_accumulate=cp.zeros((4, 3), cp.float32).T)
+
+
+# ---------------------------------------------------------------- GPU: F.cross_entropy's options
+
+GENERAL_GPU_CASES = [  # (logits shape, probability targets, weighted): rows with weights or probabilities
+    ((64, V_LLAMA3), True, True), ((64, 32000), False, True),  # (a block a row), [B, C, T] (a thread a row)
+    ((4, 1000, 512), False, True), ((4, 1000, 512), True, False), ((2, 19, 64, 64), False, False)]
+
+
+@gpu
+@pytest.mark.parametrize("shape, soft, weighted", GENERAL_GPU_CASES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_ce_general_matches_reference(cp, dtype, shape, soft, weighted):
+    """Class weights, probability targets (in the logits' dtype) and the N-d layout at real
+    sizes, bf16 included, against the float64 reference; outputs on a poisoned pool."""
+    rng = np.random.default_rng(len(shape) + shape[1])
+    logits_host = (rng.standard_normal(shape, dtype=np.float32) * 3).astype(host_dtype(dtype))
+    if soft:
+        targets_host = (rng.random(shape, dtype=np.float32) ** 4).astype(host_dtype(dtype))
+    else:
+        targets_host = rng.integers(0, shape[1], size=shape[:1] + shape[2:])
+        targets_host.reshape(-1)[1::5] = -100
+    weight_host = (rng.random(shape[1]) + 0.1).astype(np.float32) if weighted else None
+    logits, targets = cp.asarray(logits_host), cp.asarray(targets_host)
+    weight = None if weight_host is None else cp.asarray(weight_host)
+    for reduction, smoothing in (("mean", 0.1), ("none", 0.0)):
+        poison_pool(cp, logits.nbytes)
+        loss, dlogits = softmax_cross_entropy(logits, targets, weight=weight, reduction=reduction,
+                                              label_smoothing=smoothing)
+        want_loss, want_grad = ref.softmax_cross_entropy(
+            logits_host.astype(np.float64), targets_host.astype(np.float64) if soft else targets_host,
+            weight=weight_host, reduction=reduction, label_smoothing=smoothing)
+        assert loss.dtype == cp.float32 and loss.shape == want_loss.shape
+        assert_close(loss, want_loss, LOSS_RTOL, ROW_LOSS_ATOL if reduction == "none" else 1e-6, "loss")
+        assert dlogits.dtype == logits.dtype and dlogits.shape == logits.shape
+        assert_close(dlogits, want_grad, GRAD_RTOL[dtype], grad_atol(dtype, want_grad, 1e-3), "dlogits")
+        assert (to64(logits) == logits_host.astype(np.float64)).all(), "the logits were modified"

@@ -970,3 +970,133 @@ def test_triton_cross_entropy_inplace_on_empty_logits_with_zero_strides():
     logits = torch.from_numpy(np.zeros((0, 2), np.float32))
     loss, dlogits = tk.softmax_cross_entropy(logits, torch.zeros(0, dtype=torch.int64), inplace=True)
     assert dlogits.shape == (0, 2) and float(loss) == 0.0
+
+
+# --- F.cross_entropy's options: class weights, probability targets, the [C] and N-d layouts ---
+@st.composite
+def full_ce_case(draw, dtypes=DTYPES, layouts=LAYOUTS, values=VALUES):
+    """(logits spec, targets, weight, ignore_index, reduction, label_smoothing): logits [C] or
+    [B, C, d1, ...] (up to two d's); class indices (int64 / int32, some ignored) or
+    probabilities (unnormalised, some 0) of the logits' shape; weight None, positive, or with
+    zeros."""
+    dtype = draw(st.sampled_from(dtypes))
+    c = draw(st.sampled_from((3, 1, 5, 2)))
+    unbatched = draw(st.integers(0, 5)) == 0
+    extra = tuple(draw(st.lists(st.sampled_from(SIDES), max_size=2)))
+    shape = (c,) if unbatched else (draw(st.sampled_from(SIDES)), c) + extra
+    spec = draw(specs(shape=shape, dtypes=(dtype,), layouts=layouts, values=values))
+    rng = np.random.default_rng(draw(seeds))
+    ignore_index = draw(st.sampled_from([-100, 0, None]))
+    if draw(st.booleans()):  # probabilities
+        targets = (rng.random(shape) * (rng.random(shape) < 0.7)).astype(dtype)
+    else:
+        t_shape = shape[:1] + shape[2:] if len(shape) > 1 else ()
+        targets = rng.integers(0, c, size=t_shape).astype(draw(st.sampled_from([np.int64, np.int32])))
+        if ignore_index is not None:
+            targets[rng.random(t_shape) < draw(st.sampled_from([0.0, 0.3, 1.0]))] = ignore_index
+    weight = draw(st.sampled_from([None, "positive", "zeros"]))
+    if weight is not None:
+        weight = (rng.random(c) + 0.1) * ((rng.random(c) < 0.6) if weight == "zeros" else 1.0)
+        weight = weight.astype(draw(st.sampled_from([np.float64, np.float32])))
+    return (spec, targets, weight, ignore_index, draw(st.sampled_from(["mean", "sum", "none"])),
+            draw(st.sampled_from([0.0, 0.1, 1.0])))
+
+
+def torch_full_cross_entropy(logits, targets, weight, ignore_index, reduction, eps):
+    """torch's formulas for F.cross_entropy in float64, with gpuad's contract where it differs on
+    purpose: a term whose factor (w_c·q_c) is 0 adds 0 even at a -inf logit, a row without
+    target mass (every factor 0) has loss and gradient 0, a mean's divisor of 0 counts as 1.
+    Returns (logits tensor, loss, rows with a gradient, divisor)."""
+    lt = t64(logits).requires_grad_()
+    cls = 0 if lt.dim() == 1 else 1
+    c = lt.shape[cls]
+    logp = torch.log_softmax(lt, cls)
+    w = (torch.ones(c, dtype=torch.float64) if weight is None else t64(weight)).view(
+        [c if i == cls else 1 for i in range(lt.dim())])
+    if np.issubdtype(targets.dtype, np.floating):
+        a = (t64(targets) * (1 - eps) + eps / c) * w
+        valid = torch.ones(lt.shape[:cls] + lt.shape[cls + 1:], dtype=torch.bool)
+        denom = float(max(valid.numel(), 1))
+    else:
+        tt = torch.from_numpy(targets.astype(np.int64))
+        valid = tt != ignore_index if ignore_index is not None else torch.ones(tt.shape, dtype=torch.bool)
+        onehot = F.one_hot(torch.where(valid, tt, 0), c).movedim(-1, cls).double()
+        w_t = (w * onehot).sum(cls)
+        a = ((1 - eps) * w_t.unsqueeze(cls) * onehot + eps / c * w) * valid.unsqueeze(cls)
+        denom = float((w_t * valid).sum()) or 1.0
+    rows = -torch.where(a != 0, a * logp, torch.zeros(())).sum(cls)
+    valid = valid & (a.sum(cls) != 0)
+    rows = torch.where(valid, rows, torch.zeros(()))
+    loss = rows if reduction == "none" else rows.sum() / (denom if reduction == "mean" else 1.0)
+    return lt, loss, valid, denom
+
+
+def _check_full_ce(loss, dlogits, logits_np, targets, weight, ignore_index, reduction, eps, what, u=None):
+    lt, loss_t, valid, denom = torch_full_cross_entropy(logits_np, targets, weight, ignore_index, reduction, eps)
+    acc = np.float64 if logits_np.dtype == np.float64 else np.float32
+    w_max = 1.0 if weight is None else max(float(np.max(weight)), 1e-3)
+    spread = w_max * max(1, valid.numel()) / (denom if reduction == "mean" else 1.0)
+    scale = (magnitude(logits_np) + math.log(max(lt.shape[0 if lt.dim() == 1 else 1], 1)) + 1) * w_max
+    close(loss, loss_t, acc, scale * (spread if reduction != "none" else 1.0), f"{what} loss")
+    if dlogits is None:
+        return
+    u = np.ones(loss_t.shape) if u is None else u
+    loss_t.backward(torch.from_numpy(np.asarray(u, dtype=np.float64)))
+    cls = 0 if lt.dim() == 1 else 1
+    expected = torch.where(valid.unsqueeze(cls), lt.grad, torch.zeros(()))  # ignored rows: exactly 0
+    close(dlogits, expected, logits_np.dtype, magnitude(u) * w_max * max(1.0, 1.0 / denom), f"{what} dlogits")
+    assert not np.any(np.moveaxis(np.asarray(dlogits), cls, -1)[~valid.numpy()]), f"{what}: an ignored row has a gradient"
+
+
+def _full_ce_valid(targets, ignore_index):
+    soft = np.issubdtype(targets.dtype, np.floating)
+    return not (soft and ignore_index is not None and ignore_index >= 0)
+
+
+@fuzz(40)
+@given(case=full_ce_case(), inplace=st.booleans())
+def test_reference_cross_entropy_options(case, inplace):
+    spec, targets, weight, ignore_index, reduction, eps = case
+    logits_np, buf = build(spec)
+    valid = _full_ce_valid(targets, ignore_index) and not (inplace and not logits_np.flags.writeable)
+    tried(f"reference.softmax_cross_entropy, options (inplace={inplace})", valid, spec)
+    original = logits_np.copy()
+    watch = Watch((logits_np, buf), (targets, targets), *(() if weight is None else ((weight, weight),)))
+    kw = dict(weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=eps)
+    with np.errstate(all="ignore"):
+        out = run(lambda: reference.softmax_cross_entropy(logits_np, targets, inplace=inplace, **kw), valid,
+                  "reference CE options")
+    if out is not None:
+        loss, dlogits = out
+        assert not inplace or dlogits is logits_np
+        with np.errstate(all="ignore"):
+            _check_full_ce(loss, dlogits.copy(), original, targets, weight, ignore_index, reduction, eps,
+                           "reference")
+            loss_only, none = reference.softmax_cross_entropy(original, targets, grad=False, **kw)
+        assert none is None
+        np.testing.assert_array_equal(loss_only, loss)
+    watch.check(modified={0} if inplace and out is not None else ())
+
+
+@needs_triton
+@fuzz(12)
+@given(case=full_ce_case(dtypes=(np.float32, np.float16), layouts=("contiguous", "sliced", "offset")),
+       grad=st.booleans())
+def test_triton_cross_entropy_options(case, grad):
+    spec, targets, weight, ignore_index, reduction, eps = case
+    logits_np, _ = build(spec)
+    logits, buf = torch_layout(logits_np, spec["layout"])
+    t = torch.from_numpy(targets)
+    w = None if weight is None else torch.from_numpy(weight)
+    before, t_before = buf.clone(), t.clone()
+    valid = _full_ce_valid(targets, ignore_index)
+    tried("triton.softmax_cross_entropy, options (interpreter)", valid, spec)
+    kw = dict(weight=w, ignore_index=ignore_index, reduction=reduction, label_smoothing=eps, grad=grad)
+    with np.errstate(all="ignore"):
+        out = run(lambda: tk.softmax_cross_entropy(logits, t, **kw), valid, "triton CE options")
+    if out is not None:
+        loss, dlogits = out
+        with np.errstate(all="ignore"):
+            _check_full_ce(loss.numpy(), None if dlogits is None else dlogits.float().numpy().astype(logits_np.dtype),
+                           logits_np, targets, weight, ignore_index, reduction, eps, "triton")
+    assert same_bits(buf, before) and torch.equal(t, t_before), "an input was modified"

@@ -18,7 +18,9 @@ narrowest and widest tiles, the wide kernels at the common vocabularies, aligned
 one row and many), every (grad, reduction, smoothing) combination on an aligned and an
 unaligned shape and all on / all off on the others; each value of each tuning parameter that
 changes the compiled code, all flags on, at V = 50257; the on-chip row tile (32768) with every
-flag combination; int32 targets with an int64 ignore_index; the count and finish kernels. The
+flag combination; int32 targets with an int64 ignore_index; the count and finish kernels; the
+general kernel (weights, probabilities, N-d layouts) on its three tile shapes (see
+CE_GENERAL_SHAPES) and its helpers. The
 lanes kernel's widest tile (LANES_MAX_PER_THREAD values a thread) is its default. Dropped: the
 products of non-default tuning values (each value is compiled with the others at their
 defaults), and programs_per_sm, which changes only the grid. Linear backward: the full product
@@ -353,6 +355,57 @@ def _ce_variants():
     return _dedupe(out + _ce_helper_variants())
 
 
+#: The general kernel (class weights, probability targets, the [C] and N-d layouts): classes
+#: adjacent ([B, V] with a weight or probabilities: the widest chunks), classes T apart ([B, V, T]:
+#: 128 rows a tile), and narrow rows.
+CE_GENERAL_SHAPES = [(8192, 32000, 1, "V32000-rows"), (8 * 4096, 32000, 4096, "V32000-BVT"), (4096, 1000, 1, "V1000-rows")]
+#: (grad, reduction, label_smoothing, soft, weighted): all on, all off, and the mixes a launch meets.
+CE_GENERAL_FLAGS = [(True, "mean", 0.1, True, True), (False, "sum", 0.0, False, False),
+                    (True, "mean", 0.0, False, True), (True, "sum", 0.1, True, False)]
+
+
+def _ce_general_variant(dtype: str, shape, flags) -> Variant:
+    n_rows, n_cols, class_stride, label = shape
+    grad, reduction, smoothing, soft, weighted = flags
+    kernel, meta = ce._general_config(n_rows, n_cols, class_stride, grad=grad, reduction=reduction,
+                                      label_smoothing=smoothing, soft=soft, weighted=weighted)
+    meta = dict(meta)
+    options = {"num_warps": meta.pop("num_warps")}
+    fn = _jit_function(kernel)
+    # as _launch_general passes them: probabilities in the logits' dtype (the logits when
+    # absent), targets (the probabilities when soft), an fp32 weight (the logits when absent),
+    # an fp32 denominator (the row losses as a placeholder), then the sizes, strides, ignore, eps
+    sb, ss = (n_cols, 0) if class_stride == 1 else (n_cols * class_stride, 1)
+    args = dict(x_ptr=Ptr(dtype), g_ptr=Ptr(dtype), t_ptr=Ptr(dtype if soft else "i64"), q_ptr=Ptr(dtype),
+                w_ptr=Ptr("fp32" if weighted else dtype), loss_ptr=Ptr("fp32"), denom_ptr=Ptr("fp32"),
+                n_rows=n_rows, n_cols=n_cols, n_spatial=class_stride, x_sb=sb, x_sc=class_stride, x_ss=ss, g_sb=sb, g_sc=class_stride,
+                g_ss=ss, q_sb=sb if soft else 0, q_sc=class_stride if soft else 0, q_ss=ss if soft else 0,
+                ignore_index=-100, eps=float(smoothing))
+    signature, constexprs, attrs = _specialize(fn, args, meta)
+    flag_id = "-".join(f"{k}{int(v)}" for k, v in meta.items() if isinstance(v, bool))
+    return Variant(f"{dtype}-general-{label}-ROWS{meta['ROWS']}-BLOCK{meta['BLOCK']}-w{options['num_warps']}-"
+                   f"{flag_id}", fn, signature, constexprs, attrs, options)
+
+
+def _ce_general_variants():
+    """Every dtype x shape all on; fp32 every flag set on the two wide shapes; the denominator
+    (with and without weights) and finish kernels."""
+    out = [_ce_general_variant(d, shape, CE_GENERAL_FLAGS[0]) for d in DTYPES for shape in CE_GENERAL_SHAPES]
+    out += [_ce_general_variant("fp32", shape, f) for shape in CE_GENERAL_SHAPES[:2] for f in CE_GENERAL_FLAGS[1:]]
+    for weighted in (True, False):
+        fn = _jit_function(ce._ce_denominator_kernel)
+        args = dict(t_ptr=Ptr("i64"), w_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), n_rows=8192, n_cols=32000,
+                    ignore_index=-100)
+        out.append(Variant(f"general-denominator-W{int(weighted)}", fn, *_specialize(
+            fn, args, {"HAS_WEIGHT": weighted, "BLOCK": ce.REDUCE_BLOCK}), {"num_warps": 4}))
+    for mean in (True, False):
+        fn = _jit_function(ce._ce_finish_denom_kernel)
+        args = dict(row_loss_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), denom_ptr=Ptr("fp32"), n_rows=8191)
+        out.append(Variant(f"general-finish-MEAN{int(mean)}", fn, *_specialize(
+            fn, args, {"MEAN": mean, "BLOCK": ce.REDUCE_BLOCK}), {"num_warps": 4}))
+    return _dedupe(out)
+
+
 # --------------------------------------------------------------------------------------------
 # Linear-backward variants
 
@@ -444,7 +497,7 @@ def _lb_variants():
     return _dedupe(out)
 
 
-CE_VARIANTS = _ce_variants()
+CE_VARIANTS = _ce_variants() + _ce_general_variants()
 LB_VARIANTS = _lb_variants()
 
 
@@ -651,6 +704,16 @@ def test_every_ce_flag_combination_is_compiled():
     for dtype, kernel in itertools.product(DTYPES, CE_LAUNCH_KERNELS):
         for flags in itertools.product((True, False), repeat=4):
             assert (dtype, kernel, flags) in seen, (dtype, kernel, flags)
+
+
+def test_general_kernel_variants_cover_its_flags_and_layouts():
+    """The general kernel compiles in every dtype on each of its shapes, and each of its flags
+    compiles on and off."""
+    general = [v for v in CE_VARIANTS if v.fn.__name__ == "_ce_general_kernel"]
+    for d, shape in itertools.product(DTYPES, CE_GENERAL_SHAPES):
+        assert any(v.id.startswith(f"{d}-general-{shape[3]}-") for v in general), (d, shape)
+    for flag in ("HAS_GRAD", "MEAN", "SMOOTH", "SOFT", "HAS_WEIGHT"):
+        assert {v.constexprs[flag] for v in general} == {True, False}, flag
 
 
 def test_every_ce_tuning_value_is_compiled():

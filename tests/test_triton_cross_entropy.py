@@ -368,6 +368,118 @@ def test_fuzz(b, v, seed, reduction, eps, ignore_every, variant, dtype):
     assert_matches(loss, g, x, t, reduction=reduction, label_smoothing=eps)
 
 
+# --------------------------------------------------------------------- the general kernel
+
+#: F.cross_entropy's layouts on the general kernel: rows (with weights or probabilities),
+#: unbatched, [B, C, T] and [B, C, d1, d2] (classes apart), a [B, T, C] buffer seen as
+#: [B, C, T] (classes adjacent, rows C apart) and spatial axes that cannot be walked as one
+#: (copied).
+GENERAL_LAYOUTS = ("rows", "unbatched", "BCT", "BCHW", "BTC-view", "uncollapsible")
+
+
+def general_inputs(layout, soft, weighted, dtype, seed, c=37):
+    """(logits, targets, weight) of one layout: 7 rows of c = 37 classes or so, every third
+    index target ignored, probabilities summing to 1 over the classes."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = {"rows": (7, c), "unbatched": (c,), "BCT": (3, c, 5), "BCHW": (2, c, 3, 2), "BTC-view": (3, 5, c),
+              "uncollapsible": (2, c, 2, 6)}
+    x = torch.randn(shapes[layout], generator=g) * 3
+    if layout == "BTC-view":
+        x = x.transpose(1, 2)
+    elif layout == "uncollapsible":
+        x = x[:, :, :, ::2]
+    x = x.to(dtype)
+    class_axis = 0 if x.dim() == 1 else 1
+    if soft:
+        q = torch.rand(x.shape, generator=g) ** 2
+        t = (q / q.sum(dim=class_axis, keepdim=True)).to(dtype)
+    else:
+        t = torch.randint(0, c, x.shape[:class_axis] + x.shape[class_axis + 1:], generator=g)
+        if t.dim():
+            t.view(-1)[1::3] = IGNORE
+    w = torch.rand(c, generator=g) + 0.1 if weighted else None
+    return x, t, w
+
+
+def general_reference(x, t, w, **kw):
+    return ref.softmax_cross_entropy(x.double().numpy(), t.double().numpy() if t.is_floating_point() else t.numpy(),
+                                     weight=None if w is None else w.double().numpy(), **kw)
+
+
+@contextlib.contextmanager
+def poisoned_outputs():
+    """torch.empty gives NaN-filled tensors: an output element a kernel does not write fails."""
+    empty = torch.empty
+
+    def nan_empty(*args, **kw):
+        out = empty(*args, **kw)
+        return out.fill_(float("nan")) if out.is_floating_point() else out.fill_(-7)
+
+    with mock.patch.object(torch, "empty", nan_empty):
+        yield
+
+
+GENERAL_CASES = [(layout, soft, weighted, (torch.float32, torch.float16)[i % 2], ("mean", "sum", "none")[i % 3],
+                  (0.0, 0.1)[(i // 2) % 2]) for i, (layout, soft, weighted) in enumerate(
+                     (lay, s, w) for lay in GENERAL_LAYOUTS for s in (False, True) for w in (False, True))]
+
+
+@pytest.mark.parametrize("layout, soft, weighted, dtype, reduction, eps", GENERAL_CASES,
+                         ids=lambda v: str(v).replace("torch.", ""))
+def test_general_kernel_matches_reference(layout, soft, weighted, dtype, reduction, eps):
+    x, t, w = general_inputs(layout, soft, weighted, dtype, seed=GENERAL_CASES.index(
+        (layout, soft, weighted, dtype, reduction, eps)))
+    x0, t0 = x.clone(), t.clone()
+    with poisoned_outputs():
+        loss, g = ce.softmax_cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=eps)
+        loss_only, none = ce.softmax_cross_entropy(x, t, weight=w, reduction=reduction, label_smoothing=eps,
+                                                   grad=False)
+    r_loss, r_g = general_reference(x, t, w, reduction=reduction, label_smoothing=eps)
+    assert loss.dtype == torch.float32 and loss.shape == r_loss.shape
+    np.testing.assert_allclose(loss.numpy(), r_loss, rtol=1e-5, atol=1e-5)
+    assert g.dtype == x.dtype and g.shape == x.shape
+    tol = GRAD_TOL[dtype]
+    np.testing.assert_allclose(g.double().numpy(), r_g, rtol=tol, atol=tol * np.abs(r_g).max())
+    if not soft:
+        assert (g.movedim(0 if x.dim() == 1 else 1, -1)[t == IGNORE] == 0).all()
+    assert none is None and torch.equal(loss_only, loss)
+    assert torch.equal(x, x0) and torch.equal(t, t0), "the inputs changed"
+
+
+@pytest.mark.parametrize("layout", ["rows", "BCT", "BTC-view"])
+def test_general_kernel_inplace(layout):
+    x, t, w = general_inputs(layout, False, True, torch.float32, seed=3)
+    _, want = ce.softmax_cross_entropy(x, t, weight=w, label_smoothing=0.1)
+    if not x.is_contiguous() and x.dim() > 2:
+        with pytest.raises(ValueError, match="inplace=True"):
+            ce.softmax_cross_entropy(x, t, weight=w, inplace=True)
+        return
+    loss, g = ce.softmax_cross_entropy(x, t, weight=w, label_smoothing=0.1, inplace=True)
+    assert g is x and torch.allclose(x, want, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("weighted", [False, True])
+def test_general_kernel_divisor_zero(weighted):
+    """Every row ignored, or every target's weight 0: loss and gradient 0, not NaN."""
+    x = torch.randn(4, 6, 3)
+    w = torch.tensor([0.0, 1, 1, 1, 1, 1]) if weighted else None
+    t = torch.zeros(4, 3, dtype=torch.int64) if weighted else torch.full((4, 3), IGNORE)
+    loss, g = ce.softmax_cross_entropy(x, t, weight=w)
+    assert loss.item() == 0 and not g.any()
+
+
+def test_general_kernel_bad_arguments():
+    x, q, _ = general_inputs("BCT", True, False, torch.float32, seed=0)
+    with pytest.raises(ValueError, match="ignore_index"):
+        ce.softmax_cross_entropy(x, q, ignore_index=0)
+    with pytest.raises(ValueError, match="weight"):
+        ce.softmax_cross_entropy(x, q, weight=torch.ones(5))
+    with pytest.raises(ValueError, match="targets"):
+        ce.softmax_cross_entropy(x, q[:, :, :4])
+    with pytest.raises(TypeError):
+        ce.softmax_cross_entropy(x, q, weight=[1.0] * 37)
+
+
 # --------------------------------------------------------------------- GPU (real sizes)
 
 def torch_reference(x, t, *, reduction="mean", label_smoothing=0.0, ignore_index=IGNORE, acc=torch.float64):
@@ -534,3 +646,33 @@ def test_gpu_cuda_graph_capture(candidate):
         want = ce.softmax_cross_entropy(x2, t2, check_targets=False)
     torch.cuda.synchronize()
     assert torch.equal(loss, want[0]) and torch.equal(g, want[1])
+
+
+GENERAL_GPU_CASES = [((64, 128256), True, True), ((64, 32000), False, True), ((4, 1000, 512), False, True),
+                     ((4, 1000, 512), True, False), ((2, 19, 64, 64), False, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape, soft, weighted", GENERAL_GPU_CASES, ids=str)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_gpu_general_kernel_matches_reference(shape, soft, weighted, dtype):
+    """The general kernel at real sizes in bf16 and fp32: class weights, probability targets,
+    [B, C, T] and [B, C, H, W] read in place, against the float64 reference on the host."""
+    g = torch.Generator().manual_seed(shape[1])
+    x = (torch.randn(shape, generator=g) * 3).to(dtype)
+    if soft:
+        t = (torch.rand(shape, generator=g) ** 4).to(dtype)
+    else:
+        t = torch.randint(0, shape[1], shape[:1] + shape[2:], generator=g)
+        t.view(-1)[1::5] = IGNORE
+    w = torch.rand(shape[1], generator=g) + 0.1 if weighted else None
+    for reduction, eps in (("mean", 0.1), ("none", 0.0)):
+        poison_allocator(shape, dtype)
+        loss, dl = ce.softmax_cross_entropy(x.cuda(), t.cuda(), weight=None if w is None else w.cuda(),
+                                            reduction=reduction, label_smoothing=eps)
+        r_loss, r_g = general_reference(x.float(), t.float() if soft else t, w, reduction=reduction,
+                                        label_smoothing=eps)
+        np.testing.assert_allclose(loss.cpu().numpy(), r_loss, rtol=1e-4, atol=1e-4)
+        tol = GRAD_TOL[dtype]
+        np.testing.assert_allclose(dl.cpu().double().numpy(), r_g, rtol=tol, atol=tol * np.abs(r_g).max())
+

@@ -112,48 +112,60 @@ __device__ __forceinline__ void online_merge(float& m, float& s, float m2, float
     }
 }
 
-// Butterfly merge of (m, s, z) across a warp; every lane gets the warp's result.
-__device__ __forceinline__ void warp_reduce(float& m, float& s, float& z) {
+// Butterfly merge of (m, s) and N plain sums z across a warp; every lane gets the warp's result.
+template <int N>
+__device__ __forceinline__ void warp_reduce_n(float& m, float& s, float* z) {
 #pragma unroll
     for (int off = 16; off > 0; off >>= 1) {
         float m2 = __shfl_xor_sync(0xffffffffu, m, off);
         float s2 = __shfl_xor_sync(0xffffffffu, s, off);
-        float z2 = __shfl_xor_sync(0xffffffffu, z, off);
+        float z2[N];
+#pragma unroll
+        for (int i = 0; i < N; ++i) z2[i] = __shfl_xor_sync(0xffffffffu, z[i], off);
         online_merge(m, s, m2, s2);
-        z += z2;
+#pragma unroll
+        for (int i = 0; i < N; ++i) z[i] += z2[i];
     }
 }
 
-// Block-wide merge of (m, s, z) in a fixed order; every thread gets the result.
+// Block-wide merge of (m, s) and N plain sums z in a fixed order; every thread gets the result.
 // Needs blockDim.x a multiple of 32 and at most CE_MAX_THREADS.
-__device__ __forceinline__ void block_reduce(float& m, float& s, float& z) {
-    __shared__ float sh_m[32], sh_s[32], sh_z[32];
+template <int N>
+__device__ __forceinline__ void block_reduce_n(float& m, float& s, float* z) {
+    __shared__ float sh_m[32], sh_s[32], sh_z[N][32];
     const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     const int n_warps = blockDim.x >> 5;
-    warp_reduce(m, s, z);
+    warp_reduce_n<N>(m, s, z);
     if (lane == 0) {
         sh_m[warp] = m;
         sh_s[warp] = s;
-        sh_z[warp] = z;
+#pragma unroll
+        for (int i = 0; i < N; ++i) sh_z[i][warp] = z[i];
     }
     __syncthreads();
     if (warp == 0) {
         m = lane < n_warps ? sh_m[lane] : CE_LOWEST;
         s = lane < n_warps ? sh_s[lane] : 0.0f;
-        z = lane < n_warps ? sh_z[lane] : 0.0f;
-        warp_reduce(m, s, z);
+#pragma unroll
+        for (int i = 0; i < N; ++i) z[i] = lane < n_warps ? sh_z[i][lane] : 0.0f;
+        warp_reduce_n<N>(m, s, z);
         if (lane == 0) {
             sh_m[0] = m;
             sh_s[0] = s;
-            sh_z[0] = z;
+#pragma unroll
+            for (int i = 0; i < N; ++i) sh_z[i][0] = z[i];
         }
     }
     __syncthreads();
     m = sh_m[0];
     s = sh_s[0];
-    z = sh_z[0];
+#pragma unroll
+    for (int i = 0; i < N; ++i) z[i] = sh_z[i][0];
     __syncthreads();  // the shared slots are free again for the next row
 }
+
+__device__ __forceinline__ void warp_reduce(float& m, float& s, float& z) { warp_reduce_n<1>(m, s, &z); }
+__device__ __forceinline__ void block_reduce(float& m, float& s, float& z) { block_reduce_n<1>(m, s, &z); }
 
 // The threads that share a row: a whole block (BlockRow) or one warp of it (WarpRow).
 struct BlockRow {
@@ -162,6 +174,8 @@ struct BlockRow {
     __device__ static i64 first_row() { return blockIdx.x; }
     __device__ static i64 row_step() { return gridDim.x; }
     __device__ static void reduce(float& m, float& s, float& z) { block_reduce(m, s, z); }
+    template <int N>
+    __device__ static void reduce_n(float& m, float& s, float* z) { block_reduce_n<N>(m, s, z); }
 };
 
 struct WarpRow {
@@ -170,6 +184,17 @@ struct WarpRow {
     __device__ static i64 first_row() { return (i64)blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5); }
     __device__ static i64 row_step() { return (i64)gridDim.x * (blockDim.x >> 5); }
     __device__ static void reduce(float& m, float& s, float& z) { warp_reduce(m, s, z); }
+};
+
+// One thread per row: the rows of a warp are side by side in memory when the classes are
+// not ([B, C, T] layouts), so each class step is one coalesced load across the warp.
+struct ThreadRow {
+    __device__ static i64 rank() { return 0; }
+    __device__ static i64 size() { return 1; }
+    __device__ static i64 first_row() { return (i64)blockIdx.x * blockDim.x + threadIdx.x; }
+    __device__ static i64 row_step() { return (i64)gridDim.x * blockDim.x; }
+    template <int N>
+    __device__ static void reduce_n(float&, float&, float*) {}
 };
 
 template <class D, int W, class G>
@@ -326,6 +351,94 @@ CE_DEFINE_WIDTHS(warp, WarpRow, f32, TypeF32)
 CE_DEFINE_WIDTHS(warp, WarpRow, f16, TypeF16)
 CE_DEFINE_WIDTHS(warp, WarpRow, bf16, TypeBF16)
 
+// F.cross_entropy in full: ce_general_<block|thread>_<dtype>. Row r = (b, s) of [B, C, S]
+// logits addressed by strides (x_sb, x_sc, x_ss; the gradient by g_*, probability targets by
+// q_*), so [B, C, T] layouts are read in place. targets: class indices [B*S] (probs null) or
+// probs: class probabilities in the logits' dtype; weight: fp32 [C] or null; denom: the
+// mean's divisor (ce_general_denominator, or the row count for probabilities) or null.
+// With a the row's weighted target distribution (indices: (1-eps) w_t [c = t] + (eps/C) w_c;
+// probabilities: w_c ((1-eps) q_c + eps/C)), A = sum a: loss = A (max + log sum exp(z - max))
+// - sum a z, gradient (A softmax - a) / denom. A zero a_c adds nothing, even for z_c = -inf;
+// a row with A = 0 has loss 0 and gradient 0.
+// hit is (1-eps) w_t for class indices, 1 - eps for probabilities.
+template <class D>
+__device__ __forceinline__ float target_mass(const typename D::S* q, i64 q_sc, const float* weight, i64 c,
+                                             i64 target, float hit, float uniform) {
+    const float w = weight ? weight[c] : 1.0f;
+    if (q) return (D::to_f32(q[c * q_sc]) * hit + uniform) * w;
+    return (c == target ? hit : 0.0f) + uniform * w;
+}
+
+template <class D, class G>
+__device__ __forceinline__ void ce_general(const typename D::S* logits, typename D::S* dlogits, const i64* targets,
+                                           const typename D::S* probs, const float* weight, float* row_loss,
+                                           const float* denom, i64 n_rows, i64 n_cols, i64 n_spatial, i64 x_sb,
+                                           i64 x_sc, i64 x_ss, i64 g_sb, i64 g_sc, i64 g_ss, i64 q_sb, i64 q_sc,
+                                           i64 q_ss, i64 ignore_index, float smoothing, int write_grad) {
+    typedef typename D::S S;
+    const i64 tid = G::rank(), nthreads = G::size();
+    const float uniform = smoothing / (float)n_cols;
+    for (i64 row = G::first_row(); row < n_rows; row += G::row_step()) {
+        const i64 b = row / n_spatial, sp = row - b * n_spatial;
+        const S* x = logits + b * x_sb + sp * x_ss;
+        S* y = write_grad ? dlogits + b * g_sb + sp * g_ss : (S*)0;
+        const S* q = probs ? probs + b * q_sb + sp * q_ss : (const S*)0;
+        const i64 target = probs ? -1 : targets[row];
+        if (!probs && target == ignore_index) {
+            if (tid == 0) row_loss[row] = 0.0f;
+            if (write_grad)
+                for (i64 c = tid; c < n_cols; c += nthreads) y[c * g_sc] = D::from_f32(0.0f);
+            continue;
+        }
+        const bool in_range = probs || (target >= 0 && target < n_cols);
+        const float w_t = probs ? 1.0f : (weight ? (in_range ? weight[target] : 0.0f) : 1.0f);
+        const float hit = (1.0f - smoothing) * w_t;
+
+        // Pass 1: online max / sum of exp, A = sum a and sum a z.
+        float m = CE_LOWEST, s = 0.0f, z[2] = {0.0f, 0.0f};
+        for (i64 c = tid; c < n_cols; c += nthreads) {
+            const float v = D::to_f32(x[c * x_sc]);
+            online_add(m, s, v);
+            const float a = target_mass<D>(q, q_sc, weight, c, target, hit, uniform);
+            z[0] += a;
+            if (a != 0.0f) z[1] += a * v;
+        }
+        G::template reduce_n<2>(m, s, z);
+        const float mass = z[0];
+        const bool live = mass != 0.0f;  // no target mass (every factor 0): loss and gradient 0
+        if (tid == 0)
+            row_loss[row] = !in_range ? __int_as_float(0x7fffffff) : live ? mass * logf(s) + (mass * m - z[1]) : 0.0f;
+        if (!write_grad) continue;
+
+        // Pass 2: dlogits = (A p - a) / denom, p = 2^((x - m) log2e - log2 s).
+        const float log2_s = log2f(s);
+        const float scale = denom ? 1.0f / *denom : 1.0f;
+        for (i64 c = tid; c < n_cols; c += nthreads) {
+            const float p = exp2f(fmaf(D::to_f32(x[c * x_sc]) - m, CE_LOG2E, -log2_s));
+            const float a = target_mass<D>(q, q_sc, weight, c, target, hit, uniform);
+            y[c * g_sc] = D::from_f32(live ? (mass * p - a) * scale : 0.0f);
+        }
+    }
+}
+
+#define CE_DEFINE_GENERAL(LAYOUT, GROUP, SUFFIX, TRAITS)                                                     \
+    extern "C" __global__ void __launch_bounds__(CE_MAX_THREADS) ce_general_##LAYOUT##_##SUFFIX(           \
+        const TRAITS::S* logits, TRAITS::S* dlogits, const i64* targets, const TRAITS::S* probs,            \
+        const float* weight, float* row_loss, const float* denom, i64 n_rows, i64 n_cols, i64 n_spatial,    \
+        i64 x_sb, i64 x_sc, i64 x_ss, i64 g_sb, i64 g_sc, i64 g_ss, i64 q_sb, i64 q_sc, i64 q_ss,           \
+        i64 ignore_index, float smoothing, int write_grad) {                                                \
+        ce_general<TRAITS, GROUP>(logits, dlogits, targets, probs, weight, row_loss, denom, n_rows, n_cols, \
+                                  n_spatial, x_sb, x_sc, x_ss, g_sb, g_sc, g_ss, q_sb, q_sc, q_ss,          \
+                                  ignore_index, smoothing, write_grad);                                     \
+    }
+
+CE_DEFINE_GENERAL(block, BlockRow, f32, TypeF32)
+CE_DEFINE_GENERAL(block, BlockRow, f16, TypeF16)
+CE_DEFINE_GENERAL(block, BlockRow, bf16, TypeBF16)
+CE_DEFINE_GENERAL(thread, ThreadRow, f32, TypeF32)
+CE_DEFINE_GENERAL(thread, ThreadRow, f16, TypeF16)
+CE_DEFINE_GENERAL(thread, ThreadRow, bf16, TypeBF16)
+
 // Sum of v over one block in a fixed order (warp butterflies, then warps 0, 1, ... by
 // thread 0); the total is valid in thread 0. Needs blockDim.x a multiple of 32.
 template <class T>
@@ -366,4 +479,28 @@ extern "C" __global__ void __launch_bounds__(CE_MAX_THREADS)
         }
         out[0] = (float)total;
     }
+}
+
+// One block. out[0] = sum of weight[t] (fp64, fixed order; weight null: 1 each) over the rows
+// whose target != ignore_index, or 1 where that is 0 (every row ignored: loss 0).
+extern "C" __global__ void __launch_bounds__(CE_MAX_THREADS)
+    ce_general_denominator(const i64* targets, const float* weight, i64 n_rows, i64 n_cols, i64 ignore_index,
+                           float* out) {
+    double acc = 0.0;
+    for (i64 r = threadIdx.x; r < n_rows; r += blockDim.x) {
+        const i64 t = targets[r];
+        if (t == ignore_index) continue;
+        acc += weight ? (double)weight[t < 0 ? 0 : (t >= n_cols ? n_cols - 1 : t)] : 1.0;
+    }
+    const double total = one_block_sum(acc);
+    if (threadIdx.x == 0) out[0] = total == 0.0 ? 1.0f : (float)total;
+}
+
+// One block. out[0] = sum(row_loss) (fp64, fixed order), divided by denom[0] when denom is not null.
+extern "C" __global__ void __launch_bounds__(CE_MAX_THREADS)
+    ce_general_reduce_loss(const float* row_loss, i64 n_rows, const float* denom, float* out) {
+    double acc = 0.0;
+    for (i64 r = threadIdx.x; r < n_rows; r += blockDim.x) acc += (double)row_loss[r];
+    const double total = one_block_sum(acc);
+    if (threadIdx.x == 0) out[0] = (float)(denom != 0 ? total / (double)denom[0] : total);
 }

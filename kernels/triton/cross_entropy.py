@@ -23,6 +23,13 @@ tuning candidate (the tuning space "triton.softmax_cross_entropy", see below):
   several rows per program put more loads in flight per SM. Same bytes as "chunked"
   (1.0–1.5× copy), fewer serial steps.
 
+Class weights, probability targets and the [C] and [B, C, d1, ...] layouts of F.cross_entropy
+take ``_ce_general_kernel`` (not a tuning candidate): ROWS rows a program, two passes over
+class chunks, the logits addressed through (batch, class, spatial) strides so that a [B, C, T]
+tensor is read in place, rows side by side; it reads the weight vector and, for probability
+targets, a second [B, C, ...] array in both passes. Its "mean" divisor (Σ w_t of the rows not
+ignored) comes from ``_ce_denominator_kernel``, its sum from ``_ce_finish_denom_kernel``.
+
 Rows whose start is not 16-byte aligned (V = 50257, say) are split into a small unaligned
 head and tail (< 16 bytes each, loaded masked) and an aligned middle, so the middle's loads
 and stores stay 16-byte vectors. Everything computes in fp32, uses 64-bit element offsets
@@ -99,15 +106,21 @@ def _ce_count_kernel(t_ptr, n_valid_ptr, n_rows, ignore_index, BLOCK: tl.constex
 
 
 @triton.jit
-def _ce_finish_kernel(row_loss_ptr, out_ptr, t_ptr, n_rows, ignore_index, MEAN: tl.constexpr,
-                      BLOCK: tl.constexpr):
-    """One program: out_ptr[0] = Σ row losses (fp64 lanes, a fixed order), / max(n_valid, 1) for "mean"."""
+def _sum_losses(row_loss_ptr, n_rows, BLOCK: tl.constexpr):
+    """Σ of the fp32 row losses in fp64 lanes, in a fixed order."""
     offs = tl.arange(0, BLOCK)
     acc = tl.zeros((BLOCK,), tl.float64)
     for start in range(0, n_rows, BLOCK):
         idx = start + offs
         acc += tl.load(row_loss_ptr + idx, mask=idx < n_rows, other=0.0).to(tl.float64)
-    total = tl.sum(acc, axis=0)
+    return tl.sum(acc, axis=0)
+
+
+@triton.jit
+def _ce_finish_kernel(row_loss_ptr, out_ptr, t_ptr, n_rows, ignore_index, MEAN: tl.constexpr,
+                      BLOCK: tl.constexpr):
+    """One program: out_ptr[0] = Σ row losses (fp64 lanes, a fixed order), / max(n_valid, 1) for "mean"."""
+    total = _sum_losses(row_loss_ptr, n_rows, BLOCK)
     if MEAN:
         total = total / tl.maximum(_count_valid(t_ptr, n_rows, ignore_index, BLOCK), 1).to(tl.float64)
     tl.store(out_ptr, total.to(tl.float32))
@@ -361,6 +374,130 @@ def _ce_lanes_kernel(x_ptr, g_ptr, t_ptr, loss_ptr, n_valid_ptr, n_rows, n_cols,
                 tl.store(g_ptr + e_offs, ge.to(g_ptr.dtype.element_ty), mask=e_in & row_ok[:, None])
 
 
+@triton.jit
+def _ce_denominator_kernel(t_ptr, w_ptr, out_ptr, n_rows, n_cols, ignore_index, HAS_WEIGHT: tl.constexpr,
+                           BLOCK: tl.constexpr):
+    """One program: out_ptr[0] = Σ w[t] (HAS_WEIGHT, fp64 lanes, a fixed order) or the number of
+    rows whose target != ignore_index; 1 where that is 0 (every row ignored: loss 0)."""
+    offs = tl.arange(0, BLOCK)
+    acc = tl.zeros((BLOCK,), tl.float64)
+    for start in range(0, n_rows, BLOCK):
+        idx = start + offs
+        t = tl.load(t_ptr + idx, mask=idx < n_rows, other=0).to(tl.int64)
+        ok = (idx < n_rows) & (t != ignore_index)
+        if HAS_WEIGHT:
+            safe = tl.minimum(tl.maximum(t, 0), n_cols - 1)
+            acc += tl.load(w_ptr + safe, mask=ok, other=0.0).to(tl.float64)
+        else:
+            acc += ok.to(tl.float64)
+    total = tl.sum(acc, axis=0)
+    tl.store(out_ptr, tl.where(total == 0.0, 1.0, total).to(tl.float32))
+
+
+@triton.jit
+def _ce_finish_denom_kernel(row_loss_ptr, out_ptr, denom_ptr, n_rows, MEAN: tl.constexpr, BLOCK: tl.constexpr):
+    """One program: out_ptr[0] = Σ row losses (fp64 lanes, a fixed order), / denom_ptr[0] for "mean"."""
+    total = _sum_losses(row_loss_ptr, n_rows, BLOCK)
+    if MEAN:
+        total = total / tl.load(denom_ptr).to(tl.float64)
+    tl.store(out_ptr, total.to(tl.float32))
+
+
+@triton.jit
+def _target_mass(q_ptr, q_offs, w_ptr, cols, col_ok, mask, t, w_t, eps, n_cols, SOFT: tl.constexpr,
+                 HAS_WEIGHT: tl.constexpr, SMOOTH: tl.constexpr):
+    """The row's weighted target distribution a on a [ROWS, BLOCK] chunk, 0 where masked:
+    probabilities  a = w_c ((1 - eps) q_c + eps / C);  indices  a = (1 - eps) w_t [c = t] + (eps / C) w_c."""
+    if HAS_WEIGHT:
+        w = tl.load(w_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    else:
+        w = 1.0
+    if SOFT:
+        a = tl.load(q_ptr + q_offs, mask=mask, other=0.0).to(tl.float32)
+        if SMOOTH:
+            a = a * (1.0 - eps) + eps / n_cols
+        a = a * w
+    else:
+        a = tl.where(cols[None, :] == t[:, None], (1.0 - eps) * w_t[:, None], 0.0)
+        if SMOOTH:
+            a += eps / n_cols * w
+    return tl.where(mask, a, 0.0)
+
+
+@triton.jit
+def _ce_general_kernel(x_ptr, g_ptr, t_ptr, q_ptr, w_ptr, loss_ptr, denom_ptr, n_rows, n_cols, n_spatial,
+                       x_sb, x_sc, x_ss, g_sb, g_sc, g_ss, q_sb, q_sc, q_ss, ignore_index, eps,
+                       ROWS: tl.constexpr, BLOCK: tl.constexpr, HAS_GRAD: tl.constexpr, MEAN: tl.constexpr,
+                       SMOOTH: tl.constexpr, SOFT: tl.constexpr, HAS_WEIGHT: tl.constexpr):
+    """F.cross_entropy in full: ROWS rows a program, row r = (b, s) of [B, C, S] logits addressed
+    by strides (classes x_sc apart: [B, C, T] layouts are read in place, consecutive rows
+    side by side), class weights w [C], probability targets q [B, C, S] (a second read) or
+    class indices t [B·S]. Two passes over BLOCK-wide class chunks: an online max, Σexp, mass
+    A = Σa and Σ a·(z - max) (shifted as the max grows); loss = A·log Σexp(z - max) - Σ a·(z - max),
+    gradient (A·softmax - a) / denominator (MEAN; read from _ce_denominator_kernel)."""
+    pid = tl.program_id(0)
+    rows = pid.to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    row_ok = rows < n_rows
+    b = rows // n_spatial
+    sp = rows - b * n_spatial
+    x_base = b * x_sb + sp * x_ss
+    q_base = b * q_sb + sp * q_ss
+    if SOFT:
+        valid = row_ok
+        t = tl.zeros((ROWS,), tl.int64)
+        w_t = tl.zeros((ROWS,), tl.float32)
+    else:
+        t = tl.load(t_ptr + rows, mask=row_ok, other=0).to(tl.int64)
+        valid = row_ok & (t != ignore_index)
+        if HAS_WEIGHT:  # clamped: an out-of-range target never reads outside w
+            w_t = tl.load(w_ptr + tl.minimum(tl.maximum(t, 0), n_cols - 1), mask=valid, other=0.0).to(tl.float32)
+        else:
+            w_t = tl.full((ROWS,), 1.0, tl.float32)
+    lanes = tl.arange(0, BLOCK)
+    m = tl.full((ROWS,), _LOWEST, tl.float32)
+    s = tl.zeros((ROWS,), tl.float32)
+    mass = tl.zeros((ROWS,), tl.float32)
+    sa = tl.zeros((ROWS,), tl.float32)  # Σ a·(z - m) over the chunks so far
+    for k in range(0, n_cols, BLOCK):
+        cols = k + lanes
+        col_ok = cols < n_cols
+        mask = valid[:, None] & col_ok[None, :]
+        z = tl.load(x_ptr + x_base[:, None] + cols[None, :].to(tl.int64) * x_sc, mask=mask,
+                    other=float("-inf")).to(tl.float32)
+        a = _target_mass(q_ptr, q_base[:, None] + cols[None, :].to(tl.int64) * q_sc, w_ptr, cols, col_ok, mask,
+                         t, w_t, eps, n_cols, SOFT, HAS_WEIGHT, SMOOTH)
+        m_new = tl.maximum(m, tl.max(z, axis=1))
+        s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new[:, None]), axis=1)
+        sa = tl.where(mass != 0.0, sa - (m_new - m) * mass, sa)
+        sa += tl.sum(tl.where(a != 0.0, a * (z - m_new[:, None]), 0.0), axis=1)  # a = 0: nothing, -inf z too
+        mass += tl.sum(a, axis=1)
+        m = m_new
+    s = tl.where(valid, s, 1.0)  # ignored rows: keep log finite
+    m = tl.where(valid, m, 0.0)  # and exp below
+    log_s = tl.log(s)
+    loss = mass * log_s - sa
+    live = valid & (mass != 0.0)  # no target mass (ignored, or every factor 0): loss and gradient 0
+    tl.store(loss_ptr + rows, tl.where(live, loss, 0.0), mask=row_ok)
+
+    if HAS_GRAD:
+        scale = 1.0
+        if MEAN:
+            scale = 1.0 / tl.load(denom_ptr)
+        g_base = b * g_sb + sp * g_ss
+        for k in range(0, n_cols, BLOCK):
+            cols = k + lanes
+            col_ok = cols < n_cols
+            mask = valid[:, None] & col_ok[None, :]
+            z = tl.load(x_ptr + x_base[:, None] + cols[None, :].to(tl.int64) * x_sc, mask=mask,
+                        other=0.0).to(tl.float32)
+            a = _target_mass(q_ptr, q_base[:, None] + cols[None, :].to(tl.int64) * q_sc, w_ptr, cols, col_ok,
+                             mask, t, w_t, eps, n_cols, SOFT, HAS_WEIGHT, SMOOTH)
+            g = (mass[:, None] * tl.exp((z - m[:, None]) - log_s[:, None]) - a) * scale
+            g = tl.where(live[:, None] & col_ok[None, :], g, 0.0)  # a select: NaN logits of an ignored row give 0
+            tl.store(g_ptr + g_base[:, None] + cols[None, :].to(tl.int64) * g_sc, g.to(g_ptr.dtype.element_ty),
+                     mask=row_ok[:, None] & col_ok[None, :])
+
+
 WIDE_KERNELS = {"chunked": _ce_chunked_kernel, "lanes": _ce_lanes_kernel}
 
 
@@ -432,43 +569,144 @@ def _may_overlap(x: torch.Tensor) -> bool:
     return len(axes) == 2 and (axes[0][1] - 1) * axes[0][0] + 1 > axes[1][0]
 
 
-def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean", label_smoothing=0.0,
+def _class_strides(a: torch.Tensor):
+    """(a, (batch, class, spatial) strides) of F.cross_entropy's layout [C], [B, C] or
+    [B, C, d1, ...]: d1, ... are walked as one axis in place when their strides allow it,
+    else `a` becomes a contiguous copy (the only copy of the N-d layout)."""
+    strides = checks.class_strides(a.shape, a.stride())
+    if strides is None:
+        a = a.contiguous()
+        strides = checks.class_strides(a.shape, a.stride())
+    return a, strides
+
+
+def _general_config(n_rows: int, n_cols: int, class_stride: int, *, grad: bool, reduction: str,
+                    label_smoothing: float, soft: bool, weighted: bool):
+    """(kernel, meta) of the general kernel: classes adjacent in memory get chunks of up to
+    4096 classes and enough rows for ~2048 elements a tile; classes apart ([B, C, T]) get 128
+    rows a tile (adjacent in memory: coalesced) by 16 or more classes."""
+    block_c = triton.next_power_of_2(n_cols)
+    row_cap = triton.next_power_of_2(max(n_rows, 1))
+    if class_stride == 1:
+        block = min(block_c, 4096)
+        rows = min(max(1, 2048 // block), row_cap)
+    else:
+        rows = min(128, row_cap)
+        block = min(block_c, max(16, 2048 // rows))
+    meta = dict(ROWS=rows, BLOCK=block, HAS_GRAD=bool(grad), MEAN=reduction == "mean",
+                SMOOTH=float(label_smoothing) > 0.0, SOFT=bool(soft), HAS_WEIGHT=bool(weighted),
+                num_warps=4 if rows * block <= 2048 else 8)
+    return _ce_general_kernel, meta
+
+
+def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                           inplace=False, grad=True, check_targets=True):
     """Softmax cross-entropy and its gradient in one fused row kernel (plus, for "mean" and
-    "sum", a one-program sum of the row losses; see the module docstring).
+    "sum", a one-program sum of the row losses; see the module docstring): F.cross_entropy.
 
-    logits [B, V] float32/float16/bfloat16 and targets [B] integer: torch tensors on a CUDA
-    device (CPU tensors under TRITON_INTERPRET=1) or CuPy arrays; results come back in the
-    type given. Returns (loss, dlogits): loss float32, 0-d for reduction "mean"/"sum", [B]
-    for "none"; dlogits = dloss/dlogits [B, V] in the logits' dtype (for "none": of the sum
-    of the row losses), or None when grad=False (then the logits are read once and no
-    B×V buffer is made). Label smoothing eps uses the target distribution
-    (1 - eps)·onehot + eps/V. Rows whose target == ignore_index get loss 0 and gradient 0
-    and are not counted in the mean (all ignored: loss 0); ignore_index=None ignores no row
-    (as the reference), and an ignore_index no target of the targets' dtype can hold matches
-    no row (int32 and int64 targets count alike). inplace=True writes dlogits over `logits`
-    and returns that buffer; logits whose rows overlap in memory (a stride-0 expand, say) are
-    copied first, and refused with inplace=True (ValueError).
+    logits [C], [B, C] or [B, C, d1, ...] (classes on axis 1) float32/float16/bfloat16;
+    targets integer class indices of the logits' shape without the class axis, or floating
+    class probabilities of the logits' shape; weight None or a floating [C] class weight;
+    torch tensors on a CUDA device (CPU tensors under TRITON_INTERPRET=1) or CuPy arrays,
+    results in the type given. Semantics (formulas, the mean's divisor) are those of
+    ``gpuad.kernels.reference.softmax_cross_entropy``. Returns (loss, dlogits): loss float32,
+    0-d for reduction "mean"/"sum", the logits' shape without the class axis for "none";
+    dlogits = dloss/dlogits in the logits' shape and dtype (for "none": of the sum of the
+    losses), or None when grad=False (then the logits are read once and no gradient buffer
+    is made). Rows whose target == ignore_index get loss 0 and gradient 0 and leave the mean
+    (all ignored: loss 0); ignore_index=None ignores no row, and an ignore_index no target of
+    the targets' dtype can hold matches no row. inplace=True writes dlogits over `logits` and
+    returns that buffer; [B, C] logits whose rows overlap in memory (a stride-0 expand, say)
+    are copied first and refused with inplace=True (ValueError), as are N-d logits that are
+    not contiguous.
 
-    check_targets=True (default) raises IndexError for a target outside [0, V) that is not
+    Kernels: [B, C] logits with class-index targets and no weight take the row kernels of the
+    tuning space; class weights, probability targets and the [C] and N-d layouts take
+    ``_ce_general_kernel``, which reads the N-d layout in place through its strides (a
+    contiguous copy only when d1, ... cannot be walked as one axis).
+
+    check_targets=True (default) raises IndexError for a target outside [0, C) that is not
     ignore_index; it is the only host synchronisation in the call. check_targets=False
     removes it (the call is then CUDA-graph capturable); out-of-range targets then give
     unspecified losses but never an out-of-bounds access.
     """
     x, from_cupy = as_torch(logits)
     t, _ = as_torch(targets)
-    checks.check_cross_entropy_args(x, t, reduction, label_smoothing, allowed=("float16", "bfloat16", "float32"))
-    if x.device != t.device:
-        raise ValueError(f"logits and targets must be on one device, got {x.device} and {t.device}")
+    w = None if weight is None else as_torch(weight)[0]
+    checks.check_ignore_index(ignore_index)
+    layout = checks.check_cross_entropy_layout(x, t, w, reduction, label_smoothing, ignore_index,
+                                               allowed=("float16", "bfloat16", "float32"))
+    for name, a in (("targets", t), ("weight", w)):
+        if a is not None and a.device != x.device:
+            raise ValueError(f"logits and {name} must be on one device, got {x.device} and {a.device}")
     if x.device.type != "cuda" and not _INTERPRETED:
         raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+    if check_targets and not layout.soft:
+        checks.check_targets(t.reshape(-1), layout.n_classes, ignore_index)
+    if w is None and not layout.soft and x.dim() == 2:
+        loss, out = _launch_rows(x, t, ignore_index, reduction, label_smoothing, inplace, grad)
+    else:
+        loss, out = _launch_general(x, t, w, layout, ignore_index, reduction, label_smoothing, inplace, grad)
+    if out is None:
+        dlogits = None
+    elif inplace:
+        if out is not x:  # the kernel wrote a contiguous copy: copy the gradient back
+            x.copy_(out)
+        dlogits = logits
+    else:
+        dlogits = as_given(out, from_cupy)
+    return as_given(loss, from_cupy), dlogits
+
+
+def _launch_general(x, t, w, layout, ignore_index, reduction, label_smoothing, inplace, grad):
+    """(loss, gradient buffer or None) from _ce_general_kernel and its one-program helpers."""
+    if inplace and grad and (_may_overlap(x) if x.dim() <= 2 else not x.is_contiguous()):
+        raise ValueError(f"inplace=True needs logits whose elements do not share memory (N-d: contiguous), got "
+                         f"shape {tuple(x.shape)} with strides {x.stride()}")
+    n_rows, n_cols = layout.n_rows, layout.n_classes
+    work, x_strides = _class_strides(x)
+    out = None
+    if grad:
+        out = work if inplace else torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    g_strides = _class_strides(out)[1] if out is not None else (0, 0, 0)
+    if layout.soft:
+        q, q_strides = _class_strides(t)
+        t_flat, ignore = q, 0
+    else:
+        q, q_strides = work, (0, 0, 0)  # placeholders, never read
+        t_flat, ignore = t.reshape(-1).contiguous(), checks.kernel_ignore_index(ignore_index, t.dtype)
+    w_buf = work if w is None else w.contiguous()
+    row_loss = torch.empty(n_rows, dtype=torch.float32, device=x.device)
+    denom = row_loss  # a placeholder, never read but for "mean"
+    if reduction == "mean":
+        if layout.soft:
+            denom = torch.full((), float(max(n_rows, 1)), dtype=torch.float32, device=x.device)
+        else:
+            denom = torch.empty((), dtype=torch.float32, device=x.device)
+            _ce_denominator_kernel[(1,)](t_flat, w_buf, denom, n_rows, n_cols, ignore, HAS_WEIGHT=w is not None,
+                                         BLOCK=REDUCE_BLOCK)
+    if n_rows > 0:
+        kernel, meta = _general_config(n_rows, n_cols, x_strides[1], grad=out is not None, reduction=reduction,
+                                       label_smoothing=label_smoothing, soft=layout.soft, weighted=w is not None)
+        kernel[(triton.cdiv(n_rows, meta["ROWS"]),)](
+            work, work if out is None else out, t_flat, q, w_buf, row_loss, denom, n_rows, n_cols, layout.n_spatial,
+            *x_strides, *g_strides, *q_strides, ignore, float(label_smoothing), **meta)
+    if reduction == "none":
+        loss = row_loss.reshape(x.shape[:1] + x.shape[2:] if x.dim() > 1 else ())
+    else:
+        loss = torch.empty((), dtype=torch.float32, device=x.device)
+        _ce_finish_denom_kernel[(1,)](row_loss, loss, denom, n_rows, MEAN=reduction == "mean", BLOCK=REDUCE_BLOCK)
+    return loss, out
+
+
+def _launch_rows(x, t, ignore_index, reduction, label_smoothing, inplace, grad):
+    """(loss, gradient buffer or None) of [B, V] logits and class indices without weight,
+    from the row kernels of the tuning space."""
     overlap = _may_overlap(x)
     if inplace and grad and overlap:
         raise ValueError(f"inplace=True needs logits whose elements do not share memory, got shape "
                          f"{tuple(x.shape)} with strides {x.stride()}")
     n_rows, n_cols = x.shape
-    if check_targets:
-        checks.check_targets(t, n_cols, ignore_index)
     ignore = checks.kernel_ignore_index(ignore_index, t.dtype)
     eps = float(label_smoothing)
 
@@ -503,12 +741,4 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
         loss = torch.empty((), dtype=torch.float32, device=x.device)
         _ce_finish_kernel[(1,)](row_loss, loss, target_buf, n_rows, ignore, MEAN=reduction == "mean",
                                 BLOCK=REDUCE_BLOCK)
-    if out is None:
-        dlogits = None
-    elif inplace:
-        if work is not x:  # a logits buffer with non-unit column stride: copy the gradient back
-            x.copy_(work)
-        dlogits = logits
-    else:
-        dlogits = as_given(out, from_cupy)
-    return as_given(loss, from_cupy), dlogits
+    return loss, out
