@@ -64,30 +64,33 @@ def read_files(root, paths, max_bytes=None):
 
 @dataclasses.dataclass
 class Corpus:
-    """The train and validation files (bytes each) of a standard library, and where it lies."""
+    """The train and validation files (bytes each) of a standard library, where it lies, and
+    its Python version (None when it is not the running Python's)."""
     root: str
-    version: str
+    version: str | None
     n_files: int
     train: list
     val: list
 
     def describe(self):
         mb = [sum(map(len, texts)) / 1e6 for texts in (self.train, self.val)]
-        return (f"Python {self.version} standard library ({self.n_files} .py files under {self.root}): "
-                f"train {len(self.train)} files ({mb[0]:.1f} MB), validation {len(self.val)} files ({mb[1]:.2f} MB)")
+        name = "the standard library" if self.version is None else f"Python {self.version}'s standard library"
+        return (f"{name}, {self.n_files} .py files under {self.root}; read: train {len(self.train)} files "
+                f"({mb[0]:.1f} MB), validation {len(self.val)} files ({mb[1]:.2f} MB)")
 
 
 def load_corpus(val_fraction=0.05, max_bytes=None, root=None):
     """The Corpus of the standard library at `root` (default: the running Python's). With
     max_bytes, about that many bytes are read, split between train and validation in the
     proportion val_fraction (at least one file each)."""
+    version = sys.version.split()[0] if root is None else None
     root = stdlib_root() if root is None else root
     paths = source_files(root)
     train, val = split_files(paths, val_fraction)
     if not train or not val:
         raise ValueError(f"the split of {len(paths)} files at validation fraction {val_fraction} leaves a split empty")
     caps = (None, None) if max_bytes is None else (max_bytes * (1 - val_fraction), max_bytes * val_fraction)
-    return Corpus(root, sys.version.split()[0], len(paths), read_files(root, train, caps[0]),
+    return Corpus(root, version, len(paths), read_files(root, train, caps[0]),
                   read_files(root, val, caps[1]))
 
 
@@ -113,7 +116,8 @@ def tokenizer_path(cache_dir, vocab_size, texts):
 def load_or_train_tokenizer(texts, vocab_size, cache_dir, progress=True):
     """(tokenizer, path, trained): the byte-level BPE tokenizer of `texts` (bytes, decoded as
     UTF-8 with replacement) with at most `vocab_size` tokens, END_OF_FILE among them, loaded
-    from `cache_dir` when it is there (trained False), else trained and saved there."""
+    from `cache_dir` when it is there (trained False), else trained and saved there. The
+    trainer's progress bar is shown when `progress` and stdout is a terminal (it writes there)."""
     tk = require("tokenizers", "tokenizers", "train")
     path = tokenizer_path(cache_dir, vocab_size, texts)
     if os.path.exists(path):
@@ -121,7 +125,8 @@ def load_or_train_tokenizer(texts, vocab_size, cache_dir, progress=True):
     tokenizer = tk.Tokenizer(tk.models.BPE())
     tokenizer.pre_tokenizer = tk.pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = tk.decoders.ByteLevel()
-    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_FILE], show_progress=progress,
+    trainer = tk.trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_FILE],
+                                     show_progress=progress and sys.stdout.isatty(),
                                      initial_alphabet=tk.pre_tokenizers.ByteLevel.alphabet())
     tokenizer.train_from_iterator((t.decode("utf-8", "replace") for t in texts), trainer, length=len(texts))
     os.makedirs(cache_dir, exist_ok=True)

@@ -29,11 +29,12 @@ MiB = 2 ** 20
 
 
 # --- data ------------------------------------------------------------------------------------
-def prepare_data(*, vocab=16384, val_fraction=0.05, max_bytes=None, cache_dir=None, tokens_needed=None,
+def prepare_data(*, vocab=16384, val_fraction=0.05, max_bytes=None, stdlib=None, cache_dir=None, tokens_needed=None,
                  progress=True, log=print):
-    """Read the corpus, load or train the tokenizer, encode; log a line on each and the
-    baseline. Returns a dict: tokenizer, train and val (token ids), baseline (nats)."""
-    corpus = lm_data.load_corpus(val_fraction, max_bytes)
+    """Read the corpus (the library at `stdlib`, default the running Python's), load or train
+    the tokenizer, encode; log a line on each and the baseline. Returns a dict: tokenizer,
+    train and val (token ids), baseline (nats)."""
+    corpus = lm_data.load_corpus(val_fraction, max_bytes, stdlib)
     log(f"corpus: {corpus.describe()}")
     start = time.perf_counter()
     tokenizer, path, trained = lm_data.load_or_train_tokenizer(
@@ -206,23 +207,23 @@ def train_loop(torch, model, data, *, steps, batch_size, context, lr, val_tokens
 
 
 def train_lm(*, head="gpuad", steps=300, batch_size=16, context=64, width=128, layers=2, heads=4, vocab=16384,
-             lr=3e-3, val_fraction=0.05, val_tokens=16384, max_bytes=None, eval_every=0, device="cpu",
+             lr=3e-3, val_fraction=0.05, val_tokens=16384, max_bytes=None, stdlib=None, eval_every=0, device="cpu",
              compile=False, seed=0, cache_dir=None, sample=0, prompt="def ", progress=True, log=print):
     """Prepare the data, train and evaluate, logging each stage as a line; returns the
     train_loop's dict plus baseline, val_loss (the last validation loss), head_memory (bytes)
     and sample (the generated text, "" when sample is 0)."""
     torch = require("torch", "torch", "bench")
     tqdm = require("tqdm", "tqdm", "train").tqdm if progress else None
-    data = prepare_data(vocab=vocab, val_fraction=val_fraction, max_bytes=max_bytes, cache_dir=cache_dir,
+    data = prepare_data(vocab=vocab, val_fraction=val_fraction, max_bytes=max_bytes, stdlib=stdlib, cache_dir=cache_dir,
                         tokens_needed=steps * batch_size * context + 1, progress=progress, log=log)
     dev = torch.device(device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
-    torch.manual_seed(seed)  # nothing in training draws from it; set for anything that might
     v = data["tokenizer"].get_vocab_size()
     model = build_model(torch, head=head, vocab_size=v, width=width, layers=layers, heads=heads, context=context,
                         seed=seed, device=dev)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {layers} layers, width {width}, {heads} heads, context {context}; {n_params / 1e6:.2f} M parameters "
+    log(f"model: transformer blocks {layers}, width {width}, heads {heads}, context {context}; {n_params / 1e6:.2f} M "
+        f"parameters "
         f"({model.head.weight.numel() / 1e6:.2f} M in the head); {head} head on {device}"
         f"{' (bf16 autocast)' if dev.type == 'cuda' else ''}{', torch.compile' if compile else ''}")
     rows = batch_size * context
@@ -295,6 +296,8 @@ def add_arguments(p):
                    help=f"tokens of the validation sample the val loss is measured on {d}")
     p.add_argument("--max-bytes", type=number(int, 1), default=None,
                    help="read only about this many bytes of the library (default: all of it)")
+    p.add_argument("--stdlib", metavar="DIR",
+                   help="read the .py files under DIR, another Python's standard library (default: this Python's)")
     p.add_argument("--eval-every", type=number(int, 0), default=0,
                    help="measure the val loss every N steps too (default 0: only at the end; with --plot, "
                         "ten times along the run)")
@@ -331,6 +334,8 @@ def run(args):
     if args.plot is not None:
         output_file(args.plot, "--plot", ".png")
         require("matplotlib", "matplotlib", "train")
+    if args.stdlib is not None and not os.path.isfile(os.path.join(args.stdlib, "os.py")):
+        raise CommandError(f"--stdlib {args.stdlib}: not a standard library folder (it has no os.py)")
     torch = require("torch", "torch", "bench")
     require("tokenizers", "tokenizers", "train")
     if args.device == "cuda" and not torch.cuda.is_available():

@@ -125,6 +125,15 @@ def test_source_files_and_the_split_by_path(tmp_path):
     assert set(lm_data.split_files(paths, 0.2)[1]) > set(val)  # a larger fraction only adds files
 
 
+def test_corpus_of_another_library(tmp_path):
+    for i in range(40):
+        (tmp_path / f"m{i}.py").write_text(f"x = {i}\n")
+    corpus = lm_data.load_corpus(val_fraction=0.25, root=str(tmp_path))
+    assert corpus.version is None and corpus.n_files == 40 and len(corpus.train) + len(corpus.val) == 40
+    assert corpus.describe().startswith(f"the standard library, 40 .py files under {tmp_path}; read: train ")
+    assert lm_data.load_corpus(max_bytes=1000).describe().startswith(f"Python {sys.version.split()[0]}'s standard library, ")
+
+
 def test_read_files_keeps_under_max_bytes(tmp_path):
     for name, size in (("a.py", 50), ("b.py", 500), ("c.py", 30)):
         (tmp_path / name).write_bytes(b"#" * size)
@@ -198,6 +207,7 @@ def test_help_describes_every_flag(capsys):
     (["--plot", "curves.pdf"], "--plot curves.pdf: the file name must end in .png"),
     (["--plot", "no/such/folder/c.png"], "--plot no/such/folder/c.png: folder"),
     (["--cache-dir", "{file}/sub"], "--cache-dir {file}/sub: cannot create this folder"),
+    (["--stdlib", "{file}"], "--stdlib {file}: not a standard library folder"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_flags_fail_in_one_line_before_any_work(capsys, monkeypatch, tmp_path, argv, message):
@@ -220,7 +230,8 @@ def test_cuda_without_a_device_is_one_clear_line(capsys, monkeypatch):
     monkeypatch.setattr(lm_data, "load_corpus", lambda *a, **k: pytest.fail("the corpus was read"))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert main(["train-lm", "--device", "cuda"]) == 1
-    assert capsys.readouterr().err.strip() == "python -m gpuad train-lm: error: --device cuda: torch sees no CUDA device"
+    err = capsys.readouterr().err.strip()
+    assert err == "python -m gpuad train-lm: error: --device cuda: torch sees no CUDA device"
 
 
 @pytest.mark.parametrize("module, argv, package", [
