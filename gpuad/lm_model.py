@@ -17,28 +17,29 @@ HEADS = ("gpuad", "torch")
 
 
 class TorchHead(nn.Module):
-    """nn.Linear (no bias) + F.cross_entropy, with LinearCrossEntropy's interface:
+    """nn.Linear (with bias) + F.cross_entropy, with LinearCrossEntropy's interface:
     ``forward(x [..., D], targets [...])`` is the mean loss; ``logits(x)`` is [..., V]."""
 
     def __init__(self, in_features, num_classes):
         super().__init__()
         self.in_features, self.num_classes = in_features, num_classes
         self.weight = nn.Parameter(torch.empty(num_classes, in_features))
+        self.bias = nn.Parameter(torch.empty(num_classes))
 
     def logits(self, x):
-        return F.linear(x, self.weight)
+        return F.linear(x, self.weight, self.bias)
 
     def forward(self, x, targets):
         return F.cross_entropy(self.logits(x).flatten(0, -2), targets.flatten())
 
 
 def make_head(kind, d_model, vocab_size):
-    """The head [vocab_size, d_model] of `kind` ("gpuad" or "torch"); its weight is set by
-    init_parameters."""
+    """The head of `kind` ("gpuad" or "torch"): weight [vocab_size, d_model] and bias
+    [vocab_size] (the bias learns the tokens' frequencies fast), set by init_parameters."""
     if kind == "gpuad":
         import gpuad.torch as gt
 
-        return gt.LinearCrossEntropy(d_model, vocab_size)
+        return gt.LinearCrossEntropy(d_model, vocab_size, bias=True)
     if kind == "torch":
         return TorchHead(d_model, vocab_size)
     raise ValueError(f"head must be one of {HEADS}, got {kind!r}")

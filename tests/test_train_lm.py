@@ -3,6 +3,7 @@ two heads' first steps and memory, --compile, and one-line errors on bad flags b
 import contextlib
 import os
 import re
+import shlex
 import subprocess
 import sys
 
@@ -246,3 +247,14 @@ def test_missing_dependency_is_one_clear_line(capsys, monkeypatch, module, argv,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and f"this needs {package}" in lines[0], lines
     assert lines[0].startswith("python -m gpuad train-lm: error:")
+
+
+def test_the_commands_in_docs_parse():
+    """Every `python -m gpuad train-lm ...` command in docs/train-lm.md is valid for the parser."""
+    with open(os.path.join(ROOT, "docs", "train-lm.md"), encoding="utf-8") as f:
+        commands = re.findall(r"^python -m gpuad (train-lm.*)$", f.read(), flags=re.M)
+    assert len(commands) >= 3
+    parser = build_parser()
+    for command in commands:
+        args = parser.parse_args(shlex.split(command))
+        assert args.verb == "train-lm"
