@@ -250,9 +250,8 @@ def train_lm_body(torch, *, head="gpuad", steps=400, batch_size=16, context=64, 
     model = build_model(torch, head=head, vocab_size=v, width=width, layers=layers, heads=heads, context=context,
                         seed=seed, device=dev)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: transformer blocks {layers}, width {width}, heads {heads}, context {context}; {n_params / 1e6:.2f} M "
-        f"parameters "
-        f"({model.head.weight.numel() / 1e6:.2f} M in the head); {head} head on {device}"
+    log(f"model: transformer blocks {layers}, width {width}, heads {heads}, context {context}; "
+        f"{n_params / 1e6:.2f} M parameters ({model.head.weight.numel() / 1e6:.2f} M in the head); {head} head on {device}"
         f"{' (bf16 autocast)' if dev.type == 'cuda' else ''}{', torch.compile' if compile else ''}")
     rows = batch_size * context
     memory, method = head_peak_memory(torch, model.head, rows, dev, autocast)
