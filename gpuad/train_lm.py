@@ -34,7 +34,7 @@ TRAIN_FILES_FACTOR = 4
 
 
 # --- data ------------------------------------------------------------------------------------
-def prepare_data(*, vocab=16384, val_fraction=0.05, max_bytes=None, stdlib=None, cache_dir=None, tokens_needed=None,
+def prepare_data(*, vocab=4096, val_fraction=0.05, max_bytes=None, stdlib=None, cache_dir=None, tokens_needed=None,
                  progress=True, log=print):
     """Read the corpus (the library at `stdlib`, default the running Python's), load or train
     the tokenizer, encode; log a line on each and the baseline. Returns a dict: tokenizer,
@@ -88,19 +88,19 @@ def evaluate(torch, model, stream, starts, context, batch_size, autocast):
     total = 0.0
     with torch.no_grad(), autocast():
         for i in range(0, len(starts), batch_size):
-            x, y = window_batch(torch, stream, starts[i:i + batch_size], context, x_device(model))
+            x, y = window_batch(torch, stream, starts[i:i + batch_size], context, model_device(model))
             total += float(model(x, y)) * x.numel()
     return total / (len(starts) * context)
 
 
-def x_device(model):
+def model_device(model):
     return next(model.parameters()).device
 
 
 # --- the head's memory -------------------------------------------------------------------------
 def _profiled_cpu_peak(prof):
     """The peak of torch's live CPU bytes over a profile recorded with profile_memory=True,
-    from its allocation and free events in time order."""
+    from its allocation and free events ("[memory]", with signed sizes) in time order."""
     events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
     live = peak = 0
     for e in sorted(events, key=lambda e: e.start_ns()):
@@ -112,8 +112,8 @@ def _profiled_cpu_peak(prof):
 def head_peak_memory(torch, head, rows, device, autocast, seed=0):
     """(bytes, method): the peak memory one forward and backward of a copy of `head` takes
     beyond what is live before it, on `rows` random rows. On CUDA from the allocator's peak; on
-    the CPU, torch's allocations from its profiler plus numpy's from tracemalloc (the gpuad
-    head runs numpy there)."""
+    the CPU, the peak of torch's allocations from its profiler plus the peak of numpy's from
+    tracemalloc (the gpuad head runs numpy there): an upper bound when both allocate."""
     head = copy.deepcopy(head)
     g = torch.Generator().manual_seed(seed)
     x = torch.randn(rows, head.in_features, generator=g).to(device).requires_grad_()
@@ -175,7 +175,7 @@ def train_loop(torch, model, data, *, steps, batch_size, context, lr, val_tokens
                autocast, bar):
     """Train; returns a dict: step_loss, tokens (seen after each step), val (pairs of tokens
     seen and validation loss), seconds (the steps' wall time, evaluations excluded)."""
-    device = x_device(model)
+    device = model_device(model)
     order = train_order(len(data["train"]), context, steps * batch_size, seed)
     starts = val_starts(len(data["val"]), context, val_tokens)
     opt, schedule = make_optimizer(torch, model, lr, steps)
