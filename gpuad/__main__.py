@@ -11,6 +11,7 @@ from .cli import CommandError, Parser
 # one line here. Every verb module is imported to build --help: import optional packages in run().
 VERBS = {
     "train": "gpuad.train",
+    "train-lm": "gpuad.train_lm",
     "walk": "gpuad.walk",
 }
 

@@ -97,12 +97,13 @@ def test_cupy_backend_gives_the_numpy_loss_curve():
     np.testing.assert_allclose(on_gpu["test_accuracy"], on_cpu["test_accuracy"], atol=2.5 / 360)
 
 
-def test_help_describes_every_flag(capsys):
+@pytest.mark.parametrize("verb_name", ["train", "train-lm"])
+def test_help_describes_every_flag(capsys, verb_name):
     with pytest.raises(SystemExit) as e:
-        main(["train", "--help"])
+        main([verb_name, "--help"])
     assert e.value.code == 0
     text = capsys.readouterr().out
-    verb = next(a for a in build_parser()._actions if a.dest == "verb").choices["train"]
+    verb = next(a for a in build_parser()._actions if a.dest == "verb").choices[verb_name]
     for action in verb._actions:
         assert action.help, action.option_strings
         assert action.option_strings[-1] in text
@@ -124,6 +125,12 @@ def test_help_describes_every_flag(capsys):
     (["train", "--plot", "no/such/folder/c.png"], "--plot no/such/folder/c.png: folder"),
 ])
 def test_bad_input_exits_non_zero_with_one_line(capsys, argv, message):
+    assert_one_line_usage_error(capsys, argv, message)
+
+
+def assert_one_line_usage_error(capsys, argv, message):
+    """`python -m gpuad *argv` exits with status 2, nothing on stdout and one line on stderr
+    holding `message`."""
     try:
         code = main(argv)
     except SystemExit as e:
