@@ -17,16 +17,16 @@ alike (a target outside the vocabulary, targets that differ between ranks, slice
 add up to the module's vocabulary) fails a device-side assertion on every rank after the
 first all-reduce, so no rank waits on a collective the others never reach.
 """
+import functools
 from typing import Optional
 
 import torch
-from torch.autograd.function import once_differentiable
 from torch.distributed import _functional_collectives as funcol
 
 from gpuad.kernels import checks, reference
 from gpuad.torch import _check_weight, _compute_input, _loss_out, _needs_grad, _Spec
 
-__all__ = ["cross_entropy", "linear_cross_entropy", "vocab_slice", "local_rows", "shard_rows"]
+__all__ = ["cross_entropy", "linear_cross_entropy", "vocab_slice", "local_rows", "shard_rows", "shard_head"]
 
 _META = 4  # metadata slots after the slice sizes in the MAX all-reduce: h, -h, claim, -claim
 _HASH_MOD = (1 << 23) - 15  # a prime: the target checksum stays exact in float32
@@ -170,6 +170,17 @@ def _row_scale(valid, reduction, dtype, grad_scale=None):
     return scale if grad_scale is None else scale * grad_scale.to(dtype)
 
 
+def _first_order(backward):
+    """A backward that refuses to be differentiated (create_graph=True) with a clear error."""
+    @functools.wraps(backward)
+    def wrapped(ctx, *grads):
+        if torch.is_grad_enabled():
+            raise RuntimeError("gpuad.torch's vocabulary-parallel ops are first-order only: their backward cannot "
+                               "be differentiated (create_graph=True / double backward)")
+        return backward(ctx, *grads)
+    return wrapped
+
+
 def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -204,7 +215,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_loss):
         (dlogits,) = ctx.saved_tensors
         return (_scale(grad_loss, dlogits),) + (None,) * 6
@@ -327,7 +338,7 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         return reference.reduce_row_losses(row_loss, o.reduction, valid.sum().clamp(min=1).to(acc))
 
     @staticmethod
-    @once_differentiable
+    @_first_order
     def backward(ctx, grad_loss):
         o, needs = ctx.o, ctx.needs
         if o.reduction != "none":
@@ -424,3 +435,19 @@ def head_loss(head, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     return linear_cross_entropy(x, head.weight, targets, head.bias, head.ignore_index, head.reduction,
                                 head.label_smoothing, head.z_loss, head.softcap, process_group=head.process_group,
                                 vocab_size=head.num_classes)
+
+
+def shard_head(head, process_group):
+    """A LinearCrossEntropy with head's options holding this rank's rows of head's weight
+    and bias (copies): the vocabulary-parallel twin of a single-process head, so that N
+    processes that build the same full head (same seed) start where one process starts."""
+    from gpuad.torch import LinearCrossEntropy
+
+    twin = LinearCrossEntropy(head.in_features, head.num_classes, head.bias is not None, head.ignore_index,
+                              head.reduction, head.label_smoothing, head.z_loss, head.softcap,
+                              device=head.weight.device, dtype=head.weight.dtype, process_group=process_group)
+    with torch.no_grad():
+        twin.weight.copy_(shard_rows(head.weight, process_group))
+        if head.bias is not None:
+            twin.bias.copy_(shard_rows(head.bias, process_group))
+    return twin
