@@ -15,48 +15,144 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "torch_parallel_worker.py")
 TIMEOUT_S = 240
 
-ALL = ["ce_cases", "lce_cases", "master_weight_case", "error_cases", "size_one_group", "training", "dtensor_weight"]
+SECTIONS = ["ce_cases", "lce_cases", "master_weight_case", "error_cases", "size_one_group", "training",
+            "dtensor_weight"]
+COMPILED_WORLD = 2  # the torch.compile section (about 10 s of tracing) runs in one group size only
 
 
-def run_group(tmp_path, world, sections):
-    """Run the worker on `world` ranks (a FileStore in tmp_path: no port to pick); every rank's
-    record, or a failure with the ranks' output. A rank left waiting is killed at TIMEOUT_S."""
-    store, env = tmp_path / "store", dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
-    procs = [subprocess.Popen([sys.executable, WORKER, str(r), str(world), str(store), str(tmp_path / f"out{r}"),
-                               *sections], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-             for r in range(world)]
-    outputs = []
+def run_groups(tmp_path, worlds):
+    """Run the worker in one process group of each size in `worlds`, all at once (a FileStore
+    per group in tmp_path: no port to pick). {world: every rank's record}, or a failure with
+    the ranks' output. A rank still running at TIMEOUT_S (a hang) is killed."""
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    procs = {}
+    for world in worlds:
+        sections = SECTIONS + (["compiled"] if world == COMPILED_WORLD else [])
+        for r in range(world):
+            out = tmp_path / f"world{world}-rank{r}"
+            procs[world, r] = (out, subprocess.Popen(
+                [sys.executable, WORKER, str(r), str(world), str(tmp_path / f"store{world}"), str(out), *sections],
+                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = {}
     try:
-        for p in procs:
-            outputs.append(p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace"))
+        for key, (_, p) in procs.items():
+            outputs[key] = p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace")
     except subprocess.TimeoutExpired:
-        pytest.fail(f"a rank of {world} did not finish in {TIMEOUT_S} s (a hang)")
+        pytest.fail(f"a rank did not finish in {TIMEOUT_S} s (a hang)")
     finally:
-        for p in procs:
+        for _, p in procs.values():
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for r, (p, out) in enumerate(zip(procs, outputs)):
-        assert p.returncode == 0, f"rank {r} of {world} exited with {p.returncode}:\n{out[-4000:]}"
-    return [torch.load(tmp_path / f"out{r}", weights_only=False) for r in range(world)]
+    for (world, r), (_, p) in procs.items():
+        assert p.returncode == 0, f"rank {r} of {world} exited with {p.returncode}:\n{outputs[world, r][-4000:]}"
+    return {world: [torch.load(procs[world, r][0], weights_only=False) for r in range(world)] for world in worlds}
 
 
-@pytest.fixture(scope="module", params=[2, 3])
-def records(request, tmp_path_factory):
-    world = request.param
-    return world, run_group(tmp_path_factory.mktemp(f"world{world}"), world, ALL)
+@pytest.fixture(scope="module")
+def groups(tmp_path_factory):
+    return run_groups(tmp_path_factory.mktemp("groups"), (2, 3))
 
 
-def _diffs(records, prefix):
-    world, recs = records
+def _diffs(groups, prefix, worlds=(2, 3)):
+    """(world, rank, case, what, |difference|, tolerance) of the cases whose name starts with
+    prefix, from the groups of the given sizes (each must have some)."""
     out = []
-    for r, rec in enumerate(recs):
-        assert not rec["failed"], f"rank {r}: {rec['failed']}"
-        out += [(r, *d) for d in rec["diffs"] if d[0].startswith(prefix)]
-    assert out, f"no case recorded for {prefix!r}"
+    for world in worlds:
+        found = []
+        for r, rec in enumerate(groups[world]):
+            assert not rec["failed"], f"rank {r} of {world}: {rec['failed']}"
+            found += [(world, r, *d) for d in rec["diffs"] if d[0].startswith(prefix)]
+        assert found, f"no case recorded for {prefix!r} in the {world}-rank group"
+        out += found
     return out
 
 
-def _assert_close(records, prefix):
-    bad = [d for d in _diffs(records, prefix) if not d[3] <= d[4]]
+def _assert_close(groups, prefix, worlds=(2, 3)):
+    bad = [d for d in _diffs(groups, prefix, worlds) if not d[4] <= d[5]]
     assert not bad, f"{len(bad)} differences above tolerance, e.g. {bad[:5]}"
+
+
+def test_cross_entropy_matches_one_process(groups):
+    """Loss and dlogits slices equal gpuad's single-process op (float64 within 1e-12) and
+    F.cross_entropy of the gathered logits: even and uneven (an empty) slices, float64 and
+    float32, ignore_index -100 / None / a class id, some and all rows ignored, mean / sum /
+    none, label smoothing."""
+    _assert_close(groups, "ce ")
+    assert len(_diffs(groups, "ce ")) >= (2 + 3) * 96 * 3
+
+
+def test_lm_head_matches_one_process(groups):
+    """Loss, dx (all-reduced, or partial with reduce_dx=False), dW and db rows equal the
+    single-process fused head: bias, z-loss, softcap, label smoothing, several chunks."""
+    _assert_close(groups, "lce ")
+    whats = {d[3] for d in _diffs(groups, "lce ")}
+    assert {"loss", "dx", "dx (partials summed)", "dw", "db"} <= whats
+    cases = {d[2] for d in _diffs(groups, "lce ")}
+    for option in ("'softcap'", "'z_loss'", "'label_smoothing'", "chunk=3", "chunk=None", "bias=True", "bias=False",
+                   "'none'", "/all", "ignore=None", "uneven"):
+        assert any(option in c or option.strip("'") in c for c in cases), option
+
+
+def test_master_weight_dw_in_float32(groups):
+    """bf16 x with a float32 weight: bf16 loss, float32 dW close to the single-process op."""
+    _assert_close(groups, "master weight")
+
+
+def test_training_steps_match_one_process(groups):
+    """Four SGD steps of an embedding and LinearCrossEntropy(D, V, process_group=pg) built by
+    shard_head from the same seed: the losses and parameters of one process, within 1e-12."""
+    _assert_close(groups, "training")
+
+
+def test_dtensor_weight(groups):
+    """A weight and bias given as DTensors sharded on dim 0 of a 1-D mesh: loss and grads."""
+    _assert_close(groups, "dtensor")
+
+
+def test_group_of_one_is_the_single_process_op(groups):
+    """A group of one rank is accepted and gives the single-process loss."""
+    _assert_close(groups, "group of one")
+
+
+def test_compile_fullgraph(groups):
+    """torch.compile(fullgraph=True) traces the functional collectives: the same loss, dx, dW."""
+    _assert_close(groups, "compiled", (COMPILED_WORLD,))
+
+
+EXPECTED_ERRORS = {
+    "target outside": "a target is outside [0, V) of the whole vocabulary",
+    "target outside lce": "a target is outside [0, V) of the whole vocabulary",
+    "targets differ": "targets differ between the ranks",
+    "slices do not add up": "slices do not add up to the vocabulary size",
+    "ranks disagree on V": "the ranks disagree on the vocabulary size",
+    "not a group": "process_group must be a torch.distributed.ProcessGroup",
+    "ignore_index bool": "ignore_index must be an integer or None",
+    "replicated DTensor": "must be sharded on dim 0 over a 1-D mesh",
+    "double backward": "first-order only",
+}
+
+
+def test_bad_input_fails_on_every_rank(groups):
+    """Each bad input raises its error on every rank, and every rank then reaches the next
+    collective (none is left waiting)."""
+    for world, r, rec in ((w, r, rec) for w, recs in groups.items() for r, rec in enumerate(recs)):
+        got = {case: (msg, alive) for case, msg, alive in rec["errors"]}
+        assert set(got) == set(EXPECTED_ERRORS), f"rank {r}: {sorted(got)}"
+        for case, text in EXPECTED_ERRORS.items():
+            msg, alive = got[case]
+            assert msg is not None and text in msg, f"rank {r}, {case}: {msg}"
+            assert alive == world, f"rank {r}, {case}: {alive} of {world} ranks reached the next all-reduce"
+
+
+def test_process_group_without_init_process_group():
+    """A process_group given while torch.distributed is not initialised: a clear error."""
+    if torch.distributed.is_initialized():
+        pytest.skip("this process has a default group")
+    import gpuad.torch as gt
+
+    with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
+        gt.cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.int64), process_group=object())
+    with pytest.raises(ValueError, match="process_group is None and weight is not a sharded DTensor"):
+        from gpuad import torch_parallel
+        torch_parallel.linear_cross_entropy(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, dtype=torch.int64))
