@@ -18,6 +18,13 @@ TIMEOUT_S = 240
 SECTIONS = ["ce_cases", "lce_cases", "master_weight_case", "error_cases", "size_one_group", "training",
             "dtensor_weight"]
 COMPILED_WORLD = 2  # the torch.compile section (about 10 s of tracing) runs in one group size only
+FSDP_WORLD = 4  # FSDP2 over a (dp 2, tp 2) mesh, in a group of its own
+
+
+def sections_of(world):
+    if world == FSDP_WORLD:
+        return ["fsdp2"]
+    return SECTIONS + (["compiled"] if world == COMPILED_WORLD else [])
 
 
 def run_groups(tmp_path, worlds):
@@ -27,7 +34,7 @@ def run_groups(tmp_path, worlds):
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
     procs = {}
     for world in worlds:
-        sections = SECTIONS + (["compiled"] if world == COMPILED_WORLD else [])
+        sections = sections_of(world)
         for r in range(world):
             out = tmp_path / f"world{world}-rank{r}"
             procs[world, r] = (out, subprocess.Popen(
@@ -51,7 +58,7 @@ def run_groups(tmp_path, worlds):
 
 @pytest.fixture(scope="module")
 def groups(tmp_path_factory):
-    return run_groups(tmp_path_factory.mktemp("groups"), (2, 3))
+    return run_groups(tmp_path_factory.mktemp("groups"), (2, 3, FSDP_WORLD))
 
 
 def _diffs(groups, prefix, worlds=(2, 3)):
@@ -120,6 +127,12 @@ def test_compile_fullgraph(groups):
     _assert_close(groups, "compiled", (COMPILED_WORLD,))
 
 
+def test_fsdp2_on_a_2d_mesh(groups):
+    """fully_shard over the data-parallel axis, the head vocabulary-parallel over the other:
+    the losses and parameters of one process, within 1e-12 (gloo, CPU)."""
+    _assert_close(groups, "fsdp2", (FSDP_WORLD,))
+
+
 EXPECTED_ERRORS = {
     "target outside": "a target is outside [0, V) of the whole vocabulary",
     "target outside lce": "a target is outside [0, V) of the whole vocabulary",
@@ -136,7 +149,7 @@ EXPECTED_ERRORS = {
 def test_bad_input_fails_on_every_rank(groups):
     """Each bad input raises its error on every rank, and every rank then reaches the next
     collective (none is left waiting)."""
-    for world, r, rec in ((w, r, rec) for w, recs in groups.items() for r, rec in enumerate(recs)):
+    for world, r, rec in ((w, r, rec) for w in (2, 3) for r, rec in enumerate(groups[w])):
         got = {case: (msg, alive) for case, msg, alive in rec["errors"]}
         assert set(got) == set(EXPECTED_ERRORS), f"rank {r}: {sorted(got)}"
         for case, text in EXPECTED_ERRORS.items():

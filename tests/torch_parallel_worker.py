@@ -292,8 +292,36 @@ def compiled(rec, group, rank, world):
         rec.close("compiled", what, c, e, 1e-6)
 
 
+def fsdp2(rec, group, rank, world):
+    """FSDP2 (fully_shard) over the "dp" axis of a (2, world / 2) mesh, the head's weight a
+    DTensor sharded on the "tp" axis: three SGD steps match one process on the whole batch."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import Shard, distribute_tensor, init_device_mesh
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
+    v, d = 10, 6
+    g = torch.Generator().manual_seed(12)
+    batches = [(torch.randint(0, v, (4, 3), generator=g), torch.randint(0, v, (4, 3), generator=g))
+               for _ in range(3)]
+    emb1, head1 = build_full(v, d, 13)
+    want = train(emb1, head1, batches)
+    emb, head = build_full(v, d, 13)
+    head.weight = torch.nn.Parameter(distribute_tensor(head.weight.detach(), mesh["tp"], [Shard(0)]))
+    head.bias = torch.nn.Parameter(distribute_tensor(head.bias.detach(), mesh["tp"], [Shard(0)]))
+    fully_shard(head, mesh=mesh["dp"])
+    fully_shard(emb, mesh=mesh["dp"])
+    dp = mesh["dp"].get_local_rank()
+    mine = [(tokens[2 * dp:2 * dp + 2], t[2 * dp:2 * dp + 2]) for tokens, t in batches]  # this dp rank's half
+    got = train(emb, head, mine)
+    dist.all_reduce(got, group=mesh["dp"].get_group())
+    rec.close("fsdp2", "losses (mean over dp)", got / 2, want, 1e-12)
+    rec.close("fsdp2", "head weight", head.weight.full_tensor(), head1.weight, 1e-12)
+    rec.close("fsdp2", "head bias", head.bias.full_tensor(), head1.bias, 1e-12)
+    rec.close("fsdp2", "embedding", emb.weight.full_tensor(), emb1.weight, 1e-12)
+
+
 SECTIONS = {f.__name__: f for f in (ce_cases, lce_cases, master_weight_case, error_cases, size_one_group, training,
-                                     dtensor_weight, compiled)}
+                                     dtensor_weight, compiled, fsdp2)}
 
 
 def main(rank, world, store, out, sections):
