@@ -440,14 +440,14 @@ def head_loss(head, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 def shard_head(head, process_group):
     """A LinearCrossEntropy with head's options holding this rank's rows of head's weight
     and bias (copies): the vocabulary-parallel twin of a single-process head, so that N
-    processes that build the same full head (same seed) start where one process starts."""
+    processes that build the same full head (same seed) start where one process starts. It
+    draws no random numbers (the twin is built on the meta device, then given the rows)."""
     from gpuad.torch import LinearCrossEntropy
 
     twin = LinearCrossEntropy(head.in_features, head.num_classes, head.bias is not None, head.ignore_index,
-                              head.reduction, head.label_smoothing, head.z_loss, head.softcap,
-                              device=head.weight.device, dtype=head.weight.dtype, process_group=process_group)
-    with torch.no_grad():
-        twin.weight.copy_(shard_rows(head.weight, process_group))
-        if head.bias is not None:
-            twin.bias.copy_(shard_rows(head.bias, process_group))
+                              head.reduction, head.label_smoothing, head.z_loss, head.softcap, device="meta",
+                              dtype=head.weight.dtype, process_group=process_group)
+    twin.weight = torch.nn.Parameter(shard_rows(head.weight, process_group), head.weight.requires_grad)
+    if head.bias is not None:
+        twin.bias = torch.nn.Parameter(shard_rows(head.bias, process_group), head.bias.requires_grad)
     return twin

@@ -2,6 +2,7 @@
 across 2 and 3 CPU processes with gloo: every rank of tests/torch_parallel_worker.py runs
 many cases in one process group and the tests here read what it recorded."""
 import os
+import re
 import subprocess
 import sys
 
@@ -169,3 +170,32 @@ def test_process_group_without_init_process_group():
     with pytest.raises(ValueError, match="process_group is None and weight is not a sharded DTensor"):
         from gpuad import torch_parallel
         torch_parallel.linear_cross_entropy(torch.zeros(2, 3), torch.zeros(4, 3), torch.zeros(2, dtype=torch.int64))
+
+
+def test_docs_torchrun_example(tmp_path):
+    """docs/vocab-parallel.md's snippet, exactly as written, under torchrun with 2 ranks: both
+    print the loss one process gets with the full head (the same seed, data and steps)."""
+    with open(os.path.join(ROOT, "docs", "vocab-parallel.md"), encoding="utf-8") as f:
+        section = f.read().split("## A torchrun example", 1)[1]
+    script = tmp_path / "vp_head.py"
+    script.write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                          str(script)], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
+                         capture_output=True, text=True, timeout=TIMEOUT_S)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    printed = re.findall(r"rank (\d): rows \((\d+), 64\) loss (\S+)", run.stdout)
+    got = {rank: loss for rank, _, loss in printed}
+    assert sorted(got) == ["0", "1"] and [rows for _, rows, _ in printed] == ["500", "500"], run.stdout
+    import gpuad.torch as gt
+
+    torch.manual_seed(0)
+    head = gt.LinearCrossEntropy(64, 1000, bias=True, label_smoothing=0.1)
+    opt = torch.optim.SGD(head.parameters(), lr=0.1)
+    x, targets = torch.randn(4, 8, 64), torch.randint(0, 1000, (4, 8))
+    for _ in range(3):
+        loss = head(x, targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    for rank, value in got.items():
+        assert abs(float(value) - loss.item()) <= 1e-5, (rank, value, loss.item())
