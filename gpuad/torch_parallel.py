@@ -125,7 +125,7 @@ def _global_stats(z, targets, valid, meta, eps, group, who, claim):
         m = funcol.all_reduce(_row_max(z), "max", group=group)
     m = torch.where(torch.isfinite(m), m, 0.0)
     z_t, col = _local_target(z, targets, valid, meta)
-    parts = [torch.exp(z - m[:, None]).sum(1), z_t] + ([z.sum(1)] if eps else [])
+    parts = [(z - m[:, None]).exp_().sum(1), z_t] + ([z.sum(1)] if eps else [])
     sums = funcol.all_reduce(torch.stack(parts), "sum", group=group)
     lse = m + torch.log(sums[0])
     return lse, sums[1], (sums[2] if eps else None), meta, col
@@ -141,19 +141,18 @@ def _row_losses(lse, z_t, sum_z, valid, eps, z_loss, vocab):
 
 
 def _row_grad(z, lse, col, scale, eps, z_loss, softcap, vocab):
-    """d(Σ scale_n · loss_n)/dz for this rank's columns (z soft-capped, scale 0 on ignored rows)."""
-    g = torch.exp(z - lse[:, None])
+    """d(Σ scale_n · loss_n)/dz for this rank's columns (z soft-capped, scale 0 on ignored
+    rows), in place in one new [n, V_r] buffer (and one more for the softcap factor)."""
+    g = (z - lse[:, None]).exp_()
     if z_loss:
-        g = g * (1.0 + 2.0 * z_loss * lse)[:, None]
+        g.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
     if eps:
-        g = g - eps / vocab
-    here = col >= 0
-    onehot = torch.zeros_like(g).scatter_(1, col.clamp(min=0)[:, None], (1.0 - eps) * here.to(g.dtype)[:, None]) \
-        if g.shape[1] else g
-    g = g - onehot
+        g.sub_(eps / vocab)
+    if g.shape[1]:
+        g.scatter_add_(1, col.clamp(min=0)[:, None], (-(1.0 - eps) * (col >= 0).to(g.dtype))[:, None])
     if softcap is not None:
-        g = g * (1.0 - (z / softcap) ** 2)
-    return g * scale[:, None]
+        g.mul_(torch.square(z).mul_(-1.0 / softcap ** 2).add_(1.0))
+    return g.mul_(scale[:, None])
 
 
 def _valid_rows(targets, ignore_index):
@@ -262,10 +261,8 @@ class _Opts:
 
 
 def _chunk_logits(xc, wa, ba, softcap):
-    z = xc @ wa.T
-    if ba is not None:
-        z = z + ba
-    return z if softcap is None else softcap * torch.tanh(z / softcap)
+    z = xc @ wa.T if ba is None else torch.addmm(ba, xc, wa.T)
+    return z if softcap is None else z.div_(softcap).tanh_().mul_(softcap)
 
 
 def _lce_pass(x, weight, bias, targets, o, needs, scale=None, lse=None, meta=None):
