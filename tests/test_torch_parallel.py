@@ -28,14 +28,14 @@ def sections_of(world):
     return SECTIONS + (["compiled"] if world == COMPILED_WORLD else [])
 
 
-def run_groups(tmp_path, worlds):
+def run_groups(tmp_path, worlds, backend="gloo"):
     """Run the worker in one process group of each size in `worlds`, all at once (a FileStore
     per group in tmp_path: no port to pick). {world: every rank's record}, or a failure with
     the ranks' output. A rank still running at TIMEOUT_S (a hang) is killed."""
-    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", GPUAD_TEST_BACKEND=backend)
     procs = {}
     for world in worlds:
-        sections = sections_of(world)
+        sections = sections_of(world) if backend == "gloo" else ["cuda_head"]
         for r in range(world):
             out = tmp_path / f"world{world}-rank{r}"
             procs[world, r] = (out, subprocess.Popen(
@@ -157,6 +157,16 @@ def test_bad_input_fails_on_every_rank(groups):
             msg, alive = got[case]
             assert msg is not None and text in msg, f"rank {r}, {case}: {msg}"
             assert alive == world, f"rank {r}, {case}: {alive} of {world} ranks reached the next all-reduce"
+
+
+@pytest.mark.gpu
+def test_nccl_on_two_gpus(tmp_path):
+    """NCCL, one GPU per rank: float32 and bf16 (float32 master weight), eager and Inductor,
+    against the single-process fused kernel."""
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two CUDA devices")
+    groups = run_groups(tmp_path, (2,), backend="nccl")
+    _assert_close(groups, "cuda ", (2,))
 
 
 def test_process_group_without_init_process_group():

@@ -2,6 +2,7 @@
 
     python tests/torch_parallel_worker.py RANK WORLD_SIZE STORE_FILE OUT_FILE [SECTION ...]
 
+(gloo; NCCL with one GPU per rank when GPUAD_TEST_BACKEND=nccl.)
 Every rank builds the same full inputs from fixed seeds, runs the vocabulary-parallel ops on
 its slice and the single-process ops (gpuad.torch and F.cross_entropy on the gathered
 logits) on the whole, and saves to OUT_FILE (torch.save) a dict: "diffs", a list of (case,
@@ -320,12 +321,41 @@ def fsdp2(rec, group, rank, world):
     rec.close("fsdp2", "embedding", emb.weight.full_tensor(), emb1.weight, 1e-12)
 
 
+def cuda_head(rec, group, rank, world):
+    """On this rank's GPU: the head in float32 and bf16 with a float32 master weight, compiled
+    with Inductor too, against the single-process op (the fused Triton kernel)."""
+    g = torch.Generator().manual_seed(14)
+    v = 1000 * world + 7
+    a, b = tp.vocab_slice(v, group)
+    x0, w0 = torch.randn(300, 64, generator=g), torch.randn(v, 64, generator=g) * 0.125
+    t = torch.randint(0, v, (300,), generator=g)
+    t[::9] = -100
+    for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
+        def f(x, w):
+            return gt.linear_cross_entropy(x, w, t.cuda(), label_smoothing=0.1, z_loss=1e-4, softcap=30.0,
+                                           process_group=group)
+        for name, fn in (("eager", f), ("inductor", torch.compile(f, fullgraph=True))):
+            x, w = x0.cuda().to(dtype).requires_grad_(), w0[a:b].cuda().requires_grad_()
+            loss = fn(x, w)
+            loss.backward()
+            xf, wf = x0.cuda().to(dtype).requires_grad_(), w0.cuda().requires_grad_()
+            ref = gt.linear_cross_entropy(xf, wf, t.cuda(), label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
+            ref.backward()
+            case = f"cuda {dtype} {name}"
+            rec.close(case, "loss", loss.float().cpu(), ref.float().cpu(), tol)
+            rec.close(case, "dx", x.grad.float().cpu(), xf.grad.float().cpu(), tol)
+            rec.close(case, "dw", w.grad.cpu(), wf.grad[a:b].cpu(), tol)
+
+
 SECTIONS = {f.__name__: f for f in (ce_cases, lce_cases, master_weight_case, error_cases, size_one_group, training,
-                                     dtensor_weight, compiled, fsdp2)}
+                                     dtensor_weight, compiled, fsdp2, cuda_head)}
 
 
 def main(rank, world, store, out, sections):
-    dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=world,
+    backend = os.environ.get("GPUAD_TEST_BACKEND", "gloo")  # "nccl": one GPU per rank
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+    dist.init_process_group(backend, init_method="file://" + store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=60))
     rec = Recorder()
     try:
