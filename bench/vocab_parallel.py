@@ -17,7 +17,8 @@ ranks (so that a process's peak RSS is its own): loss and dx, dW of this rank's 
 Prints, per implementation, the median time of a forward + backward over --reps calls (after
 one warm-up) and the peak resident memory above the process's memory once the inputs exist
 (ru_maxrss after the calls less the resident size before them, after a warm-up call on tiny
-inputs; the largest over the ranks). A loss that differs from the first row's is flagged.
+inputs; the largest over the ranks; glibc told to unmap freed blocks of 1 MiB and more, so
+that the resident size follows the live tensors). A loss that differs from the first row's is flagged.
 """
 from __future__ import annotations
 
@@ -118,7 +119,9 @@ def worker(rank, world, store, impl, n, d, v, reps, chunk, out):
 
 
 def run(impl, args, tmp):
-    env = dict(os.environ, OMP_NUM_THREADS="1")
+    # glibc returns blocks of 1 MiB and more to the system when freed (no dynamic threshold):
+    # the resident size then follows the live tensors instead of the heap's high-water mark
+    env = dict(os.environ, OMP_NUM_THREADS="1", MALLOC_MMAP_THRESHOLD_=str(1 << 20))
     procs = [subprocess.Popen([sys.executable, "-m", "bench.vocab_parallel", "--worker", str(r), impl,
                                os.path.join(tmp, f"{impl}.store"), os.path.join(tmp, f"{impl}.{r}"),
                                *map(str, (args.nproc, args.n, args.d, args.v, args.reps, args.chunk or 0))], env=env)

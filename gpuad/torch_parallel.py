@@ -24,7 +24,8 @@ import torch
 from torch.distributed import _functional_collectives as funcol
 
 from gpuad.kernels import checks, reference
-from gpuad.torch import _check_weight, _compute_input, _loss_out, _needs_grad, _Spec
+from gpuad.torch import (_check_weight, _compute_input, _cross_entropy_backward_body, _loss_out, _needs_grad,
+                         _Spec)
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "vocab_slice", "local_rows", "shard_rows", "shard_head"]
 
@@ -74,9 +75,9 @@ class _Meta:
 
 
 def _meta_slots(targets, claim, dtype):
-    """The metadata appended to the MAX all-reduce: this rank's slice size at slot `rank`
-    (-1 elsewhere), a checksum h of the targets as (h, -h), the claimed vocabulary size as
-    (claim, -claim) (-1 for no claim); equal on every rank after a MAX exactly when they agree."""
+    """The metadata after the slice sizes in the MAX all-reduce: a checksum h of the targets
+    as (h, -h) and the claimed vocabulary size as (claim, -claim) (-1 for no claim). After the
+    MAX, h == -(-h) exactly when every rank had the same h (likewise the claim)."""
     pos = torch.arange(1, targets.numel() + 1, device=targets.device, dtype=torch.int64)
     h = ((targets.to(torch.int64) + 2) * (pos * 2 + 1) % _HASH_MOD).sum() % _HASH_MOD
     h = h.to(dtype)
@@ -85,7 +86,8 @@ def _meta_slots(targets, claim, dtype):
 
 
 def _first_max(row_max, slice_size, targets, rank, world, claim, group):
-    """row_max and the metadata slots in one MAX all-reduce: (global row max, reduced slots)."""
+    """row_max, the slice sizes (this rank's at slot `rank`, -1 elsewhere) and the metadata
+    slots in one MAX all-reduce: (global row max, reduced sizes and slots)."""
     n = row_max.shape[0]
     sizes = torch.full((world,), -1.0, dtype=row_max.dtype, device=row_max.device)
     sizes[rank] = float(slice_size)
@@ -184,11 +186,6 @@ def _acc_dtype(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _scale(grad_loss, g):
-    s = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss
-    return g * s.to(g.dtype)
-
-
 # --- cross-entropy of vocabulary-sharded logits --------------------------------------------
 def _ce_body(logits, targets, ignore_index, reduction, eps, group, claim, grad):
     """(loss, dlogits or None): loss float32 (float64 for float64 logits), 0-d or [B]; dlogits
@@ -217,7 +214,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
     @_first_order
     def backward(ctx, grad_loss):
         (dlogits,) = ctx.saved_tensors
-        return (_scale(grad_loss, dlogits),) + (None,) * 6
+        return (_cross_entropy_backward_body(grad_loss, dlogits),) + (None,) * 6
 
 
 def _check_group(process_group):

@@ -233,12 +233,16 @@ def train(emb, head, batches, steps_lr=0.5):
     return torch.stack(losses)
 
 
+def token_batches(v, shape, steps, seed):
+    """`steps` (tokens, targets) pairs of the given shape, the same in every process."""
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, v, shape, generator=g), torch.randint(0, v, shape, generator=g)) for _ in range(steps)]
+
+
 def training(rec, group, rank, world):
     """Four SGD steps of embedding + vocabulary-parallel head match one process."""
     v, d = 3 * world + 2, 6
-    g = torch.Generator().manual_seed(6)
-    batches = [(torch.randint(0, v, (4, 5), generator=g), torch.randint(0, v, (4, 5), generator=g))
-               for _ in range(4)]
+    batches = token_batches(v, (4, 5), 4, 6)
     emb1, head1 = build_full(v, d, 7)
     want = train(emb1, head1, batches)
     emb, full = build_full(v, d, 7)
@@ -301,9 +305,7 @@ def fsdp2(rec, group, rank, world):
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("dp", "tp"))
     v, d = 10, 6
-    g = torch.Generator().manual_seed(12)
-    batches = [(torch.randint(0, v, (4, 3), generator=g), torch.randint(0, v, (4, 3), generator=g))
-               for _ in range(3)]
+    batches = token_batches(v, (4, 3), 3, 12)
     emb1, head1 = build_full(v, d, 13)
     want = train(emb1, head1, batches)
     emb, head = build_full(v, d, 13)
