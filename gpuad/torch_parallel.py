@@ -154,7 +154,7 @@ def _row_grad(z, lse, col, scale, eps, z_loss, softcap, vocab):
         g.scatter_add_(1, col.clamp(min=0)[:, None], (-(1.0 - eps) * (col >= 0).to(g.dtype))[:, None])
     if softcap is not None:
         g.mul_(torch.square(z).mul_(-1.0 / softcap ** 2).add_(1.0))
-    return g.mul_(scale[:, None])
+    return g.mul_(scale[:, None]).masked_fill_((scale == 0)[:, None], 0.0)  # an ignored row: 0 even from NaN
 
 
 def _valid_rows(targets, ignore_index):

@@ -16,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "torch_parallel_worker.py")
 TIMEOUT_S = 240
 
-SECTIONS = ["ce_cases", "lce_cases", "master_weight_case", "error_cases", "size_one_group", "training",
+SECTIONS = ["ce_cases", "nan_in_ignored_row", "lce_cases", "master_weight_case", "error_cases", "size_one_group", "training",
             "dtensor_weight"]
 COMPILED_WORLD = 2  # the torch.compile section (about 10 s of tracing) runs in one group size only
 FSDP_WORLD = 4  # FSDP2 over a (dp 2, tp 2) mesh, in a group of its own
@@ -88,6 +88,11 @@ def test_cross_entropy_matches_one_process(groups):
     none, label smoothing."""
     _assert_close(groups, "ce ")
     assert len(_diffs(groups, "ce ")) >= (2 + 3) * 96 * 3
+
+
+def test_ignored_row_with_nan_logits(groups):
+    """An ignored row's loss and gradient are 0 even when its logits hold a NaN."""
+    _assert_close(groups, "nan ignored")
 
 
 def test_lm_head_matches_one_process(groups):
@@ -189,13 +194,16 @@ def test_docs_torchrun_example(tmp_path):
         section = f.read().split("## A torchrun example", 1)[1]
     script = tmp_path / "vp_head.py"
     script.write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
+    logs = tmp_path / "logs"  # each rank's stdout in a file of its own: no interleaved lines
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          str(script)], cwd=tmp_path, env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"),
-                         capture_output=True, text=True, timeout=TIMEOUT_S)
+                          "--log-dir", str(logs), "--redirects", "1", str(script)], cwd=tmp_path,
+                         env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=TIMEOUT_S)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    printed = re.findall(r"rank (\d): rows \((\d+), 64\) loss (\S+)", run.stdout)
+    stdout = "".join(sorted(p.read_text() for p in logs.rglob("stdout.log")))
+    printed = re.findall(r"rank (\d): rows \((\d+), 64\) loss (\S+)", stdout)
     got = {rank: loss for rank, _, loss in printed}
-    assert sorted(got) == ["0", "1"] and [rows for _, rows, _ in printed] == ["500", "500"], run.stdout
+    assert sorted(got) == ["0", "1"] and [rows for _, rows, _ in printed] == ["500", "500"], stdout
     import gpuad.torch as gt
 
     torch.manual_seed(0)

@@ -104,6 +104,25 @@ def ce_cases(rec, group, rank, world):
 HEADS = [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-2, "softcap": 3.0, "label_smoothing": 0.05}, {"softcap": 2.0}]
 
 
+def nan_in_ignored_row(rec, group, rank, world):
+    """An ignored row's loss and gradient are 0 whatever its logits (NaN included)."""
+    v = 3 * world
+    a, b = tp.vocab_slice(v, group)
+    logits = torch.randn(4, v, dtype=torch.float64, generator=torch.Generator().manual_seed(15))
+    logits[1, 0] = float("nan")
+    t = torch.tensor([0, -100, 2, v - 1])
+    local = logits[:, a:b].clone().requires_grad_()
+    loss = gt.cross_entropy(local, t, process_group=group)
+    loss.backward()
+    keep = torch.tensor([0, 2, 3])
+    full = logits[keep].clone().requires_grad_()
+    ref = gt.cross_entropy(full, t[keep])
+    ref.backward()
+    rec.close("nan ignored", "loss", loss, ref, 1e-12)
+    rec.close("nan ignored", "dlogits of the ignored row", local.grad[1], torch.zeros(b - a), 0.0)
+    rec.close("nan ignored", "dlogits of the others", local.grad[keep], full.grad[:, a:b], 1e-12)
+
+
 def lce_cases(rec, group, rank, world):
     g = torch.Generator().manual_seed(2)
     n, d = 7, 5
@@ -349,7 +368,7 @@ def cuda_head(rec, group, rank, world):
             rec.close(case, "dw", w.grad.cpu(), wf.grad[a:b].cpu(), tol)
 
 
-SECTIONS = {f.__name__: f for f in (ce_cases, lce_cases, master_weight_case, error_cases, size_one_group, training,
+SECTIONS = {f.__name__: f for f in (ce_cases, nan_in_ignored_row, lce_cases, master_weight_case, error_cases, size_one_group, training,
                                      dtensor_weight, compiled, fsdp2, cuda_head)}
 
 
