@@ -16,8 +16,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 WORKER = os.path.join(ROOT, "tests", "torch_parallel_worker.py")
 TIMEOUT_S = 240
 
-SECTIONS = ["ce_cases", "nan_in_ignored_row", "lce_cases", "master_weight_case", "error_cases", "size_one_group", "training",
-            "dtensor_weight"]
+SECTIONS = ["ce_cases", "nan_in_ignored_row", "lce_cases", "master_weight_case", "error_cases", "size_one_group",
+            "training", "dtensor_weight"]
 COMPILED_WORLD = 2  # the torch.compile section (about 10 s of tracing) runs in one group size only
 FSDP_WORLD = 4  # FSDP2 over a (dp 2, tp 2) mesh, in a group of its own
 
@@ -33,27 +33,27 @@ def run_groups(tmp_path, worlds, backend="gloo"):
     per group in tmp_path: no port to pick). {world: every rank's record}, or a failure with
     the ranks' output. A rank still running at TIMEOUT_S (a hang) is killed."""
     env = dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1", GPUAD_TEST_BACKEND=backend)
-    procs = {}
+    procs = {}  # (world, rank) -> (record file, log file, process); logs in files: no pipe to fill up
     for world in worlds:
         sections = sections_of(world) if backend == "gloo" else ["cuda_head"]
         for r in range(world):
-            out = tmp_path / f"world{world}-rank{r}"
-            procs[world, r] = (out, subprocess.Popen(
-                [sys.executable, WORKER, str(r), str(world), str(tmp_path / f"store{world}"), str(out), *sections],
-                cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
-    outputs = {}
+            out, log = tmp_path / f"world{world}-rank{r}", tmp_path / f"world{world}-rank{r}.log"
+            with open(log, "wb") as f:
+                procs[world, r] = (out, log, subprocess.Popen(
+                    [sys.executable, WORKER, str(r), str(world), str(tmp_path / f"store{world}"), str(out), *sections],
+                    cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT))
     try:
-        for key, (_, p) in procs.items():
-            outputs[key] = p.communicate(timeout=TIMEOUT_S)[0].decode(errors="replace")
+        for _, _, p in procs.values():
+            p.wait(timeout=TIMEOUT_S)
     except subprocess.TimeoutExpired:
         pytest.fail(f"a rank did not finish in {TIMEOUT_S} s (a hang)")
     finally:
-        for _, p in procs.values():
+        for _, _, p in procs.values():
             if p.poll() is None:
                 p.kill()
                 p.wait()
-    for (world, r), (_, p) in procs.items():
-        assert p.returncode == 0, f"rank {r} of {world} exited with {p.returncode}:\n{outputs[world, r][-4000:]}"
+    for (world, r), (_, log, p) in procs.items():
+        assert p.returncode == 0, f"rank {r} of {world} exited with {p.returncode}:\n{log.read_text()[-4000:]}"
     return {world: [torch.load(procs[world, r][0], weights_only=False) for r in range(world)] for world in worlds}
 
 

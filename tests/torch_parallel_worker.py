@@ -368,8 +368,8 @@ def cuda_head(rec, group, rank, world):
             rec.close(case, "dw", w.grad.cpu(), wf.grad[a:b].cpu(), tol)
 
 
-SECTIONS = {f.__name__: f for f in (ce_cases, nan_in_ignored_row, lce_cases, master_weight_case, error_cases, size_one_group, training,
-                                     dtensor_weight, compiled, fsdp2, cuda_head)}
+SECTIONS = {f.__name__: f for f in (ce_cases, nan_in_ignored_row, lce_cases, master_weight_case, error_cases,
+                                     size_one_group, training, dtensor_weight, compiled, fsdp2, cuda_head)}
 
 
 def main(rank, world, store, out, sections):
