@@ -296,24 +296,28 @@ def dtensor_weight(rec, group, rank, world):
 
 
 def compiled(rec, group, rank, world):
-    """torch.compile(fullgraph=True) traces the functional collectives: no graph break."""
+    """torch.compile(fullgraph=True) traces the functional collectives: no graph break, the
+    same loss, dx and dW ("mean": gradients from the forward; "none": recomputed)."""
     g = torch.Generator().manual_seed(11)
     v = 3 * world + 1
     a, b = tp.vocab_slice(v, group)
     x0, w0 = torch.randn(6, 4, generator=g), torch.randn(v, 4, generator=g)
     t = torch.randint(0, v, (6,), generator=g)
     t[0] = -100
-
-    def f(x, w):
-        return gt.linear_cross_entropy(x, w, t, label_smoothing=0.1, z_loss=1e-3, process_group=group)
-    outs = []
-    for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
-        x, w = x0.clone().requires_grad_(), w0[a:b].clone().requires_grad_()
-        loss = fn(x, w)
-        loss.backward()
-        outs.append((loss, x.grad, w.grad))
-    for what, c, e in zip(("loss", "dx", "dw"), *outs):
-        rec.close("compiled", what, c, e, 1e-6)
+    cot = torch.randn(6, generator=g)
+    for reduction in ("mean", "none"):
+        def f(x, w):
+            loss = gt.linear_cross_entropy(x, w, t, reduction=reduction, label_smoothing=0.1, z_loss=1e-3,
+                                           softcap=3.0, process_group=group)
+            return (loss * cot).sum()
+        outs = []
+        for fn in (torch.compile(f, fullgraph=True, backend="aot_eager"), f):
+            x, w = x0.clone().requires_grad_(), w0[a:b].clone().requires_grad_()
+            loss = fn(x, w)
+            loss.backward()
+            outs.append((loss, x.grad, w.grad))
+        for what, c, e in zip(("loss", "dx", "dw"), *outs):
+            rec.close(f"compiled {reduction}", what, c, e, 1e-6)
 
 
 def fsdp2(rec, group, rank, world):
