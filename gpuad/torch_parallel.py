@@ -82,7 +82,8 @@ def _meta_slots(targets, claim, dtype):
     h = ((targets.to(torch.int64) + 2) * (pos * 2 + 1) % _HASH_MOD).sum() % _HASH_MOD
     h = h.to(dtype)
     c = float(claim if claim is not None else -1)
-    return torch.stack([h, -h]), torch.tensor([c, -c], dtype=dtype, device=targets.device)
+    claim_t = torch.full((), c, dtype=dtype, device=targets.device)  # a fill: no host-to-device copy
+    return torch.stack([h, -h]), torch.stack([claim_t, -claim_t])
 
 
 def _first_max(row_max, slice_size, targets, rank, world, claim, group):

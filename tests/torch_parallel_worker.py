@@ -348,7 +348,8 @@ def fsdp2(rec, group, rank, world):
 
 def cuda_head(rec, group, rank, world):
     """On this rank's GPU: the head in float32 and bf16 with a float32 master weight, compiled
-    with Inductor too, against the single-process op (the fused Triton kernel)."""
+    with Inductor too, against the single-process op (the fused Triton kernel); the eager
+    forward and backward under torch.cuda.set_sync_debug_mode("error")."""
     g = torch.Generator().manual_seed(14)
     v = 1000 * world + 7
     a, b = tp.vocab_slice(v, group)
@@ -356,13 +357,20 @@ def cuda_head(rec, group, rank, world):
     t = torch.randint(0, v, (300,), generator=g)
     t[::9] = -100
     for dtype, tol in ((torch.float32, 1e-4), (torch.bfloat16, 2e-2)):
-        def f(x, w):
-            return gt.linear_cross_entropy(x, w, t.cuda(), label_smoothing=0.1, z_loss=1e-4, softcap=30.0,
+        def f(x, w, tc):
+            return gt.linear_cross_entropy(x, w, tc, label_smoothing=0.1, z_loss=1e-4, softcap=30.0,
                                            process_group=group)
         for name, fn in (("eager", f), ("inductor", torch.compile(f, fullgraph=True))):
             x, w = x0.cuda().to(dtype).requires_grad_(), w0[a:b].cuda().requires_grad_()
-            loss = fn(x, w)
-            loss.backward()
+            tc = t.cuda()
+            torch.cuda.synchronize()
+            if name == "eager":
+                torch.cuda.set_sync_debug_mode("error")  # no host sync in the forward and backward
+            try:
+                loss = fn(x, w, tc)
+                loss.backward()
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
             xf, wf = x0.cuda().to(dtype).requires_grad_(), w0.cuda().requires_grad_()
             ref = gt.linear_cross_entropy(xf, wf, t.cuda(), label_smoothing=0.1, z_loss=1e-4, softcap=30.0)
             ref.backward()
