@@ -468,10 +468,15 @@ def _loss_out(loss, x):
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0) -> torch.Tensor:
+                  label_smoothing: float = 0.0, *, process_group=None) -> torch.Tensor:
     """F.cross_entropy for logits [B, V] and integer class targets [B], through gpuad's fused
     kernel. Returns the loss in the logits' dtype (float32 under autocast, as torch does):
-    a scalar, or [B] for reduction "none"."""
+    a scalar, or [B] for reduction "none". With process_group, logits are this rank's
+    vocabulary slice [B, V_r]: see gpuad.torch_parallel.cross_entropy."""
+    if process_group is not None:
+        from gpuad import torch_parallel
+        return torch_parallel.cross_entropy(logits, targets, ignore_index, reduction, label_smoothing,
+                                            process_group=process_group)
     checks.check_cross_entropy_args(logits, targets, reduction, label_smoothing)
     _check_device("logits", logits)
     if targets.device != logits.device:
@@ -510,7 +515,7 @@ _Spec = collections.namedtuple("_Spec", "shape dtype")  # what the shape and dty
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
                          label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         softcap: Optional[float] = None) -> torch.Tensor:
+                         softcap: Optional[float] = None, *, process_group=None) -> torch.Tensor:
     """F.cross_entropy(F.linear(x, weight, bias), targets) without the [N, V] logits: the fused
     LM head (row chunks of logits, three GEMMs, dW accumulated in fp32).
 
@@ -519,7 +524,13 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     accumulated in fp32 and returned in fp32; a bias's gradient is rounded once to x's dtype).
     Under torch.autocast, x is cast to the autocast dtype. z_loss adds z_loss·lse² per row
     (PaLM); softcap c applies c·tanh(z / c) to the logits first (Gemma 2). Returns the loss in
-    x's dtype (float32 under autocast): a scalar, or targets' shape for reduction "none"."""
+    x's dtype (float32 under autocast): a scalar, or targets' shape for reduction "none".
+    With process_group (or a weight that is a DTensor sharded on dim 0), weight and bias are
+    this rank's vocabulary rows: see gpuad.torch_parallel.linear_cross_entropy."""
+    if process_group is not None or type(weight).__name__ == "DTensor":
+        from gpuad import torch_parallel
+        return torch_parallel.linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction, label_smoothing,
+                                                   z_loss, softcap, process_group=process_group)
     x = _compute_input(x)
     if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
         raise ValueError(f"x [..., D] and weight [V, D] do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
@@ -577,20 +588,26 @@ class LinearCrossEntropy(torch.nn.Module):
     nn.Linear's, so an nn.Linear's state_dict loads), so that a wrapper that shards
     parameters (FSDP) has gathered the weight when the loss runs in this forward.
     ``logits(x)`` gives the logits for inference. Keep the weight in float32 and feed bf16
-    activations (or use torch.autocast) for fp32 master weights with fp32-accumulated dW."""
+    activations (or use torch.autocast) for fp32 master weights with fp32-accumulated dW.
+    With process_group, it holds only this rank's rows of the vocabulary
+    (gpuad.torch_parallel.vocab_slice) and its loss is the vocabulary-parallel one."""
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = False, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: Optional[float] = None, device=None, dtype=None):
+                 softcap: Optional[float] = None, device=None, dtype=None, *, process_group=None):
         super().__init__()
         if reduction not in checks.REDUCTIONS:
             raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
         self.in_features, self.num_classes = in_features, num_classes
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
-        self.z_loss, self.softcap = z_loss, softcap
-        self.weight = torch.nn.Parameter(torch.empty((num_classes, in_features), device=device, dtype=dtype))
+        self.z_loss, self.softcap, self.process_group = z_loss, softcap, process_group
+        rows = num_classes
+        if process_group is not None:  # this rank's rows only
+            from gpuad import torch_parallel
+            rows = torch_parallel.local_rows(num_classes, process_group)
+        self.weight = torch.nn.Parameter(torch.empty((rows, in_features), device=device, dtype=dtype))
         if bias:
-            self.bias = torch.nn.Parameter(torch.empty(num_classes, device=device, dtype=dtype))
+            self.bias = torch.nn.Parameter(torch.empty(rows, device=device, dtype=dtype))
         else:
             self.register_parameter("bias", None)
         self.reset_parameters()
@@ -599,6 +616,9 @@ class LinearCrossEntropy(torch.nn.Module):
         torch.nn.Linear.reset_parameters(self)  # U(-1/√in, 1/√in), as nn.Linear
 
     def forward(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        if self.process_group is not None:
+            from gpuad import torch_parallel
+            return torch_parallel.head_loss(self, x, targets)
         return linear_cross_entropy(x, self.weight, targets, self.bias, self.ignore_index, self.reduction,
                                     self.label_smoothing, self.z_loss, self.softcap)
 
