@@ -161,55 +161,6 @@ def reduce_row_losses(row_loss, reduction, n_valid):
     return total / n_valid if reduction == "mean" else total
 
 
-def check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
-                                    dw_accumulate, chunk, grad_scale, allowed=checks.FLOAT_DTYPES):
-    """Shapes, dtypes and option values of ``linear_cross_entropy`` (no data is read).
-
-    x [N, D], w [V, D], targets [N] integer, bias None or [V]; x, w, bias one floating dtype;
-    dw_accumulate None or float32 [V, D]; chunk None or a positive int; grad_scale None, 0-d,
-    or [N] (reduction "none" only)."""
-    if len(x.shape) != 2 or len(w.shape) != 2:
-        raise ValueError(f"x must be [N, D] and w [V, D], got x {tuple(x.shape)} and w {tuple(w.shape)}")
-    (n, d), (v, dw_) = x.shape, w.shape
-    if d != dw_:
-        raise ValueError(f"x's last axis must be D = w.shape[1] = {dw_}: x {tuple(x.shape)}, w {tuple(w.shape)}")
-    if v < 1:
-        raise ValueError(f"w must have at least one row (class), got w {tuple(w.shape)}")
-    if len(targets.shape) != 1 or targets.shape[0] != n:
-        raise ValueError(f"targets must have shape [N] = [{n}] to match x {tuple(x.shape)}, "
-                         f"got {tuple(targets.shape)}")
-    if not checks.is_integer(targets.dtype):
-        raise ValueError(f"targets must be integers, got {checks.dtype_name(targets.dtype)}")
-    if bias is not None and tuple(bias.shape) != (v,):
-        raise ValueError(f"bias must have shape [V] = [{v}] to match w {tuple(w.shape)}, got {tuple(bias.shape)}")
-    names = {checks.dtype_name(a.dtype) for a in (x, w, bias) if a is not None}
-    if len(names) != 1:
-        raise ValueError("x, w and bias must share one dtype, got " + ", ".join(
-            f"{k} {checks.dtype_name(a.dtype)}" for k, a in (("x", x), ("w", w), ("bias", bias)) if a is not None))
-    if names.pop() not in allowed:
-        raise ValueError(f"x and w must be floating point ({', '.join(allowed)}), got {checks.dtype_name(x.dtype)}")
-    if reduction not in checks.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    if not 0.0 <= float(z_loss) < float("inf"):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
-    if softcap is not None and not 0.0 < float(softcap) < float("inf"):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
-    if dw_accumulate is not None and (tuple(dw_accumulate.shape) != (v, d)
-                                      or checks.dtype_name(dw_accumulate.dtype) != "float32"):
-        raise ValueError(f"dw_accumulate must be a float32 buffer of shape [V, D] = {(v, d)}, got "
-                         f"{checks.dtype_name(dw_accumulate.dtype)} {tuple(dw_accumulate.shape)}")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be None or a positive int (rows of x per chunk), got {chunk!r}")
-    if grad_scale is not None:
-        shapes = ((), (n,)) if reduction == "none" else ((),)
-        if tuple(grad_scale.shape) not in shapes or not checks.is_float(grad_scale.dtype):
-            raise ValueError(f"grad_scale must be a floating array of shape {' or '.join(map(str, shapes))} for "
-                             f"reduction {reduction!r}, got {checks.dtype_name(grad_scale.dtype)} "
-                             f"{tuple(grad_scale.shape)}")
-
-
 def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                          z_loss=0.0, softcap=None, dw_accumulate=None, need_dx=True, return_lse=False, chunk=None,
                          grad=True, grad_scale=None, check_targets=True, allow_tf32=False):
@@ -231,8 +182,8 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     time (default: :func:`linear_cross_entropy_chunk`). allow_tf32 is accepted for a
     common signature and ignored: the reference is exact.
     """
-    check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
-                                    dw_accumulate, chunk, grad_scale)
+    checks.check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
+                                           dw_accumulate, chunk, grad_scale)
     xp = array_module(x, w, targets, *(a for a in (bias, dw_accumulate, grad_scale) if a is not None))
     (n, d), v = x.shape, w.shape[0]
     if check_targets:

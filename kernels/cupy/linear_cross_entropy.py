@@ -15,7 +15,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import checks
-from ..reference import check_linear_cross_entropy_args, linear_cross_entropy_chunk, reduce_row_losses
+from ..reference import linear_cross_entropy_chunk, reduce_row_losses
 from .compile import get_function
 from .cross_entropy import _require_cupy
 from .linear_backward import _float32_compute_type, _gemm_accumulate
@@ -57,8 +57,8 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     ``gpuad.kernels.reference.linear_cross_entropy`` (dw_accumulate must be C-contiguous).
     check_targets=False removes the only host sync; a bad target then gives a NaN row loss.
     """
-    check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
-                                    dw_accumulate, chunk, grad_scale, allowed=tuple(SUFFIX))
+    checks.check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
+                                           dw_accumulate, chunk, grad_scale, allowed=tuple(SUFFIX))
     arrays = {"x": x, "w": w, "targets": targets, "bias": bias, "dw_accumulate": dw_accumulate,
               "grad_scale": grad_scale}
     arrays = {k: a for k, a in arrays.items() if a is not None}

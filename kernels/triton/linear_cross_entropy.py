@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .. import checks
-from ..reference import check_linear_cross_entropy_args, linear_cross_entropy_chunk, reduce_row_losses
+from ..reference import linear_cross_entropy_chunk, reduce_row_losses
 from .interop import as_given, as_torch
 from .linear_backward import pinned_fp32_accumulation
 from .linear_backward import linear_backward as _triton_linear_backward
@@ -241,8 +241,8 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     bt = None if bias is None else as_torch(bias)[0]
     acc_t = None if dw_accumulate is None else as_torch(dw_accumulate)[0]
     gs = None if grad_scale is None else as_torch(grad_scale)[0]
-    check_linear_cross_entropy_args(xt, wt, tt, bt, reduction, label_smoothing, z_loss, softcap, acc_t, chunk, gs,
-                                    allowed=_DTYPES)
+    checks.check_linear_cross_entropy_args(xt, wt, tt, bt, reduction, label_smoothing, z_loss, softcap, acc_t,
+                                           chunk, gs, allowed=_DTYPES)
     device = xt.device
     for name, a in (("w", wt), ("targets", tt), ("bias", bt), ("dw_accumulate", acc_t), ("grad_scale", gs)):
         if a is not None and a.device != device:
