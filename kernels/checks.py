@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+GPU_DTYPES = ("float16", "bfloat16", "float32")  # what the Triton and CUDA C kernels take
 REDUCTIONS = ("mean", "sum", "none")
 
 
