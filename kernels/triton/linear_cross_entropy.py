@@ -27,8 +27,8 @@ import triton.language as tl
 from .. import checks
 from ..lm_head import Steps, run_chunks
 from .interop import INTERPRETED, as_given, as_torch
-from .linear_backward import pinned_fp32_accumulation
 from .linear_backward import linear_backward as _triton_linear_backward
+from .precision import pinned_fp32_accumulation
 
 ROW_PAD = 64  # the buffer's row stride is a multiple of this many elements (aligned GEMM leading dim)
 MAX_BLOCK = 4096  # columns a program handles per step of its loop over V
