@@ -35,8 +35,8 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     logits [B, V] (fp16/bf16/fp32/fp64), targets [B] integer. Returns (loss, dlogits):
     loss is float32 (float64 for float64 logits), a scalar, or [B] for reduction "none";
     dlogits = dloss/dlogits in the logits' dtype (for "none": of the sum of the row losses),
-    or None when grad=False. With label_smoothing eps the target distribution is
-    (1 - eps)·onehot + eps/V. Rows whose target equals ignore_index have loss 0 and
+    or None when grad=False. With label_smoothing ε the target distribution is
+    (1 - ε)·onehot + ε/V. Rows whose target equals ignore_index have loss 0 and
     gradient 0 and are not counted in the mean; when every row is ignored the loss is 0.
     inplace=True writes dlogits over `logits` and returns that buffer. ignore_index=None
     ignores no row. An ignored row's gradient is exactly 0, whatever its logits (NaN included).
@@ -50,7 +50,7 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     xp = array_module(logits, targets)
     n_rows, n_classes = logits.shape
     in_range = checks.check_targets(targets, n_classes, ignore_index) if check_targets else False
-    eps = float(label_smoothing)
+    smoothing = float(label_smoothing)
     acc = _acc_dtype(xp, logits.dtype)
     if ignore_index is None or (in_range and not 0 <= ignore_index < n_classes):
         valid = None  # no row is ignored
@@ -66,9 +66,9 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     sum_exp = exp.sum(axis=1)
     row_loss = xp.log(sum_exp)  # logsumexp(z) - max(z)
     target_logit = shifted.ravel().take(picked)
-    row_loss -= (1.0 - eps) * target_logit if eps else target_logit
-    if eps:
-        row_loss -= (eps / n_classes) * shifted.sum(axis=1)
+    row_loss -= (1.0 - smoothing) * target_logit if smoothing else target_logit
+    if smoothing:
+        row_loss -= (smoothing / n_classes) * shifted.sum(axis=1)
     if valid is None:
         n_valid = xp.asarray(max(n_rows, 1), dtype=acc)
     else:
@@ -84,9 +84,9 @@ def softmax_cross_entropy(logits, targets, *, ignore_index=-100, reduction="mean
     if not grad:
         return loss, None
     dlogits = xp.divide(exp, sum_exp[:, None], out=exp)  # p
-    if eps:
-        dlogits -= eps / n_classes
-    dlogits.ravel()[picked] -= 1.0 - eps
+    if smoothing:
+        dlogits -= smoothing / n_classes
+    dlogits.ravel()[picked] -= 1.0 - smoothing
     if valid is not None:
         dlogits[~valid] = 0  # a select, not a multiply: NaN logits in an ignored row give 0
     if reduction == "mean":
@@ -168,7 +168,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
 
     x [N, D], w [V, D] (PyTorch's layout), targets [N] integer, bias [V] or None. Per row,
     with z optionally soft-capped first (softcap c: z <- c·tanh(z / c)) and lse = log Σ exp z:
-        loss_n = lse - (1 - eps)·z_t - (eps / V)·Σ_v z_v + z_loss·lse²     (eps = label_smoothing)
+        loss_n = lse - (1 - ε)·z_t - (ε / V)·Σ_v z_v + z_loss·lse²     (ε = label_smoothing)
     rows whose target is ignore_index have loss 0, gradient 0 and leave the mean; all ignored
     gives 0 (not NaN). Returns (loss, dx, dw, db), plus lse [N] when return_lse:
       loss  float32 (float64 for float64 inputs): 0-d, or [N] for reduction "none";
@@ -189,7 +189,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     if check_targets:
         checks.check_targets(targets, v, ignore_index)
     acc = _acc_dtype(xp, x.dtype)
-    eps, zc = float(label_smoothing), float(z_loss)
+    smoothing, z_coef = float(label_smoothing), float(z_loss)
     chunk = chunk or linear_cross_entropy_chunk(n, v, xp.dtype(acc).itemsize)
     wa = w.astype(acc, copy=False)  # read only below: no copy in the accumulation dtype
     ba = None if bias is None else bias.astype(acc, copy=False)
@@ -207,35 +207,11 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     for r0 in range(0, n, chunk):
         rows = slice(r0, min(n, r0 + chunk))
         xc = x[rows].astype(acc, copy=False)
-        z = xc @ wa.T
-        if ba is not None:
-            z += ba
-        if softcap is not None:
-            z = softcap * xp.tanh(z / softcap)
-        m = z.max(axis=1)
-        shifted = z - m[:, None]
-        log_s = xp.log(xp.exp(shifted).sum(axis=1))
-        lse_c = m + log_s
         ok = valid[rows]
-        t = xp.where(ok, targets[rows], 0).astype(xp.int64, copy=False)
-        z_t = xp.take_along_axis(z, t[:, None], axis=1)[:, 0]
-        loss_c = lse_c - (1.0 - eps) * z_t
-        if eps:
-            loss_c -= eps / v * z.sum(axis=1)
-        if zc:
-            loss_c += zc * lse_c * lse_c
+        loss_c, lse[rows], g = _lce_rows(xp, xc @ wa.T, ba, targets[rows], ok, smoothing, z_coef, softcap, grad)
         row_loss[rows] = xp.where(ok, loss_c, 0.0)
-        lse[rows] = lse_c
         if not grad:
             continue
-        g = xp.exp(shifted - log_s[:, None])  # softmax
-        if zc:
-            g *= (1.0 + 2.0 * zc * lse_c)[:, None]
-        if eps:
-            g -= eps / v
-        g[xp.arange(g.shape[0]), t] -= 1.0 - eps
-        if softcap is not None:
-            g *= 1.0 - (z / softcap) ** 2
         g *= (ok * row_scale[rows])[:, None]
         if dx is not None:
             dx[rows] = g @ wa
@@ -253,3 +229,35 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
             dw = dw.astype(x.dtype, copy=False)
     out = (loss, dx, dw, db)
     return out + (lse,) if return_lse else out
+
+
+def _lce_rows(xp, z, bias, targets, ok, smoothing, z_coef, softcap, grad):
+    """(row losses, lse, dloss/dz or None) of one chunk's logits z [c, V] (bias added and
+    soft-capping done here), before the ignored rows and the gradient's scale are applied."""
+    if bias is not None:
+        z += bias
+    if softcap is not None:
+        z = softcap * xp.tanh(z / softcap)
+    v = z.shape[1]
+    m = z.max(axis=1)
+    shifted = z - m[:, None]
+    log_s = xp.log(xp.exp(shifted).sum(axis=1))
+    lse = m + log_s
+    t = xp.where(ok, targets, 0).astype(xp.int64, copy=False)
+    z_t = xp.take_along_axis(z, t[:, None], axis=1)[:, 0]
+    loss = lse - (1.0 - smoothing) * z_t
+    if smoothing:
+        loss -= smoothing / v * z.sum(axis=1)
+    if z_coef:
+        loss += z_coef * lse * lse
+    if not grad:
+        return loss, lse, None
+    g = xp.exp(shifted - log_s[:, None])  # softmax
+    if z_coef:
+        g *= (1.0 + 2.0 * z_coef * lse)[:, None]
+    if smoothing:
+        g -= smoothing / v
+    g[xp.arange(g.shape[0]), t] -= 1.0 - smoothing
+    if softcap is not None:
+        g *= 1.0 - (z / softcap) ** 2
+    return loss, lse, g

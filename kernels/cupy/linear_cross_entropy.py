@@ -74,7 +74,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
         x2 = cupy.ascontiguousarray(x)
         t = cupy.ascontiguousarray(targets, dtype=cupy.int64)
         steps = _CupySteps(x2, cupy.ascontiguousarray(w), None if bias is None else cupy.ascontiguousarray(bias),
-                           ignore_index=ignore_index, eps=float(label_smoothing), z_coef=float(z_loss),
+                           ignore_index=ignore_index, smoothing=float(label_smoothing), z_coef=float(z_loss),
                            softcap=softcap, grad=grad, row_scale=grad_scale is not None and grad_scale.ndim == 1,
                            allow_tf32=allow_tf32)
         out = run_chunks(steps, x2, t, v=v, has_bias=bias is not None, dw_accumulate=dw_accumulate,
@@ -86,7 +86,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
 class _CupySteps(Steps):
     """The chunk loop's steps on CuPy arrays: cupy.matmul, cuBLAS gemmEx and the CUDA C kernels."""
 
-    def __init__(self, x, w, bias, *, ignore_index, eps, z_coef, softcap, grad, row_scale, allow_tf32):
+    def __init__(self, x, w, bias, *, ignore_index, smoothing, z_coef, softcap, grad, row_scale, allow_tf32):
         import cupy
 
         self.cupy, self.x, self.w, self.bias, self.allow_tf32 = cupy, x, w, bias, allow_tf32
@@ -94,7 +94,7 @@ class _CupySteps(Steps):
         suffix = SUFFIX[checks.dtype_name(x.dtype)]
         self.rows_kernel = get_function(SOURCE, f"lce_rows_{suffix}")
         self.column_sum = get_function(SOURCE, f"lce_column_sum_{suffix}")
-        self.options = (np.int64(ignore_index), np.float32(eps), np.float32(z_coef), np.float32(softcap or 0.0),
+        self.options = (np.int64(ignore_index), np.float32(smoothing), np.float32(z_coef), np.float32(softcap or 0.0),
                         np.int32(grad), np.int32(row_scale))
 
     def empty(self, shape, dtype):

@@ -224,7 +224,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     v = wt.shape[0]
     if check_targets:
         checks.check_targets(tt, v, ignore_index)
-    steps = _TorchSteps(xt, wt, bt, ignore_index=ignore_index, eps=float(label_smoothing), z_coef=float(z_loss),
+    steps = _TorchSteps(xt, wt, bt, ignore_index=ignore_index, smoothing=float(label_smoothing), z_coef=float(z_loss),
                         softcap=softcap, grad=grad, row_scale=gs is not None and gs.dim() == 1,
                         allow_tf32=allow_tf32)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -242,14 +242,14 @@ class _TorchSteps(Steps):
     """The chunk loop's steps on torch tensors: torch.mm and the Triton row kernel."""
     float32 = torch.float32
 
-    def __init__(self, x, w, bias, *, ignore_index, eps, z_coef, softcap, grad, row_scale, allow_tf32):
+    def __init__(self, x, w, bias, *, ignore_index, smoothing, z_coef, softcap, grad, row_scale, allow_tf32):
         self.x, self.w, self.device, self.itemsize = x, w, x.device, x.element_size()
         self.v = w.shape[0]
         self.stride = triton.cdiv(self.v, ROW_PAD) * ROW_PAD
         self.bias = bias.contiguous() if bias is not None else None
-        self.meta = _kernel_meta(self.v, has_bias=bias is not None, grad=grad, label_smoothing=eps, z_loss=z_coef,
+        self.meta = _kernel_meta(self.v, has_bias=bias is not None, grad=grad, label_smoothing=smoothing, z_loss=z_coef,
                                  softcap=softcap, row_scale=row_scale)
-        self.scalars = (self.v, ignore_index, eps, z_coef, float(softcap) if softcap is not None else 1.0)
+        self.scalars = (self.v, ignore_index, smoothing, z_coef, float(softcap) if softcap is not None else 1.0)
         self.allow_tf32 = allow_tf32
 
     def empty(self, shape, dtype):
