@@ -14,7 +14,7 @@ under a CUDA graph (or why the op cannot be captured) and the host time per call
 --sweep times every tuning candidate the kernels declare and writes one winner per op to
 kernels/tuned/<GPU>.json (see bench/sweep.py); --ops then takes tuning op names too.
 
-Presets: on a machine with a CUDA device, `quick` and `full` use the DESIGN.md shapes
+Presets: on a machine with a CUDA device, `quick` and `full` use the target shapes
 (full adds vocab and M sweeps). Without one, they switch to small CPU shapes (the numpy
 reference and torch on the CPU), and `tiny` is the smallest set, for CI.
 """

@@ -3,7 +3,7 @@
 #   1 install gpuad from this tree (nothing downloaded; skipped when it is installed from here
 #     already) and say whether the kernel modules import
 #   2 the kernel tests (Triton CE, Triton linear, CuPy kernels, backends): pytest -m gpu, JUnit XML
-#   3 the quick benchmark (every DESIGN.md target shape; one JSON line per record as measured)
+#   3 the quick benchmark (every target shape; one JSON line per record as measured)
 #   4 the tuning sweep: every candidate the kernels declare, winners into kernels/tuned/<GPU>.json
 #   5 the cupy-backend engine tests (pytest -m gpu on the rest) with the time left
 #   6 a summary, last: tests per file, each target shape met or missed, the sweep's table, the
@@ -26,17 +26,17 @@
 # lines. A sweep cut short starts, on the rerun, with the ops it did not reach.
 # pytest runs GPU_CHECK_WORKERS (default 8) processes where pytest-xdist is installed.
 #
-# Estimate (not a measurement of this script): run 1 on one H100 (bench/RESULTS.md) took 328 s
-# with cold caches: install 12 s, kernel tests 51 s, benchmark 227 s, engine tests 38 s. Since
-# then the benchmark draws its 2.9 G input elements with one thread per core and widens them to
-# float64 on the device. That host work took about 80 ns an element on one core of a shared
-# 2-core CPU (30 to draw, 35 to round to bf16, 15 to widen): on a GPU host's core, 2 to 4 times
-# faster, an estimated 60-120 s of those 227 s, now a few seconds. Its host, back-to-back and CUDA-graph figures add about 0.3 s a record (45 records). So,
-# cold: 12 + 51 + at most 160 (the torch.compile rows come last and are the ones cut if it does
-# not fit) + at most 75 + 38 = at most 336 s, under 6 minutes, plus the machine's start. A rerun
-# on the warm machine: install skipped, kernel tests about 35 s, benchmark about 75 s (nothing
-# compiled or autotuned again), sweep about 40 s (its candidates compiled already), engine tests
-# about 25 s: about 175 s, under 3 minutes (about 135 s with GPU_CHECK_SWEEP_S=0).
+# Time estimate (not a measurement of this script). Cold, on one H100: install 12 s, kernel tests
+# 51 s, benchmark at most 160 s (the torch.compile rows come last and are the ones cut if it does
+# not fit) plus at most 75 s of host, back-to-back and CUDA-graph figures (about 0.3 s a record, 45
+# records), engine tests 38 s: at most 336 s, under 6 minutes, plus the machine's start. The stage
+# figures are those of a recorded cold H100 run (bench/RESULTS.md, 328 s), whose 227 s benchmark
+# included an estimated 60-120 s of drawing, rounding and widening the 2.9 G input elements on one
+# host core (about 80 ns an element on one core of a shared 2-core CPU: 30 to draw, 35 to round to
+# bf16, 15 to widen); the benchmark draws them with one thread per core and widens them on the
+# device, a few seconds. A rerun on the warm machine: install skipped, kernel tests about 35 s,
+# benchmark about 75 s (nothing compiled or autotuned again), sweep about 40 s (its candidates
+# compiled already), engine tests about 25 s: about 175 s, under 3 minutes (about 135 s with GPU_CHECK_SWEEP_S=0).
 # Exit status: 0 when the install, both test steps, the benchmark and the sweep passed.
 set -uo pipefail
 export PYTHONUNBUFFERED=1

@@ -400,7 +400,7 @@ OPS = {op.name: op for op in (CrossEntropy, LinearBackward, LinearCrossEntropy, 
 
 
 # --- presets -----------------------------------------------------------------------------
-# (op, dims, dtype). GPU shapes are those of DESIGN.md; CPU shapes are small enough that
+# (op, dims, dtype). GPU shapes are the kernels' target shapes; CPU shapes are small enough that
 # the numpy reference and torch on the CPU finish quickly.
 
 _CE, _LIN, _MLP, _LCE = CrossEntropy.name, LinearBackward.name, MLPStep.name, LinearCrossEntropy.name
@@ -426,7 +426,7 @@ CPU_QUICK = [
     (_LIN, (64, 512, 512), "float32"), (_LIN, (512, 1024, 1024), "float32"),
     *_lce(lce_op.CPU_QUICK_SHAPES),
     (_MLP, (256, 512, 512, 1000), "float32"),
-    # the CPU engine against torch (issue 14's targets): an MLP 64-256-256-10 step at batch 128,
+    # the CPU engine against torch: an MLP 64-256-256-10 step at batch 128,
     # and 1000 multiply-adds on 16 floats, forward and backward
     (_MLP, (128, 64, 256, 256, 10), "float32"), (_CHAIN, (1000, 16), "float32"),
 ]
@@ -443,7 +443,7 @@ TINY = [
 ]
 PRESETS = {"quick": (GPU_QUICK, CPU_QUICK), "full": (GPU_FULL, CPU_FULL), "tiny": (TINY, TINY)}
 # (op, impl) left out of the quick preset on a GPU unless --impls names them: compile time, and
-# the LM head's time budget (each of its calls takes tens of ms at the DESIGN.md shapes)
+# the LM head's time budget (each of its calls takes tens of ms at the target shapes)
 QUICK_GPU_SKIP = {
     **{(op, "torch_compile"): "left out of the quick preset on this op (compile time); add --impls"
        for op in (_LIN, _MLP)},

@@ -1,6 +1,6 @@
 """python -m bench.summary OUTDIR: the last lines of the GPU check.
 
-Per test file of each JUnit XML in OUTDIR: passed / failed / skipped. Per DESIGN.md target
+Per test file of each JUnit XML in OUTDIR: passed / failed / skipped. Per target
 shape found in OUTDIR/results.jsonl: each gpuad impl's ms, its ratio to one copy of the logits
 (cross-entropy), its speed-up over torch's three ops (linear backward), or for the LM head
 (linear_cross_entropy) three lines: its speed-up over torch eager, its peak memory above the

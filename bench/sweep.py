@@ -18,7 +18,7 @@ the start, then the combination of every parameter's best value when that is a n
 A grid of a large space would outlast a GPU session; this is linear in the number of values,
 and the combination catches the common case of parameters that act independently.
 
-Shapes: the DESIGN.md target shapes of the bench op (its GPU quick-preset shapes). Without a
+Shapes: the target shapes of the bench op (its GPU quick-preset shapes). Without a
 CUDA device, the small CPU_SHAPES run the Triton kernels in the interpreter (TRITON_INTERPRET=1,
 set before the kernels are imported): that checks every candidate and the plumbing; its
 times say nothing about a GPU.

@@ -134,8 +134,8 @@ def check_not_in_transform(name: str):
 
 # --- the guard on saved arrays ----------------------------------------------------------
 # A VJP reads arrays saved in the forward pass; writing into one of them between the forward
-# and the backward would make the gradient silently wrong (the example: y = (a*a).sum();
-# a.data[...] = 10; y.backward() gave [20, 20]). numpy arrays carry a writeable flag: while a
+# and the backward would make the gradient silently wrong (y = (a*a).sum(); a.data[...] = 10;
+# y.backward() would give [20, 20], not 2·a). numpy arrays carry a writeable flag: while a
 # live node saved a leaf's data (a parameter, an input, a transform's primal), a constant
 # operand (the user's array), an index or a mask, that array and the memory owner behind it
 # (its .base) are read-only, so a write raises at once ("assignment destination is read-only"),

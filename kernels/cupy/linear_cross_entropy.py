@@ -131,8 +131,8 @@ class _CupySteps(Steps):
         self.cupy.matmul(xc, self.w.T, out=zc)
 
     def rows(self, buf, zc, targets, row_loss, lse, scale):
-        self.rows_kernel((zc.shape[0],), (row_threads(self.v),), (zc, self.bias, targets, row_loss, lse, scale,
-                                                                  np.int64(zc.shape[0]), np.int64(self.v), *self.options))
+        args = (zc, self.bias, targets, row_loss, lse, scale, np.int64(zc.shape[0]), np.int64(self.v), *self.options)
+        self.rows_kernel((zc.shape[0],), (row_threads(self.v),), args)
 
     def dx(self, zc, out):
         self.cupy.matmul(zc, self.w, out=out)

@@ -34,13 +34,13 @@ def linear_backward(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, al
     when K = 0), as in torch. route: "auto" (see the module docstring), "fused" (the one Triton
     launch) or "cublas" (torch matmuls; fp32 inputs only with dw_accumulate).
     """
-    plan, xt, wt, dyt, acc_t, from_cupy = plan_for(x, w, dy, bias, dw_accumulate, need_dx, allow_tf32, route)
+    plan, tensors, from_cupy = plan_for(x, w, dy, bias, dw_accumulate, need_dx, allow_tf32, route)
     if plan.switch_device and plan.prob.device.index != torch.cuda.current_device():
         with torch.cuda.device(plan.prob.device):  # Triton launches on the current device
-            dx, dw, db = plan(xt, wt, dyt, acc_t)
+            dx, dw, db = plan(*tensors)
     else:
-        dx, dw, db = plan(xt, wt, dyt, acc_t)
-    if acc_t is not None:
+        dx, dw, db = plan(*tensors)
+    if dw_accumulate is not None:
         dw = dw_accumulate
     elif from_cupy:
         dw = as_given(dw, True)

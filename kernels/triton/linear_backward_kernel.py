@@ -44,12 +44,12 @@ db is fused into the dW family. Without a split the dW tiles of the first K-bloc
 K-block (s mod #K-blocks), and reduced like the tiles (their own counters): with S ≥ #K-blocks every
 K-block carries an equal share, so no tile is left with all of db while the others wait.
 
-Expected share of the ceilings. The FLOPs are 4·M·N·K,
-half per family; db adds M·N additions. bf16/fp16 run on tensor cores (wgmma) with pointer loads,
-no TMA: public Triton matmuls of this kind reach 0.6–0.75 of cuBLAS on an H100 (bench/RESULTS.md
-has the measured figures); the fusion saves the db pass and two launches, which matters only at launch-bound shapes (a few µs of GPU work). The
-split adds one fp32 round trip of the split outputs through L2 (S × R × C × 4 bytes written and read
-back), small next to the matmul at the shapes that split.
+Expected share of the ceilings. The FLOPs are 4·M·N·K, half per family; db adds M·N additions.
+bf16/fp16 run on tensor cores (wgmma) with pointer loads, no TMA: public Triton matmuls of this
+kind reach 0.6–0.75 of cuBLAS on an H100 (bench/RESULTS.md has the measured figures); the fusion
+saves the db pass and two launches, which matters only at launch-bound shapes (a few µs of GPU
+work). The split adds one fp32 round trip of the split outputs through L2 (S × R × C × 4 bytes
+written and read back), small next to the matmul at the shapes that split.
 
 fp32 inputs with allow_tf32=False run on the FMA units (PRECISION "ieee"), never on tensor cores: at
 most 67 TFLOP/s on an H100 SXM, and Triton's FMA dot reaches well under cuBLAS SGEMM's share of it.

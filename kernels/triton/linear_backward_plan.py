@@ -81,11 +81,11 @@ def _workspace(device: torch.device, ws_elems: int, cnt_elems: int):
 
 # --------------------------------------------------------------------------------------------
 # Routes
-def _launch_cublas(x2, wt, dy2, dw_acc, need_dx, bias, allow_tf32):
-    """(dx2, dw, db) through torch (cuBLAS on a GPU): dx2 = dy2 wt, dw = dy2ᵀ x2 (or dw_acc += it:
+def _launch_cublas(x2, w, dy2, dw_acc, need_dx, bias, allow_tf32):
+    """(dx2, dw, db) through torch (cuBLAS on a GPU): dx2 = dy2 @ w, dw = dy2ᵀ @ x2 (or dw_acc += it:
     fp32 inputs only, one GEMM with beta = 1), db = torch's column sum (fp32 accumulation)."""
     with pinned_fp32_accumulation(x2.dtype, allow_tf32):
-        dx2 = torch.mm(dy2, wt) if need_dx else None
+        dx2 = torch.mm(dy2, w) if need_dx else None
         dw = dw_acc.addmm_(dy2.t(), x2) if dw_acc is not None else torch.mm(dy2.t(), x2)
     return dx2, dw, (torch.sum(dy2, 0) if bias else None)
 
@@ -134,32 +134,32 @@ class _Plan:
         self.launcher = _linear_backward_kernel[(g.grid,)]
         self.dx_shape, self.dw_shape, self.db_shape = prob.lead + (k,), (n, k), (n,)
 
-    def launch(self, x2, wt, dy2, dx2, dw, db):
+    def launch(self, x2, w, dy2, dx2, dw, db):
         """The fused launch into preallocated outputs (dx2 / db None: skipped)."""
         g = self.geo
         if g.ws_elems:
             ws, cnt = _workspace(x2.device, g.ws_elems, g.cnt_elems)
         else:
             ws = cnt = dw  # placeholders, never touched without a split
-        _launch_kernel(self.launcher, (x2, wt, dy2, dw if dx2 is None else dx2, dw, dw if db is None else db,
+        _launch_kernel(self.launcher, (x2, w, dy2, dw if dx2 is None else dx2, dw, dw if db is None else db,
                                        ws, cnt) + self.scalars, self.meta)
 
-    def __call__(self, xt, wt, dyt, acc_t):
+    def __call__(self, x, w, dy, acc_t):
         p = self.prob
         if self.route == "fused":  # the kernel reads pointers and the plan's strides: no reshape when
-            x2 = xt if self.views[0] else xt.reshape(p.m, p.k)  # the 2-D view of x (or dy) exists
-            dy2 = dyt if self.views[1] else dyt.reshape(p.m, p.n)
+            x2 = x if self.views[0] else x.reshape(p.m, p.k)  # the 2-D view of x (or dy) exists
+            dy2 = dy if self.views[1] else dy.reshape(p.m, p.n)
             dtype, device = p.dtype, p.device
             dx = torch.empty(self.dx_shape, dtype=dtype, device=device) if p.need_dx else None
             dw = acc_t if p.accumulate else torch.empty(self.dw_shape, dtype=dtype, device=device)
             db = torch.empty(self.db_shape, dtype=dtype, device=device) if p.bias else None
-            self.launch(x2, wt, dy2, dx, dw, db)
+            self.launch(x2, w, dy2, dx, dw, db)
             return dx, dw, db
-        flat = self.views[0] and xt.dim() == 2  # 2-D inputs: no reshape
-        x2 = xt if flat else xt.reshape(p.m, p.k)
-        dy2 = dyt if flat else dyt.reshape(p.m, p.n)
+        flat = self.views[0] and x.dim() == 2  # 2-D inputs: no reshape
+        x2 = x if flat else x.reshape(p.m, p.k)
+        dy2 = dy if flat else dy.reshape(p.m, p.n)
         if self.route == "cublas":
-            dx2, dw, db = _launch_cublas(x2, wt, dy2, acc_t, p.need_dx, p.bias, p.allow_tf32)
+            dx2, dw, db = _launch_cublas(x2, w, dy2, acc_t, p.need_dx, p.bias, p.allow_tf32)
         else:  # "empty": the empty sums are zeros; db still sums dy when only K is 0
             dx2 = torch.zeros((p.m, p.k), dtype=p.dtype, device=p.device) if p.need_dx else None
             dw = acc_t if p.accumulate else torch.zeros((p.n, p.k), dtype=p.dtype, device=p.device)
@@ -250,29 +250,29 @@ def auto_route(prob: _Problem, params: dict, *, on_gpu: bool, measuring: bool) -
     return "measure" if measuring else "fused"
 
 
-def _check_args(xt, wt, dyt, acc_t, route):
+def _check_args(x, w, dy, acc_t, route):
     """The checks of a call that depend on more than shapes and dtypes: devices, the route."""
-    checks.check_linear_backward_args(xt, wt, dyt, acc_t, allowed=checks.GPU_DTYPES)
-    device = xt.device
-    for name, t in (("w", wt), ("dy", dyt), ("dw_accumulate", acc_t)):
+    checks.check_linear_backward_args(x, w, dy, acc_t, allowed=checks.GPU_DTYPES)
+    device = x.device
+    for name, t in (("w", w), ("dy", dy), ("dw_accumulate", acc_t)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device}, x on {device}: all arrays must share one device")
     if device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"the Triton kernels need CUDA tensors (got {device}); "
                          "CPU tensors run only under TRITON_INTERPRET=1")
-    dtype = xt.dtype
+    dtype = x.dtype
     accumulate = acc_t is not None
     if route == "cublas" and accumulate and dtype != torch.float32:
         raise ValueError(f"route='cublas' cannot add {dtype} products into the fp32 dw_accumulate without "
                          "rounding them first: use route='fused' or 'auto'")
 
 
-def _make_plan(xt, wt, dyt, acc_t, bias, need_dx, allow_tf32, route) -> _Plan:
+def _make_plan(x, w, dy, acc_t, bias, need_dx, allow_tf32, route) -> _Plan:
     """Check the arguments and resolve the call (measuring routes and candidates on the GPU)."""
-    _check_args(xt, wt, dyt, acc_t, route)
-    device, dtype, accumulate = xt.device, xt.dtype, acc_t is not None
-    n, k = wt.shape
-    lead = tuple(xt.shape[:-1])
+    _check_args(x, w, dy, acc_t, route)
+    device, dtype, accumulate = x.device, x.dtype, acc_t is not None
+    n, k = w.shape
+    lead = tuple(x.shape[:-1])
     m = math.prod(lead)
     tf32 = bool(allow_tf32) and dtype == torch.float32
     prob = _Problem(m, n, k, dtype, device, need_dx, bias, accumulate, tf32, lead)
@@ -284,16 +284,16 @@ def _make_plan(xt, wt, dyt, acc_t, bias, need_dx, allow_tf32, route) -> _Plan:
             "bfloat16 inputs cannot take route='fused' under the Triton interpreter (TRITON_INTERPRET=1): "
             "its tl.dot does not support bfloat16 and returns wrong numbers; run bf16 on a GPU, or use "
             "route='cublas' (torch)")
-    x2, dy2 = xt.reshape(m, k), dyt.reshape(m, n)
+    x2, dy2 = x.reshape(m, k), dy.reshape(m, n)
     # whether the 2-D views exist: then the kernel reads the given tensors with the views' strides
     views = tuple(a.data_ptr() == b.data_ptr() and a.untyped_storage().data_ptr() == b.untyped_storage().data_ptr()
-                  for a, b in ((x2, xt), (dy2, dyt)))
+                  for a, b in ((x2, x), (dy2, dy)))
     index = device.index if device.type == "cuda" else None
     gpu_name, n_sm = device_info(device)
     params = tuning.values(OP, gpu_name)
     measuring = _autotune_enabled() and device.type == "cuda"
     key = (index, checks.dtype_name(dtype), m, n, k, need_dx, bias, accumulate, tf32,
-           x2.stride(), wt.stride(), dy2.stride())
+           x2.stride(), w.stride(), dy2.stride())
 
     if route == "auto":
         route = auto_route(prob, params, on_gpu=device.type == "cuda", measuring=measuring)
@@ -306,8 +306,8 @@ def _make_plan(xt, wt, dyt, acc_t, bias, need_dx, allow_tf32, route) -> _Plan:
 
     programs = n_sm * params["programs_per_sm"]
     dw_strides = acc_t.stride() if accumulate else (k, 1)
-    strides = x2.stride() + wt.stride() + dy2.stride() + (k, 1) + tuple(dw_strides)
-    biggest = max(_max_offset(x2), _max_offset(wt), _max_offset(dy2), m * k - 1,
+    strides = x2.stride() + w.stride() + dy2.stride() + (k, 1) + tuple(dw_strides)
+    biggest = max(_max_offset(x2), _max_offset(w), _max_offset(dy2), m * k - 1,
                   _max_offset(acc_t) if accumulate else n * k - 1)
 
     def fused(tile, splits):
@@ -320,10 +320,10 @@ def _make_plan(xt, wt, dyt, acc_t, bias, need_dx, allow_tf32, route) -> _Plan:
     plans = list({p.name: p for p in plans}.values())  # candidates that came out the same
     if not measuring or (len(plans) == 1 and route == "fused"):
         return plans[0]
-    return _measure(plans, route, key, params, x2, wt, dy2, acc_t)
+    return _measure(plans, route, key, params, x2, w, dy2, acc_t)
 
 
-def _measure(plans: list, route: str, key: tuple, params: dict, x2, wt, dy2, acc_t) -> _Plan:
+def _measure(plans: list, route: str, key: tuple, params: dict, x2, w, dy2, acc_t) -> _Plan:
     """The fastest of the fused `plans` (and, for route "auto", of cuBLAS) on the 2-D inputs,
     timed once per (problem, route, tuning values); the timings go to fused_choices and
     route_choices."""
@@ -338,10 +338,10 @@ def _measure(plans: list, route: str, key: tuple, params: dict, x2, wt, dy2, acc
     dx_s = torch.empty((m, k), dtype=dtype, device=device) if need_dx else None
     dw_s = acc_t.clone() if accumulate else torch.empty((n, k), dtype=dtype, device=device)
     db_s = torch.empty((n,), dtype=dtype, device=device) if bias else None
-    launchers = {p.name: functools.partial(p.launch, x2, wt, dy2, dx_s, dw_s, db_s) for p in plans}
+    launchers = {p.name: functools.partial(p.launch, x2, w, dy2, dx_s, dw_s, db_s) for p in plans}
     if route == "auto":
         cublas = _Plan(prob, "cublas", views)
-        launchers["cublas"] = functools.partial(_launch_cublas, x2, wt, dy2, dw_s if accumulate else None,
+        launchers["cublas"] = functools.partial(_launch_cublas, x2, w, dy2, dw_s if accumulate else None,
                                                 need_dx, bias, prob.allow_tf32)
     with torch.cuda.device(device):
         _, times = _fastest(launchers)
@@ -369,25 +369,25 @@ def _to_torch(x, w, dy, dw_accumulate):
 
 
 def plan_for(x, w, dy, bias, dw_accumulate, need_dx, allow_tf32, route):
-    """(plan, x, w, dy, dw_accumulate as torch tensors, from_cupy), the plan from the cache."""
+    """(plan, (x, w, dy, dw_accumulate) as torch tensors, from_cupy), the plan from the cache."""
     if route not in ROUTES:
         raise ValueError(f"route must be one of {ROUTES}, got {route!r}")
     if (isinstance(x, torch.Tensor) and isinstance(w, torch.Tensor) and isinstance(dy, torch.Tensor)
             and (dw_accumulate is None or isinstance(dw_accumulate, torch.Tensor))):
-        xt, wt, dyt, acc_t, from_cupy = x, w, dy, dw_accumulate, False
+        acc, from_cupy = dw_accumulate, False
     else:
-        xt, wt, dyt, acc_t, from_cupy = _to_torch(x, w, dy, dw_accumulate)
+        x, w, dy, acc, from_cupy = _to_torch(x, w, dy, dw_accumulate)
     # Everything _make_plan checks and decides from is in the key, so a hit needs no checks.
-    key = (xt.shape, xt.stride(), xt.dtype, xt.device, wt.shape, wt.stride(), wt.dtype, wt.device,
-           dyt.shape, dyt.stride(), dyt.dtype, dyt.device,
-           None if acc_t is None else (acc_t.shape, acc_t.stride(), acc_t.dtype, acc_t.device),
+    key = (x.shape, x.stride(), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device,
+           dy.shape, dy.stride(), dy.dtype, dy.device,
+           None if acc is None else (acc.shape, acc.stride(), acc.dtype, acc.device),
            bias, need_dx, allow_tf32, route, tuning.active_overrides(OP))
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) >= _MAX_PLANS:
             del _plans[next(iter(_plans))]
-        plan = _plans[key] = _make_plan(xt, wt, dyt, acc_t, bool(bias), bool(need_dx), bool(allow_tf32), route)
-    return plan, xt, wt, dyt, acc_t, from_cupy
+        plan = _plans[key] = _make_plan(x, w, dy, acc, bool(bias), bool(need_dx), bool(allow_tf32), route)
+    return plan, (x, w, dy, acc), from_cupy
 
 
 def plan_name(x, w, dy, *, bias=True, dw_accumulate=None, need_dx=True, allow_tf32=False, route="auto") -> str:

@@ -207,30 +207,29 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     (a host sync); False removes it: no host sync at all, and a bad target gives an
     unspecified loss but never an out-of-bounds access.
     """
-    xt, from_cupy = as_torch(x)
-    wt, _ = as_torch(w)
-    tt, _ = as_torch(targets)
-    bt = None if bias is None else as_torch(bias)[0]
-    acc_t = None if dw_accumulate is None else as_torch(dw_accumulate)[0]
-    gs = None if grad_scale is None else as_torch(grad_scale)[0]
-    checks.check_linear_cross_entropy_args(xt, wt, tt, bt, reduction, label_smoothing, z_loss, softcap, acc_t,
-                                           chunk, gs, allowed=checks.GPU_DTYPES)
-    device = xt.device
-    for name, a in (("w", wt), ("targets", tt), ("bias", bt), ("dw_accumulate", acc_t), ("grad_scale", gs)):
+    x, from_cupy = as_torch(x)
+    w, targets = as_torch(w)[0], as_torch(targets)[0]
+    bias = None if bias is None else as_torch(bias)[0]
+    acc_t = None if dw_accumulate is None else as_torch(dw_accumulate)[0]  # the caller's buffer is returned
+    grad_scale = None if grad_scale is None else as_torch(grad_scale)[0]
+    checks.check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap, acc_t,
+                                           chunk, grad_scale, allowed=checks.GPU_DTYPES)
+    device = x.device
+    for name, a in (("w", w), ("targets", targets), ("bias", bias), ("dw_accumulate", acc_t),
+                    ("grad_scale", grad_scale)):
         if a is not None and a.device != device:
             raise ValueError(f"{name} is on {a.device}, x on {device}: all arrays must share one device")
     if device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {device}")
-    v = wt.shape[0]
     if check_targets:
-        checks.check_targets(tt, v, ignore_index)
-    steps = _TorchSteps(xt, wt, bt, ignore_index=ignore_index, smoothing=float(label_smoothing), z_coef=float(z_loss),
-                        softcap=softcap, grad=grad, row_scale=gs is not None and gs.dim() == 1,
+        checks.check_targets(targets, w.shape[0], ignore_index)
+    steps = _TorchSteps(x, w, bias, ignore_index=ignore_index, smoothing=float(label_smoothing), z_coef=float(z_loss),
+                        softcap=softcap, grad=grad, row_scale=grad_scale is not None and grad_scale.dim() == 1,
                         allow_tf32=allow_tf32)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        out = run_chunks(steps, xt, tt.contiguous(), v=v, has_bias=bt is not None, dw_accumulate=acc_t,
-                         grad_scale=gs, ignore_index=ignore_index, reduction=reduction, need_dx=need_dx, grad=grad,
-                         chunk=chunk)
+        out = run_chunks(steps, x, targets.contiguous(), v=w.shape[0], has_bias=bias is not None,
+                         dw_accumulate=acc_t, grad_scale=grad_scale, ignore_index=ignore_index, reduction=reduction,
+                         need_dx=need_dx, grad=grad, chunk=chunk)
     loss, dx, dw, db, lse = out
     result = (as_given(loss, from_cupy), as_given(dx, from_cupy),
               dw_accumulate if dw_accumulate is not None and grad else as_given(dw, from_cupy),
