@@ -10,6 +10,8 @@ except the optional target check; no atomics. CuPy is imported only when called.
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 from .. import checks
@@ -91,11 +93,17 @@ class _CupySteps(Steps):
 
         self.cupy, self.x, self.w, self.bias, self.allow_tf32 = cupy, x, w, bias, allow_tf32
         self.float32, self.itemsize, self.v = cupy.float32, x.dtype.itemsize, int(w.shape[0])
-        suffix = SUFFIX[checks.dtype_name(x.dtype)]
-        self.rows_kernel = get_function(SOURCE, f"lce_rows_{suffix}")
-        self.column_sum = get_function(SOURCE, f"lce_column_sum_{suffix}")
+        self.suffix = SUFFIX[checks.dtype_name(x.dtype)]
         self.options = (np.int64(ignore_index), np.float32(smoothing), np.float32(z_coef), np.float32(softcap or 0.0),
                         np.int32(grad), np.int32(row_scale))
+
+    @functools.cached_property
+    def rows_kernel(self):
+        return get_function(SOURCE, f"lce_rows_{self.suffix}")
+
+    @functools.cached_property
+    def column_sum(self):
+        return get_function(SOURCE, f"lce_column_sum_{self.suffix}")
 
     def empty(self, shape, dtype):
         return self.cupy.empty(shape, dtype=dtype)
