@@ -505,8 +505,9 @@ def _walk(root: Tensor, g, retain_graph, collected):
     while ready:
         node, g = ready.pop()
         edges, vjp = node.edges, node.vjp
-        if node.guarded:
-            _check_guards(node)
+        for guard in node.guarded:  # each saved array must still be read-only (the user can lift the flag)
+            if guard.owner.flags.writeable:
+                _raise_changed(node)
         # the VJP: one function per input, called only for inputs that need a gradient (the
         # binary ops written out), or one function giving every input's cotangent
         if type(vjp) is not tuple:
@@ -569,10 +570,3 @@ def _count_uses(root_node) -> dict:
                 pending[e] = 1
                 stack.append(e)
     return pending
-
-
-def _check_guards(node):
-    """Each array `node` saved must still be read-only (the user can lift the flag by hand)."""
-    for guard in node.guarded:
-        if guard.owner.flags.writeable:
-            _raise_changed(node)
