@@ -9,8 +9,8 @@ import torch
 
 from gpuad.backend import is_cupy_array
 
-#: Triton runs the kernels in its interpreter on CPU tensors (TRITON_INTERPRET=1, read when
-#: the kernels are defined, as Triton reads it)
+#: Triton runs the kernels in its interpreter on CPU tensors: TRITON_INTERPRET=1 when the
+#: kernels are defined (tests/conftest.py sets it where there is no CUDA device)
 INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
