@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .common import Prepared, Unavailable, itemsize, np_dtype, rotating
+from .common import SEED, Prepared, Unavailable, itemsize, np_dtype, rotating
 
 
 class ElementwiseChain:
@@ -38,7 +38,6 @@ class ElementwiseChain:
 
     @staticmethod
     def make_inputs(case):
-        from .ops import SEED
         rng = np.random.default_rng((SEED, 7))
         n, dt = case.dims[1], np_dtype(case.dtype)
         return {"x": rng.normal(size=n).astype(dt), "a": rng.uniform(0.999, 1.001, n).astype(dt),

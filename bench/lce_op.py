@@ -7,14 +7,15 @@ returned in the input dtype: the fp32 accumulator is then gpuad's own, inside th
 (eager F.linear + F.cross_entropy), torch_compile, torch_lce (torch's own chunked
 F.linear_cross_entropy, where this torch has it), liger (Liger Kernel's fused linear
 cross-entropy) and cce (Cut Cross-Entropy), each when importable. Registered in
-``bench.ops.OPS`` by ``bench/ops.py``, which imports this module last.
+``bench.ops.OPS`` by ``bench/ops.py``.
 """
 from __future__ import annotations
 
 import numpy as np
 
 from . import lm_head_model
-from .common import Prepared, Unavailable, itemsize, normal, rotating
+from .common import (SEED, SLICE_ROWS, Prepared, Unavailable, compile_fixed, gpuad_inputs, host64, itemsize,
+                     normal, on_torch, rotating)
 
 IGNORE = -100
 IGNORE_EVERY = 17  # every 17th target is ignore_index: the padding rows of a real batch
@@ -116,7 +117,7 @@ def _lce_gpuad(module, main_grad=True):
     """gpuad's kernels; main_grad: dw added into an fp32 [V, D] buffer made before the call
     (a trainer's main grad, zeroed each call), else dw returned in the input dtype."""
     def setup(env, case, host, n):
-        K, sets, dev = _gpuad_inputs(env, module, host, [("x", case.dtype), ("w", case.dtype), ("targets", None)], n)
+        K, sets, dev = gpuad_inputs(env, module, host, [("x", case.dtype), ("w", case.dtype), ("targets", None)], n)
         _, d, v = case.dims
         acc = None
         if main_grad and module == "triton":
@@ -165,7 +166,7 @@ def _peer(kind, torch):
 
     def eager(x, w, t):
         return F.cross_entropy(F.linear(x, w), t, ignore_index=IGNORE)
-    return _compile(torch, eager) if kind == "torch_compile" else eager
+    return compile_fixed(torch, eager) if kind == "torch_compile" else eager
 
 
 def _lce_torch(kind):
@@ -211,7 +212,3 @@ CPU_FULL_SHAPES = [((1024, 256, 8000), "float32"), ((100, 64, 50257), "float32")
 TINY_SHAPES = [((64, 32, 500), "float32"), ((37, 16, 1031), "float32")]
 #: impls run on these shapes by the quick preset on a GPU (its time budget; the rest: --impls)
 QUICK_GPU_IMPLS = ("triton", "torch", "torch_lce", "liger")
-
-# Last, after the class and its impls exist: bench.ops imports this module to register the op,
-# so whichever of the two is imported first, the other finds what it needs.
-from .ops import SEED, SLICE_ROWS, _compile, _gpuad_inputs, host64, on_torch  # noqa: E402

@@ -10,12 +10,14 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .common import Prepared, Unavailable, itemsize, normal, np_dtype, rotating
+from . import lce_op
+from .chain_op import ElementwiseChain, ScalarChain  # the engine's per-op cost, on the CPU
+from .common import (SEED, SLICE_ROWS, Prepared, Unavailable, drop_device_copies, gpuad_inputs,  # noqa: F401
+                     host64, import_kernels, itemsize, normal, on_torch, on_xp, rotating, to64)
+from .lce_op import LinearCrossEntropy  # the fused LM head
 
 IMPLS = ("reference", "triton", "triton_fused", "triton_dw", "cupy", "torch", "torch_lce", "liger", "cce",
          "torch_compile")  # compile last
-SEED = 0
-SLICE_ROWS = 16  # rows of each output checked again on the host in float64 (ops' host_slice)
 
 
 @dataclass(frozen=True)
@@ -33,59 +35,6 @@ class Case:
         if len(names) != len(self.dims):  # an MLP with several hidden layers: H1, H2, ...
             names = (*names[:2], *(f"H{i}" for i in range(1, len(self.dims) - 2)), names[-1])
         return dict(zip(names, self.dims))
-
-
-# --- arrays on each library --------------------------------------------------------------
-
-def _torch_dtype(torch, name):
-    return getattr(torch, name)
-
-
-def on_torch(torch, host, dtype, device, key=None):
-    """A fresh torch tensor of `dtype` on `device` from a host array (integers stay int64).
-
-    With `key`, `host` is a case's input dict and the array is host[key]: its copy on the
-    device is made once per case and kept in that dict, so impls after the first convert on
-    the device instead of crossing the bus again."""
-    if key is not None:
-        cached = host.get(("on", key, device))
-        if cached is None:
-            cached = host[("on", key, device)] = on_torch(torch, host[key], None, device)
-        return cached.clone() if cached.dtype == torch.int64 else cached.to(_torch_dtype(torch, dtype), copy=True)
-    t = torch.from_numpy(np.ascontiguousarray(host)).to(device)
-    return t if host.dtype.kind == "i" or dtype is None else t.to(_torch_dtype(torch, dtype))
-
-
-def drop_device_copies(host):
-    """Forget the device copies on_torch kept in a case's input dict."""
-    for k in [k for k in host if isinstance(k, tuple)]:
-        del host[k]
-
-
-def on_xp(xp, host, dtype):
-    """A numpy or CuPy array of `dtype` from a host array (bfloat16 through ml_dtypes)."""
-    a = host if host.dtype.kind == "i" else host.astype(np_dtype(dtype))
-    return xp.asarray(a)
-
-
-def to64(xp, a):
-    """A float64 copy on `xp` of a host array: on a GPU the float32 values cross the bus and
-    widen on the device (half the bytes, no host conversion)."""
-    return xp.asarray(a).astype(xp.float64)
-
-
-def host64(host, key, rows=slice(None)):
-    return np.asarray(host[key][rows], dtype=np.float64)
-
-
-def _compile(torch, fn):
-    """torch.compile for fixed shapes; every case recompiles the same code, so raise dynamo's
-    recompile limit (named cache_size_limit in older torch) to keep each case compiled."""
-    cfg = torch._dynamo.config
-    for name in ("recompile_limit", "cache_size_limit"):
-        if hasattr(cfg, name):
-            setattr(cfg, name, max(getattr(cfg, name), 256))
-    return torch.compile(fn, dynamic=False)
 
 
 def _torch_device(env, who):
@@ -156,25 +105,9 @@ class CrossEntropy:
         return {"dlogits": (r, g / b)}
 
 
-def _gpuad_inputs(env, module, host, spec, n):
-    """(kernel module, n input sets, device) for a gpuad impl; `spec` lists (host key, dtype).
-
-    triton gets CUDA torch tensors (CPU ones in an Env made with interpret=True: the Triton
-    interpreter); cupy, and reference on a GPU, CuPy arrays; reference without a GPU, numpy."""
-    if module == "triton":
-        if not env.interpret:
-            env.require_cuda(module)
-        torch = env.torch(module)
-        K = _import_kernels(module, module)
-        return K, [tuple(on_torch(torch, host, dt, env.device, k) for k, dt in spec) for _ in range(n)], env.device
-    xp, dev = (env.cupy(module), "cuda") if module == "cupy" or env.cuda else (np, "cpu")
-    K = _import_kernels(module, module)
-    return K, [tuple(on_xp(xp, host[k], dt) for k, dt in spec) for _ in range(n)], dev
-
-
 def _ce_gpuad(module):
     def setup(env, case, host, n):
-        K, sets, dev = _gpuad_inputs(env, module, host, [("logits", case.dtype), ("targets", None)], n)
+        K, sets, dev = gpuad_inputs(env, module, host, [("logits", case.dtype), ("targets", None)], n)
 
         def call(logits, targets):
             return K.softmax_cross_entropy(logits, targets, check_targets=False)
@@ -184,14 +117,6 @@ def _ce_gpuad(module):
             return {"loss": loss, "dlogits": dl}
         return Prepared(rotating(sets, call), outputs, dev)
     return setup
-
-
-def _import_kernels(module, who):
-    import importlib
-    try:
-        return importlib.import_module(f"gpuad.kernels.{module}")
-    except Exception as e:
-        raise Unavailable(f"{who}: gpuad.kernels.{module} is not importable ({type(e).__name__}: {e})"[:300])
 
 
 def _ce_torch(kind):
@@ -206,7 +131,7 @@ def _ce_torch(kind):
             except Exception as e:
                 raise Unavailable(f"liger: Liger Kernel is not importable ({type(e).__name__}: {e})"[:300])
         elif kind == "torch_compile":
-            fn = _compile(torch, F.cross_entropy)
+            fn = compile_fixed(torch, F.cross_entropy)
         else:
             fn = F.cross_entropy
         sets = [(on_torch(torch, host, case.dtype, dev, "logits").requires_grad_(),
@@ -284,7 +209,7 @@ class LinearBackward:
 def _lin_gpuad(module, **kw):
     """gpuad's linear_backward from kernels `module`, called with keywords `kw`."""
     def setup(env, case, host, n):
-        K, sets, dev = _gpuad_inputs(env, module, host, [(k, case.dtype) for k in ("x", "w", "dy")], n)
+        K, sets, dev = gpuad_inputs(env, module, host, [(k, case.dtype) for k in ("x", "w", "dy")], n)
 
         def call(x, w, dy):
             return K.linear_backward(x, w, dy, **kw)
@@ -301,7 +226,7 @@ def _lin_torch(kind):
 
         def three_ops(x, w, dy):
             return dy @ w, dy.t() @ x, dy.sum(0)
-        fn = _compile(torch, three_ops) if kind == "torch_compile" else three_ops
+        fn = compile_fixed(torch, three_ops) if kind == "torch_compile" else three_ops
         sets = [tuple(on_torch(torch, host, case.dtype, dev, k) for k in ("x", "w", "dy")) for _ in range(n)]
         return Prepared(rotating(sets, fn), lambda: dict(zip(("dx", "dw", "db"), fn(*sets[0]))), dev)
     return setup
@@ -400,7 +325,7 @@ def _mlp_gpuad(kernels, who):
             xp = np
         import gpuad as ad
         if kernels is not None:
-            _import_kernels(kernels, who)
+            import_kernels(kernels, who)
         backend = "numpy" if kernels is None else "cupy"
         with ad.use_backend(backend):
             names = mlp_params(case)
@@ -442,7 +367,7 @@ def _mlp_torch(kind):
             for i in range(0, len(params), 2):
                 x = F.linear(x if i == 0 else F.relu(x), params[i], params[i + 1])
             return F.cross_entropy(x, t)
-        fwd = _compile(torch, forward) if kind == "torch_compile" else forward
+        fwd = compile_fixed(torch, forward) if kind == "torch_compile" else forward
 
         def step(x, t):
             loss = fwd(x, t, *params)
@@ -470,9 +395,6 @@ MLPStep.impls = {
     "liger": _mlp_torch("liger"),
 }
 
-from . import lce_op  # noqa: E402 (the fused LM head; it builds on the helpers above)
-from .lce_op import LinearCrossEntropy  # noqa: E402
-from .chain_op import ElementwiseChain, ScalarChain  # noqa: E402 (the engine's per-op cost, on the CPU)
 
 OPS = {op.name: op for op in (CrossEntropy, LinearBackward, LinearCrossEntropy, MLPStep, ElementwiseChain,
                               ScalarChain)}

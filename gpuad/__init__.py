@@ -8,15 +8,9 @@ gradients (linear backward, softmax cross-entropy) run as fused GPU kernels.
 
 Importing gpuad imports numpy only; CuPy, torch and Triton load when first used.
 """
-import os as _os
+from ._source_tree import find_kernels_in_source_tree as _find_kernels_in_source_tree
 
-# From a source tree (the repository root on sys.path, no install, or an install that failed),
-# gpuad.kernels lives in <root>/kernels: add the root to this package's search path so that the
-# subpackage resolves there. An installed gpuad has no such sibling and is left as it is.
-_root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
-if (_os.path.isfile(_os.path.join(_root, "kernels", "__init__.py"))
-        and _os.path.isfile(_os.path.join(_root, "pyproject.toml"))):
-    __path__.append(_root)
+_find_kernels_in_source_tree()
 from .backend import get_backend, get_kernels, set_backend, set_kernels, use_backend
 from .gradcheck import GradcheckError, gradcheck
 from .ops import (add, div, exp, gelu, getitem, linear, log, log_softmax, logsumexp, matmul, mean, mul, neg,

@@ -33,7 +33,7 @@ def unbroadcast(g, shape):
     return g.sum(axis=axes, keepdims=True).reshape(shape) if axes else g.reshape(shape)
 
 
-def _same_kind(a, b) -> bool:
+def _same_shape_tensors(a, b) -> bool:
     """Whether a and b are Tensors holding arrays of one type (so one backend) and one shape:
     the common case of a binary op, which then needs none of _pair's work."""
     return type(a) is Tensor and type(b) is Tensor and type(a.data) is type(b.data) and a.data.shape == b.data.shape
@@ -197,7 +197,7 @@ def add(a, b):
     pair = _scalar_pair(a, b)
     if pair is not None:
         return _add_scalar(*pair)
-    if _same_kind(a, b):  # one shape: no broadcasting to undo
+    if _same_shape_tensors(a, b):  # one shape: no broadcasting to undo
         return record("add", a.data + b.data, (a, b), _IDENTITIES, operator.add)
     a, b = _pair("add", a, b)
     y = a.data + b.data  # the VJP keeps shapes only, not the operands
@@ -212,7 +212,7 @@ def sub(a, b):
         if x is a:
             return record("sub_scalar", x.data - c, (x,), (_identity,), _identity)
         return record("rsub_scalar", c - x.data, (x,), (operator.neg,), operator.neg)
-    if not _same_kind(a, b):
+    if not _same_shape_tensors(a, b):
         a, b = _pair("sub", a, b)
     y = a.data - b.data
     sb = b.data.shape
@@ -221,12 +221,12 @@ def sub(a, b):
                   jvp=operator.sub)
 
 
-def _mul_tangent(ad_, bd, ta, tb):
-    return ta * bd + ad_ * tb
+def _mul_tangent(a_data, b_data, ta, tb):
+    return ta * b_data + a_data * tb
 
 
-def _mul_broadcast_vjp(ad_, bd):
-    return lambda g: unbroadcast(g * bd, ad_.shape), lambda g: unbroadcast(g * ad_, bd.shape)
+def _mul_broadcast_vjp(a_data, b_data):
+    return lambda g: unbroadcast(g * b_data, a_data.shape), lambda g: unbroadcast(g * a_data, b_data.shape)
 
 
 def mul(a, b):
@@ -235,16 +235,16 @@ def mul(a, b):
     pair = _scalar_pair(a, b)
     if pair is not None:
         return _mul_scalar(*pair)
-    same = _same_kind(a, b)
+    same = _same_shape_tensors(a, b)
     if not same:
         a, b = _pair("mul", a, b)
         same = a.data.shape == b.data.shape
-    ad_, bd = a.data, b.data
+    a_data, b_data = a.data, b.data
     if same:  # g -> g * b, g -> g * a; only where a gradient is needed, so as to keep no operand for nothing
-        vjp = (bd.__rmul__ if a.requires_grad else None, ad_.__rmul__ if b.requires_grad else None)
+        vjp = (b_data.__rmul__ if a.requires_grad else None, a_data.__rmul__ if b.requires_grad else None)
     else:
-        vjp = _mul_broadcast_vjp(ad_, bd)
-    return record("mul", ad_ * bd, (a, b), vjp, functools.partial(_mul_tangent, ad_, bd),
+        vjp = _mul_broadcast_vjp(a_data, b_data)
+    return record("mul", a_data * b_data, (a, b), vjp, functools.partial(_mul_tangent, a_data, b_data),
                   (b if a.requires_grad else None, a if b.requires_grad else None))
 
 
@@ -254,15 +254,15 @@ def div(a, b):
     if (type(b) is float or type(b) is int) and isinstance(a, Tensor) and a.data.dtype.kind == "f":  # x / c
         scale = lambda g: g / b  # noqa: E731
         return record("div_scalar", a.data / b, (a,), (scale,), scale)
-    if not _same_kind(a, b):
+    if not _same_shape_tensors(a, b):
         a, b = _pair("div", a, b)
-    sa, bd = a.shape, b.data
-    y = a.data / bd
+    sa, b_data = a.shape, b.data
+    y = a.data / b_data
     wide = _wide if _is_half(y.dtype) else (lambda v: v)
     return record("div", y, (a, b),
-                  vjp=(lambda g: unbroadcast(g / bd, sa),
-                       lambda g: _as_dtype_of(unbroadcast(-wide(g) * y / bd, bd.shape), bd)),
-                  jvp=lambda ta, tb: _as_dtype_of((wide(ta) - y * wide(tb)) / bd, y), saved=(b,))
+                  vjp=(lambda g: unbroadcast(g / b_data, sa),
+                       lambda g: _as_dtype_of(unbroadcast(-wide(g) * y / b_data, b_data.shape), b_data)),
+                  jvp=lambda ta, tb: _as_dtype_of((wide(ta) - y * wide(tb)) / b_data, y), saved=(b,))
 
 
 def neg(x):

@@ -134,8 +134,8 @@ def check_not_in_transform(name: str):
 
 # --- the guard on saved arrays ----------------------------------------------------------
 # A VJP reads arrays saved in the forward pass; writing into one of them between the forward
-# and the backward would make the gradient silently wrong (the issue's example: y = (a*a).sum();
-# a.data[...] = 10; y.backward() gave [20, 20]). numpy arrays carry a writeable flag: while a
+# and the backward would make the gradient silently wrong (y = (a*a).sum(); a.data[...] = 10;
+# y.backward() would give [20, 20], not 2·a). numpy arrays carry a writeable flag: while a
 # live node saved a leaf's data (a parameter, an input, a transform's primal), a constant
 # operand (the user's array), an index or a mask, that array and the memory owner behind it
 # (its .base) are read-only, so a write raises at once ("assignment destination is read-only"),
@@ -490,14 +490,72 @@ def _deliver_to_leaf(leaf: Tensor, g, collected, shared):
 
 
 def _walk(root: Tensor, g, retain_graph, collected):
+    """Reverse mode from `root` with cotangent `g`, in one rule: a node runs its VJP once all
+    of its cotangents are summed (Kahn's order over the counts of _count_uses), and each input
+    cotangent it gives goes to one of three cases, named below: a leaf (added to its gradient at
+    once), a node's last cotangent (the node is ready), or a node's earlier one (kept summed).
+    The loop is written out: every op of a long chain passes through it."""
     shared = {id(g)}
     if root._node is None:  # the root is itself a leaf
         _deliver_to_leaf(root, g, collected, shared)
         return
-    # 1. count, for every node reachable from the root, how many edges lead into it (nodes
-    #    are their own dictionary keys: they hash by identity)
-    pending = {root._node: 0}
-    stack = [root._node]
+    pending = _count_uses(root._node)
+    partial = {}  # the summed cotangents of nodes still waiting for some
+    ready = [(root._node, g)]  # (node, its summed cotangent)
+    while ready:
+        node, g = ready.pop()
+        edges, vjp = node.edges, node.vjp
+        for guard in node.guarded:  # each saved array must still be read-only (the user can lift the flag)
+            if guard.owner.flags.writeable:
+                _raise_changed(node)
+        # the VJP: one function per input, called only for inputs that need a gradient (the
+        # binary ops written out), or one function giving every input's cotangent
+        if type(vjp) is not tuple:
+            grads = vjp(g)
+        elif len(vjp) == 2:
+            e0, e1 = edges
+            grads = (None if e0 is None else vjp[0](g), None if e1 is None else vjp[1](g))
+        else:
+            grads = []
+            for f, e in zip(vjp, edges):
+                grads.append(None if e is None else f(g))
+        if _inspector is not None:
+            _inspector.on_vjp(node, g, grads)
+        del g
+        if not retain_graph:
+            node.vjp = node.edges = None
+        for e, gp in zip(edges, grads):
+            if gp is None or e is None:
+                continue
+            leaf = type(e) is not Node
+            like = e.data if leaf else e  # what the cotangent must match: shape and dtype
+            if type(gp) is not np.ndarray or gp.dtype is not like.dtype or gp.shape != like.shape:
+                gp = _coerce(gp, like.shape, like.dtype, node.name)
+            if leaf:  # case "leaf": a leaf Tensor (of any subclass) takes its share now
+                if retain_graph:
+                    shared.add(id(gp))
+                _deliver_to_leaf(e, gp, collected, shared)
+                continue
+            waiting = pending[e]
+            if waiting == 1:  # case "last": e's last cotangent, so e is ready
+                prev = partial.pop(e, None) if partial else None
+                ready.append((e, gp if prev is None else prev + gp))
+            else:  # case "earlier": e waits for more; its sum so far is kept
+                pending[e] = waiting - 1
+                prev = partial.get(e)
+                partial[e] = gp if prev is None else prev + gp
+        if not retain_graph:
+            node.guarded = ()  # after its last VJP: the arrays it saved may be written again
+        del edges, vjp, grads
+    if not retain_graph:  # the graph is released: its nodes die with the walk, the root's too
+        root._node = _FREED
+
+
+def _count_uses(root_node) -> dict:
+    """{node: how many edges lead into it} for every node reachable from `root_node` (nodes are
+    their own dictionary keys: they hash by identity). Raises on a node a backward freed."""
+    pending = {root_node: 0}
+    stack = [root_node]
     while stack:
         edges = stack.pop().edges
         if edges is None:  # a node that a backward freed
@@ -511,53 +569,4 @@ def _walk(root: Tensor, g, retain_graph, collected):
             else:
                 pending[e] = 1
                 stack.append(e)
-    # 2. run each node once all of its cotangents are summed (Kahn's order): `ready` holds
-    #    (node, its summed cotangent), `partial` the sums of nodes still waiting for some
-    partial = {}
-    ready = [(root._node, g)]
-    while ready:
-        node, g = ready.pop()
-        edges, vjp = node.edges, node.vjp
-        for guard in node.guarded:  # each saved array must still be read-only (the user can lift the flag)
-            if guard.owner.flags.writeable:
-                _raise_changed(node)
-        if type(vjp) is tuple:  # one VJP per input, called for those that need a gradient
-            if len(vjp) == 2:  # the binary ops, written out
-                e0, e1 = edges
-                grads = (None if e0 is None else vjp[0](g), None if e1 is None else vjp[1](g))
-            else:
-                grads = []
-                for f, e in zip(vjp, edges):
-                    grads.append(None if e is None else f(g))
-        else:
-            grads = vjp(g)
-        if _inspector is not None:
-            _inspector.on_vjp(node, g, grads)
-        del g
-        if not retain_graph:
-            node.vjp = node.edges = None
-        for e, gp in zip(edges, grads):
-            if gp is None or e is None:
-                continue
-            leaf = type(e) is not Node  # a leaf Tensor, else a node
-            like = e.data if leaf else e  # what the cotangent must match: shape and dtype
-            if type(gp) is not np.ndarray or gp.dtype is not like.dtype or gp.shape != like.shape:
-                gp = _coerce(gp, like.shape, like.dtype, node.name)
-            if leaf:
-                if retain_graph:
-                    shared.add(id(gp))
-                _deliver_to_leaf(e, gp, collected, shared)
-                continue
-            waiting = pending[e]
-            if waiting == 1:  # e's last cotangent: e is ready
-                prev = partial.pop(e, None) if partial else None
-                ready.append((e, gp if prev is None else prev + gp))
-            else:
-                pending[e] = waiting - 1
-                prev = partial.get(e)
-                partial[e] = gp if prev is None else prev + gp
-        if not retain_graph:
-            node.guarded = ()  # after its last VJP: the arrays it saved may be written again
-        del edges, vjp, grads
-    if not retain_graph:  # the graph is released: its nodes die with the walk, the root's too
-        root._node = _FREED
+    return pending

@@ -21,8 +21,9 @@ itself one of the ops, so compiled graphs hold them without a graph break. They 
 ops rather than ``triton_op``: the launchers choose their kernel at run time (a measured route
 between the fused Triton kernel and cuBLAS, autotuned tiles, the numpy path on the CPU), which
 is not traceable, and Inductor has nothing to fuse into a softmax + cross-entropy that already
-reads its logits once. In eager mode the same bodies run through ``torch.autograd.Function``s,
-which skip the custom-op dispatch (it costs tens of µs a call; see ``EAGER_BYPASS``).
+reads its logits once. Each op is defined once (``_Op``: body, fake, setup, backward); in eager
+mode the same body, setup and backward run as a ``torch.autograd.Function``, which skips the
+custom-op dispatch (it costs tens of µs a call; see ``EAGER_BYPASS``).
 
 Semantics beyond the torch functions they replace:
 
@@ -49,8 +50,8 @@ Semantics beyond the torch functions they replace:
   by the kernel in fp32, ``dw_accumulate``); ignored rows and no host sync as for
   ``cross_entropy``.
 """
-import collections
-from typing import Optional
+import inspect
+from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
@@ -116,7 +117,8 @@ def _assert_targets_async(targets, n_classes, ignore_index, who):
 
 
 # --- op bodies (one per op, shared by the custom op and the eager autograd.Function) ----
-def _cross_entropy_body(logits, targets, ignore_index, reduction, label_smoothing, compute_grad):
+def _cross_entropy_body(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,
+                        label_smoothing: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, dlogits): loss fp32 (fp64 for fp64 logits), 0-d or [B] for "none"; dlogits
     [B, V] in the logits' dtype, or an empty tensor when not compute_grad."""
     kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, grad=compute_grad)
@@ -130,18 +132,19 @@ def _cross_entropy_body(logits, targets, ignore_index, reduction, label_smoothin
     return loss, (dlogits if dlogits is not None else _empty(logits))
 
 
-def _cross_entropy_backward_body(grad_loss, dlogits):
+def _cross_entropy_backward_body(grad_loss: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
     """∂/∂logits: dlogits scaled by the incoming gradient, row by row for reduction "none"."""
     scale = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss
     return dlogits * scale.to(dlogits.dtype)
 
 
-def _linear_body(x, weight, bias):
+def _linear_body(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     dtype = x.dtype
     return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
 
 
-def _linear_backward_body(grad_y, x, weight, need_dx, need_dw, need_db):
+def _linear_backward_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_dx: bool,
+                          need_dw: bool, need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw, db) in the dtypes of x, weight and weight; each an empty tensor when not
     needed. A weight wider than x (fp32 master, bf16 x) gets its dw accumulated in fp32."""
     n, k = weight.shape
@@ -172,28 +175,52 @@ def _linear_backward_body(grad_y, x, weight, need_dx, need_dw, need_db):
             db if db is not None else _empty(weight))
 
 
-def _lce_body(x, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, need_dx, need_dw,
-              need_db, grad_scale=None):
+def _lce_body(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
+              ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
+              need_dx: bool, need_dw: bool,
+              need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dx, dw, db) of the fused LM head for x [N, D], weight [V, D] and bias [V] (x's
     dtype, or its float32 master copy), targets [N]. loss: float32 (float64 for float64 x), 0-d
-    or [N] for "none". The gradients are computed when one is needed and the reduction is not
-    "none" or a grad_scale (0-d, or [N] for "none") multiplies them; each is in its input's
-    dtype (a master weight's accumulated in fp32 by the kernel), or an empty tensor."""
-    grad = (need_dx or need_dw or need_db) and (reduction != "none" or grad_scale is not None)
-    dtype = x.dtype
-    master = weight.dtype != dtype
-    w = weight.to(dtype)
-    b = None if bias is None else bias.to(dtype)
-    acc = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if grad and master else None
-    kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss,
-              softcap=softcap, need_dx=need_dx, grad=grad)
+    or [N] for "none". The gradients are computed with the loss when one is needed and the
+    reduction is not "none"; each is in its input's dtype (a master weight's accumulated in fp32
+    by the kernel), or an empty tensor."""
+    return _lce(_LceInputs(x, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                           need_dx, need_dw, need_db), None)
+
+
+def _lce_backward_body(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                       bias: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
+                       softcap: Optional[float], need_dx: bool, need_dw: bool,
+                       need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of reduction "none": the kernel again, the cotangent [N] as per-row weights."""
+    return _lce(_LceInputs(x, weight, targets, bias, ignore_index, "none", label_smoothing, z_loss, softcap,
+                           need_dx, need_dw, need_db), grad_loss)[1:]
+
+
+def _lce_scale_body(grad_loss: torch.Tensor, dx: torch.Tensor, dw: torch.Tensor,
+                    db: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of "mean" / "sum" (computed by the forward) times the 0-d cotangent."""
+    return tuple(_cross_entropy_backward_body(grad_loss, g) for g in (dx, dw, db))
+
+
+def _lce(a: "_LceInputs", grad_scale):
+    """_lce_body's outputs; with a grad_scale (0-d, or [N] for "none") the gradients are
+    computed, whatever the reduction, and multiplied by it."""
+    grad = (a.need_dx or a.need_dw or a.need_db) and (a.reduction != "none" or grad_scale is not None)
+    x, dtype = a.x, a.x.dtype
+    master = a.weight.dtype != dtype
+    w = a.weight.to(dtype)
+    b = None if a.bias is None else a.bias.to(dtype)
+    acc = torch.zeros(w.shape, dtype=torch.float32, device=x.device) if grad and master else None
+    kw = dict(ignore_index=a.ignore_index, reduction=a.reduction, label_smoothing=a.label_smoothing,
+              z_loss=a.z_loss, softcap=a.softcap, need_dx=a.need_dx, grad=grad)
     if _use_triton(x):
-        _assert_targets_async(targets, w.shape[0], ignore_index, "linear_cross_entropy")
-        loss, dx, dw, db = _triton_kernels().linear_cross_entropy(x, w, targets, bias=b, dw_accumulate=acc,
+        _assert_targets_async(a.targets, w.shape[0], a.ignore_index, "linear_cross_entropy")
+        loss, dx, dw, db = _triton_kernels().linear_cross_entropy(x, w, a.targets, bias=b, dw_accumulate=acc,
                                                                   grad_scale=grad_scale, check_targets=False, **kw)
     else:
         loss, dx, dw, db = reference.linear_cross_entropy(
-            _as_numpy(x), _as_numpy(w), _as_numpy(targets), bias=None if b is None else _as_numpy(b),
+            _as_numpy(x), _as_numpy(w), _as_numpy(a.targets), bias=None if b is None else _as_numpy(b),
             dw_accumulate=None if acc is None else acc.numpy(),
             grad_scale=None if grad_scale is None else _as_numpy(grad_scale), **kw)
         loss = _from_numpy(loss, _loss_dtype(dtype))
@@ -201,70 +228,92 @@ def _lce_body(x, weight, targets, bias, ignore_index, reduction, label_smoothing
         dw = acc if acc is not None else None if dw is None else _from_numpy(dw, dtype)
         db = None if db is None else _from_numpy(db, dtype)
     if db is not None:
-        db = db.to(weight.dtype)  # a master bias: db was accumulated in fp32, rounded once to x's dtype
+        db = db.to(a.weight.dtype)  # a master bias: db was accumulated in fp32, rounded once to x's dtype
+
     def keep(g, need, like):
         return g if need and g is not None else _empty(like)
-    return loss, keep(dx, need_dx, x), keep(dw, need_dw, weight), keep(db, need_db, weight)
+    return loss, keep(dx, a.need_dx, x), keep(dw, a.need_dw, a.weight), keep(db, a.need_db, a.weight)
 
 
-# --- torch.library registration --------------------------------------------------------
-@torch.library.custom_op("gpuad::cross_entropy", mutates_args=())
-def _cross_entropy_op(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,
-                      label_smoothing: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _cross_entropy_body(logits, targets, ignore_index, reduction, label_smoothing, compute_grad)
+class _LceInputs(NamedTuple):
+    """The inputs of gpuad::linear_cross_entropy by name, in the op's order (the op takes them
+    flat: a custom op's arguments are tensors and scalars)."""
+    x: Optional[torch.Tensor] = None
+    weight: Optional[torch.Tensor] = None
+    targets: Optional[torch.Tensor] = None
+    bias: Optional[torch.Tensor] = None
+    ignore_index: Optional[int] = None
+    reduction: Optional[str] = None
+    label_smoothing: Optional[float] = None
+    z_loss: Optional[float] = None
+    softcap: Optional[float] = None
+    need_dx: Optional[bool] = None
+    need_dw: Optional[bool] = None
+    need_db: Optional[bool] = None
 
 
-@_cross_entropy_op.register_fake
-def _(logits, targets, ignore_index, reduction, label_smoothing, compute_grad):
+assert _LceInputs._fields == tuple(inspect.signature(_lce_body).parameters)
+
+
+# --- one definition per op: the torch.library registration and the eager Function -------
+class _Op:
+    """One gpuad op, defined once from its body. ``op`` is the torch.library custom op
+    (``gpuad::<name>``, what torch.compile traces) with `fake` (shapes and dtypes only) and, for
+    a differentiable op, `setup` and `backward` as its autograd; ``function`` is a
+    torch.autograd.Function with the same setup and backward around the body, which skips the
+    custom-op dispatch in eager mode (``EAGER_BYPASS``). ``backward(ctx, eager, *grads)`` runs
+    the backward ops, or their bodies when `eager`."""
+
+    def __init__(self, name, body, fake, setup=None, backward=None):
+        self.body = body
+        self.op = torch.library.custom_op(f"gpuad::{name}", body, mutates_args=())
+        self.op.register_fake(fake)
+        if backward is not None:
+            self.op.register_autograd(lambda ctx, *grads: backward(ctx, False, *grads), setup_context=setup)
+            self.function = type(f"_{name}_function", (torch.autograd.Function,), dict(
+                forward=staticmethod(body), setup_context=staticmethod(setup),
+                backward=staticmethod(once_differentiable(lambda ctx, *grads: backward(ctx, True, *grads)))))
+
+    def __call__(self, eager: bool, *args):
+        """The outputs of the body (`eager`) or of the registered op: for backward ops."""
+        return (self.body if eager else self.op)(*args)
+
+    def run(self, needs_grad: bool, *args):
+        """The outputs for a public call: the registered op under torch.compile or without
+        EAGER_BYPASS; else the eager Function when a gradient is needed, the bare body when not."""
+        if not _eager():
+            return self.op(*args)
+        return self.function.apply(*args) if needs_grad else self.body(*args)
+
+
+def _cross_entropy_fake(logits, targets, ignore_index, reduction, label_smoothing, compute_grad):
     loss_shape = (logits.shape[0],) if reduction == "none" else ()
     loss = logits.new_empty(loss_shape, dtype=_loss_dtype(logits.dtype))
     return loss, (torch.empty_like(logits) if compute_grad else _empty(logits))
 
 
-@torch.library.custom_op("gpuad::cross_entropy_backward", mutates_args=())
-def _cross_entropy_backward_op(grad_loss: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
-    return _cross_entropy_backward_body(grad_loss, dlogits)
-
-
-@_cross_entropy_backward_op.register_fake
-def _(grad_loss, dlogits):
-    return torch.empty_like(dlogits)
-
-
 def _cross_entropy_setup(ctx, inputs, output):
-    ctx.compute_grad = inputs[5]
+    logits, targets, ignore_index, reduction, label_smoothing, compute_grad = inputs
+    ctx.compute_grad = compute_grad
     ctx.mark_non_differentiable(output[1])
     ctx.save_for_backward(output[1])
 
 
-def _cross_entropy_backward(ctx, grad_loss, _grad_dlogits):
+def _cross_entropy_backward(ctx, eager, grad_loss, _grad_dlogits):
     if not ctx.compute_grad:
         raise RuntimeError("gpuad::cross_entropy ran with compute_grad=False: it kept no gradient to backpropagate")
     (dlogits,) = ctx.saved_tensors
-    return torch.ops.gpuad.cross_entropy_backward(grad_loss, dlogits), None, None, None, None, None
+    return _CROSS_ENTROPY_BACKWARD(eager, grad_loss, dlogits), None, None, None, None, None
 
 
-_cross_entropy_op.register_autograd(_cross_entropy_backward, setup_context=_cross_entropy_setup)
+_CROSS_ENTROPY_BACKWARD = _Op("cross_entropy_backward", _cross_entropy_backward_body,
+                              lambda grad_loss, dlogits: torch.empty_like(dlogits))
+_CROSS_ENTROPY = _Op("cross_entropy", _cross_entropy_body, _cross_entropy_fake, _cross_entropy_setup,
+                     _cross_entropy_backward)
 
 
-@torch.library.custom_op("gpuad::linear", mutates_args=())
-def _linear_op(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    return _linear_body(x, weight, bias)
-
-
-@_linear_op.register_fake
-def _(x, weight, bias):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@torch.library.custom_op("gpuad::linear_backward", mutates_args=())
-def _linear_backward_op(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_dx: bool,
-                        need_dw: bool, need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _linear_backward_body(grad_y, x, weight, need_dx, need_dw, need_db)
-
-
-@_linear_backward_op.register_fake
-def _(grad_y, x, weight, need_dx, need_dw, need_db):
+def _grads_fake(x, weight, need_dx, need_dw, need_db):
+    """The fake (dx, dw, db) of linear_backward and of the LM head."""
     return (torch.empty_like(x) if need_dx else _empty(x), torch.empty_like(weight) if need_dw else _empty(weight),
             weight.new_empty((weight.shape[0],)) if need_db else _empty(weight))
 
@@ -275,131 +324,39 @@ def _linear_setup(ctx, inputs, output):
     ctx.save_for_backward(x, weight)
 
 
-def _linear_grads(ctx, grad_y, backward):
-    """(dx, dw, db or None) from `backward` (the op or its body), None where not needed."""
+def _linear_backward(ctx, eager, grad_y):
+    """(dx, dw, db or None), None where not needed."""
     x, weight = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and ctx.has_bias
-    dx, dw, db = backward(grad_y, x, weight, need_dx, need_dw, need_db)
+    dx, dw, db = _LINEAR_BACKWARD(eager, grad_y, x, weight, need_dx, need_dw, need_db)
     return dx if need_dx else None, dw if need_dw else None, db if need_db else None
 
 
-_linear_op.register_autograd(lambda ctx, grad_y: _linear_grads(ctx, grad_y, torch.ops.gpuad.linear_backward),
-                             setup_context=_linear_setup)
+_LINEAR_BACKWARD = _Op("linear_backward", _linear_backward_body,
+                       lambda grad_y, x, weight, need_dx, need_dw, need_db: _grads_fake(x, weight, need_dx,
+                                                                                         need_dw, need_db))
+_LINEAR = _Op("linear", _linear_body, lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])),
+              _linear_setup, _linear_backward)
 
 
-@torch.library.custom_op("gpuad::linear_cross_entropy", mutates_args=())
-def _lce_op(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
-            ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-            need_dx: bool, need_dw: bool, need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _lce_body(x, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, need_dx,
-                     need_dw, need_db)
+def _lce_fake(*inputs):
+    a = _LceInputs(*inputs)
+    loss = a.x.new_empty((a.x.shape[0],) if a.reduction == "none" else (), dtype=_loss_dtype(a.x.dtype))
+    grad = a.reduction != "none"
+    return (loss, *_grads_fake(a.x, a.weight, a.need_dx and grad, a.need_dw and grad, a.need_db and grad))
 
 
-def _lce_fake_grads(x, weight, need_dx, need_dw, need_db):
-    return (torch.empty_like(x) if need_dx else _empty(x), torch.empty_like(weight) if need_dw else _empty(weight),
-            weight.new_empty((weight.shape[0],)) if need_db else _empty(weight))
-
-
-@_lce_op.register_fake
-def _(x, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap, need_dx, need_dw, need_db):
-    loss = x.new_empty((x.shape[0],) if reduction == "none" else (), dtype=_loss_dtype(x.dtype))
-    grad = reduction != "none"
-    return (loss, *_lce_fake_grads(x, weight, need_dx and grad, need_dw and grad, need_db and grad))
-
-
-@torch.library.custom_op("gpuad::linear_cross_entropy_backward", mutates_args=())
-def _lce_backward_op(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                     bias: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
-                     softcap: Optional[float], need_dx: bool, need_dw: bool,
-                     need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of reduction "none": the kernel again, the cotangent as per-row weights."""
-    return _lce_backward_body(grad_loss, x, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap,
-                              need_dx, need_dw, need_db)
-
-
-def _lce_backward_body(grad_loss, x, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, need_dx,
+def _lce_backward_fake(grad_loss, x, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, need_dx,
                        need_dw, need_db):
-    return _lce_body(x, weight, targets, bias, ignore_index, "none", label_smoothing, z_loss, softcap, need_dx,
-                     need_dw, need_db, grad_scale=grad_loss)[1:]
-
-
-@_lce_backward_op.register_fake
-def _(grad_loss, x, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, need_dx, need_dw, need_db):
-    return _lce_fake_grads(x, weight, need_dx, need_dw, need_db)
-
-
-@torch.library.custom_op("gpuad::linear_cross_entropy_scale", mutates_args=())
-def _lce_scale_op(grad_loss: torch.Tensor, dx: torch.Tensor, dw: torch.Tensor,
-                  db: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gradients of "mean" / "sum" (computed by the forward) times the 0-d cotangent."""
-    return tuple(_cross_entropy_backward_body(grad_loss, g) for g in (dx, dw, db))
-
-
-@_lce_scale_op.register_fake
-def _(grad_loss, dx, dw, db):
-    return torch.empty_like(dx), torch.empty_like(dw), torch.empty_like(db)
+    return _grads_fake(x, weight, need_dx, need_dw, need_db)
 
 
 def _lce_setup(ctx, inputs, output):
-    x, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap = inputs[:9]
-    ctx.reduction, ctx.needs = reduction, tuple(inputs[9:12])
-    ctx.options = (ignore_index, label_smoothing, z_loss, softcap)
+    a = _LceInputs(*inputs)
+    ctx.options = a._replace(x=None, weight=None, targets=None, bias=None)  # the tensors are saved
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*((x, weight, targets, bias) if reduction == "none" else output[1:]))
-
-
-def _lce_grads(ctx, grad_loss, backward_none, scale):
-    """The gradients of the 12 op inputs: (dx, dw, None, db, None, ...). `backward_none` (the
-    "none" backward: op or body) and `scale` (the mean / sum one) do the work."""
-    wanted = [ctx.needs_input_grad[i] for i in (0, 1, 3)]
-    if any(w and not need for w, need in zip(wanted, ctx.needs)):
-        raise RuntimeError("gpuad::linear_cross_entropy ran without computing a gradient that is now asked for "
-                           f"(need_dx, need_dw, need_db = {ctx.needs})")
-    if ctx.reduction == "none":
-        x, weight, targets, bias = ctx.saved_tensors
-        grads = backward_none(grad_loss, x, weight, targets, bias, *ctx.options, *ctx.needs)
-    else:
-        grads = scale(grad_loss, *ctx.saved_tensors)
-    dx, dw, db = (g if w else None for g, w in zip(grads, wanted))
-    return (dx, dw, None, db) + (None,) * 8
-
-
-_lce_op.register_autograd(
-    lambda ctx, grad_loss, *_: _lce_grads(ctx, grad_loss, torch.ops.gpuad.linear_cross_entropy_backward,
-                                          torch.ops.gpuad.linear_cross_entropy_scale),
-    setup_context=_lce_setup)
-
-
-# --- eager path: the same bodies without the custom-op dispatch --------------------------
-# (first-order only, like the ops: a double backward raises instead of treating dlogits as constant)
-class _CrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits, targets, ignore_index, reduction, label_smoothing):
-        loss, dlogits = _cross_entropy_body(logits, targets, ignore_index, reduction, label_smoothing, True)
-        ctx.save_for_backward(dlogits)
-        return loss
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        (dlogits,) = ctx.saved_tensors
-        return _cross_entropy_backward_body(grad_loss, dlogits), None, None, None, None
-
-
-class _LinearFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(x, weight, bias):
-        return _linear_body(x, weight, bias)
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _linear_setup(ctx, inputs, output)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_y):
-        return _linear_grads(ctx, grad_y, _linear_backward_body)
+    ctx.save_for_backward(*((a.x, a.weight, a.targets, a.bias) if a.reduction == "none" else output[1:]))
 
 
 def _scale_in_place(grad_loss, *grads):
@@ -408,19 +365,28 @@ def _scale_in_place(grad_loss, *grads):
     return tuple(g.mul_(grad_loss.to(g.dtype)) for g in grads)
 
 
-class _LinearCrossEntropyFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(*args):
-        return _lce_body(*args)
+def _lce_backward(ctx, eager, grad_loss, *_):
+    """The gradients of the op's inputs (dx, dw and db by name, None for the others): the "none"
+    backward runs the kernel again; "mean" / "sum" scale the gradients the forward kept."""
+    o, wanted = ctx.options, _LceInputs(*ctx.needs_input_grad)
+    needs = (o.need_dx, o.need_dw, o.need_db)
+    if any(w and not need for w, need in zip((wanted.x, wanted.weight, wanted.bias), needs)):
+        raise RuntimeError("gpuad::linear_cross_entropy ran without computing a gradient that is now asked for "
+                           f"(need_dx, need_dw, need_db = {needs})")
+    if o.reduction == "none":
+        x, weight, targets, bias = ctx.saved_tensors
+        grads = _LCE_BACKWARD(eager, grad_loss, x, weight, targets, bias, o.ignore_index, o.label_smoothing,
+                              o.z_loss, o.softcap, *needs)
+    else:
+        grads = (_scale_in_place if eager else _LCE_SCALE.op)(grad_loss, *ctx.saved_tensors)
+    dx, dw, db = (g if w else None for g, w in zip(grads, (wanted.x, wanted.weight, wanted.bias)))
+    return tuple(_LceInputs(x=dx, weight=dw, bias=db))
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        _lce_setup(ctx, inputs, output)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss, *_):
-        return _lce_grads(ctx, grad_loss, _lce_backward_body, _scale_in_place)
+_LCE_SCALE = _Op("linear_cross_entropy_scale", _lce_scale_body,
+                 lambda grad_loss, dx, dw, db: (torch.empty_like(dx), torch.empty_like(dw), torch.empty_like(db)))
+_LCE_BACKWARD = _Op("linear_cross_entropy_backward", _lce_backward_body, _lce_backward_fake)
+_LCE = _Op("linear_cross_entropy", _lce_body, _lce_fake, _lce_setup, _lce_backward)
 
 
 # --- public functions and modules ------------------------------------------------------
@@ -431,18 +397,27 @@ def _check_device(name: str, t: torch.Tensor):
         raise ValueError(f"{name} is float64 on CUDA: the Triton kernels take float16, bfloat16 and float32")
 
 
+def _check_same_device(name: str, t: Optional[torch.Tensor], like_name: str, like: torch.Tensor):
+    if t is not None and t.device != like.device:
+        raise ValueError(f"{name} is on {t.device}, {like_name} on {like.device}: they must share one device")
+
+
 def _needs_grad(*tensors) -> bool:
     return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
-def _compute_input(x: torch.Tensor) -> torch.Tensor:
-    """x checked (device, floating point) and cast to the autocast dtype when autocast is on."""
+def _compute_input(x: torch.Tensor, weight: torch.Tensor, k: str, n: str) -> torch.Tensor:
+    """x checked (device, floating point, x [..., k] against weight [n, k]) and cast to the
+    autocast dtype when autocast is on."""
     _check_device("x", x)
     if not x.is_floating_point():
         raise ValueError(f"x must be floating point, got {x.dtype}")
     device = x.device.type
     if torch.is_autocast_enabled(device) and x.dtype != torch.float64:
         x = x.to(torch.get_autocast_dtype(device))
+    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
+        raise ValueError(f"x [..., {k}] and weight [{n}, {k}] do not match: x {tuple(x.shape)}, "
+                         f"weight {tuple(weight.shape)}")
     return x
 
 
@@ -455,9 +430,8 @@ def _check_weight(x, weight, bias):
     if bias is not None and (tuple(bias.shape) != (weight.shape[0],) or bias.dtype != weight.dtype):
         raise ValueError(f"bias must be [N] = [{weight.shape[0]}] in weight's dtype {weight.dtype}, "
                          f"got {bias.dtype} {tuple(bias.shape)}")
-    for name, t in (("weight", weight), ("bias", bias)):
-        if t is not None and t.device != x.device:
-            raise ValueError(f"{name} is on {t.device}, x on {x.device}: they must share one device")
+    _check_same_device("weight", weight, "x", x)
+    _check_same_device("bias", bias, "x", x)
 
 
 def _loss_out(loss, x):
@@ -479,17 +453,10 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int
                                             process_group=process_group)
     checks.check_cross_entropy_args(logits, targets, reduction, label_smoothing)
     _check_device("logits", logits)
-    if targets.device != logits.device:
-        raise ValueError(f"targets is on {targets.device}, logits on {logits.device}: they must share one device")
-    ignore_index, label_smoothing = int(ignore_index), float(label_smoothing)
-    if _eager():
-        if _needs_grad(logits):
-            loss = _CrossEntropyFunction.apply(logits, targets, ignore_index, reduction, label_smoothing)
-        else:
-            loss, _ = _cross_entropy_body(logits, targets, ignore_index, reduction, label_smoothing, False)
-    else:
-        loss, _ = torch.ops.gpuad.cross_entropy(logits, targets, ignore_index, reduction, label_smoothing,
-                                                _needs_grad(logits))
+    _check_same_device("targets", targets, "logits", logits)
+    needs_grad = _needs_grad(logits)
+    loss, _ = _CROSS_ENTROPY.run(needs_grad, logits, targets, int(ignore_index), reduction, float(label_smoothing),
+                                 needs_grad)
     return _loss_out(loss, logits)
 
 
@@ -498,18 +465,9 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     gpuad's fused linear_backward. weight and bias share one dtype: x's, or float32 as the
     master copy of fp16/bf16 activations (its gradient is accumulated and returned in fp32).
     Under torch.autocast, x is cast to the autocast dtype, as F.linear would be."""
-    x = _compute_input(x)
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x [..., K] and weight [N, K] do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    x = _compute_input(x, weight, "K", "N")
     _check_weight(x, weight, bias)
-    if _eager():
-        if _needs_grad(x, weight, bias):
-            return _LinearFunction.apply(x, weight, bias)
-        return _linear_body(x, weight, bias)
-    return torch.ops.gpuad.linear(x, weight, bias)
-
-
-_Spec = collections.namedtuple("_Spec", "shape dtype")  # what the shape and dtype checks read of an array
+    return _LINEAR.run(_needs_grad(x, weight, bias), x, weight, bias)
 
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -531,27 +489,19 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         from gpuad import torch_parallel
         return torch_parallel.linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction, label_smoothing,
                                                    z_loss, softcap, process_group=process_group)
-    x = _compute_input(x)
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x [..., D] and weight [V, D] do not match: x {tuple(x.shape)}, weight {tuple(weight.shape)}")
+    x = _compute_input(x, weight, "D", "V")
     if tuple(targets.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"targets must have x's shape without its last axis, {tuple(x.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
     _check_weight(x, weight, bias)
-    if targets.device != x.device:
-        raise ValueError(f"targets is on {targets.device}, x on {x.device}: they must share one device")
-    x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-    reference.check_linear_cross_entropy_args(x2, _Spec(weight.shape, x.dtype), t2,
-                                              None if bias is None else _Spec(bias.shape, x.dtype), reduction,
-                                              label_smoothing, z_loss, softcap, None, None, None)
-    args = (x2, weight, t2, bias, int(ignore_index), reduction, float(label_smoothing), float(z_loss),
-            None if softcap is None else float(softcap), _needs_grad(x), _needs_grad(weight), _needs_grad(bias))
-    if not _eager():
-        loss = torch.ops.gpuad.linear_cross_entropy(*args)[0]
-    elif any(args[9:]):
-        loss = _LinearCrossEntropyFunction.apply(*args)[0]
-    else:
-        loss = _lce_body(*args)[0]
+    _check_same_device("targets", targets, "x", x)
+    checks.check_integer_targets(targets)
+    checks.check_lce_options(reduction, label_smoothing, z_loss, softcap)
+    a = _LceInputs(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), bias, ignore_index=int(ignore_index),
+                   reduction=reduction, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
+                   softcap=None if softcap is None else float(softcap), need_dx=_needs_grad(x),
+                   need_dw=_needs_grad(weight), need_db=_needs_grad(bias))
+    loss = _LCE.run(a.need_dx or a.need_dw or a.need_db, *a)[0]
     return _loss_out(loss.reshape(targets.shape) if reduction == "none" else loss, x)
 
 

@@ -18,14 +18,14 @@ add up to the module's vocabulary) fails a device-side assertion on every rank a
 first all-reduce, so no rank waits on a collective the others never reach.
 """
 import functools
+import types
 from typing import Optional
 
 import torch
 from torch.distributed import _functional_collectives as funcol
 
 from gpuad.kernels import checks, reference
-from gpuad.torch import (_check_weight, _compute_input, _cross_entropy_backward_body, _loss_out, _needs_grad,
-                         _Spec)
+from gpuad.torch import _check_weight, _compute_input, _cross_entropy_backward_body, _loss_out, _needs_grad
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "vocab_slice", "local_rows", "shard_rows", "shard_head"]
 
@@ -236,8 +236,9 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: Opt
     rank's slice. ignore_index None ignores no row. vocab_size, when given, is checked
     against the sum of the slices."""
     _check_group(process_group)
-    checks.check_cross_entropy_args(_Spec((logits.shape[0], max(logits.shape[1], 1)) if logits.dim() == 2
-                                          else logits.shape, logits.dtype), targets, reduction, label_smoothing)
+    shape = (logits.shape[0], max(logits.shape[1], 1)) if logits.dim() == 2 else logits.shape  # V_r may be 0
+    checks.check_cross_entropy_args(types.SimpleNamespace(shape=shape, dtype=logits.dtype), targets, reduction,
+                                    label_smoothing)
     checks.check_ignore_index(ignore_index)
     if targets.device != logits.device:
         raise ValueError(f"targets is on {targets.device}, logits on {logits.device}: they must share one device")
@@ -389,10 +390,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     _check_group(group)
     if vocab_size is not None and dt_vocab is not None and vocab_size != dt_vocab:
         raise ValueError(f"vocab_size {vocab_size} differs from the DTensor weight's {dt_vocab} rows")
-    x = _compute_input(x)
-    if weight.dim() != 2 or x.dim() < 1 or x.shape[-1] != weight.shape[1]:
-        raise ValueError(f"x [..., D] and weight [V_r, D] do not match: x {tuple(x.shape)}, "
-                         f"weight {tuple(weight.shape)}")
+    x = _compute_input(x, weight, "D", "V_r")
     if tuple(targets.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"targets must have x's shape without its last axis, {tuple(x.shape[:-1])}, "
                          f"got {tuple(targets.shape)}")
@@ -401,10 +399,10 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"targets is on {targets.device}, x on {x.device}: they must share one device")
     checks.check_ignore_index(ignore_index)
     x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
-    v = max(weight.shape[0], 1)  # an empty slice is allowed
-    reference.check_linear_cross_entropy_args(x2, _Spec((v, weight.shape[1]), x.dtype), t2,
-                                              None if bias is None else _Spec((v,), x.dtype), reduction,
-                                              label_smoothing, z_loss, softcap, None, chunk, None)
+    checks.check_integer_targets(t2)
+    checks.check_lce_options(reduction, label_smoothing, z_loss, softcap)
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be None or a positive int (rows of x per chunk), got {chunk!r}")
     o = _Opts(ignore_index, reduction, float(label_smoothing), float(z_loss),
               None if softcap is None else float(softcap), group, dt_vocab or vocab_size, bool(reduce_dx), chunk)
     if _needs_grad(x, weight, bias):

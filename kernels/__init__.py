@@ -7,3 +7,5 @@
 All three expose ``softmax_cross_entropy`` and ``linear_backward`` with the same signature
 and semantics. Importing this package imports none of torch, triton or cupy.
 """
+if __name__ != "gpuad.kernels":
+    raise ImportError(f"the kernels are the package gpuad.kernels: import gpuad.kernels, not {__name__}")

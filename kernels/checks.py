@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
+GPU_DTYPES = ("float16", "bfloat16", "float32")  # what the Triton and CUDA C kernels take
 REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -41,8 +42,7 @@ def check_cross_entropy_args(logits, targets, reduction, label_smoothing, allowe
     if len(targets.shape) != 1 or targets.shape[0] != logits.shape[0]:
         raise ValueError(f"targets must have shape [B] = [{logits.shape[0]}] to match logits "
                          f"{tuple(logits.shape)}, got {tuple(targets.shape)}")
-    if not is_integer(targets.dtype):
-        raise ValueError(f"targets must be integers, got {dtype_name(targets.dtype)}")
+    check_integer_targets(targets)
     if logits.shape[1] < 1:
         raise ValueError(f"logits must have at least one class, got shape {tuple(logits.shape)}")
     if reduction not in REDUCTIONS:
@@ -189,3 +189,63 @@ def check_linear_backward_args(x, w, dy, dw_accumulate, allowed=FLOAT_DTYPES):
         if tuple(dw_accumulate.shape) != (n, k) or dtype_name(dw_accumulate.dtype) != "float32":
             raise ValueError(f"dw_accumulate must be a float32 buffer of shape [N, K] = {(n, k)}, got "
                              f"{dtype_name(dw_accumulate.dtype)} {tuple(dw_accumulate.shape)}")
+
+
+def check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
+                                    dw_accumulate, chunk, grad_scale, allowed=FLOAT_DTYPES):
+    """Shapes, dtypes and option values of ``linear_cross_entropy`` (no data is read).
+
+    x [N, D], w [V, D], targets [N] integer, bias None or [V]; x, w, bias one floating dtype;
+    dw_accumulate None or float32 [V, D]; chunk None or a positive int; grad_scale None, 0-d,
+    or [N] (reduction "none" only)."""
+    if len(x.shape) != 2 or len(w.shape) != 2:
+        raise ValueError(f"x must be [N, D] and w [V, D], got x {tuple(x.shape)} and w {tuple(w.shape)}")
+    (n, d), (v, dw_) = x.shape, w.shape
+    if d != dw_:
+        raise ValueError(f"x's last axis must be D = w.shape[1] = {dw_}: x {tuple(x.shape)}, w {tuple(w.shape)}")
+    if v < 1:
+        raise ValueError(f"w must have at least one row (class), got w {tuple(w.shape)}")
+    if len(targets.shape) != 1 or targets.shape[0] != n:
+        raise ValueError(f"targets must have shape [N] = [{n}] to match x {tuple(x.shape)}, "
+                         f"got {tuple(targets.shape)}")
+    check_integer_targets(targets)
+    if bias is not None and tuple(bias.shape) != (v,):
+        raise ValueError(f"bias must have shape [V] = [{v}] to match w {tuple(w.shape)}, got {tuple(bias.shape)}")
+    names = {dtype_name(a.dtype) for a in (x, w, bias) if a is not None}
+    if len(names) != 1:
+        raise ValueError("x, w and bias must share one dtype, got " + ", ".join(
+            f"{k} {dtype_name(a.dtype)}" for k, a in (("x", x), ("w", w), ("bias", bias)) if a is not None))
+    if names.pop() not in allowed:
+        raise ValueError(f"x and w must be floating point ({', '.join(allowed)}), got {dtype_name(x.dtype)}")
+    check_lce_options(reduction, label_smoothing, z_loss, softcap)
+    if dw_accumulate is not None and (tuple(dw_accumulate.shape) != (v, d)
+                                      or dtype_name(dw_accumulate.dtype) != "float32"):
+        raise ValueError(f"dw_accumulate must be a float32 buffer of shape [V, D] = {(v, d)}, got "
+                         f"{dtype_name(dw_accumulate.dtype)} {tuple(dw_accumulate.shape)}")
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be None or a positive int (rows of x per chunk), got {chunk!r}")
+    if grad_scale is not None:
+        shapes = ((), (n,)) if reduction == "none" else ((),)
+        if tuple(grad_scale.shape) not in shapes or not is_float(grad_scale.dtype):
+            raise ValueError(f"grad_scale must be a floating array of shape {' or '.join(map(str, shapes))} for "
+                             f"reduction {reduction!r}, got {dtype_name(grad_scale.dtype)} "
+                             f"{tuple(grad_scale.shape)}")
+
+
+def check_lce_options(reduction, label_smoothing, z_loss, softcap):
+    """The option values of ``linear_cross_entropy``: a known reduction, label_smoothing in
+    [0, 1], z_loss finite and >= 0, softcap None or finite and > 0."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    if not 0.0 <= float(label_smoothing) <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    if not 0.0 <= float(z_loss) < float("inf"):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
+    if softcap is not None and not 0.0 < float(softcap) < float("inf"):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+
+
+def check_integer_targets(targets):
+    """targets has an integer dtype."""
+    if not is_integer(targets.dtype):
+        raise ValueError(f"targets must be integers, got {dtype_name(targets.dtype)}")

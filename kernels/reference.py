@@ -53,9 +53,9 @@ def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, re
     logits [C], [B, C] or [B, C, d1, ...] (classes on axis 1; fp16/bf16/fp32/fp64); targets
     either integer class indices of the logits' shape without the class axis, or floating
     class probabilities of the logits' shape ("soft" targets); weight None or a floating [C]
-    class weight. Per row (eps = label_smoothing, w = weight or ones, log p = log_softmax):
-      indices:        loss = -(1 - eps)·w_t·log p_t - (eps / C)·Σ_c w_c·log p_c
-      probabilities:  loss = -Σ_c w_c·q_c·log p_c,  q = (1 - eps)·targets + eps / C
+    class weight. Per row (ε = label_smoothing, w = weight or ones, log p = log_softmax):
+      indices:        loss = -(1 - ε)·w_t·log p_t - (ε / C)·Σ_c w_c·log p_c
+      probabilities:  loss = -Σ_c w_c·q_c·log p_c,  q = (1 - ε)·targets + ε / C
     Reduction "mean" divides the sum by Σ w_t over the rows not ignored (index targets; the
     number of such rows without weight) or by the number of rows (probabilities); a divisor
     of 0 (every row ignored, or every target's weight 0) counts as 1 (torch: NaN). Rows whose
@@ -122,7 +122,7 @@ def _index_rows(xp, rows, targets, weight, ignore_index, label_smoothing, grad, 
     class-index targets [N]."""
     n_rows, n_classes = rows.shape
     in_range = checks.check_targets(targets, n_classes, ignore_index) if check_targets else False
-    eps = float(label_smoothing)
+    smoothing = float(label_smoothing)
     acc = _acc_dtype(xp, rows.dtype)
     if ignore_index is None or (in_range and not 0 <= ignore_index < n_classes):
         valid = None  # no row is ignored
@@ -136,17 +136,17 @@ def _index_rows(xp, rows, targets, weight, ignore_index, label_smoothing, grad, 
     target_logit = shifted.ravel().take(picked)
     if weight is None:
         mass = 1.0  # Σ_c of the row's target distribution
-        row_loss -= (1.0 - eps) * target_logit if eps else target_logit
-        if eps:
-            row_loss -= (eps / n_classes) * shifted.sum(axis=1)
+        row_loss -= (1.0 - smoothing) * target_logit if smoothing else target_logit
+        if smoothing:
+            row_loss -= (smoothing / n_classes) * shifted.sum(axis=1)
         weights = None if valid is None else valid.astype(acc)
     else:
         w = weight.astype(acc)
         weights = w.take(safe_targets) if valid is None else xp.where(valid, w.take(safe_targets), 0.0)
-        mass = (1.0 - eps) * weights + (eps / n_classes) * w.sum()
-        row_loss = mass * row_loss - (1.0 - eps) * _nonzero_times(xp, weights, target_logit)
-        if eps:
-            row_loss -= (eps / n_classes) * _nonzero_times(xp, w, shifted).sum(axis=1)
+        mass = (1.0 - smoothing) * weights + (smoothing / n_classes) * w.sum()
+        row_loss = mass * row_loss - (1.0 - smoothing) * _nonzero_times(xp, weights, target_logit)
+        if smoothing:
+            row_loss -= (smoothing / n_classes) * _nonzero_times(xp, w, shifted).sum(axis=1)
         valid = mass != 0 if valid is None else valid & (mass != 0)  # no target mass: loss and gradient 0
     if valid is not None:
         row_loss = xp.where(valid, row_loss, 0.0).astype(acc, copy=False)
@@ -156,14 +156,14 @@ def _index_rows(xp, rows, targets, weight, ignore_index, label_smoothing, grad, 
         return row_loss, None, denom
     dlogits = xp.divide(exp, sum_exp[:, None], out=exp)  # p
     if weight is None:
-        if eps:
-            dlogits -= eps / n_classes
-        dlogits.ravel()[picked] -= 1.0 - eps
+        if smoothing:
+            dlogits -= smoothing / n_classes
+        dlogits.ravel()[picked] -= 1.0 - smoothing
     else:
         dlogits *= mass[:, None]
-        dlogits.ravel()[picked] -= (1.0 - eps) * weights
-        if eps:
-            dlogits -= (eps / n_classes) * w
+        dlogits.ravel()[picked] -= (1.0 - smoothing) * weights
+        if smoothing:
+            dlogits -= (smoothing / n_classes) * w
     if valid is not None:
         dlogits[~valid] = 0  # a select, not a multiply: NaN logits in an ignored row give 0
     return row_loss, dlogits, denom
@@ -173,13 +173,13 @@ def _soft_rows(xp, rows, probs, weight, label_smoothing, grad):
     """Row losses [N], unscaled gradient [N, C] (None without grad) and the mean's divisor of
     probability targets [N, C]: with a = w·q, loss = Σa·logsumexp(z) - Σ a·z, gradient Σa·p - a."""
     n_rows, n_classes = rows.shape
-    eps = float(label_smoothing)
+    smoothing = float(label_smoothing)
     acc = _acc_dtype(xp, rows.dtype)
     shifted, exp, sum_exp, log_s = _softmax_parts(xp, rows)
     a = probs.astype(acc)  # a copy
-    if eps:
-        a *= 1.0 - eps
-        a += eps / n_classes
+    if smoothing:
+        a *= 1.0 - smoothing
+        a += smoothing / n_classes
     if weight is not None:
         a *= weight.astype(acc)
     mass = a.sum(axis=1)
@@ -260,55 +260,6 @@ def reduce_row_losses(row_loss, reduction, n_valid):
     return total / n_valid if reduction == "mean" else total
 
 
-def check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
-                                    dw_accumulate, chunk, grad_scale, allowed=checks.FLOAT_DTYPES):
-    """Shapes, dtypes and option values of ``linear_cross_entropy`` (no data is read).
-
-    x [N, D], w [V, D], targets [N] integer, bias None or [V]; x, w, bias one floating dtype;
-    dw_accumulate None or float32 [V, D]; chunk None or a positive int; grad_scale None, 0-d,
-    or [N] (reduction "none" only)."""
-    if len(x.shape) != 2 or len(w.shape) != 2:
-        raise ValueError(f"x must be [N, D] and w [V, D], got x {tuple(x.shape)} and w {tuple(w.shape)}")
-    (n, d), (v, dw_) = x.shape, w.shape
-    if d != dw_:
-        raise ValueError(f"x's last axis must be D = w.shape[1] = {dw_}: x {tuple(x.shape)}, w {tuple(w.shape)}")
-    if v < 1:
-        raise ValueError(f"w must have at least one row (class), got w {tuple(w.shape)}")
-    if len(targets.shape) != 1 or targets.shape[0] != n:
-        raise ValueError(f"targets must have shape [N] = [{n}] to match x {tuple(x.shape)}, "
-                         f"got {tuple(targets.shape)}")
-    if not checks.is_integer(targets.dtype):
-        raise ValueError(f"targets must be integers, got {checks.dtype_name(targets.dtype)}")
-    if bias is not None and tuple(bias.shape) != (v,):
-        raise ValueError(f"bias must have shape [V] = [{v}] to match w {tuple(w.shape)}, got {tuple(bias.shape)}")
-    names = {checks.dtype_name(a.dtype) for a in (x, w, bias) if a is not None}
-    if len(names) != 1:
-        raise ValueError("x, w and bias must share one dtype, got " + ", ".join(
-            f"{k} {checks.dtype_name(a.dtype)}" for k, a in (("x", x), ("w", w), ("bias", bias)) if a is not None))
-    if names.pop() not in allowed:
-        raise ValueError(f"x and w must be floating point ({', '.join(allowed)}), got {checks.dtype_name(x.dtype)}")
-    if reduction not in checks.REDUCTIONS:
-        raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
-    if not 0.0 <= float(label_smoothing) <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    if not 0.0 <= float(z_loss) < float("inf"):
-        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
-    if softcap is not None and not 0.0 < float(softcap) < float("inf"):
-        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
-    if dw_accumulate is not None and (tuple(dw_accumulate.shape) != (v, d)
-                                      or checks.dtype_name(dw_accumulate.dtype) != "float32"):
-        raise ValueError(f"dw_accumulate must be a float32 buffer of shape [V, D] = {(v, d)}, got "
-                         f"{checks.dtype_name(dw_accumulate.dtype)} {tuple(dw_accumulate.shape)}")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be None or a positive int (rows of x per chunk), got {chunk!r}")
-    if grad_scale is not None:
-        shapes = ((), (n,)) if reduction == "none" else ((),)
-        if tuple(grad_scale.shape) not in shapes or not checks.is_float(grad_scale.dtype):
-            raise ValueError(f"grad_scale must be a floating array of shape {' or '.join(map(str, shapes))} for "
-                             f"reduction {reduction!r}, got {checks.dtype_name(grad_scale.dtype)} "
-                             f"{tuple(grad_scale.shape)}")
-
-
 def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                          z_loss=0.0, softcap=None, dw_accumulate=None, need_dx=True, return_lse=False, chunk=None,
                          grad=True, grad_scale=None, check_targets=True, allow_tf32=False):
@@ -316,7 +267,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
 
     x [N, D], w [V, D] (PyTorch's layout), targets [N] integer, bias [V] or None. Per row,
     with z optionally soft-capped first (softcap c: z <- c·tanh(z / c)) and lse = log Σ exp z:
-        loss_n = lse - (1 - eps)·z_t - (eps / V)·Σ_v z_v + z_loss·lse²     (eps = label_smoothing)
+        loss_n = lse - (1 - ε)·z_t - (ε / V)·Σ_v z_v + z_loss·lse²     (ε = label_smoothing)
     rows whose target is ignore_index have loss 0, gradient 0 and leave the mean; all ignored
     gives 0 (not NaN). Returns (loss, dx, dw, db), plus lse [N] when return_lse:
       loss  float32 (float64 for float64 inputs): 0-d, or [N] for reduction "none";
@@ -330,14 +281,14 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     time (default: :func:`linear_cross_entropy_chunk`). allow_tf32 is accepted for a
     common signature and ignored: the reference is exact.
     """
-    check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
-                                    dw_accumulate, chunk, grad_scale)
+    checks.check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
+                                           dw_accumulate, chunk, grad_scale)
     xp = array_module(x, w, targets, *(a for a in (bias, dw_accumulate, grad_scale) if a is not None))
     (n, d), v = x.shape, w.shape[0]
     if check_targets:
         checks.check_targets(targets, v, ignore_index)
     acc = _acc_dtype(xp, x.dtype)
-    eps, zc = float(label_smoothing), float(z_loss)
+    smoothing, z_coef = float(label_smoothing), float(z_loss)
     chunk = chunk or linear_cross_entropy_chunk(n, v, xp.dtype(acc).itemsize)
     wa = w.astype(acc, copy=False)  # read only below: no copy in the accumulation dtype
     ba = None if bias is None else bias.astype(acc, copy=False)
@@ -355,35 +306,11 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     for r0 in range(0, n, chunk):
         rows = slice(r0, min(n, r0 + chunk))
         xc = x[rows].astype(acc, copy=False)
-        z = xc @ wa.T
-        if ba is not None:
-            z += ba
-        if softcap is not None:
-            z = softcap * xp.tanh(z / softcap)
-        m = z.max(axis=1)
-        shifted = z - m[:, None]
-        log_s = xp.log(xp.exp(shifted).sum(axis=1))
-        lse_c = m + log_s
         ok = valid[rows]
-        t = xp.where(ok, targets[rows], 0).astype(xp.int64, copy=False)
-        z_t = xp.take_along_axis(z, t[:, None], axis=1)[:, 0]
-        loss_c = lse_c - (1.0 - eps) * z_t
-        if eps:
-            loss_c -= eps / v * z.sum(axis=1)
-        if zc:
-            loss_c += zc * lse_c * lse_c
+        loss_c, lse[rows], g = _lce_rows(xp, xc @ wa.T, ba, targets[rows], ok, smoothing, z_coef, softcap, grad)
         row_loss[rows] = xp.where(ok, loss_c, 0.0)
-        lse[rows] = lse_c
         if not grad:
             continue
-        g = xp.exp(shifted - log_s[:, None])  # softmax
-        if zc:
-            g *= (1.0 + 2.0 * zc * lse_c)[:, None]
-        if eps:
-            g -= eps / v
-        g[xp.arange(g.shape[0]), t] -= 1.0 - eps
-        if softcap is not None:
-            g *= 1.0 - (z / softcap) ** 2
         g *= (ok * row_scale[rows])[:, None]
         if dx is not None:
             dx[rows] = g @ wa
@@ -401,3 +328,35 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
             dw = dw.astype(x.dtype, copy=False)
     out = (loss, dx, dw, db)
     return out + (lse,) if return_lse else out
+
+
+def _lce_rows(xp, z, bias, targets, ok, smoothing, z_coef, softcap, grad):
+    """(row losses, lse, dloss/dz or None) of one chunk's logits z [c, V] (bias added and
+    soft-capping done here), before the ignored rows and the gradient's scale are applied."""
+    if bias is not None:
+        z += bias
+    if softcap is not None:
+        z = softcap * xp.tanh(z / softcap)
+    v = z.shape[1]
+    m = z.max(axis=1)
+    shifted = z - m[:, None]
+    log_s = xp.log(xp.exp(shifted).sum(axis=1))
+    lse = m + log_s
+    t = xp.where(ok, targets, 0).astype(xp.int64, copy=False)
+    z_t = xp.take_along_axis(z, t[:, None], axis=1)[:, 0]
+    loss = lse - (1.0 - smoothing) * z_t
+    if smoothing:
+        loss -= smoothing / v * z.sum(axis=1)
+    if z_coef:
+        loss += z_coef * lse * lse
+    if not grad:
+        return loss, lse, None
+    g = xp.exp(shifted - log_s[:, None])  # softmax
+    if z_coef:
+        g *= (1.0 + 2.0 * z_coef * lse)[:, None]
+    if smoothing:
+        g -= smoothing / v
+    g[xp.arange(g.shape[0]), t] -= 1.0 - smoothing
+    if softcap is not None:
+        g *= 1.0 - (z / softcap) ** 2
+    return loss, lse, g

@@ -118,6 +118,15 @@ def value(op: str, param: str, device_name: str | None = None):
     return _resolved(op, device_name)[param]
 
 
+def active_overrides(op: str):
+    """This thread's tuning.override(...) values of `op` as a sorted tuple of (param, value)
+    pairs, or None outside one: hashable, for a launcher's cache key (cheap: no copy without
+    an override)."""
+    over = getattr(_local, "overrides", None)
+    mine = over.get(op) if over else None
+    return tuple(sorted(mine.items())) if mine else None
+
+
 def values(op: str, device_name: str | None = None) -> dict:
     """Every parameter of `op` as `value` would give it."""
     return {k: value(op, k, device_name) for k in _SPACES[op]}

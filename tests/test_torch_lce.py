@@ -20,8 +20,8 @@ F = torch.nn.functional
 gt = pytest.importorskip("gpuad.torch")
 
 from test_linear_cross_entropy import IGNORE, OPTION_SETS, make, oracle, options  # noqa: E402
-from test_torch_ops import _close, _compile_recording, _opcheck, _ops_in, eager_path  # noqa: E402,F401
-from test_torch_ops import _train as _train_model  # noqa: E402
+from test_torch_custom_ops import _close, _compile_recording, _opcheck, _ops_in, eager_path  # noqa: E402,F401
+from test_torch_custom_ops import _train as _train_model  # noqa: E402
 
 OPS = torch.ops.gpuad
 

@@ -152,7 +152,7 @@ def _load_gpu_copy(name: str):
 
 
 ce = _load_gpu_copy("cross_entropy")
-lb = _load_gpu_copy("linear_backward")
+lb = _load_gpu_copy("linear_backward_kernel")
 
 
 def _jit_function(kernel) -> JITFunction:

@@ -19,8 +19,11 @@ from gpuad.kernels.triton import linear_backward  # noqa: E402
 
 # the module itself (the package re-exports the function under the same name)
 lb_module = importlib.import_module("gpuad.kernels.triton.linear_backward")
+lb_kernel = importlib.import_module("gpuad.kernels.triton.linear_backward_kernel")
+lb_plan = importlib.import_module("gpuad.kernels.triton.linear_backward_plan")
+precision = importlib.import_module("gpuad.kernels.triton.precision")
 OP = lb_module.OP
-INTERPRET = lb_module._INTERPRET
+INTERPRET = lb_plan.INTERPRETED
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 5e-3}
 TF32_TOL = 5e-3
@@ -89,7 +92,7 @@ def poisoned_outputs(monkeypatch):
 
 
 def _counters_are_reset():
-    return all(int(cnt.count_nonzero()) == 0 for _, cnt in lb_module._workspaces.values())
+    return all(int(cnt.count_nonzero()) == 0 for _, cnt in lb_plan._workspaces.values())
 
 
 # ------------------------------------------------------------------ CPU (interpreter) and GPU alike
@@ -249,10 +252,10 @@ def test_deterministic():
 @pytest.mark.parametrize("splits", [(1, 1), (2, 4)], ids=["no-split", "split"])
 def test_int64_offsets_path(fresh_plans, monkeypatch, splits):
     """Force the 64-bit offset specialisation (real triggers need > 2**31 elements)."""
-    monkeypatch.setattr(lb_module, "_max_offset", lambda t: 2**31)
+    monkeypatch.setattr(lb_plan, "_max_offset", lambda t: 2**31)
     x, w, dy = _make((2, 17), 17, 64, torch.float32, seed=6)  # 3 steps over M, 4 over N
     with tuning.override(OP, split_dw=splits[0], split_dx=splits[1]):
-        plan = lb_module._plan(x, w, dy, True, None, True, False, "fused")[0]
+        plan = lb_plan.plan_for(x, w, dy, True, None, True, False, "fused")[0]
         assert plan.meta["INT64"] and plan.name.endswith(f"split {splits[0]}x{splits[1]}")
         _check(linear_backward(x, w, dy, route="fused"), _ref(x, w, dy), TOL[torch.float32])
 
@@ -260,17 +263,17 @@ def test_int64_offsets_path(fresh_plans, monkeypatch, splits):
 def test_workspace_grows_and_keeps_what_it_outgrew(fresh_plans):
     """A larger split problem gets a larger workspace; the old one stays referenced (a captured
     CUDA graph may point at it), and the counters of both are 0 after the calls."""
-    lb_module._workspaces.clear()
-    before = len(lb_module._outgrown)
+    lb_plan._workspaces.clear()
+    before = len(lb_plan._outgrown)
     with tuning.override(OP, split_dw=2, split_dx=2):
         small = _make((33,), 5, 4, torch.float32, seed=7)
         big = _make((40,), 21, 37, torch.float32, seed=8)
         _check(linear_backward(*small, route="fused"), _ref(*small), TOL[torch.float32])
-        (ws_small, _), = lb_module._workspaces.values()
+        (ws_small, _), = lb_plan._workspaces.values()
         _check(linear_backward(*big, route="fused"), _ref(*big), TOL[torch.float32])
-    (ws_big, _), = lb_module._workspaces.values()
+    (ws_big, _), = lb_plan._workspaces.values()
     assert ws_big.numel() > ws_small.numel()
-    assert any(ws is ws_small for ws, _ in lb_module._outgrown[before:])
+    assert any(ws is ws_small for ws, _ in lb_plan._outgrown[before:])
     assert _counters_are_reset()
 
 
@@ -359,7 +362,7 @@ def test_partition_is_the_best_split_of_the_programs():
         grid = min(int(rng.integers(2, 300)), units_w + units_x)
         if grid < 2:
             continue
-        p, t = lb_module._partition(grid, units_w, cost_w, units_x, cost_x)
+        p, t = lb_kernel._partition(grid, units_w, cost_w, units_x, cost_x)
         each = {q: max(-(-units_w // q) * cost_w, -(-units_x // (grid - q)) * cost_x)
                 for q in range(max(1, grid - units_x), min(units_w, grid - 1) + 1)}
         assert t == each[p] == min(each.values())
@@ -406,16 +409,16 @@ def test_geometry_invariants(seed):
 def test_auto_split_is_timed_against_no_split():
     """With measuring on, split "auto" offers the heuristic's split and no split, for every tile of
     the element size; without measuring, the default tile and the heuristic only."""
-    prob = lb_module._Problem(256, 1024, 1024, torch.bfloat16, torch.device("cpu"), True, True, False, False,
+    prob = lb_plan._Problem(256, 1024, 1024, torch.bfloat16, torch.device("cpu"), True, True, False, False,
                               (256,))
     params = lb_module.TUNING_DEFAULTS
-    measured = lb_module._candidates(prob, params, H100_SMS, measuring=True)
+    measured = lb_plan._candidates(prob, params, H100_SMS, measuring=True)
     assert {t for t, _ in measured} == set(lb_module.tiles_for(2))
     assert (TILE_16, (1, 4)) in measured and (TILE_16, (1, 1)) in measured
-    (tile, splits), = lb_module._candidates(prob, params, H100_SMS, measuring=False)
+    (tile, splits), = lb_plan._candidates(prob, params, H100_SMS, measuring=False)
     assert tile == (lb_module.INTERPRETER_TILE if INTERPRET else TILE_16)
     assert splits == lb_module.split_factors(256, 1024, 1024, tile, H100_SMS, True)
-    pinned = lb_module._candidates(prob, dict(params, split_dx=8, tile_16bit=TILE_16.name), H100_SMS, True)
+    pinned = lb_plan._candidates(prob, dict(params, split_dx=8, tile_16bit=TILE_16.name), H100_SMS, True)
     assert pinned == [(TILE_16, (1, 8))]  # split_dw "auto" gives 1 here: nothing else to time
 
 
@@ -431,7 +434,7 @@ def test_tuning_space_is_registered_and_names_real_tiles():
 # ------------------------------------------------------------------ routes: fused / cublas / auto
 
 def _prob(m, n, k, dtype=torch.float32, tf32=False, accumulate=False):
-    return lb_module._Problem(m, n, k, dtype, torch.device("cuda"), True, True, accumulate, tf32, (m,))
+    return lb_plan._Problem(m, n, k, dtype, torch.device("cuda"), True, True, accumulate, tf32, (m,))
 
 
 @pytest.mark.parametrize("prob,rule,on_gpu,measuring,want", [
@@ -455,9 +458,9 @@ def test_auto_route_rules(prob, rule, on_gpu, measuring, want):
 def launched(monkeypatch):
     """The routes launched during the test, in order (the launchers still run)."""
     names = []
-    real_kernel, real_cublas = lb_module._launch_kernel, lb_module._launch_cublas
-    monkeypatch.setattr(lb_module, "_launch_kernel", lambda *a: names.append("fused") or real_kernel(*a))
-    monkeypatch.setattr(lb_module, "_launch_cublas", lambda *a: names.append("cublas") or real_cublas(*a))
+    real_kernel, real_cublas = lb_plan._launch_kernel, lb_plan._launch_cublas
+    monkeypatch.setattr(lb_plan, "_launch_kernel", lambda *a: names.append("fused") or real_kernel(*a))
+    monkeypatch.setattr(lb_plan, "_launch_cublas", lambda *a: names.append("cublas") or real_cublas(*a))
     return names
 
 
@@ -521,7 +524,7 @@ def test_fastest_warms_each_launcher_then_keeps_the_fastest(monkeypatch):
 
     monkeypatch.setattr(triton.testing, "do_bench", fake_do_bench)
     launchers = {name: (lambda name=name: calls.append(name) or name) for name in medians}
-    best, times = lb_module._fastest(launchers)
+    best, times = lb_plan._fastest(launchers)
     assert best == "cublas" and times == medians
     assert calls == ["fused", "fused", "cublas", "cublas"], "each launcher runs once before it is timed"
 
@@ -529,7 +532,7 @@ def test_fastest_warms_each_launcher_then_keeps_the_fastest(monkeypatch):
 def _flag_state():
     """torch's global matmul flags that _pins may touch, as torch reports them."""
     c = torch._C
-    state = {"tf32": lb_module._tf32_state(),
+    state = {"tf32": precision._tf32_state(),
              "fp16": c._get_cublas_allow_fp16_reduced_precision_reduction(),
              "bf16": c._get_cublas_allow_bf16_reduced_precision_reduction()}
     if hasattr(c, "_get_cublas_allow_fp16_accumulation"):
@@ -546,7 +549,7 @@ def restore_flags():
     before = _flag_state()
     yield before
     mm = torch.backends.cuda.matmul
-    lb_module._set_tf32(before["tf32"])
+    precision._set_tf32(before["tf32"])
     mm.allow_fp16_reduced_precision_reduction = before["fp16"]
     mm.allow_bf16_reduced_precision_reduction = before["bf16"]
     if "fp16_acc" in before:
@@ -564,12 +567,12 @@ def test_precision_pins_set_what_differs_and_restore_it_exactly(restore_flags, d
     mm.allow_bf16_reduced_precision_reduction = True
     if "fp16_acc" in restore_flags:
         mm.allow_fp16_accumulation = True
-    lb_module._set_tf32(not allow_tf32)
+    precision._set_tf32(not allow_tf32)
     user = _flag_state()
-    undo = lb_module._pins(dtype, allow_tf32)
+    undo = precision._pins(dtype, allow_tf32)
     inside = _flag_state()
     if dtype == torch.float32:
-        assert lb_module._tf32_is_on(inside["tf32"]) == allow_tf32 and len(undo) == 1
+        assert precision._tf32_is_on(inside["tf32"]) == allow_tf32 and len(undo) == 1
     elif dtype == torch.float16:
         assert _first(inside["fp16"]) is False and inside.get("fp16_acc", False) is False
     else:
@@ -584,9 +587,9 @@ def test_precision_pins_only_read_when_nothing_differs(restore_flags):
     torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = (False, False)  # are kept as set
     if "fp16_acc" in restore_flags:
         torch.backends.cuda.matmul.allow_fp16_accumulation = False
-    lb_module._set_tf32(False)
+    precision._set_tf32(False)
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        assert lb_module._pins(dtype, False) == []
+        assert precision._pins(dtype, False) == []
 
 
 # ------------------------------------------------------------------ the plan cache and the per-call cost
@@ -638,7 +641,7 @@ def test_python_overhead_per_call_with_the_launch_stubbed(monkeypatch, capsys):
     so that the CPU tensors' allocations cost what the CUDA caching allocator's do (a large CPU
     buffer goes to the kernel and back, which says nothing of the launcher); the path through
     the launcher does not depend on the sizes. Bound: 20 µs; the figures are printed (pytest -s)."""
-    monkeypatch.setattr(lb_module, "_launch_kernel", lambda launcher, args, meta: None)
+    monkeypatch.setattr(lb_plan, "_launch_kernel", lambda launcher, args, meta: None)
     dev = _device()
     made = {}  # the stubs' outputs, made once (their cost is not the launcher's)
 
@@ -816,7 +819,7 @@ def test_gpu_split_workspaces_are_per_stream(fixed_config):
             with torch.cuda.stream(s):
                 outs.append([linear_backward(x, w, dy, route="fused") for _ in range(20)])
         torch.cuda.synchronize()
-    assert len(lb_module._workspaces) >= 3
+    assert len(lb_plan._workspaces) >= 3
     for per_stream in outs:
         for got in per_stream:
             for u, v in zip(got, want):

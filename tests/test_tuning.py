@@ -85,3 +85,14 @@ def test_tuple_values_round_trip_through_json(tmp_path, monkeypatch):
         tuning._SPACES.pop("test.tiles", None)
         tuning._DEFAULTS.pop("test.tiles", None)
         tuning.reload()
+
+
+def test_active_overrides_are_this_threads_values_of_one_op(op):
+    """What a launcher's plan key reads: sorted (param, value) pairs inside an override of the op,
+    None outside it and for other ops."""
+    assert tuning.active_overrides(op) is None
+    with tuning.override(op, stages=3, block=64):
+        assert tuning.active_overrides(op) == (("block", 64), ("stages", 3))
+        assert tuning.active_overrides("triton.linear_backward") is None
+        hash(tuning.active_overrides(op))
+    assert tuning.active_overrides(op) is None

@@ -1,4 +1,4 @@
-"""One rank of the two-process DistributedDataParallel test in test_torch_ops.py (gloo, CPU).
+"""One rank of the two-process DistributedDataParallel test in test_torch_custom_ops.py (gloo, CPU).
 
 Run by the test with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, as torchrun would:
     python tests/torch_ddp_worker.py OUT_FILE

@@ -14,6 +14,9 @@ import threading
 
 HERE = pathlib.Path(__file__).resolve().parent
 
+#: The dtypes the CUDA C kernels take, and the suffix of each in a kernel's name
+SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
+
 #: Options given to NVRTC for every source in this folder (no -arch: CuPy adds the device's).
 NVRTC_OPTIONS: tuple[str, ...] = ("--std=c++17",)
 

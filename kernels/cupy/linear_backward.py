@@ -20,11 +20,10 @@ import math
 import numpy as np
 
 from .. import checks
-from .compile import get_function
+from .compile import SUFFIX, get_function
 from .cross_entropy import _require_cupy
 
 SOURCE = "bias_grad.cu"
-SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 #: Every kernel the launcher requests from SOURCE (the test suite checks they exist).
 KERNEL_NAMES = tuple(f"bias_grad_{s}" for s in SUFFIX.values()) + tuple(
     f"bias_grad_finish_{s}" for s in SUFFIX.values())

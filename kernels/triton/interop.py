@@ -1,12 +1,17 @@
 """What the Triton launchers share on the torch side: the zero-copy hand-off between CuPy arrays
-and torch tensors, and the device they run on."""
+and torch tensors, the device they run on, and whether Triton interprets the kernels."""
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 
 from gpuad.backend import is_cupy_array
+
+#: Triton runs the kernels in its interpreter on CPU tensors: TRITON_INTERPRET=1 when the
+#: kernels are defined (tests/conftest.py sets it where there is no CUDA device)
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 def as_torch(a):

@@ -1,62 +1,34 @@
-"""Fused LM head: linear + softmax cross-entropy that never holds the [N, V] logits.
+"""Fused LM head on torch tensors: the chunk loop of ``gpuad.kernels.lm_head`` (its design,
+memory and FLOPs) with torch's cuBLAS GEMMs and the Triton row kernel below.
 
     x [N, D], w [V, D] (PyTorch's layout), targets [N], bias [V] or None
     loss, dx = ∂loss/∂x, dw = ∂loss/∂w, db = ∂loss/∂bias  (and lse [N] on request)
 
-Design: chunks of rows. For rows [r, r + c) of x:
-
-    1. zc   = x[r:r+c] @ wᵀ                 cuBLAS (torch.mm), fp32 accumulation, written into
-                                            one preallocated [c, V] buffer (the only logits)
-    2. _lce_rows_kernel (Triton, one program a row): adds the bias, soft-caps, computes the
-       row's log-sum-exp online, the loss (label smoothing, z-loss), and writes dloss/dz over
-       zc in place (the mean's 1/n_valid and grad_scale folded in)
-    3. dx[r:r+c] = zc @ w                   cuBLAS, written straight into dx
-    4. dw += zcᵀ @ x[r:r+c]                 one GEMM with beta = 1 into an fp32 [V, D] buffer
-       db += Σ_rows zc                      fp32 column sums (torch.sum: fixed order)
-
-Why rows and not the vocabulary: a chunk of rows holds whole rows, so its log-sum-exp is final
-when the gradient is written and each GEMM runs once: 3 GEMMs, 6·N·D·V FLOPs, the floor.
-Chunking V instead would need each row's log-sum-exp before any dw slice could be formed, so
-the logits GEMM would run twice (8·N·D·V FLOPs, 4/3 of the floor); its one gain is that each
-dw slice would be complete in one GEMM (no fp32 [V, D] accumulator).
-
-The chunk c (rows) sets the trade-off. Memory: the buffer is c·V·itemsize bytes (+ c·4·3 for
-row losses, lse and scales). Speed: step 4 reads and writes the fp32 accumulator once a chunk
-(8·V·D bytes against 2·c·V·D FLOPs, c/4 FLOP/byte), so c must be large enough for that GEMM to
-stay compute-bound: 2048 rows give 512 FLOP/byte, above an H100's or H200's ridge. The
-default (``gpuad.kernels.reference.linear_cross_entropy_chunk``, shared by every
-implementation) is min(N, 2048) rows, cut so that the buffer is at most 1 GiB and a quarter of
-the free device memory; `chunk` overrides it.
-At 8192×4096→128256 bf16: a 525 MB buffer (4 chunks), the fp32 dw accumulator 2.1 GB (none
-when dw_accumulate is given), dx 67 MB, and dw in bf16 1.05 GB when no dw_accumulate is given
-(the accumulator is freed after that cast; the buffer before it).
+The logits buffer's rows are padded to a multiple of ROW_PAD elements (aligned GEMM leading
+dimension; the row kernel uses the padding as scratch). By default on an H100 a chunk is
+min(N, 2048) rows (``linear_cross_entropy_chunk``); `chunk` changes it.
 
 Numerics: every GEMM accumulates in fp32 (reduced-precision reductions off, fp32 products
 exact unless allow_tf32); dw in fp32 across chunks whatever the input dtype: with fp16/bf16
 inputs through torch.addmm(..., out_dtype=float32) where this torch supports an fp32
 accumulator there (checked once a device), else through gpuad's Triton linear_backward with
 dw_accumulate. Deterministic: no atomics, fixed-order sums. No host synchronisation (with
-check_targets=False): the valid-target count and the mean's scale stay on the device.
-64-bit row offsets in the kernel.
+check_targets=False). 64-bit row offsets in the kernel.
 """
 from __future__ import annotations
 
 import contextlib
 import functools
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import checks
-from ..reference import check_linear_cross_entropy_args, linear_cross_entropy_chunk, reduce_row_losses
-from .interop import as_given, as_torch
-from .linear_backward import pinned_fp32_accumulation
+from ..lm_head import Steps, run_chunks
+from .interop import INTERPRETED, as_given, as_torch
 from .linear_backward import linear_backward as _triton_linear_backward
-
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
-_DTYPES = ("float16", "bfloat16", "float32")
+from .precision import pinned_fp32_accumulation
 
 ROW_PAD = 64  # the buffer's row stride is a multiple of this many elements (aligned GEMM leading dim)
 MAX_BLOCK = 4096  # columns a program handles per step of its loop over V
@@ -224,7 +196,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     dw, db) (+ lse [N] fp32 when return_lse), loss fp32 (0-d, or [N] for "none"), gradients in
     the input dtype (dw = dw_accumulate when given: an fp32 [V, D] buffer that receives dw +=),
     grad=False gives (loss, None, None, None), grad_scale (0-d, or [N] for "none", on the
-    device) multiplies the gradients. See the module docstring for the design.
+    device) multiplies the gradients. The chunk loop and its design: ``gpuad.kernels.lm_head``.
 
     Memory beyond inputs and outputs: one [c, V] buffer of the input dtype (c = `chunk` or
     ``gpuad.kernels.reference.linear_cross_entropy_chunk``; rows padded to ROW_PAD elements),
@@ -235,28 +207,29 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     (a host sync); False removes it: no host sync at all, and a bad target gives an
     unspecified loss but never an out-of-bounds access.
     """
-    xt, from_cupy = as_torch(x)
-    wt, _ = as_torch(w)
-    tt, _ = as_torch(targets)
-    bt = None if bias is None else as_torch(bias)[0]
-    acc_t = None if dw_accumulate is None else as_torch(dw_accumulate)[0]
-    gs = None if grad_scale is None else as_torch(grad_scale)[0]
-    check_linear_cross_entropy_args(xt, wt, tt, bt, reduction, label_smoothing, z_loss, softcap, acc_t, chunk, gs,
-                                    allowed=_DTYPES)
-    device = xt.device
-    for name, a in (("w", wt), ("targets", tt), ("bias", bt), ("dw_accumulate", acc_t), ("grad_scale", gs)):
+    x, from_cupy = as_torch(x)
+    w, targets = as_torch(w)[0], as_torch(targets)[0]
+    bias = None if bias is None else as_torch(bias)[0]
+    acc_t = None if dw_accumulate is None else as_torch(dw_accumulate)[0]  # the caller's buffer is returned
+    grad_scale = None if grad_scale is None else as_torch(grad_scale)[0]
+    checks.check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap, acc_t,
+                                           chunk, grad_scale, allowed=checks.GPU_DTYPES)
+    device = x.device
+    for name, a in (("w", w), ("targets", targets), ("bias", bias), ("dw_accumulate", acc_t),
+                    ("grad_scale", grad_scale)):
         if a is not None and a.device != device:
             raise ValueError(f"{name} is on {a.device}, x on {device}: all arrays must share one device")
-    if device.type != "cuda" and not _INTERPRETED:
+    if device.type != "cuda" and not INTERPRETED:
         raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {device}")
-    (n, d), v = xt.shape, wt.shape[0]
     if check_targets:
-        checks.check_targets(tt, v, ignore_index)
-    dtype = xt.dtype
+        checks.check_targets(targets, w.shape[0], ignore_index)
+    steps = _TorchSteps(x, w, bias, ignore_index=ignore_index, smoothing=float(label_smoothing), z_coef=float(z_loss),
+                        softcap=softcap, grad=grad, row_scale=grad_scale is not None and grad_scale.dim() == 1,
+                        allow_tf32=allow_tf32)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
-        out = _run(xt, wt, tt, bt, acc_t, gs, n=n, d=d, v=v, dtype=dtype, ignore_index=ignore_index,
-                   reduction=reduction, eps=float(label_smoothing), z_coef=float(z_loss), softcap=softcap,
-                   need_dx=need_dx, grad=grad, chunk=chunk, allow_tf32=allow_tf32)
+        out = run_chunks(steps, x, targets.contiguous(), v=w.shape[0], has_bias=bias is not None,
+                         dw_accumulate=acc_t, grad_scale=grad_scale, ignore_index=ignore_index, reduction=reduction,
+                         need_dx=need_dx, grad=grad, chunk=chunk)
     loss, dx, dw, db, lse = out
     result = (as_given(loss, from_cupy), as_given(dx, from_cupy),
               dw_accumulate if dw_accumulate is not None and grad else as_given(dw, from_cupy),
@@ -264,58 +237,69 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     return result + (as_given(lse, from_cupy),) if return_lse else result
 
 
-def _run(xt, wt, tt, bt, acc_t, gs, *, n, d, v, dtype, ignore_index, reduction, eps, z_coef, softcap, need_dx,
-         grad, chunk, allow_tf32):
-    """The chunk loop on torch tensors; returns (loss, dx, dw, db, lse)."""
-    device = xt.device
-    targets = tt.contiguous()
-    n_valid = (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
-    # the gradient's factor per row (ROW_SCALE) or for all rows: 1/n_valid for "mean", × grad_scale
-    scale = torch.ones((), dtype=torch.float32, device=device)
-    if reduction == "mean":
-        scale = scale / n_valid
-    if gs is not None:
-        scale = (scale * gs.to(torch.float32)).contiguous()
-    row_scale = scale.dim() == 1
-    row_loss = torch.empty(n, dtype=torch.float32, device=device)
-    lse = torch.empty(n, dtype=torch.float32, device=device)
-    dx = dw = db = None
-    if grad:
-        dx = torch.empty((n, d), dtype=dtype, device=device) if need_dx else None
-        dw = acc_t if acc_t is not None else torch.zeros((v, d), dtype=torch.float32, device=device)
-        db = torch.zeros(v, dtype=torch.float32, device=device) if bt is not None else None
-    if n > 0:
-        c = chunk or linear_cross_entropy_chunk(n, v, xt.element_size(), _free_bytes(device))
-        c = min(c, n)
-        stride = triton.cdiv(v, ROW_PAD) * ROW_PAD
-        buf = torch.empty((c, stride), dtype=dtype, device=device)
-        buf[:, v:].zero_()  # the kernel's scratch columns: finite from the start
-        meta = _kernel_meta(v, has_bias=bt is not None, grad=grad, label_smoothing=eps, z_loss=z_coef,
-                            softcap=softcap, row_scale=row_scale)
-        route = dw_route(device, dtype) if grad else None
-        bias_arg = bt.contiguous() if bt is not None else buf
-        with pinned_fp32_accumulation(dtype, allow_tf32):
-            for r0 in range(0, n, c):
-                r1 = min(n, r0 + c)
-                zc = buf[:r1 - r0, :v]
-                xc = xt[r0:r1]
-                torch.mm(xc, wt.t(), out=zc)
-                _lce_rows_kernel[(r1 - r0,)](
-                    zc, stride, bias_arg, targets[r0:r1], row_loss[r0:r1], lse[r0:r1],
-                    scale[r0:r1] if row_scale else scale, v, ignore_index, eps, z_coef,
-                    float(softcap) if softcap is not None else 1.0, **meta)
-                if not grad:
-                    continue
-                if dx is not None:
-                    torch.mm(zc, wt, out=dx[r0:r1])
-                _accumulate_dw(dw, zc, xc, wt, route)
-                if db is not None:
-                    db += zc.sum(0, dtype=torch.float32)
-        del buf
-    loss = reduce_row_losses(row_loss, reduction, n_valid)
-    if grad:
-        if acc_t is None and dtype != torch.float32:
-            dw = dw.to(dtype)
-        if db is not None:
-            db = db.to(dtype)
-    return loss, dx, dw, db, lse
+class _TorchSteps(Steps):
+    """The chunk loop's steps on torch tensors: torch.mm and the Triton row kernel."""
+    float32 = torch.float32
+
+    def __init__(self, x, w, bias, *, ignore_index, smoothing, z_coef, softcap, grad, row_scale, allow_tf32):
+        self.x, self.w, self.device, self.itemsize = x, w, x.device, x.element_size()
+        self.v = w.shape[0]
+        self.stride = triton.cdiv(self.v, ROW_PAD) * ROW_PAD
+        self.bias = bias.contiguous() if bias is not None else None
+        self.meta = _kernel_meta(self.v, has_bias=bias is not None, grad=grad, label_smoothing=smoothing, z_loss=z_coef,
+                                 softcap=softcap, row_scale=row_scale)
+        self.scalars = (self.v, ignore_index, smoothing, z_coef, float(softcap) if softcap is not None else 1.0)
+        self.allow_tf32 = allow_tf32
+
+    def empty(self, shape, dtype):
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def zeros(self, shape, dtype):
+        return torch.zeros(shape, dtype=dtype, device=self.device)
+
+    def ones(self, shape, dtype):
+        return torch.ones(shape, dtype=dtype, device=self.device)
+
+    def astype(self, a, dtype):
+        return a.to(dtype)
+
+    def contiguous(self, a):
+        return a.contiguous()
+
+    def n_valid(self, targets, ignore_index):
+        return (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
+
+    def free_bytes(self):
+        return _free_bytes(self.device)
+
+    def buffer(self, rows):
+        buf = torch.empty((rows, self.stride), dtype=self.x.dtype, device=self.device)
+        buf[:, self.v:].zero_()  # the kernel's scratch columns: finite from the start
+        return buf
+
+    def chunk(self, buf, rows):
+        return buf[:rows, :self.v]
+
+    def precision(self):
+        return pinned_fp32_accumulation(self.x.dtype, self.allow_tf32)
+
+    def logits(self, xc, zc):
+        torch.mm(xc, self.w.t(), out=zc)
+
+    def rows(self, buf, zc, targets, row_loss, lse, scale):
+        bias = self.bias if self.bias is not None else buf
+        _lce_rows_kernel[(zc.shape[0],)](zc, self.stride, bias, targets, row_loss, lse, scale, *self.scalars,
+                                         **self.meta)
+
+    def dx(self, zc, out):
+        torch.mm(zc, self.w, out=out)
+
+    @functools.cached_property
+    def route(self):
+        return dw_route(self.device, self.x.dtype)
+
+    def dw(self, acc, zc, xc):
+        _accumulate_dw(acc, zc, xc, self.w, self.route)
+
+    def db(self, acc, zc):
+        acc += zc.sum(0, dtype=torch.float32)
