@@ -25,7 +25,21 @@ def test_every_page_has_its_snippets_found():
         "README.md", "docs/training.md", "docs/memory.md", "docs/pytorch.md", "docs/lm-head.md"}
 
 
-@pytest.mark.parametrize("page,index,code", SNIPPETS, ids=[f"{p}:{i}" for p, i, _ in SNIPPETS])
+def _under_torchrun(code):
+    """A snippet whose first line says it runs under torchrun (one process per rank): its page's
+    own test runs it that way (tests/test_torch_parallel.py: test_docs_torchrun_example)."""
+    return "torchrun" in code.splitlines()[0]
+
+
+def test_torchrun_snippets_are_run_by_their_test():
+    pages = {page for page, _, code in SNIPPETS if _under_torchrun(code)}
+    with open(os.path.join(ROOT, "tests", "test_torch_parallel.py"), encoding="utf-8") as f:
+        runner = f.read()
+    assert pages == {"docs/vocab-parallel.md"} and all(os.path.basename(p) in runner for p in pages), pages
+
+
+@pytest.mark.parametrize("page,index,code", [s for s in SNIPPETS if not _under_torchrun(s[2])],
+                         ids=[f"{p}:{i}" for p, i, c in SNIPPETS if not _under_torchrun(c)])
 def test_python_snippet_runs(page, index, code, capsys):
     if "import torch" in code:
         pytest.importorskip("torch")
