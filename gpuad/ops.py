@@ -726,4 +726,6 @@ def linear_cross_entropy(x, W, targets, b=None, ignore_index=-100, reduction="me
             out = out + gx[:, 2 * d]
         return out.reshape(t.shape)
 
-    return record("linear_cross_entropy", loss, parents, vjp=vjp, jvp=jvp)
+    # "none" runs the kernel again in the VJP on x, W, b and the targets: they are guarded
+    return record("linear_cross_entropy", loss, parents, vjp=vjp, jvp=jvp,
+                  saved=(*parents, t) if reduction == "none" else ())

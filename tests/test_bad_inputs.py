@@ -170,6 +170,33 @@ def test_guard_counts_graphs_and_covers_views_and_owners():
     r.data[1] = 2.0
 
 
+def test_linear_cross_entropy_none_guards_what_its_backward_reads_again():
+    """reduction="none" runs the kernel again in backward on x, W, b and the targets: a write
+    into any of them between forward and backward raises instead of changing the gradient."""
+    rng = np.random.default_rng(4)
+    x = ad.tensor(rng.standard_normal((5, 3)), requires_grad=True)
+    w = ad.tensor(rng.standard_normal((4, 3)), requires_grad=True)
+    b = ad.tensor(rng.standard_normal(4), requires_grad=True)
+    t = np.array([0, 3, 1, -100, 2])
+    x0, w0, b0 = x.data.copy(), w.data.copy(), b.data.copy()
+    loss = ad.linear_cross_entropy(x, w, t, b, reduction="none")
+    for array in (x.data, w.data, b.data, t):
+        with pytest.raises(ValueError, match="read-only"):
+            array[0] = 1
+    ad.sum(loss * np.arange(1.0, 6.0)).backward()
+    want = [ad.tensor(a, requires_grad=True) for a in (x0, w0, b0)]
+    ad.sum(ad.softmax_cross_entropy(ad.linear(*want), t, reduction="none") * np.arange(1.0, 6.0)).backward()
+    for got, ref in zip((x, w, b), want):
+        np.testing.assert_allclose(got.grad, ref.grad, rtol=1e-12, atol=1e-12)
+    for array in (x.data, w.data, b.data, t):
+        array[0] = 1  # the graph is gone: writeable again
+    loss = ad.linear_cross_entropy(x, w, t, reduction="none")
+    w.data.setflags(write=True)
+    w.data[...] = 0
+    with pytest.raises(RuntimeError, match="^linear_cross_entropy: an array saved for its backward"):
+        loss.sum().backward()
+
+
 def test_no_guard_without_a_graph():
     a = ad.tensor([1.0, 2.0], requires_grad=True)
     with ad.no_grad():
