@@ -55,6 +55,14 @@ def number(kind, low, high=None, low_open=False):
     return parse
 
 
+SEED_MAX = 2 ** 32 - 1  # numpy's and scikit-learn's seeds are unsigned 32-bit integers
+
+
+def seed_type(text):
+    """An argparse type for --seed: an integer in [0, 2³² − 1]."""
+    return number(int, 0, SEED_MAX)(text)
+
+
 def output_file(path, flag, suffix):
     """Check, before any work, that `path` (given to `flag`) ends in `suffix` and that its folder
     exists; raise a CommandError saying which otherwise."""
