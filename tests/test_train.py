@@ -118,6 +118,11 @@ def test_help_describes_every_flag(capsys):
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
     (["train", "--plot", "curves.pdf"], "--plot curves.pdf: the file name must end in .png"),
     (["train", "--plot", "no/such/folder/c.png"], "--plot no/such/folder/c.png: folder"),
+    (["train", "--plot", "/proc/c.png"], "--plot /proc/c.png: cannot write into folder /proc"),
+    (["train", "--seed", "-1"], "argument --seed: must lie in [0, 4294967295], got -1"),  # was a traceback
+    (["train", "--seed", "4294967296"], "argument --seed: must lie in [0, 4294967295], got 4294967296"),
+    (["train", "--hidden", "1000000,1000000"], "--hidden 1000000,1000000: the MLP 64-1000000-1000000-10 (float32, "
+                                                "adam) needs about 2.24e+04 GiB of memory, more than the"),
 ])
 def test_bad_input_exits_non_zero_with_one_line(capsys, argv, message):
     try:
