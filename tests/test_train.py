@@ -149,3 +149,15 @@ def test_missing_dependency_is_one_clear_line(capsys, monkeypatch, module, argv,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and package in lines[0], lines
     assert lines[0].startswith("python -m gpuad train: error:")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "-5"], "argument --steps: must be >= 0, got -5"),  # ran no step and printed an accuracy
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["--lr", "-1"], "argument --lr: must be a finite number > 0, got -1"),
+])
+def test_demo_refuses_bad_flags(capsys, argv, message):
+    from gpuad import demo
+    with pytest.raises(SystemExit) as e:
+        demo.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
