@@ -24,13 +24,14 @@ _TANH_C = math.sqrt(2.0 / math.pi)
 
 # --- helpers --------------------------------------------------------------------------
 def unbroadcast(g, shape):
-    """Sum cotangent `g` down to `shape`, undoing numpy broadcasting."""
+    """Sum cotangent `g` down to `shape`, undoing numpy broadcasting (16-bit floats accumulate
+    in float32: numpy sums fp16 over an outer axis in fp16, overflowing where the sum does not)."""
     shape = tuple(shape)
     if g.shape == shape:
         return g
     lead = g.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
-    return g.sum(axis=axes, keepdims=True).reshape(shape) if axes else g.reshape(shape)
+    return _sum(g, axes, True).reshape(shape) if axes else g.reshape(shape)
 
 
 def _same_kind(a, b) -> bool:
@@ -193,7 +194,10 @@ def _mul_tangent(ad_, bd, ta, tb):
 
 
 def _mul_broadcast_vjp(ad_, bd):
-    return lambda g: unbroadcast(g * bd, ad_.shape), lambda g: unbroadcast(g * ad_, bd.shape)
+    """g·b and g·a summed back to each operand's shape, in float32 for 16-bit floats (the
+    products of a sum may overflow where the sum does not)."""
+    return (lambda g: _as_dtype_of(unbroadcast(_wide(g) * bd, ad_.shape), g),
+            lambda g: _as_dtype_of(unbroadcast(_wide(g) * ad_, bd.shape), g))
 
 
 def mul(a, b):
@@ -213,17 +217,21 @@ def mul(a, b):
 
 
 def div(a, b):
-    """a / b, with broadcasting. The two-step rules (-g·y/b, (ta - y·tb)/b) run in float32 for
-    16-bit floats: rounding -g·y first could overflow where the result does not."""
+    """a / b, with broadcasting. For 16-bit floats the rules (g/b, -g·(a/b)/b, (ta - y·tb)/b)
+    run in float32, and b's reads a/b in float32 instead of y: rounding y or -g·y first could
+    overflow where the result does not."""
     if not _same_kind(a, b):
         a, b = _pair("div", a, b)
-    sa, bd = a.shape, b.data
-    y = a.data / bd
-    wide = _wide if _is_half(y.dtype) else (lambda v: v)
+    sa, ad_, bd = a.shape, a.data, b.data
+    y = ad_ / bd
+    half = _is_half(y.dtype)
+    wide = _wide if half else (lambda v: v)
+    quotient = (lambda: _wide(ad_) / bd) if half else (lambda: y)
     return record("div", y, (a, b),
-                  vjp=(lambda g: unbroadcast(g / bd, sa),
-                       lambda g: _as_dtype_of(unbroadcast(-wide(g) * y / bd, bd.shape), bd)),
-                  jvp=lambda ta, tb: _as_dtype_of((wide(ta) - y * wide(tb)) / bd, y), saved=(b,))
+                  vjp=(lambda g: _as_dtype_of(unbroadcast(wide(g) / bd, sa), g),
+                       lambda g: _as_dtype_of(unbroadcast(-wide(g) * quotient() / bd, bd.shape), bd)),
+                  jvp=lambda ta, tb: _as_dtype_of((wide(ta) - y * wide(tb)) / bd, y),
+                  saved=(a, b) if half and b.requires_grad else (b,))
 
 
 def neg(x):

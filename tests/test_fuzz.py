@@ -12,7 +12,9 @@ RuntimeError from gpuad's own checks. No input, nor the buffer around a strided 
 
 Budgets: a fixed, derandomized example budget in CI (this file runs in well under a minute on
 two cores); ``GPUAD_FUZZ=long`` multiplies every budget by 25 and draws fresh random examples.
-``GPUAD_FUZZ_REPORT=1`` prints how many inputs of each kind were tried.
+``GPUAD_FUZZ_REPORT=1`` prints how many inputs of each kind were tried. A failure prints its
+falsifying example (every array's shape, dtype, layout, values and seed; every drawn argument)
+and the ``@reproduce_failure(...)`` line that replays it exactly under either profile.
 """
 import collections
 import gc
@@ -55,7 +57,7 @@ def tried(entry, valid=True, *arrays):
 
 def fuzz(n):
     return settings(max_examples=n * BUDGET, deadline=None, database=None, derandomize=PROFILE == "ci",
-                    suppress_health_check=list(HealthCheck))
+                    print_blob=True, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module", autouse=True)
