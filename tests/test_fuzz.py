@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import gpuad as ad
+from gpuad import optim
 from gpuad.kernels import reference
 
 torch = pytest.importorskip("torch")
@@ -763,6 +764,116 @@ def test_transforms(name, shape, seed, inside_no_grad, argnums):
     gc.collect()
     np.testing.assert_array_equal(x, before)
     assert x.flags.writeable
+
+
+# --- optimizers: arguments, parameter groups, gradients ------------------------------------
+OPT_KEYS = {"SGD": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"),
+            "Adam": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"),
+            "AdamW": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")}
+REAL_KEYS = ("lr", "momentum", "dampening", "weight_decay", "eps")
+FLAGS = ("nesterov", "maximize", "amsgrad")
+GOOD_REAL = (0.1, 0.0, 0.5, 1, 1e-3)
+BAD_REAL = (-0.1, float("nan"), "0.1", None, True, [0.1])
+GOOD_BETAS = ((0.9, 0.999), (0.0, 0.5), [0.5, 0.9])
+BAD_BETAS = ((0.9,), 0.9, (0.9, 1.0), (-0.1, 0.5), ("0.9", 0.99), (0.9, 0.99, 0.5), None)
+LAYOUTS_OPT = ("list", "tuple", "generator", "groups", "group of one Tensor", "bare Tensor", "listed twice",
+               "in two groups", "mixed", "group without params", "empty")
+GRADS = ("right", "none", "broadcastable", "other shape", "list")
+OPT_SHAPES = ((2,), (3, 2), ())
+
+
+def _opt_valid_value(key, value):
+    if key in FLAGS:
+        return True
+    if key == "betas":
+        return (isinstance(value, (tuple, list)) and len(value) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+@st.composite
+def optimizer_case(draw):
+    name = draw(st.sampled_from(sorted(OPT_KEYS)))
+    kwargs = {}
+    for key in OPT_KEYS[name]:
+        kind = draw(st.sampled_from(["default", "good", "good", "good", "default", "good", "good", "bad"]), key)
+        if kind == "default":
+            continue
+        if key in FLAGS:
+            kwargs[key] = draw(st.booleans())
+        elif key == "betas":
+            kwargs[key] = draw(st.sampled_from(GOOD_BETAS if kind == "good" else BAD_BETAS))
+        else:
+            kwargs[key] = draw(st.sampled_from(GOOD_REAL if kind == "good" else BAD_REAL))
+    shapes = draw(st.lists(st.sampled_from(OPT_SHAPES), min_size=2, max_size=3))
+    group_lr = draw(st.sampled_from(GOOD_REAL + BAD_REAL[:2]))
+    grads = draw(st.lists(st.sampled_from(GRADS), min_size=len(shapes), max_size=len(shapes)))
+    return name, kwargs, shapes, draw(st.sampled_from(LAYOUTS_OPT)), group_lr, grads, draw(seeds)
+
+
+def _opt_params(layout, ps, group_lr):
+    """(params argument, whether it is valid): the parameters `ps` laid out as `layout`."""
+    first, rest = ps[0], ps[1:]
+    return {
+        "list": (list(ps), True), "tuple": (tuple(ps), True), "generator": ((p for p in ps), True),
+        "groups": ([{"params": [first]}, {"params": rest, "lr": group_lr}], _opt_valid_value("lr", group_lr)),
+        "group of one Tensor": ([{"params": first}, {"params": rest}], True),
+        "bare Tensor": (first, False), "listed twice": (list(ps) + [first], False),
+        "in two groups": ([{"params": list(ps)}, {"params": [first]}], False),
+        "mixed": ([{"params": [first]}] + list(rest), False), "group without params": ([{"params": list(ps)}, {}], False),
+        "empty": ([], False),
+    }[layout]
+
+
+def _opt_grad(kind, shape, rng):
+    """A .grad of `kind` for a parameter of `shape`: an array (of the right shape or not), a list or None."""
+    if kind == "none":
+        return None
+    if kind == "list":
+        return np.asarray(rng.standard_normal(shape)).reshape(-1).tolist()
+    wrong = {"right": shape, "broadcastable": (1,) * len(shape) if shape else (2,), "other shape": shape + (2,)}
+    return np.asarray(rng.standard_normal(wrong[kind]))
+
+
+@fuzz(60)
+@given(case=optimizer_case())
+def test_optimizer_arguments_groups_and_grads(case):
+    """Every optimizer built from drawn hyperparameters (good, default or bad in type or value),
+    parameter layouts (lists, generators, groups; a parameter twice, a bare Tensor, mixed) and
+    .grads (missing, of another shape, a list): a clear error before anything moves, or two
+    steps equal to torch.optim's on the same groups."""
+    name, kwargs, shapes, layout, group_lr, grad_kinds, seed = case
+    rng = np.random.default_rng(seed)
+    values = [rng.standard_normal(s) for s in shapes]
+    ours = [ad.tensor(v, requires_grad=True) for v in values]
+    valid = all(_opt_valid_value(k, v) for k, v in kwargs.items())
+    if name == "SGD" and kwargs.get("nesterov") and valid:
+        valid = kwargs.get("momentum", 0) > 0 and kwargs.get("dampening", 0) == 0
+    params, layout_valid = _opt_params(layout, ours, group_lr)
+    tried(f"optim.{name} ({layout})", valid and layout_valid)
+    opt = run(lambda: getattr(optim, name)(params, **kwargs), valid and layout_valid, f"optim.{name}")
+    if opt is None:
+        return
+    theirs = [torch.tensor(v, requires_grad=True) for v in values]
+    torch_params = _opt_params(layout, theirs, group_lr)[0]
+    ref = getattr(torch.optim, name)(torch_params, **kwargs)
+    for step in range(2):
+        grads = [_opt_grad(kind, s, rng) for kind, s in zip(grad_kinds, shapes)]
+        for p, t, g in zip(ours, theirs, grads):
+            p.grad = g
+            t.grad = None if g is None or isinstance(g, list) or np.shape(g) != t.shape else torch.tensor(g)
+        grads_valid = all(g is None or np.shape(g) == s and not isinstance(g, list) for g, s in zip(grads, shapes))
+        before = [p.data.copy() for p in ours]
+        tried(f"optim.{name}.step", grads_valid)
+        if not grads_valid:
+            run(opt.step, False, f"optim.{name}.step")
+            for p, b in zip(ours, before):
+                np.testing.assert_array_equal(p.data, b)  # nothing moved
+            return
+        opt.step()
+        ref.step()
+        for p, t in zip(ours, theirs):
+            np.testing.assert_allclose(p.data, t.detach().numpy(), rtol=1e-12, atol=1e-14, equal_nan=True)
 
 
 # --- Triton kernels under the interpreter --------------------------------------------------
