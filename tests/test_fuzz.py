@@ -20,6 +20,7 @@ import collections
 import gc
 import math
 import os
+import re
 
 import numpy as np
 import pytest
@@ -874,6 +875,116 @@ def test_optimizer_arguments_groups_and_grads(case):
         ref.step()
         for p, t in zip(ours, theirs):
             np.testing.assert_allclose(p.data, t.detach().numpy(), rtol=1e-12, atol=1e-14, equal_nan=True)
+
+
+# --- the command lines: python -m gpuad train / walk, python -m bench -----------------------
+# Each numeric flag's domain (kind, low, high, low_open), as --help states it. A command line
+# of drawn flags must reach the work (a stub here) when every value lies in its domain, and
+# otherwise exit 2 before any work with one line naming a bad flag.
+CLI_NUMBERS = {
+    "train": {"--epochs": (int, 1, None, False), "--batch-size": (int, 1, None, False),
+              "--lr": (float, 0, None, True), "--momentum": (float, 0, None, False),
+              "--weight-decay": (float, 0, None, False), "--label-smoothing": (float, 0, 1, False),
+              "--test-fraction": (float, 0, 0.9, True), "--seed": (int, 0, 2 ** 32 - 1, False),
+              "--threads": (int, 1, None, False)},
+    "walk": {"--depth": (int, 1, 1000, False), "--width": (int, 1, 512, False), "--sigma": (float, 0, None, True),
+             "--seed": (int, 0, 2 ** 32 - 1, False)},
+    "bench": {"--threads": (int, 0, None, False), "--budget-s": (float, 0, None, True)},
+}
+CLI_TEXTS = ("1", "3", "0", "-1", "0.5", "0.95", "1e-3", "nan", "inf", "-inf", "abc", "", "4294967295",
+             "4294967296", "1e400")
+WALK_SIZES = ("1", "3", "0", "-2", "1001", "513", "x")  # small: a valid walk runs its forward pass for real
+HIDDEN = {"32": True, "16,8": True, "none": True, "0": False, "8,x": False, "1000000,1000000": False}
+PATHS = {"ok": True, "suffix": False, "missing folder": False, "read-only folder": False}
+
+
+class _Worked(Exception):
+    """Raised by the stubs standing in for the work: the flags were accepted."""
+
+
+def _in_domain(text, kind, low, high, low_open):
+    try:
+        value = kind(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value <= high)
+
+
+def _path(kind, tmp, name, suffix):
+    return {"ok": str(tmp / f"{name}{suffix}"), "suffix": str(tmp / f"{name}.txt"),
+            "missing folder": str(tmp / "no" / "such" / f"{name}{suffix}"),
+            "read-only folder": f"/proc/{name}{suffix}"}[kind]
+
+
+@st.composite
+def command_line(draw, tmp):
+    """(program, argv, the flags whose values are out of their domain)."""
+    program = draw(st.sampled_from(sorted(CLI_NUMBERS)))
+    argv, bad = [], []
+    for flag, domain in CLI_NUMBERS[program].items():
+        if draw(st.integers(0, 2)) == 0 and not (program == "walk" and flag == "--depth"):
+            continue
+        texts = WALK_SIZES if program == "walk" and flag in ("--depth", "--width") else CLI_TEXTS
+        if draw(st.integers(0, 7)):  # mostly a value from the domain, so that whole lines are good too
+            texts = [t for t in texts if _in_domain(t, *domain)]
+        text = draw(st.sampled_from(texts), flag)
+        argv += [f"{flag}={text}"]
+        if not _in_domain(text, *domain):
+            bad.append(flag)
+    if program == "train" and draw(st.booleans()):
+        hidden = draw(st.sampled_from(sorted(HIDDEN)), "--hidden")
+        argv += [f"--hidden={hidden}"]
+        bad += [] if HIDDEN[hidden] else ["--hidden"]
+    if draw(st.booleans()):
+        flag, suffix = ("--out", "") if program == "bench" else ("--plot", ".png")
+        kind = draw(st.sampled_from(sorted(PATHS) if program != "bench" else ["ok", "read-only folder"]), flag)
+        argv += [flag, _path(kind, tmp, "out", suffix)]
+        bad += [] if PATHS[kind] else [flag]
+    return program, argv, bad
+
+
+def _cli_main(program, argv):
+    from bench.__main__ import main as bench_main
+    from gpuad.__main__ import main as gpuad_main
+    try:
+        return bench_main(argv) if program == "bench" else gpuad_main([program] + argv)
+    except SystemExit as e:
+        return e.code
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_command_lines(data, tmp_path, monkeypatch, capsys):
+    """python -m gpuad train / walk --depth and python -m bench on drawn flags: the work starts
+    exactly when every flag is good; otherwise one line naming a bad flag, exit status 2."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/ is not installed
+    from bench import harness
+    from gpuad import train, walk
+
+    def work(*_, **__):
+        raise _Worked
+    for module, name in ((train, "train"), (walk, "run_depth"), (harness, "Env")):
+        monkeypatch.setattr(module, name, work)
+    monkeypatch.chdir(tmp_path)  # bench's default --out is made here
+    program, argv, bad = data.draw(command_line(tmp_path), "command line")
+    tried(f"command line: {program}", not bad)
+    capsys.readouterr()
+    if not bad:
+        try:
+            code = _cli_main(program, argv)
+        except _Worked:
+            return
+        # walk's one refusal that depends on the numbers: a --sigma whose stack leaves float64
+        assert code == 2 and program == "walk", code
+        assert re.search(r"error: --sigma \S+ (saturates|overflows|underflows)", capsys.readouterr().err)
+        return
+    assert _cli_main(program, argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and lines, captured
+    assert any(flag in lines[-1] for flag in bad), (bad, lines[-1])
+    assert lines[-1].startswith(f"python -m {'bench' if program == 'bench' else 'gpuad ' + program}: error:"), lines
 
 
 # --- Triton kernels under the interpreter --------------------------------------------------
