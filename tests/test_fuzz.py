@@ -836,7 +836,7 @@ def _opt_grad(kind, shape, rng):
     return np.asarray(rng.standard_normal(wrong[kind]))
 
 
-@fuzz(60)
+@fuzz(40)
 @given(case=optimizer_case())
 def test_optimizer_arguments_groups_and_grads(case):
     """Every optimizer built from drawn hyperparameters (good, default or bad in type or value),
