@@ -153,7 +153,7 @@ def test_walk_help_describes_every_flag():
     out = _walk_cli("--help")
     assert out.returncode == 0
     for flag in ("--no-pause", "--html", "--seed", "--depth", "--residual", "--plot", "--width", "--sigma",
-                 "--activation"):
+                 "--activation", "--no-progress"):
         assert re.search(re.escape(flag) + r"[^\n]*\n?\s+\S", out.stdout), flag
 
 
