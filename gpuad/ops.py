@@ -217,9 +217,9 @@ def mul(a, b):
 
 
 def div(a, b):
-    """a / b, with broadcasting. For 16-bit floats the rules (g/b, -g·(a/b)/b, (ta - y·tb)/b)
-    run in float32, and b's reads a/b in float32 instead of y: rounding y or -g·y first could
-    overflow where the result does not."""
+    """a / b, with broadcasting. For 16-bit floats the rules (g/b, -g·(a/b)/b, (ta - (a/b)·tb)/b)
+    run in float32 and read a/b in float32, not y: rounding y or -g·y first could overflow
+    where the result does not."""
     if not _same_kind(a, b):
         a, b = _pair("div", a, b)
     sa, ad_, bd = a.shape, a.data, b.data
@@ -230,7 +230,7 @@ def div(a, b):
     return record("div", y, (a, b),
                   vjp=(lambda g: _as_dtype_of(unbroadcast(wide(g) / bd, sa), g),
                        lambda g: _as_dtype_of(unbroadcast(-wide(g) * quotient() / bd, bd.shape), bd)),
-                  jvp=lambda ta, tb: _as_dtype_of((wide(ta) - y * wide(tb)) / bd, y),
+                  jvp=lambda ta, tb: _as_dtype_of((wide(ta) - quotient() * wide(tb)) / bd, y),
                   saved=(a, b) if half and b.requires_grad else (b,))
 
 

@@ -490,3 +490,7 @@ def test_fp16_broadcast_gradients_accumulate_in_fp32(backend):
     exact = -0.25 * (6e4 + 1.0) / np.float64(np.float16(0.9)) ** 2
     np.testing.assert_allclose(B.to_host(b.grad).astype(np.float64), [exact, exact], rtol=1e-3)
     np.testing.assert_allclose(B.to_host(a.grad).astype(np.float64), [[0.0], [0.0]], atol=1e-3)
+    _, tangent = ad.jvp(lambda p, q: p / q, (_dev(np.array([6e4], np.float16)), _dev(np.array([0.9], np.float16))),
+                        (_dev(np.zeros(1, np.float16)), _dev(np.array([0.25], np.float16))))
+    np.testing.assert_allclose(B.to_host(tangent).astype(np.float64), [-0.25 * 6e4 / np.float64(np.float16(0.9)) ** 2],
+                               rtol=1e-3)  # the tangent too read the fp16 quotient (-inf)
