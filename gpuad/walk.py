@@ -25,7 +25,7 @@ import numpy as np
 
 from . import backend as B
 from . import diagnostics, nn
-from .cli import CommandError, number, output_file, require, seed_type
+from .cli import CommandError, check_fits, number, output_file, require, seed_type
 from .ops import softmax_cross_entropy
 from .tensor import Tensor
 from .tracing import trace
@@ -177,12 +177,13 @@ def write_page(path, seed=0):
 
 
 # --- vanishing gradients --------------------------------------------------------------------------
-def depth_report(depth, width=32, sigma=0.5, activation="tanh", seed=0, progress=None):
+def depth_report(depth, width=32, sigma=0.5, activation="tanh", seed=0, progress=None, setup=None):
     """Per stack ("plain", "residual"), a diagnostics.StackProfile for the loss ⟨c, output⟩
     (c a random unit vector): log10 of the gradient norm at each layer's input (layer 1
     first, then the output's), σ₁ of each layer's Jacobian and log10 of the product's σ.
-    ``progress(kind, k)`` is called after the k-th Jacobian of each stack."""
-    weights, x, c = _depth_setup(depth, width, sigma, seed)
+    ``progress(kind, k)`` is called after the k-th Jacobian of each stack; `setup` is
+    depth_setup's (weights, x, c) for these arguments when it was drawn already."""
+    weights, x, c = setup if setup is not None else depth_setup(depth, width, sigma, seed)
     report = {}
     for kind in ("plain", "residual"):
         tick = None if progress is None else (lambda k, kind=kind: progress(kind, k))
@@ -191,7 +192,7 @@ def depth_report(depth, width=32, sigma=0.5, activation="tanh", seed=0, progress
     return report
 
 
-def _depth_setup(depth, width, sigma, seed):
+def depth_setup(depth, width, sigma, seed):
     """(weights, x, c) of `walk --depth`: σ·Q per layer, the input and the unit cotangent."""
     rng = np.random.default_rng(seed)
     weights = diagnostics.orthogonal_weights(depth, width, sigma, rng)
@@ -203,10 +204,16 @@ def _depth_setup(depth, width, sigma, seed):
 _ACT = {"tanh": np.tanh, "relu": lambda z: np.maximum(z, 0.0), "linear": lambda z: z}
 
 
-def stack_problem(depth, width, sigma, activation, seed):
-    """Why `walk --depth` cannot give right figures for these flags (a sentence naming
-    --sigma), or None: found by the stacks' forward pass alone (depth matrix-vector products)."""
-    weights, x, _ = _depth_setup(depth, width, sigma, seed)
+def depth_memory_bytes(depth, width):
+    """About the most memory `walk --depth` holds: the weights, every layer's input, and a
+    few width×width matrices (a Jacobian, the scaled product, their SVDs' work)."""
+    return 8 * (depth * width * width + 2 * (depth + 1) * width + 8 * width * width)
+
+
+def stack_problem(setup, sigma, activation):
+    """Why `walk --depth` cannot give right figures for depth_setup's (weights, x, c) (a
+    sentence naming --sigma), or None: found by the stacks' forward pass alone."""
+    weights, x, _ = setup
     act = _ACT[activation]
     tiny = np.finfo(np.float64).tiny
     for kind in ("plain", "residual"):
@@ -284,12 +291,12 @@ def _progress_printer(depth, err):
     return progress
 
 
-def run_depth(args, out=None, err=None):
+def run_depth(args, out=None, err=None, setup=None):
     out = sys.stdout if out is None else out
     err = sys.stderr if err is None else err
     show = not args.no_progress and 2 * args.depth * args.width >= PROGRESS_VJPS
     report = depth_report(args.depth, args.width, args.sigma, args.activation, args.seed,
-                          progress=_progress_printer(args.depth, err) if show else None)
+                          progress=_progress_printer(args.depth, err) if show else None, setup=setup)
     kind = "residual" if args.residual else "plain"
     r = report[kind]
     title = (f"{args.depth} layers of width {args.width}, W = {args.sigma:g}·Q (Q orthogonal), {args.activation}, "
@@ -352,8 +359,10 @@ def run(args):
     if args.plot is not None:
         output_file(args.plot, "--plot", ".png")
         require("matplotlib", "matplotlib", "train")
-    problem = stack_problem(args.depth, args.width, args.sigma, args.activation, args.seed)
+    check_fits(depth_memory_bytes(args.depth, args.width), f"--depth {args.depth} --width {args.width}")
+    setup = depth_setup(args.depth, args.width, args.sigma, args.seed)
+    problem = stack_problem(setup, args.sigma, args.activation)
     if problem is not None:
         raise CommandError(problem)
-    run_depth(args)
+    run_depth(args, setup=setup)
     return 0

@@ -223,6 +223,19 @@ def test_walk_depth_shows_progress_on_stderr_and_not_with_no_progress(monkeypatc
                                        for k in range(2, 21, 2)]
 
 
+def test_walk_depth_that_cannot_fit_is_refused_before_any_work(monkeypatch, capsys):
+    """The largest walk (depth 1000, width 512) holds 2 GiB of weights: refused, before the
+    weights are drawn, where that much memory is not available."""
+    from gpuad import cli
+    monkeypatch.setattr(cli, "available_memory", lambda: 2 ** 30)
+    monkeypatch.setattr(walk, "depth_setup", lambda *a: pytest.fail("work started"))
+    assert gpuad_main.main(["walk", "--depth", "1000", "--width", "512"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m gpuad walk: error: --depth 1000 --width 512 needs about 1.98 GiB of memory, "
+                          "more than the 1 GiB available"), err
+    assert walk.depth_memory_bytes(1000, 512) >= 8 * 1000 * 512 * 512  # the weights alone
+
+
 def test_walk_steps_one_per_enter():
     everything = _walk_cli("--no-pause")
     assert everything.returncode == 0, everything.stderr
