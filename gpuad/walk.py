@@ -13,6 +13,9 @@ with the same weights σ·Q (Q random orthogonal, so each W has all its singular
 It prints, per layer, the norm of the gradient at the layer's input for the loss ⟨c, output⟩
 (c a random unit vector) and the largest singular value of the layer's Jacobian (built with the
 engine's VJPs), for the plain stack (the residual one with --residual); --plot draws both.
+The norms come from vectors rescaled at every layer with their scales kept as log10, so they
+are right far outside float64's range; one Jacobian is held at a time, and long runs print
+their progress on stderr. A --sigma whose stack saturates tanh or leaves float64 is refused.
 """
 from __future__ import annotations
 
