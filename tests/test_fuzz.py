@@ -821,7 +821,8 @@ def _opt_params(layout, ps, group_lr):
         "group of one Tensor": ([{"params": first}, {"params": rest}], True),
         "bare Tensor": (first, False), "listed twice": (list(ps) + [first], False),
         "in two groups": ([{"params": list(ps)}, {"params": [first]}], False),
-        "mixed": ([{"params": [first]}] + list(rest), False), "group without params": ([{"params": list(ps)}, {}], False),
+        "mixed": ([{"params": [first]}] + list(rest), False),
+        "group without params": ([{"params": list(ps)}, {}], False),
         "empty": ([], False),
     }[layout]
 

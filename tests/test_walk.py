@@ -168,7 +168,8 @@ def test_walk_help_describes_every_flag():
     (["--seed", "-1"], "--seed: must lie in [0, 4294967295], got -1"),
     (["--depth", "3", "--seed", "4294967296"], "--seed: must lie in [0, 4294967295]"),
     (["--depth", "30", "--sigma", "1000"], "--sigma 1000 saturates tanh at layer"),  # was a ZeroDivisionError
-    (["--depth", "400", "--sigma", "10", "--activation", "linear"], "--sigma 10 overflows float64 at layer 308 of the plain"),
+    (["--depth", "400", "--sigma", "10", "--activation", "linear"],
+     "--sigma 10 overflows float64 at layer 308 of the plain"),
     (["--depth", "300", "--sigma", "0.01", "--activation", "relu"], "--sigma 0.01 underflows float64 at layer"),
     (["--depth", "3", "--plot", "no/such/folder/g.png"], "does not exist"),
 ])
