@@ -31,6 +31,8 @@ import os
 import sys
 import time
 
+from gpuad.cli import CommandError, number, writable_folder
+
 from . import harness, ops, plot, sweep
 
 TIMING = {
@@ -63,28 +65,41 @@ def main(argv=None):
                    help="comma list replacing each preset shape's dtype")
     p.add_argument("--out", default="bench-out", help="output folder (default ./bench-out)")
     p.add_argument("--cpu", action="store_true", help="ignore any CUDA device (CPU shapes and timing)")
-    p.add_argument("--threads", type=int, default=1,
+    p.add_argument("--threads", type=number(int, 0), default=1,
                    help="CPU runs: threads for numpy's BLAS and torch (default 1: the engine cases compare "
                         "gpuad and torch on one thread each; 0 leaves the libraries' defaults)")
     p.add_argument("--report", metavar="DIR", help="rebuild table, results.json and plots from DIR, then exit")
-    p.add_argument("--budget-s", type=float, default=None,
+    p.add_argument("--skip-corrupt", action="store_true",
+                   help="with --report: skip lines of results.jsonl that are not records (each named on stderr) "
+                        "instead of refusing them")
+    p.add_argument("--budget-s", type=number(float, 0, low_open=True), default=None,
                    help="start no new measurement after this many seconds (the rest are left out, with the reason)")
     p.add_argument("--sweep", action="store_true", help="time every tuning candidate and write the winners")
     p.add_argument("--tuned-dir", default=None,
                    help="with --sweep: where the GPU's table goes (default kernels/tuned on CUDA, OUT/tuned on a CPU)")
     args = p.parse_args(argv)
+    if args.skip_corrupt and not args.report:
+        p.error("--skip-corrupt needs --report DIR")
+    bad = [o for o in args.ops or () if o not in ops.OPS]
+    if bad and not args.sweep:
+        p.error(f"argument --ops: unknown {', '.join(bad)}; choose from {', '.join(ops.OPS)}")
+    folders = [("--tuned-dir", args.tuned_dir)] if args.sweep and args.tuned_dir else []
+    if not args.report:
+        folders.append(("--out", args.out))  # checked (and made) before any work: they take the results
+    for flag, folder in folders:
+        try:
+            writable_folder(folder, f"{flag} {folder}", create=True)
+        except CommandError as e:
+            p.error(str(e))
     if args.sweep:
         try:
             return sweep.main(args)
         except ValueError as e:
             p.error(str(e))
-    bad = [o for o in args.ops or () if o not in ops.OPS]
-    if bad:
-        p.error(f"argument --ops: unknown {', '.join(bad)}; choose from {', '.join(ops.OPS)}")
     if args.report:
         try:
-            meta, records = harness.read_partial(args.report)
-        except OSError as e:
+            meta, records = harness.read_partial(args.report, skip_corrupt=args.skip_corrupt)
+        except (OSError, ValueError) as e:
             p.error(f"--report {args.report}: {e}")
         return report(records, meta, args.report)
 

@@ -771,20 +771,55 @@ def write_results(path, records, meta):
     return meta
 
 
-def read_partial(out_dir):
-    """(meta, records) of a run that may have been interrupted: meta.json and results.jsonl."""
-    with open(os.path.join(out_dir, "meta.json")) as f:
-        meta = json.load(f)
-    return meta, add_speedups(read_jsonl(os.path.join(out_dir, "results.jsonl")))
+META_KEYS = ("device", "date", "preset")  # what --report reads of meta.json
+RECORD_KEYS = ("op", "impl", "shape_str", "dtype", "status", "ms")  # and of every record
 
 
-def read_jsonl(path):
-    """The records of a JSON-lines file, skipping a last line cut short by a kill."""
+def read_partial(out_dir, skip_corrupt=False):
+    """(meta, records) of a run that may have been interrupted: meta.json and results.jsonl
+    (see read_jsonl). Raises ValueError naming the file (and line) of what is not readable."""
+    path = os.path.join(out_dir, "meta.json")
+    with open(path) as f:
+        try:
+            meta = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not JSON ({e})") from None
+    missing = _missing(meta, META_KEYS)
+    if missing:
+        raise ValueError(f"{path} is not a run's meta.json: {missing}")
+    return meta, add_speedups(read_jsonl(os.path.join(out_dir, "results.jsonl"), skip_corrupt, RECORD_KEYS))
+
+
+def _missing(obj, keys):
+    """What `obj` lacks to be a JSON object holding `keys` (a phrase), or ""."""
+    if not isinstance(obj, dict):
+        return f"a {type(obj).__name__}, not an object"
+    absent = [k for k in keys if k not in obj]
+    return f"no {', '.join(absent)}" if absent else ""
+
+
+def read_jsonl(path, skip_corrupt=False, required=()):
+    """The records of a JSON-lines file: JSON objects holding the `required` keys. A last line
+    without its newline that does not parse was cut short by a kill: skipped. Any other line
+    that is not a record raises ValueError naming its number, or with `skip_corrupt` is
+    skipped and named on stderr."""
     records = []
     with open(path) as f:
-        for line in f:
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError:
-                pass
+        lines = f.readlines()
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+            problem = _missing(record, required)
+        except json.JSONDecodeError as e:
+            if number == len(lines) and not line.endswith("\n"):
+                continue  # a kill cut the last record short
+            record, problem = None, f"not JSON ({e})"
+        if not problem:
+            records.append(record)
+        elif skip_corrupt:
+            print(f"bench: skipped line {number} of {path}: {problem}", file=sys.stderr)
+        else:
+            raise ValueError(f"line {number} of {path} is not a record: {problem} (--skip-corrupt skips such lines)")
     return records

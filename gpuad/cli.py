@@ -10,6 +10,7 @@ import argparse
 import importlib
 import math
 import os
+import tempfile
 
 
 class CommandError(Exception):
@@ -55,11 +56,56 @@ def number(kind, low, high=None, low_open=False):
     return parse
 
 
+SEED_MAX = 2 ** 32 - 1  # numpy's and scikit-learn's seeds are unsigned 32-bit integers
+
+
+def seed_type(text):
+    """An argparse type for --seed: an integer in [0, 2³² − 1]."""
+    return number(int, 0, SEED_MAX)(text)
+
+
 def output_file(path, flag, suffix):
     """Check, before any work, that `path` (given to `flag`) ends in `suffix` and that its folder
     exists; raise a CommandError saying which otherwise."""
     if not path.lower().endswith(suffix):
         raise CommandError(f"{flag} {path}: the file name must end in {suffix}")
-    folder = os.path.dirname(os.path.abspath(path))
+    writable_folder(os.path.dirname(os.path.abspath(path)), f"{flag} {path}")
+
+
+def writable_folder(folder, what, create=False):
+    """Check, before any work, that `folder` exists (made when `create`) and can be written to;
+    raise a CommandError starting with `what` otherwise."""
+    if create and not os.path.exists(folder):
+        try:
+            os.makedirs(folder)
+        except OSError as e:
+            raise CommandError(f"{what}: cannot create folder {folder} ({e.strerror})") from None
+    if not os.path.exists(folder):
+        raise CommandError(f"{what}: folder {folder} does not exist")
     if not os.path.isdir(folder):
-        raise CommandError(f"{flag} {path}: folder {folder} does not exist")
+        raise CommandError(f"{what}: {folder} is not a folder")
+    try:  # a file made and removed: os.access says yes to root where writes still fail (a read-only mount)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise CommandError(f"{what}: cannot write into folder {folder} ({e.strerror})") from None
+
+
+def available_memory():
+    """Bytes of memory a new allocation can get (Linux's MemAvailable), or None where unknown."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def check_fits(nbytes, what):
+    """Raise a CommandError when `what` (about `nbytes` bytes) cannot fit in available memory."""
+    available = available_memory()
+    if available is not None and nbytes > available:
+        raise CommandError(f"{what} needs about {nbytes / 2 ** 30:.3g} GiB of memory, more than the "
+                           f"{available / 2 ** 30:.3g} GiB available")

@@ -10,6 +10,7 @@ import time
 import numpy as np
 
 import gpuad as ad
+from gpuad.cli import number
 
 
 def make_spirals(n_per_class=200, n_classes=3, seed=0):
@@ -44,8 +45,8 @@ def mlp(params, x):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300)
-    parser.add_argument("--lr", type=float, default=0.5)
+    parser.add_argument("--steps", type=number(int, 0), default=300)
+    parser.add_argument("--lr", type=number(float, 0, low_open=True), default=0.5)
     parser.add_argument("--backend", default="numpy", choices=["numpy", "cupy"])
     args = parser.parse_args(argv)
     ad.set_backend(args.backend)

@@ -14,13 +14,14 @@ The Jacobians are built with the engine's VJPs (``ad.jacobian``), never by finit
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from . import backend as B
 from .ops import add, linear, relu, tanh
-from .tensor import Tensor
+from .tensor import Tensor, no_grad
 from .transforms import jacobian
 
 
@@ -57,12 +58,7 @@ def layer_jacobians(f_layers, x, mode="rev") -> LayerJacobians:
     array, list or Tensor; one example: a batch's Jacobian is block-diagonal over its rows).
     `mode` is ``ad.jacobian``'s: "rev" (one VJP per output entry), "fwd" (one JVP per input
     entry) or "auto"."""
-    layers = list(f_layers)
-    if not layers or not all(callable(f) for f in layers):
-        raise TypeError("layer_jacobians: f_layers must be a non-empty sequence of functions Tensor -> Tensor")
-    h = x.data if isinstance(x, Tensor) else x
-    if B.backend_of(h) is None:
-        h = B.module_for(B.get_backend()).asarray(h, dtype=np.float64)
+    layers, h = _layers_and_input(f_layers, x, "layer_jacobians")
     activations, jacobians = [np.array(B.to_host(h), dtype=np.float64).reshape(-1)], []
     product = None
     for i, f in enumerate(layers):
@@ -76,6 +72,73 @@ def layer_jacobians(f_layers, x, mode="rev") -> LayerJacobians:
     return LayerJacobians(activations=activations, jacobians=jacobians,
                           singular_values=[np.linalg.svd(J, compute_uv=False) for J in jacobians],
                           product=product, product_singular_values=np.linalg.svd(product, compute_uv=False))
+
+
+def _layers_and_input(f_layers, x, what):
+    layers = list(f_layers)
+    if not layers or not all(callable(f) for f in layers):
+        raise TypeError(f"{what}: f_layers must be a non-empty sequence of functions Tensor -> Tensor")
+    h = x.data if isinstance(x, Tensor) else x
+    if B.backend_of(h) is None:
+        h = B.module_for(B.get_backend()).asarray(h, dtype=np.float64)
+    return layers, h
+
+
+@dataclass
+class StackProfile:
+    """One stack's figures in log10 where float64 would underflow or overflow:
+    ``log10_grad_norms`` (L + 1 entries: log10 ‖∇‖ at each layer's input, then at the output;
+    -inf where the gradient is exactly 0), ``sigma1`` (σ₁ of each layer's Jacobian) and
+    ``log10_product_sigma`` (log10 of the largest and the smallest σ of J_L ⋯ J_1)."""
+
+    log10_grad_norms: list
+    sigma1: list
+    log10_product_sigma: tuple
+
+
+def stack_profile(f_layers, x, cotangent, progress=None) -> StackProfile:
+    """layer_jacobians' figures for the loss ⟨cotangent, output⟩ at any depth and scale: one
+    Jacobian at a time (the last layer's first), the gradient ∇ᵢ₋₁ = Jᵢᵀ ∇ᵢ and the product
+    J_L ⋯ J_i divided by their largest entry after every layer, the scales summed as log10.
+    Memory: the L layer inputs and a few width×width matrices. ``progress(k)`` is called after
+    the k-th Jacobian."""
+    layers, h = _layers_and_input(f_layers, x, "stack_profile")
+    inputs = [h]
+    with no_grad():
+        for f in layers[:-1]:
+            inputs.append(f(Tensor(inputs[-1])).data)
+    g, log_g = _rescaled(np.asarray(B.to_host(cotangent), dtype=np.float64).reshape(-1))
+    log_norms, sigma1 = [_log10_norm(g, log_g)], [0.0] * len(layers)
+    product, log_p = None, 0.0
+    for k, i in enumerate(reversed(range(len(layers)))):
+        h = inputs[i]
+        J = np.array(B.to_host(jacobian(layers[i], mode="rev")(h)), dtype=np.float64).reshape(-1, h.size)
+        if not np.isfinite(J).all():
+            raise FloatingPointError(f"stack_profile: layer {i + 1}'s Jacobian is not finite (the forward pass "
+                                     "overflowed)")
+        sigma1[i] = float(np.linalg.svd(J, compute_uv=False)[0])
+        g, scale = _rescaled(J.T @ g)
+        log_g += scale
+        log_norms.append(_log10_norm(g, log_g))
+        product, scale = _rescaled(J if product is None else product @ J)
+        log_p += scale
+        if progress is not None:
+            progress(k + 1)
+    with np.errstate(divide="ignore"):
+        log_sv = log_p + np.log10(np.linalg.svd(product, compute_uv=False))
+    return StackProfile(log10_grad_norms=log_norms[::-1], sigma1=sigma1,
+                        log10_product_sigma=(float(log_sv[0]), float(log_sv[-1])))
+
+
+def _rescaled(a):
+    """(a / m, log10 m) for m the largest |entry| of `a`; (a, -inf) when `a` is 0."""
+    m = float(np.abs(a).max(initial=0.0))
+    return (a, -math.inf) if m == 0.0 else (a / m, math.log10(m))
+
+
+def _log10_norm(a, log_scale):
+    """log10 ‖a·10^log_scale‖ for `a` from _rescaled."""
+    return -math.inf if log_scale == -math.inf else log_scale + math.log10(float(np.linalg.norm(a)))
 
 
 # --- the stacks of `python -m gpuad walk --depth` ----------------------------------------------

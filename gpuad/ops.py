@@ -24,13 +24,14 @@ _TANH_C = math.sqrt(2.0 / math.pi)
 
 # --- helpers --------------------------------------------------------------------------
 def unbroadcast(g, shape):
-    """Sum cotangent `g` down to `shape`, undoing numpy broadcasting."""
+    """Sum cotangent `g` down to `shape`, undoing numpy broadcasting (16-bit floats accumulate
+    in float32: numpy sums fp16 over an outer axis in fp16, overflowing where the sum does not)."""
     shape = tuple(shape)
     if g.shape == shape:
         return g
     lead = g.ndim - len(shape)
     axes = tuple(range(lead)) + tuple(lead + i for i, n in enumerate(shape) if n == 1 and g.shape[lead + i] != 1)
-    return g.sum(axis=axes, keepdims=True).reshape(shape) if axes else g.reshape(shape)
+    return _sum(g, axes, True).reshape(shape) if axes else g.reshape(shape)
 
 
 def _same_shape_tensors(a, b) -> bool:
@@ -226,7 +227,10 @@ def _mul_tangent(a_data, b_data, ta, tb):
 
 
 def _mul_broadcast_vjp(a_data, b_data):
-    return lambda g: unbroadcast(g * b_data, a_data.shape), lambda g: unbroadcast(g * a_data, b_data.shape)
+    """g·b and g·a summed back to each operand's shape, in float32 for 16-bit floats (the
+    products of a sum may overflow where the sum does not)."""
+    return (lambda g: _as_dtype_of(unbroadcast(_wide(g) * b_data, a_data.shape), g),
+            lambda g: _as_dtype_of(unbroadcast(_wide(g) * a_data, b_data.shape), g))
 
 
 def mul(a, b):
@@ -249,20 +253,24 @@ def mul(a, b):
 
 
 def div(a, b):
-    """a / b, with broadcasting. The two-step rules (-g·y/b, (ta - y·tb)/b) run in float32 for
-    16-bit floats: rounding -g·y first could overflow where the result does not."""
+    """a / b, with broadcasting. For 16-bit floats the rules (g/b, -g·(a/b)/b, (ta - (a/b)·tb)/b)
+    run in float32 and read a/b in float32, not y: rounding y or -g·y first could overflow
+    where the result does not."""
     if (type(b) is float or type(b) is int) and isinstance(a, Tensor) and a.data.dtype.kind == "f":  # x / c
         scale = lambda g: g / b  # noqa: E731
         return record("div_scalar", a.data / b, (a,), (scale,), scale)
     if not _same_shape_tensors(a, b):
         a, b = _pair("div", a, b)
-    sa, b_data = a.shape, b.data
-    y = a.data / b_data
-    wide = _wide if _is_half(y.dtype) else (lambda v: v)
+    sa, a_data, b_data = a.shape, a.data, b.data
+    y = a_data / b_data
+    half = _is_half(y.dtype)
+    wide = _wide if half else (lambda v: v)
+    quotient = (lambda: _wide(a_data) / b_data) if half else (lambda: y)
     return record("div", y, (a, b),
-                  vjp=(lambda g: unbroadcast(g / b_data, sa),
-                       lambda g: _as_dtype_of(unbroadcast(-wide(g) * y / b_data, b_data.shape), b_data)),
-                  jvp=lambda ta, tb: _as_dtype_of((wide(ta) - y * wide(tb)) / b_data, y), saved=(b,))
+                  vjp=(lambda g: _as_dtype_of(unbroadcast(wide(g) / b_data, sa), g),
+                       lambda g: _as_dtype_of(unbroadcast(-wide(g) * quotient() / b_data, b_data.shape), b_data)),
+                  jvp=lambda ta, tb: _as_dtype_of((wide(ta) - quotient() * wide(tb)) / b_data, y),
+                  saved=(a, b) if half and b.requires_grad else (b,))
 
 
 def neg(x):
@@ -801,4 +809,6 @@ def linear_cross_entropy(x, W, targets, b=None, ignore_index=-100, reduction="me
             out = out + gx[:, 2 * d]
         return out.reshape(t.shape)
 
-    return record("linear_cross_entropy", loss, parents, vjp=vjp, jvp=jvp)
+    # "none" runs the kernel again in the VJP on x, W, b and the targets: they are guarded
+    return record("linear_cross_entropy", loss, parents, vjp=vjp, jvp=jvp,
+                  saved=(*parents, t) if reduction == "none" else ())

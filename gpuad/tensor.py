@@ -485,8 +485,18 @@ def _deliver_to_leaf(leaf: Tensor, g, collected, shared):
     if leaf.grad is None:
         leaf.grad = g.copy() if id(g) in shared or getattr(g, "base", None) is not None else g
         shared.add(id(leaf.grad))
-    else:
+    elif getattr(leaf.grad, "shape", None) == g.shape:
         leaf.grad = leaf.grad + g
+    else:  # a .grad set by hand: adding would broadcast it, or fail inside numpy
+        raise ValueError(f"backward: a leaf of shape {leaf.shape} holds a .grad of {describe_grad(leaf.grad)}, "
+                         "into which its gradient cannot be added; set .grad to None or to an array of the "
+                         "leaf's shape")
+
+
+def describe_grad(grad) -> str:
+    """"shape (…)" of an array put in a ``.grad``, "type …" of anything else."""
+    shape = getattr(grad, "shape", None)
+    return f"type {type(grad).__name__}" if shape is None else f"shape {tuple(shape)}"
 
 
 def _walk(root: Tensor, g, retain_graph, collected):

@@ -16,7 +16,7 @@ import numpy as np
 
 from . import backend as B
 from . import nn, optim
-from .cli import CommandError, number, output_file, require
+from .cli import CommandError, check_fits, number, output_file, require, seed_type
 from .tensor import Tensor, no_grad
 
 HELP = "train an MLP on scikit-learn's handwritten digits; prints the test accuracy last"
@@ -155,7 +155,7 @@ def add_arguments(p):
     p.add_argument("--test-fraction", type=number(float, 0, 0.9, low_open=True), default=0.2,
                    help=f"fraction of the 1797 images held out for testing {d}")
     p.add_argument("--dtype", choices=("float32", "float64"), default="float32", help=f"parameter dtype {d}")
-    p.add_argument("--seed", type=int, default=0,
+    p.add_argument("--seed", type=seed_type, default=0,
                    help=f"seed of the train/test split, the initial weights and the batch order {d}")
     p.add_argument("--threads", type=number(int, 1), default=1,
                    help=f"BLAS threads of the numpy backend; one is fastest for these small matrices {d}")
@@ -163,10 +163,29 @@ def add_arguments(p):
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
+N_IMAGES = 1797  # scikit-learn's digits
+
+
+def memory_bytes(hidden, dtype="float32", batch_size=64, optimizer="adam"):
+    """About the most memory a training run holds: parameters, gradients, the optimizer's
+    buffers and an update's temporaries, a batch's activations and their gradients, and the
+    evaluation's activations over every image."""
+    widths = [64, *hidden, 10]
+    n_params = sum(a * b + b for a, b in zip(widths[:-1], widths[1:]))
+    buffers = 2 if optimizer in ("adam", "adamw") else 1
+    rows = min(batch_size, N_IMAGES)
+    return np.dtype(dtype).itemsize * (n_params * (4 + buffers) + 3 * rows * sum(widths) + 2 * N_IMAGES * max(widths))
+
+
 def run(args):
     if args.plot is not None:  # check before training, not after
         output_file(args.plot, "--plot", ".png")
         require("matplotlib", "matplotlib", "train")
+    if args.backend == "numpy":
+        sizes = "-".join(map(str, [64, *args.hidden, 10]))
+        check_fits(memory_bytes(args.hidden, args.dtype, args.batch_size, args.optimizer),
+                   f"--hidden {','.join(map(str, args.hidden)) or 'none'}: the MLP {sizes} ({args.dtype}, "
+                   f"{args.optimizer})")
     if args.backend == "cupy":
         try:
             B.module_for("cupy")

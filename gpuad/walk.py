@@ -13,10 +13,14 @@ with the same weights σ·Q (Q random orthogonal, so each W has all its singular
 It prints, per layer, the norm of the gradient at the layer's input for the loss ⟨c, output⟩
 (c a random unit vector) and the largest singular value of the layer's Jacobian (built with the
 engine's VJPs), for the plain stack (the residual one with --residual); --plot draws both.
+The norms come from vectors rescaled at every layer with their scales kept as log10, so they
+are right far outside float64's range; one Jacobian is held at a time, and long runs print
+their progress on stderr. A --sigma whose stack saturates tanh or leaves float64 is refused.
 """
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 
@@ -24,7 +28,7 @@ import numpy as np
 
 from . import backend as B
 from . import diagnostics, nn
-from .cli import CommandError, number, output_file, require
+from .cli import CommandError, check_fits, number, output_file, require, seed_type
 from .ops import softmax_cross_entropy
 from .tensor import Tensor
 from .tracing import trace
@@ -32,6 +36,7 @@ from .tracing import trace
 HELP = "step through backprop on a 3-layer MLP (or --html: an animated page; --depth N: vanishing gradients)"
 SIZES = (4, 5, 5, 3)
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "walk.html")
+PROGRESS_VJPS = 20_000  # `walk --depth` prints progress (stderr) from this many VJPs on (about 5 s)
 
 # one sentence per op and direction: what the step does
 WHY = {
@@ -175,37 +180,92 @@ def write_page(path, seed=0):
 
 
 # --- vanishing gradients --------------------------------------------------------------------------
-def depth_report(depth, width=32, sigma=0.5, activation="tanh", seed=0):
-    """Per stack ("plain", "residual"): the gradient norm at each layer's input (layer 1 first,
-    then the output's) for the loss ⟨c, output⟩, and σ₁ of each layer's Jacobian."""
+def depth_report(depth, width=32, sigma=0.5, activation="tanh", seed=0, progress=None, setup=None):
+    """Per stack ("plain", "residual"), a diagnostics.StackProfile for the loss ⟨c, output⟩
+    (c a random unit vector): log10 of the gradient norm at each layer's input (layer 1
+    first, then the output's), σ₁ of each layer's Jacobian and log10 of the product's σ.
+    ``progress(kind, k)`` is called after the k-th Jacobian of each stack; `setup` is
+    depth_setup's (weights, x, c) for these arguments when it was drawn already."""
+    weights, x, c = setup if setup is not None else depth_setup(depth, width, sigma, seed)
+    report = {}
+    for kind in ("plain", "residual"):
+        tick = None if progress is None else (lambda k, kind=kind: progress(kind, k))
+        report[kind] = diagnostics.stack_profile(diagnostics.stack_layers(weights, activation, kind == "residual"),
+                                                 x, c, progress=tick)
+    return report
+
+
+def depth_setup(depth, width, sigma, seed):
+    """(weights, x, c) of `walk --depth`: σ·Q per layer, the input and the unit cotangent."""
     rng = np.random.default_rng(seed)
     weights = diagnostics.orthogonal_weights(depth, width, sigma, rng)
     x = rng.standard_normal(width)
     c = rng.standard_normal(width)
-    c /= np.linalg.norm(c)
-    report = {}
+    return weights, x, c / np.linalg.norm(c)
+
+
+_ACT = {"tanh": np.tanh, "relu": lambda z: np.maximum(z, 0.0), "linear": lambda z: z}
+
+
+def depth_memory_bytes(depth, width):
+    """About the most memory `walk --depth` holds: the weights, every layer's input, and a
+    few width×width matrices (a Jacobian, the scaled product, their SVDs' work)."""
+    return 8 * (depth * width * width + 2 * (depth + 1) * width + 8 * width * width)
+
+
+def stack_problem(setup, sigma, activation):
+    """Why `walk --depth` cannot give right figures for depth_setup's (weights, x, c) (a
+    sentence naming --sigma), or None: found by the stacks' forward pass alone."""
+    weights, x, _ = setup
+    act = _ACT[activation]
+    tiny = np.finfo(np.float64).tiny
     for kind in ("plain", "residual"):
-        d = diagnostics.layer_jacobians(diagnostics.stack_layers(weights, activation, kind == "residual"), x)
-        report[kind] = {"grad_norms": [float(np.linalg.norm(g)) for g in d.gradients(c)],
-                        "sigma1": [float(s[0]) for s in d.singular_values],
-                        "product_sigma": (float(d.product_singular_values[0]), float(d.product_singular_values[-1]))}
-    return report
+        h = x
+        for k, W in enumerate(weights, 1):
+            with np.errstate(over="ignore", invalid="ignore"):  # an overflow is reported below
+                z = W @ h
+            a = act(z)
+            where = f"at layer {k} of the {kind} stack"
+            if kind == "plain" and activation == "tanh" and np.all(a * a == 1.0):
+                return (f"--sigma {sigma:g} saturates tanh {where}: every unit's |W h| is above 19, where tanh' "
+                        f"rounds to 0 in float64, so every gradient below it would be exactly 0; use a smaller "
+                        f"--sigma")
+            if activation == "relu" and h.any() and np.abs(z).max() < tiny:
+                return (f"--sigma {sigma:g} underflows float64 {where}: W h falls below {tiny:.0e}, so ReLU's "
+                        f"derivative would read 0 there; use a larger --sigma or a smaller --depth")
+            with np.errstate(over="ignore", invalid="ignore"):
+                h = h + a if kind == "residual" else a
+            if not np.isfinite(h).all():
+                return (f"--sigma {sigma:g} overflows float64 {where} (the activations reach inf); use a "
+                        f"smaller --sigma or a smaller --depth")
+    return None
+
+
+def _exp10(log10_value, digits=4):
+    """10**log10_value in e-notation ("1.2345e-2000"), also outside float64's range; 0 for -inf."""
+    if log10_value == -math.inf:
+        return f"{0.0:.{digits}e}"
+    exponent = math.floor(log10_value)
+    mantissa = round(10.0 ** (log10_value - exponent), digits)
+    if mantissa >= 10.0:
+        mantissa, exponent = mantissa / 10.0, exponent + 1
+    return f"{mantissa:.{digits}f}e{'-' if exponent < 0 else '+'}{abs(exponent):02d}"
 
 
 _LAYER = {"plain": "act(W x)", "residual": "x + act(W x)"}
 
 
 def plot_depth(report, path, title):
-    """Both stacks' gradient norm per layer (log scale) and σ₁ per layer, side by side, to `path`."""
+    """Both stacks' log10 gradient norm per layer and σ₁ per layer, side by side, to `path`."""
     figure = require("matplotlib.figure", "matplotlib", "train")
     fig = figure.Figure(figsize=(10, 4))
     ax_g, ax_s = fig.subplots(1, 2)
     colors = {"plain": "#7c3aed", "residual": "#db2777"}
     for kind, r in report.items():
-        layers = np.arange(1, len(r["sigma1"]) + 1)
-        ax_g.semilogy(layers, r["grad_norms"][:-1], color=colors[kind], label=f"{kind}: y = {_LAYER[kind]}")
-        ax_s.plot(layers, r["sigma1"], color=colors[kind], label=kind)
-    ax_g.set(xlabel="layer", ylabel="‖∇ at the layer's input‖", title="gradient norm per layer")
+        layers = np.arange(1, len(r.sigma1) + 1)
+        ax_g.plot(layers, r.log10_grad_norms[:-1], color=colors[kind], label=f"{kind}: y = {_LAYER[kind]}")
+        ax_s.plot(layers, r.sigma1, color=colors[kind], label=kind)
+    ax_g.set(xlabel="layer", ylabel="log₁₀ ‖∇ at the layer's input‖", title="gradient norm per layer")
     ax_s.set(xlabel="layer", ylabel="σ₁ of the layer's Jacobian", title="largest singular value per layer")
     ax_s.set_ylim(bottom=0)
     for ax in (ax_g, ax_s):
@@ -216,9 +276,30 @@ def plot_depth(report, path, title):
     fig.savefig(path, dpi=80)
 
 
-def run_depth(args, out=None):
+def _ratio(report, kind):
+    """The first layer's gradient over the last layer's, as printed."""
+    g = report[kind].log10_grad_norms
+    if g[-2] == -math.inf:
+        return "undefined (the gradient at the last layer's input is exactly 0)"
+    return _exp10(g[0] - g[-2])
+
+
+def _progress_printer(depth, err):
+    """A progress(kind, k) writing "plain stack: 100/1000 layers" to `err` about every 10%."""
+    step = max(1, depth // 10)
+
+    def progress(kind, k):
+        if k % step == 0 or k == depth:
+            print(f"{kind} stack: Jacobians of {k}/{depth} layers", file=err, flush=True)
+    return progress
+
+
+def run_depth(args, out=None, err=None, setup=None):
     out = sys.stdout if out is None else out
-    report = depth_report(args.depth, args.width, args.sigma, args.activation, args.seed)
+    err = sys.stderr if err is None else err
+    show = not args.no_progress and 2 * args.depth * args.width >= PROGRESS_VJPS
+    report = depth_report(args.depth, args.width, args.sigma, args.activation, args.seed,
+                          progress=_progress_printer(args.depth, err) if show else None, setup=setup)
     kind = "residual" if args.residual else "plain"
     r = report[kind]
     title = (f"{args.depth} layers of width {args.width}, W = {args.sigma:g}·Q (Q orthogonal), {args.activation}, "
@@ -227,14 +308,13 @@ def run_depth(args, out=None):
     print(f"{'layer':>6}  {'‖∇ at its input‖':>18}  {'σ₁(J)':>8}", file=out)
     shown = sorted({1, args.depth} | set(range(0, args.depth + 1, max(1, args.depth // 10))) - {0})
     for i in shown:
-        print(f"{i:>6}  {r['grad_norms'][i - 1]:>18.4e}  {r['sigma1'][i - 1]:>8.4f}", file=out)
-    print(f"output  {r['grad_norms'][-1]:>18.4e}", file=out)
-    print(f"σ of the product J_{args.depth}⋯J_1: largest {r['product_sigma'][0]:.4e}, smallest "
-          f"{r['product_sigma'][1]:.4e}", file=out)
+        print(f"{i:>6}  {_exp10(r.log10_grad_norms[i - 1]):>18}  {r.sigma1[i - 1]:>8.4f}", file=out)
+    print(f"output  {_exp10(r.log10_grad_norms[-1]):>18}", file=out)
+    print(f"σ of the product J_{args.depth}⋯J_1: largest {_exp10(r.log10_product_sigma[0])}, smallest "
+          f"{_exp10(r.log10_product_sigma[1])}", file=out)
     for k in ("plain", "residual"):
-        g = report[k]["grad_norms"]
-        print(f"{k}: first layer's gradient / last layer's = {g[0] / g[-2]:.4e}"
-              + (f" (σ^(depth-1) = {args.sigma ** (args.depth - 1):.4e})" if k == "plain" else ""), file=out)
+        note = f" (σ^(depth-1) = {_exp10((args.depth - 1) * math.log10(args.sigma))})" if k == "plain" else ""
+        print(f"{k}: first layer's gradient / last layer's = {_ratio(report, k)}{note}", file=out)
     if args.plot is not None:
         plot_depth(report, args.plot, title)
         print(f"wrote {args.plot}", file=out)
@@ -247,7 +327,7 @@ def add_arguments(p):
     p.add_argument("--html", metavar="FILE.html",
                    help="write one self-contained page (no external assets) that draws the network and animates "
                         "the same steps with Forward and Backward buttons, then exit")
-    p.add_argument("--seed", type=int, default=2,
+    p.add_argument("--seed", type=seed_type, default=2,
                    help=f"seed of the random weights, input and target (2: most ReLU units are active) {d}")
     p.add_argument("--depth", type=number(int, 1, 1000), metavar="N",
                    help="instead of the walk: gradient norm and largest singular value per layer of N-layer plain "
@@ -261,6 +341,8 @@ def add_arguments(p):
                    help=f"with --depth: every singular value of each weight matrix {d}")
     p.add_argument("--activation", choices=sorted(diagnostics.ACTIVATIONS), default="tanh",
                    help=f"with --depth: the layers' activation {d}")
+    p.add_argument("--no-progress", action="store_true",
+                   help="with --depth: no progress lines on stderr (printed for runs of more than a few seconds)")
 
 
 def run(args):
@@ -280,5 +362,10 @@ def run(args):
     if args.plot is not None:
         output_file(args.plot, "--plot", ".png")
         require("matplotlib", "matplotlib", "train")
-    run_depth(args)
+    check_fits(depth_memory_bytes(args.depth, args.width), f"--depth {args.depth} --width {args.width}")
+    setup = depth_setup(args.depth, args.width, args.sigma, args.seed)
+    problem = stack_problem(setup, args.sigma, args.activation)
+    if problem is not None:
+        raise CommandError(problem)
+    run_depth(args, setup=setup)
     return 0

@@ -170,6 +170,33 @@ def test_guard_counts_graphs_and_covers_views_and_owners():
     r.data[1] = 2.0
 
 
+def test_linear_cross_entropy_none_guards_what_its_backward_reads_again():
+    """reduction="none" runs the kernel again in backward on x, W, b and the targets: a write
+    into any of them between forward and backward raises instead of changing the gradient."""
+    rng = np.random.default_rng(4)
+    x = ad.tensor(rng.standard_normal((5, 3)), requires_grad=True)
+    w = ad.tensor(rng.standard_normal((4, 3)), requires_grad=True)
+    b = ad.tensor(rng.standard_normal(4), requires_grad=True)
+    t = np.array([0, 3, 1, -100, 2])
+    x0, w0, b0 = x.data.copy(), w.data.copy(), b.data.copy()
+    loss = ad.linear_cross_entropy(x, w, t, b, reduction="none")
+    for array in (x.data, w.data, b.data, t):
+        with pytest.raises(ValueError, match="read-only"):
+            array[0] = 1
+    ad.sum(loss * np.arange(1.0, 6.0)).backward()
+    want = [ad.tensor(a, requires_grad=True) for a in (x0, w0, b0)]
+    ad.sum(ad.softmax_cross_entropy(ad.linear(*want), t, reduction="none") * np.arange(1.0, 6.0)).backward()
+    for got, ref in zip((x, w, b), want):
+        np.testing.assert_allclose(got.grad, ref.grad, rtol=1e-12, atol=1e-12)
+    for array in (x.data, w.data, b.data, t):
+        array[0] = 1  # the graph is gone: writeable again
+    loss = ad.linear_cross_entropy(x, w, t, reduction="none")
+    w.data.setflags(write=True)
+    w.data[...] = 0
+    with pytest.raises(RuntimeError, match="^linear_cross_entropy: an array saved for its backward"):
+        loss.sum().backward()
+
+
 def test_no_guard_without_a_graph():
     a = ad.tensor([1.0, 2.0], requires_grad=True)
     with ad.no_grad():
@@ -442,3 +469,28 @@ def test_fp16_composite_rules_do_not_overflow_midway(backend):
     zero, eight = _dev(np.array([0.0], np.float16)), _dev(np.array([8.0], np.float16))
     _, tangent = ad.jvp(lambda p, q: p / q, (a.data, b.data), (zero, eight))
     assert float(B.to_host(tangent)[0]) == -60000.0
+
+
+def test_fp16_broadcast_gradients_accumulate_in_fp32(backend):
+    """The long fuzz profile's failure (test_two_input_ops[float16], gradient of b inf where
+    -18336 was expected): a gradient summed over a broadcast axis was accumulated in fp16 (numpy
+    reduces fp16 over an outer axis in fp16), overflowing where the sum is -18000; and
+    d(a/b)/db read the fp16 quotient, inf at 6e4 / 0.9, where -g·a/b² is -18519."""
+    column = np.array([[6e4], [3e4], [-6e4], [-4.8e4]], np.float16)
+    for op in ("mul", "div"):
+        a = ad.tensor(np.repeat(column, 3, axis=1), requires_grad=True)
+        b = ad.tensor(np.ones(3), dtype="float16", requires_grad=True)
+        getattr(ad, op)(a, b).backward(_dev(np.ones((4, 3), np.float16)))
+        want = -18000.0 if op == "mul" else 18000.0  # Σ g·a, and Σ -g·a/b² at b = 1
+        np.testing.assert_array_equal(B.to_host(b.grad), np.full(3, want, np.float16))
+    a = ad.tensor([[6e4], [1.0]], dtype="float16", requires_grad=True)
+    b = ad.tensor([0.9, -0.9], dtype="float16", requires_grad=True)
+    y = a / b  # [[inf, -inf], [1.11, -1.11]] in fp16
+    y.backward(_dev(np.full((2, 2), 0.25, np.float16)))
+    exact = -0.25 * (6e4 + 1.0) / np.float64(np.float16(0.9)) ** 2
+    np.testing.assert_allclose(B.to_host(b.grad).astype(np.float64), [exact, exact], rtol=1e-3)
+    np.testing.assert_allclose(B.to_host(a.grad).astype(np.float64), [[0.0], [0.0]], atol=1e-3)
+    _, tangent = ad.jvp(lambda p, q: p / q, (_dev(np.array([6e4], np.float16)), _dev(np.array([0.9], np.float16))),
+                        (_dev(np.zeros(1, np.float16)), _dev(np.array([0.25], np.float16))))
+    np.testing.assert_allclose(B.to_host(tangent).astype(np.float64), [-0.25 * 6e4 / np.float64(np.float16(0.9)) ** 2],
+                               rtol=1e-3)  # the tangent too read the fp16 quotient (-inf)

@@ -457,6 +457,66 @@ def test_report_after_a_killed_run(tmp_path):
     assert bad.returncode == 2 and "--report" in bad.stderr
 
 
+def _run_dir(path, lines, meta=None):
+    """A run's folder: meta.json (the H100 run's unless given) and results.jsonl of `lines`."""
+    path.mkdir()
+    h100 = ROOT / "bench" / "results" / "2026-11-27-h100"
+    (path / "meta.json").write_text(meta if meta is not None else (h100 / "meta.json").read_text())
+    (path / "results.jsonl").write_text("".join(lines))
+    return path
+
+
+def test_report_names_a_corrupt_line_and_refuses_it_unless_told_to_skip(tmp_path, capsys):
+    """A corrupt line of results.jsonl was dropped in silence; it is named by its number and the
+    report exits 2, or with --skip-corrupt skips it (named on stderr) and reports the rest."""
+    from bench.__main__ import main
+    good = (ROOT / "bench" / "results" / "2026-11-27-h100" / "results.jsonl").read_text().splitlines(True)[:3]
+    for bad, why in (("{\"op\": \"softmax_cross_entropy\", \"impl\n", "not JSON"),
+                     ("[1, 2]\n", "a list, not an object"), ('{"op": "x"}\n', "no impl, shape_str, dtype, status, ms")):
+        run = _run_dir(tmp_path / f"run{len(why)}", [good[0], bad, good[1], good[2]])
+        with pytest.raises(SystemExit) as e:
+            main(["--report", str(run)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"line 2 of {run / 'results.jsonl'} is not a record: {why}" in err, err
+        assert not (run / "results.json").exists()
+        assert main(["--report", str(run), "--skip-corrupt"]) == 0
+        assert f"bench: skipped line 2 of {run / 'results.jsonl'}: {why}" in capsys.readouterr().err
+        recs = json.loads((run / "results.json").read_text())["records"]
+        assert [(r["op"], r["impl"]) for r in recs] == [(json.loads(g)["op"], json.loads(g)["impl"]) for g in good]
+    for meta, why in (("{", "is not JSON"), ("[]", "is not a run's meta.json: a list, not an object"),
+                      ('{"device": "x"}', "is not a run's meta.json: no date, preset")):
+        run = _run_dir(tmp_path / f"meta{len(why)}", good, meta=meta)
+        with pytest.raises(SystemExit) as e:
+            main(["--report", str(run)])
+        assert e.value.code == 2 and f"{run / 'meta.json'} {why}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--threads", "-1"], "argument --threads: must be >= 0, got -1"),
+    (["--budget-s", "nan"], "argument --budget-s: must be a finite number > 0, got nan"),
+    (["--budget-s", "0"], "argument --budget-s: must be a finite number > 0, got 0"),
+    (["--out", "/proc/bench-out"], "--out /proc/bench-out: cannot create folder /proc/bench-out"),
+    (["--out", str(ROOT / "README.md")], f"--out {ROOT / 'README.md'}: {ROOT / 'README.md'} is not a folder"),
+    (["--sweep", "--tuned-dir", "/proc/tuned"], "--tuned-dir /proc/tuned: cannot create folder"),
+    (["--skip-corrupt"], "--skip-corrupt needs --report DIR"),
+    (["--report", "/proc/no-such-run"], "--report /proc/no-such-run: [Errno 2] No such file"),
+])
+def test_bad_flags_are_refused_before_any_work(argv, message, monkeypatch, capsys, tmp_path):
+    """Negative --threads and NaN --budget-s were accepted; an unwritable --out failed after the
+    ceilings were measured."""
+    from bench.__main__ import main
+
+    def work(*_, **__):
+        raise AssertionError("work started before the flags were checked")
+    monkeypatch.setattr(harness, "Env", work)
+    monkeypatch.chdir(tmp_path)  # the default --out is made in the working folder
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err
+
+
 # --- the tuning sweep ------------------------------------------------------------------------
 
 FAKE = "fake.softmax_cross_entropy"

@@ -104,3 +104,23 @@ def test_walk_depth_100_cli_with_plot(tmp_path):
     assert all(float(r[2]) == pytest.approx(0.5, abs=5e-5) for r in rows)
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and 10_000 < len(data) < 100_000
+
+
+def test_stack_profile_agrees_with_layer_jacobians_and_keeps_exact_zeros():
+    """The streaming, rescaled figures equal layer_jacobians' where float64 holds them; a layer
+    whose Jacobian is 0 (every ReLU off) gives log10 -inf below it, not an error."""
+    rng = np.random.default_rng(3)
+    weights = diagnostics.orthogonal_weights(12, 5, 0.8, rng)
+    x, c = rng.standard_normal(5), rng.standard_normal(5)
+    for activation, residual in (("tanh", False), ("relu", True)):
+        layers = diagnostics.stack_layers(weights, activation, residual)
+        d, p = diagnostics.layer_jacobians(layers, x), diagnostics.stack_profile(layers, x, c)
+        np.testing.assert_allclose(p.log10_grad_norms, [np.log10(np.linalg.norm(g)) for g in d.gradients(c)],
+                                   rtol=1e-12, atol=1e-12)
+        np.testing.assert_allclose(p.sigma1, [s[0] for s in d.singular_values], rtol=1e-12)
+        sv = d.product_singular_values
+        np.testing.assert_allclose(p.log10_product_sigma, np.log10([sv[0], sv[-1]]), rtol=1e-9)
+    dead = [lambda h: ad.relu(h * 1.0), lambda h: ad.relu(h * -1.0), lambda h: h * 2.0]
+    p = diagnostics.stack_profile(dead, np.ones(3), np.ones(3))
+    assert p.log10_grad_norms[:2] == [-np.inf, -np.inf] and p.log10_product_sigma == (-np.inf, -np.inf)
+    np.testing.assert_allclose(p.log10_grad_norms[2:], np.log10([2 * np.sqrt(3), np.sqrt(3)]))

@@ -12,17 +12,21 @@ RuntimeError from gpuad's own checks. No input, nor the buffer around a strided 
 
 Budgets: a fixed, derandomized example budget in CI (this file runs in well under a minute on
 two cores); ``GPUAD_FUZZ=long`` multiplies every budget by 25 and draws fresh random examples.
-``GPUAD_FUZZ_REPORT=1`` prints how many inputs of each kind were tried.
+``GPUAD_FUZZ_REPORT=1`` prints how many inputs of each kind were tried. A failure prints its
+falsifying example (every array's shape, dtype, layout, values and seed; every drawn argument)
+and the ``@reproduce_failure(...)`` line that replays it exactly under either profile.
 """
 import collections
 import gc
 import math
 import os
+import re
 
 import numpy as np
 import pytest
 
 import gpuad as ad
+from gpuad import optim
 from gpuad.kernels import reference
 
 torch = pytest.importorskip("torch")
@@ -55,7 +59,7 @@ def tried(entry, valid=True, *arrays):
 
 def fuzz(n):
     return settings(max_examples=n * BUDGET, deadline=None, database=None, derandomize=PROFILE == "ci",
-                    suppress_health_check=list(HealthCheck))
+                    print_blob=True, suppress_health_check=list(HealthCheck))
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -761,6 +765,227 @@ def test_transforms(name, shape, seed, inside_no_grad, argnums):
     gc.collect()
     np.testing.assert_array_equal(x, before)
     assert x.flags.writeable
+
+
+# --- optimizers: arguments, parameter groups, gradients ------------------------------------
+OPT_KEYS = {"SGD": ("lr", "momentum", "dampening", "weight_decay", "nesterov", "maximize"),
+            "Adam": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize"),
+            "AdamW": ("lr", "betas", "eps", "weight_decay", "amsgrad", "maximize")}
+REAL_KEYS = ("lr", "momentum", "dampening", "weight_decay", "eps")
+FLAGS = ("nesterov", "maximize", "amsgrad")
+GOOD_REAL = (0.1, 0.0, 0.5, 1, 1e-3)
+BAD_REAL = (-0.1, float("nan"), "0.1", None, True, [0.1])
+GOOD_BETAS = ((0.9, 0.999), (0.0, 0.5), [0.5, 0.9])
+BAD_BETAS = ((0.9,), 0.9, (0.9, 1.0), (-0.1, 0.5), ("0.9", 0.99), (0.9, 0.99, 0.5), None)
+LAYOUTS_OPT = ("list", "tuple", "generator", "groups", "group of one Tensor", "bare Tensor", "listed twice",
+               "in two groups", "mixed", "group without params", "empty")
+GRADS = ("right", "none", "broadcastable", "other shape", "list")
+OPT_SHAPES = ((2,), (3, 2), ())
+
+
+def _opt_valid_value(key, value):
+    if key in FLAGS:
+        return True
+    if key == "betas":
+        return (isinstance(value, (tuple, list)) and len(value) == 2
+                and all(isinstance(b, (int, float)) and not isinstance(b, bool) and 0 <= b < 1 for b in value))
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0
+
+
+@st.composite
+def optimizer_case(draw):
+    name = draw(st.sampled_from(sorted(OPT_KEYS)))
+    kwargs = {}
+    for key in OPT_KEYS[name]:
+        kind = draw(st.sampled_from(["default", "good", "good", "good", "default", "good", "good", "bad"]), key)
+        if kind == "default":
+            continue
+        if key in FLAGS:
+            kwargs[key] = draw(st.booleans())
+        elif key == "betas":
+            kwargs[key] = draw(st.sampled_from(GOOD_BETAS if kind == "good" else BAD_BETAS))
+        else:
+            kwargs[key] = draw(st.sampled_from(GOOD_REAL if kind == "good" else BAD_REAL))
+    shapes = draw(st.lists(st.sampled_from(OPT_SHAPES), min_size=2, max_size=3))
+    group_lr = draw(st.sampled_from(GOOD_REAL + BAD_REAL[:2]))
+    grads = draw(st.lists(st.sampled_from(GRADS), min_size=len(shapes), max_size=len(shapes)))
+    return name, kwargs, shapes, draw(st.sampled_from(LAYOUTS_OPT)), group_lr, grads, draw(seeds)
+
+
+def _opt_params(layout, ps, group_lr):
+    """(params argument, whether it is valid): the parameters `ps` laid out as `layout`."""
+    first, rest = ps[0], ps[1:]
+    return {
+        "list": (list(ps), True), "tuple": (tuple(ps), True), "generator": ((p for p in ps), True),
+        "groups": ([{"params": [first]}, {"params": rest, "lr": group_lr}], _opt_valid_value("lr", group_lr)),
+        "group of one Tensor": ([{"params": first}, {"params": rest}], True),
+        "bare Tensor": (first, False), "listed twice": (list(ps) + [first], False),
+        "in two groups": ([{"params": list(ps)}, {"params": [first]}], False),
+        "mixed": ([{"params": [first]}] + list(rest), False),
+        "group without params": ([{"params": list(ps)}, {}], False),
+        "empty": ([], False),
+    }[layout]
+
+
+def _opt_grad(kind, shape, rng):
+    """A .grad of `kind` for a parameter of `shape`: an array (of the right shape or not), a list or None."""
+    if kind == "none":
+        return None
+    if kind == "list":
+        return np.asarray(rng.standard_normal(shape)).reshape(-1).tolist()
+    wrong = {"right": shape, "broadcastable": (1,) * len(shape) if shape else (2,), "other shape": shape + (2,)}
+    return np.asarray(rng.standard_normal(wrong[kind]))
+
+
+@fuzz(40)
+@given(case=optimizer_case())
+def test_optimizer_arguments_groups_and_grads(case):
+    """Every optimizer built from drawn hyperparameters (good, default or bad in type or value),
+    parameter layouts (lists, generators, groups; a parameter twice, a bare Tensor, mixed) and
+    .grads (missing, of another shape, a list): a clear error before anything moves, or two
+    steps equal to torch.optim's on the same groups."""
+    name, kwargs, shapes, layout, group_lr, grad_kinds, seed = case
+    rng = np.random.default_rng(seed)
+    values = [rng.standard_normal(s) for s in shapes]
+    ours = [ad.tensor(v, requires_grad=True) for v in values]
+    valid = all(_opt_valid_value(k, v) for k, v in kwargs.items())
+    if name == "SGD" and kwargs.get("nesterov") and valid:
+        valid = kwargs.get("momentum", 0) > 0 and kwargs.get("dampening", 0) == 0
+    params, layout_valid = _opt_params(layout, ours, group_lr)
+    tried(f"optim.{name} ({layout})", valid and layout_valid)
+    opt = run(lambda: getattr(optim, name)(params, **kwargs), valid and layout_valid, f"optim.{name}")
+    if opt is None:
+        return
+    theirs = [torch.tensor(v, requires_grad=True) for v in values]
+    torch_params = _opt_params(layout, theirs, group_lr)[0]
+    ref = getattr(torch.optim, name)(torch_params, **kwargs)
+    for step in range(2):
+        grads = [_opt_grad(kind, s, rng) for kind, s in zip(grad_kinds, shapes)]
+        for p, t, g in zip(ours, theirs, grads):
+            p.grad = g
+            t.grad = None if g is None or isinstance(g, list) or np.shape(g) != t.shape else torch.tensor(g)
+        grads_valid = all(g is None or np.shape(g) == s and not isinstance(g, list) for g, s in zip(grads, shapes))
+        before = [p.data.copy() for p in ours]
+        tried(f"optim.{name}.step", grads_valid)
+        if not grads_valid:
+            run(opt.step, False, f"optim.{name}.step")
+            for p, b in zip(ours, before):
+                np.testing.assert_array_equal(p.data, b)  # nothing moved
+            return
+        opt.step()
+        ref.step()
+        for p, t in zip(ours, theirs):
+            np.testing.assert_allclose(p.data, t.detach().numpy(), rtol=1e-12, atol=1e-14, equal_nan=True)
+
+
+# --- the command lines: python -m gpuad train / walk, python -m bench -----------------------
+# Each numeric flag's domain (kind, low, high, low_open), as --help states it. A command line
+# of drawn flags must reach the work (a stub here) when every value lies in its domain, and
+# otherwise exit 2 before any work with one line naming a bad flag.
+CLI_NUMBERS = {
+    "train": {"--epochs": (int, 1, None, False), "--batch-size": (int, 1, None, False),
+              "--lr": (float, 0, None, True), "--momentum": (float, 0, None, False),
+              "--weight-decay": (float, 0, None, False), "--label-smoothing": (float, 0, 1, False),
+              "--test-fraction": (float, 0, 0.9, True), "--seed": (int, 0, 2 ** 32 - 1, False),
+              "--threads": (int, 1, None, False)},
+    "walk": {"--depth": (int, 1, 1000, False), "--width": (int, 1, 512, False), "--sigma": (float, 0, None, True),
+             "--seed": (int, 0, 2 ** 32 - 1, False)},
+    "bench": {"--threads": (int, 0, None, False), "--budget-s": (float, 0, None, True)},
+}
+CLI_TEXTS = ("1", "3", "0", "-1", "0.5", "0.95", "1e-3", "nan", "inf", "-inf", "abc", "", "4294967295",
+             "4294967296", "1e400")
+WALK_SIZES = ("1", "3", "0", "-2", "1001", "513", "x")  # small: a valid walk runs its forward pass for real
+HIDDEN = {"32": True, "16,8": True, "none": True, "0": False, "8,x": False, "1000000,1000000": False}
+PATHS = {"ok": True, "suffix": False, "missing folder": False, "read-only folder": False}
+
+
+class _Worked(Exception):
+    """Raised by the stubs standing in for the work: the flags were accepted."""
+
+
+def _in_domain(text, kind, low, high, low_open):
+    try:
+        value = kind(text)
+    except ValueError:
+        return False
+    return math.isfinite(value) and (value > low if low_open else value >= low) and (high is None or value <= high)
+
+
+def _path(kind, tmp, name, suffix):
+    return {"ok": str(tmp / f"{name}{suffix}"), "suffix": str(tmp / f"{name}.txt"),
+            "missing folder": str(tmp / "no" / "such" / f"{name}{suffix}"),
+            "read-only folder": f"/proc/{name}{suffix}"}[kind]
+
+
+@st.composite
+def command_line(draw, tmp):
+    """(program, argv, the flags whose values are out of their domain)."""
+    program = draw(st.sampled_from(sorted(CLI_NUMBERS)))
+    argv, bad = [], []
+    for flag, domain in CLI_NUMBERS[program].items():
+        if draw(st.integers(0, 2)) == 0 and not (program == "walk" and flag == "--depth"):
+            continue
+        texts = WALK_SIZES if program == "walk" and flag in ("--depth", "--width") else CLI_TEXTS
+        if draw(st.integers(0, 7)):  # mostly a value from the domain, so that whole lines are good too
+            texts = [t for t in texts if _in_domain(t, *domain)]
+        text = draw(st.sampled_from(texts), flag)
+        argv += [f"{flag}={text}"]
+        if not _in_domain(text, *domain):
+            bad.append(flag)
+    if program == "train" and draw(st.booleans()):
+        hidden = draw(st.sampled_from(sorted(HIDDEN)), "--hidden")
+        argv += [f"--hidden={hidden}"]
+        bad += [] if HIDDEN[hidden] else ["--hidden"]
+    if draw(st.booleans()):
+        flag, suffix = ("--out", "") if program == "bench" else ("--plot", ".png")
+        kind = draw(st.sampled_from(sorted(PATHS) if program != "bench" else ["ok", "read-only folder"]), flag)
+        argv += [flag, _path(kind, tmp, "out", suffix)]
+        bad += [] if PATHS[kind] else [flag]
+    return program, argv, bad
+
+
+def _cli_main(program, argv):
+    from bench.__main__ import main as bench_main
+    from gpuad.__main__ import main as gpuad_main
+    try:
+        return bench_main(argv) if program == "bench" else gpuad_main([program] + argv)
+    except SystemExit as e:
+        return e.code
+
+
+@fuzz(40)
+@given(data=st.data())
+def test_command_lines(data, tmp_path, monkeypatch, capsys):
+    """python -m gpuad train / walk --depth and python -m bench on drawn flags: the work starts
+    exactly when every flag is good; otherwise one line naming a bad flag, exit status 2."""
+    import sys
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # bench/ is not installed
+    from bench import harness
+    from gpuad import train, walk
+
+    def work(*_, **__):
+        raise _Worked
+    for module, name in ((train, "train"), (walk, "run_depth"), (harness, "Env")):
+        monkeypatch.setattr(module, name, work)
+    monkeypatch.chdir(tmp_path)  # bench's default --out is made here
+    program, argv, bad = data.draw(command_line(tmp_path), "command line")
+    tried(f"command line: {program}", not bad)
+    capsys.readouterr()
+    if not bad:
+        try:
+            code = _cli_main(program, argv)
+        except _Worked:
+            return
+        # walk's one refusal that depends on the numbers: a --sigma whose stack leaves float64
+        assert code == 2 and program == "walk", code
+        assert re.search(r"error: --sigma \S+ (saturates|overflows|underflows)", capsys.readouterr().err)
+        return
+    assert _cli_main(program, argv) == 2
+    captured = capsys.readouterr()
+    lines = captured.err.strip().splitlines()
+    assert captured.out == "" and lines, captured
+    assert any(flag in lines[-1] for flag in bad), (bad, lines[-1])
+    assert lines[-1].startswith(f"python -m {'bench' if program == 'bench' else 'gpuad ' + program}: error:"), lines
 
 
 # --- Triton kernels under the interpreter --------------------------------------------------

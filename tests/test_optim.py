@@ -152,3 +152,64 @@ def test_bad_arguments_are_named():
     x = ad.tensor([1.0], requires_grad=True)
     with pytest.raises(ValueError, match="cannot optimize a Tensor computed by an op"):
         optim.SGD([x * 2.0])
+
+
+def test_a_parameter_listed_twice_is_refused_as_torch_does():
+    a, b = ad.tensor([1.0], requires_grad=True), ad.tensor([2.0], requires_grad=True)
+    ta = torch.tensor([1.0], requires_grad=True)
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        torch.optim.SGD([{"params": [ta]}, {"params": [ta], "lr": 0.5}], lr=0.1)
+    for params in ([{"params": [a, b]}, {"params": [a], "lr": 0.5}], [a, b, a]):
+        with pytest.raises(ValueError, match=r"SGD: a parameter of shape \(1,\) appears more than once"):
+            optim.SGD(params, lr=0.1)  # it would be updated twice a step
+    opt = optim.Adam([{"params": a}, {"params": (b,), "lr": 0.5}])  # one Tensor or any iterable in a group
+    assert [g["params"] for g in opt.param_groups] == [[a], [b]]
+
+
+def test_a_grad_of_another_shape_is_refused_in_step_and_in_backward():
+    p, q = ad.tensor(np.ones(3), requires_grad=True), ad.tensor(np.ones(3), requires_grad=True)
+    opt = optim.SGD([q, p], lr=0.1)
+    q.grad = np.ones(3)
+    for grad, what in ((np.ones(1), r"shape \(1,\)"), (np.ones((2, 3)), r"shape \(2, 3\)"), ([1.0] * 3, "type list")):
+        p.grad = grad  # broadcastable (or a list): it used to be broadcast into the update
+        with pytest.raises(ValueError, match=rf"SGD: a parameter of shape \(3,\) has a .grad of {what}"):
+            opt.step()
+        np.testing.assert_array_equal(q.data, np.ones(3))  # nothing moved, q included
+    p.grad = np.ones(1)
+    with pytest.raises(ValueError, match=r"backward: a leaf of shape \(3,\) holds a .grad of shape \(1,\)"):
+        ad.sum(p * p).backward()  # used to leave p.grad = 1 + 2p, broadcast
+    p.grad = np.ones(3)
+    ad.sum(p * p).backward()
+    np.testing.assert_array_equal(p.grad, np.full(3, 3.0))
+
+
+def test_wrong_typed_arguments_are_named():
+    p = ad.tensor([1.0], requires_grad=True)
+    for kwargs, error, message in [
+        (dict(lr="0.1"), TypeError, "SGD: lr must be a real number, got '0.1'"),
+        (dict(lr=None), TypeError, "SGD: lr must be a real number, got None"),
+        (dict(momentum=True), TypeError, "SGD: momentum must be a real number, got True"),
+        (dict(weight_decay=[0.1]), TypeError, r"SGD: weight_decay must be a real number, got \[0.1\]"),
+    ]:
+        with pytest.raises(error, match=message):
+            optim.SGD([p], **kwargs)
+    for betas in (0.9, (0.9,), (0.9, 0.99, 0.5), ("0.9", "0.99"), None):
+        with pytest.raises(TypeError, match=r"Adam: betas must be a pair of real numbers \(beta1, beta2\), got"):
+            optim.Adam([p], betas=betas)
+    with pytest.raises(TypeError, match="AdamW: betas must be a pair"):
+        optim.AdamW([{"params": [p], "betas": 0.9}])
+    for params, kind in ((p, "Tensor"), ({"params": [p]}, "dict"), (3, "int"), (None, "NoneType")):
+        with pytest.raises(TypeError, match=f"SGD: params must be an iterable of Tensors or of dicts .*got a {kind}"):
+            optim.SGD(params, lr=0.1)
+    with pytest.raises(TypeError, match="SGD: params mixes dicts"):
+        optim.SGD([{"params": [p]}, ad.tensor([2.0], requires_grad=True)])
+    with pytest.raises(ValueError, match="SGD: parameter group 1 has no 'params' entry"):
+        optim.SGD([{"params": [p]}, {"lr": 0.1}])
+    with pytest.raises(TypeError, match="SGD: parameter group 0's 'params' must be a Tensor or an iterable"):
+        optim.SGD([{"params": 3}])
+    opt = optim.SGD([p], lr=0.1)
+    p.grad = np.ones(1)
+    opt.param_groups[0]["lr"] = "fast"
+    with pytest.raises(TypeError, match="SGD: lr must be a real number, got 'fast'"):
+        opt.step()
+    assert p.data[0] == 1.0

@@ -7,7 +7,6 @@ runs the Triton path on CPU tensors in the interpreter; the bf16 Triton tests ar
 """
 import os
 import re
-import socket
 import subprocess
 import sys
 
@@ -327,12 +326,6 @@ def test_training_matches_torch_under_aot_eager():
 
 
 # --- DistributedDataParallel -----------------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ddp_two_processes_match_one_process(tmp_path):
     """Two gloo ranks (as torchrun would start them) train with DDP; their all-reduced
     gradients and parameters equal one process stepping on the mean of the shard losses."""
@@ -341,11 +334,13 @@ def test_ddp_two_processes_match_one_process(tmp_path):
     import torch_ddp_worker as worker
 
     world = 2
-    env = dict(os.environ, MASTER_ADDR="127.0.0.1", MASTER_PORT=str(_free_port()), WORLD_SIZE=str(world),
-               PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    env = dict(os.environ, WORLD_SIZE=str(world), PYTHONPATH=os.pathsep.join([ROOT, os.environ.get("PYTHONPATH", "")]),
+               OMP_NUM_THREADS="1")
     script = os.path.join(ROOT, "tests", "torch_ddp_worker.py")
-    procs = [subprocess.Popen([sys.executable, script, str(tmp_path / f"rank{r}.pt")], env=dict(env, RANK=str(r)),
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for r in range(world)]
+    rendezvous = tmp_path / "rendezvous"  # a file store: no TCP port to choose (see the worker's docstring)
+    procs = [subprocess.Popen([sys.executable, script, str(tmp_path / f"rank{r}.pt"), str(rendezvous)],
+                              env=dict(env, RANK=str(r)), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for r in range(world)]
     try:
         outs = [p.communicate(timeout=180)[0] for p in procs]
     finally:

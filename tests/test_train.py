@@ -123,6 +123,11 @@ def test_help_describes_every_flag(capsys, verb_name):
     (["train", "--bogus"], "unrecognized arguments: --bogus"),
     (["train", "--plot", "curves.pdf"], "--plot curves.pdf: the file name must end in .png"),
     (["train", "--plot", "no/such/folder/c.png"], "--plot no/such/folder/c.png: folder"),
+    (["train", "--plot", "/proc/c.png"], "--plot /proc/c.png: cannot write into folder /proc"),
+    (["train", "--seed", "-1"], "argument --seed: must lie in [0, 4294967295], got -1"),  # was a traceback
+    (["train", "--seed", "4294967296"], "argument --seed: must lie in [0, 4294967295], got 4294967296"),
+    (["train", "--hidden", "1000000,1000000"], "--hidden 1000000,1000000: the MLP 64-1000000-1000000-10 (float32, "
+                                                "adam) needs about 2.24e+04 GiB of memory, more than the"),
 ])
 def test_bad_input_exits_non_zero_with_one_line(capsys, argv, message):
     assert_one_line_usage_error(capsys, argv, message)
@@ -155,3 +160,15 @@ def test_missing_dependency_is_one_clear_line(capsys, monkeypatch, module, argv,
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and package in lines[0], lines
     assert lines[0].startswith("python -m gpuad train: error:")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--steps", "-5"], "argument --steps: must be >= 0, got -5"),  # ran no step and printed an accuracy
+    (["--lr", "nan"], "argument --lr: must be a finite number > 0, got nan"),
+    (["--lr", "-1"], "argument --lr: must be a finite number > 0, got -1"),
+])
+def test_demo_refuses_bad_flags(capsys, argv, message):
+    from gpuad import demo
+    with pytest.raises(SystemExit) as e:
+        demo.main(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err

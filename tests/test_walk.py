@@ -5,6 +5,7 @@ import ast
 import html.parser
 import importlib
 import io
+import math
 import os
 import re
 import shutil
@@ -17,6 +18,7 @@ import pytest
 
 import gpuad as ad
 from gpuad import nn
+from gpuad import __main__ as gpuad_main
 from gpuad import tracing, walk
 
 T = importlib.import_module("gpuad.tensor")  # the module: gpuad.tensor is also the function ad.tensor
@@ -151,7 +153,7 @@ def test_walk_help_describes_every_flag():
     out = _walk_cli("--help")
     assert out.returncode == 0
     for flag in ("--no-pause", "--html", "--seed", "--depth", "--residual", "--plot", "--width", "--sigma",
-                 "--activation"):
+                 "--activation", "--no-progress"):
         assert re.search(re.escape(flag) + r"[^\n]*\n?\s+\S", out.stdout), flag
 
 
@@ -163,12 +165,76 @@ def test_walk_help_describes_every_flag():
     (["--html", "no/such/folder/w.html"], "does not exist"),
     (["--depth", "3", "--html", "w.html"], "does not combine with --depth"),
     (["--activation", "swish", "--depth", "3"], "invalid choice"),
+    (["--seed", "-1"], "--seed: must lie in [0, 4294967295], got -1"),
+    (["--depth", "3", "--seed", "4294967296"], "--seed: must lie in [0, 4294967295]"),
+    (["--depth", "30", "--sigma", "1000"], "--sigma 1000 saturates tanh at layer"),  # was a ZeroDivisionError
+    (["--depth", "400", "--sigma", "10", "--activation", "linear"],
+     "--sigma 10 overflows float64 at layer 308 of the plain"),
+    (["--depth", "300", "--sigma", "0.01", "--activation", "relu"], "--sigma 0.01 underflows float64 at layer"),
+    (["--depth", "3", "--plot", "no/such/folder/g.png"], "does not exist"),
 ])
 def test_walk_bad_input_is_one_line(args, message):
     out = _walk_cli(*args)
     assert out.returncode == 2
     assert out.stdout == ""
     assert len(out.stderr.strip().splitlines()) == 1 and message in out.stderr, out.stderr
+
+
+def _depth_rows(stdout):
+    return {int(r[0]): r[1] for r in re.findall(r"^\s+(\d+)\s+(\S+)\s+(\S+)$", stdout, flags=re.M)}
+
+
+def test_walk_depth_600_prints_gradient_norms_below_1e_154():
+    """Linear layers 0.5·Q: the gradient at layer i's input is exactly 0.5^(depth - i + 1) (c is a
+    unit vector). Its float64 square underflows below 1e-154: the norms were printed as 0."""
+    out = _walk_cli("--depth", "600", "--width", "4", "--activation", "linear")
+    assert out.returncode == 0, out.stderr
+    rows = _depth_rows(out.stdout)
+    assert sorted(rows) == [1] + list(range(60, 601, 60))
+    for layer, text in rows.items():
+        assert float(text) == pytest.approx(0.5 ** (601 - layer), rel=1e-9), layer
+    p, ratio = f"{0.5 ** 600:.4e}", f"{0.5 ** 599:.4e}"  # 2.4099e-181 and 4.8198e-181, within float64
+    assert f"σ of the product J_600⋯J_1: largest {p}, smallest {p}" in out.stdout
+    assert f"plain: first layer's gradient / last layer's = {ratio} (σ^(depth-1) = {ratio})" in out.stdout
+
+
+def test_walk_depth_figures_beyond_float64_range():
+    """0.01·Q, 1000 linear layers: the gradient at the first layer's input is 1e-2000, far below
+    float64; printed from its log10."""
+    report = walk.depth_report(1000, width=2, sigma=0.01, activation="linear", seed=1)
+    plain = report["plain"]
+    np.testing.assert_allclose(plain.log10_grad_norms, -2.0 * np.arange(1000, -1, -1), atol=1e-9)
+    np.testing.assert_allclose(plain.log10_product_sigma, (-2000.0, -2000.0), atol=1e-9)
+    assert walk._exp10(plain.log10_grad_norms[0]) == "1.0000e-2000"
+    assert walk._exp10(-math.inf) == "0.0000e+00" and walk._exp10(math.log10(9.99996)) == "1.0000e+01"
+
+
+def test_walk_depth_shows_progress_on_stderr_and_not_with_no_progress(monkeypatch):
+    """Large runs print progress lines to stderr (the largest, depth 1000 and width 512, ran
+    minutes in silence); --no-progress turns them off; stdout is the same."""
+    monkeypatch.setattr(walk, "PROGRESS_VJPS", 40)
+    outs = []
+    for extra in ([], ["--no-progress"]):
+        out, err = io.StringIO(), io.StringIO()
+        args = gpuad_main.build_parser().parse_args(["walk", "--depth", "20", "--width", "2", *extra])
+        walk.run_depth(args, out=out, err=err)
+        outs.append((out.getvalue(), err.getvalue()))
+    assert outs[0][0] == outs[1][0] and outs[1][1] == ""
+    assert outs[0][1].splitlines() == [f"{kind} stack: Jacobians of {k}/20 layers" for kind in ("plain", "residual")
+                                       for k in range(2, 21, 2)]
+
+
+def test_walk_depth_that_cannot_fit_is_refused_before_any_work(monkeypatch, capsys):
+    """The largest walk (depth 1000, width 512) holds 2 GiB of weights: refused, before the
+    weights are drawn, where that much memory is not available."""
+    from gpuad import cli
+    monkeypatch.setattr(cli, "available_memory", lambda: 2 ** 30)
+    monkeypatch.setattr(walk, "depth_setup", lambda *a: pytest.fail("work started"))
+    assert gpuad_main.main(["walk", "--depth", "1000", "--width", "512"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m gpuad walk: error: --depth 1000 --width 512 needs about 1.98 GiB of memory, "
+                          "more than the 1 GiB available"), err
+    assert walk.depth_memory_bytes(1000, 512) >= 8 * 1000 * 512 * 512  # the weights alone
 
 
 def test_walk_steps_one_per_enter():

@@ -1,11 +1,20 @@
 """One rank of the two-process DistributedDataParallel test in test_torch_custom_ops.py (gloo, CPU).
 
-Run by the test with RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT set, as torchrun would:
-    python tests/torch_ddp_worker.py OUT_FILE
+Run by the test with RANK and WORLD_SIZE set, as torchrun would:
+    python tests/torch_ddp_worker.py OUT_FILE RENDEZVOUS_FILE
 Each rank trains the model of `build_model` on its shard of every batch of `batches` with
 gpuad's ops and saves its losses, its all-reduced gradients after every step and its final
 parameters to OUT_FILE (torch.save). The test reruns the same steps in one process.
+
+Teardown, which aborted a run once ("terminate called without an active exception", one rank
+killed by SIGABRT): the ranks meet in a file (a FileStore), not on a TCP port that rank 0 would
+serve, so no port can be taken between the test choosing it and rank 0 binding it, and neither
+rank depends on a store server living in the other; both ranks pass a barrier before either
+tears down, so neither closes its gloo connections while the other still uses them; and the
+DDP module (whose reducer holds the process group) is released before destroy_process_group,
+so the group's threads are joined there, on the main thread of a live interpreter, not at exit.
 """
+import gc
 import os
 import sys
 
@@ -38,9 +47,10 @@ def shard(batch, rank: int, world_size: int):
     return x[rank::world_size], t[rank::world_size]
 
 
-def main(out_file: str):
+def main(out_file: str, rendezvous_file: str):
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    torch.distributed.init_process_group("gloo", init_method=f"file://{rendezvous_file}", rank=rank,
+                                         world_size=world_size)
     try:
         model = torch.nn.parallel.DistributedDataParallel(build_model())
         opt = torch.optim.SGD(model.parameters(), lr=LR)
@@ -55,9 +65,12 @@ def main(out_file: str):
             losses.append(loss.detach())
         params = [p.detach().clone() for p in model.parameters()]
         torch.save({"losses": losses, "grads": grads, "params": params}, out_file)
+        del model, opt, loss
+        gc.collect()
+        torch.distributed.barrier()
     finally:
         torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(sys.argv[1], sys.argv[2])
