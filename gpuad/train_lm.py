@@ -43,7 +43,7 @@ GROUP_TIMEOUT = timedelta(minutes=10)
 
 
 # --- data ------------------------------------------------------------------------------------
-def prepare_data(*, vocab=4096, val_fraction=0.05, max_bytes=None, stdlib=None, cache_dir=None, tokens_needed=None,
+def prepare_data(*, vocab=16384, val_fraction=0.05, max_bytes=None, stdlib=None, cache_dir=None, tokens_needed=None,
                  progress=True, log=print, tokenizer_ready=None):
     """Read the corpus (the library at `stdlib`, default the running Python's), load or train
     the tokenizer (then call `tokenizer_ready`, if given), encode; log a line on each and the
@@ -386,7 +386,7 @@ def train_lm(*, threads=1, nproc=1, log=print, **config):
 
 
 def train_lm_body(torch, *, head="gpuad", steps=400, batch_size=16, context=64, width=64, layers=2, heads=4,
-                  vocab=4096, lr=1e-2, val_fraction=0.05, val_tokens=16384, max_bytes=None, stdlib=None,
+                  vocab=16384, lr=1e-2, val_fraction=0.05, val_tokens=16384, max_bytes=None, stdlib=None,
                   eval_every=0, device="cpu", compile=False, seed=0, cache_dir=None, sample=0, prompt="def ",
                   progress=True, log=print, group=None, sync_replicas=True):
     """train_lm's work, under its thread limits; with a process `group` (every rank calls it),
@@ -489,7 +489,7 @@ def add_arguments(p):
     p.add_argument("--width", type=number(int, 1), default=64, help=f"model width D {d}")
     p.add_argument("--layers", type=number(int, 1), default=2, help=f"transformer blocks {d}")
     p.add_argument("--heads", type=number(int, 1), default=4, help=f"attention heads; they divide --width {d}")
-    p.add_argument("--vocab", type=number(int, 512, 65536), default=4096,
+    p.add_argument("--vocab", type=number(int, 512, 65536), default=16384,
                    help=f"BPE vocabulary size, in [512, 65536] (a small corpus may give fewer tokens) {d}")
     p.add_argument("--lr", type=number(float, 0, low_open=True), default=1e-2, help=f"peak learning rate {d}")
     p.add_argument("--val-fraction", type=number(float, 0, 0.5, low_open=True), default=0.05,
