@@ -254,8 +254,8 @@ def parallel_step(torch, model, max_norm, group, sync_replicas=True):
         flat = torch.cat([g.reshape(-1) for g in rep])
         dist.all_reduce(flat, group=group)
         flat /= dist.get_world_size(group)
-        for g, new in zip(rep, torch._utils._unflatten_dense_tensors(flat, rep)):
-            g.copy_(new)
+        for g, new in zip(rep, flat.split([g.numel() for g in rep])):
+            g.copy_(new.view_as(g))
     heads = [p.grad for p in sharded if p.grad is not None]
     device = model_device(model)
     head_sq = torch.stack([g.float().square().sum() for g in heads]).sum() if heads else torch.zeros((), device=device)
