@@ -395,9 +395,10 @@ def train_lm_body(torch, *, head="gpuad", steps=400, batch_size=16, context=64, 
     rank = 0 if group is None else torch.distributed.get_rank(group)
     if rank:
         torch.distributed.barrier(group)  # rank 0 has the tokenizer in the cache
+    tokenizer_ready = None if rank or group is None else (lambda: torch.distributed.barrier(group))
     data = prepare_data(vocab=vocab, val_fraction=val_fraction, max_bytes=max_bytes, stdlib=stdlib, cache_dir=cache_dir,
                         tokens_needed=TRAIN_FILES_FACTOR * steps * batch_size * context + 1, progress=progress,
-                        log=log, tokenizer_ready=None if rank or group is None else lambda: torch.distributed.barrier(group))
+                        log=log, tokenizer_ready=tokenizer_ready)
     dev = torch.device(device)
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if dev.type == "cuda" else contextlib.nullcontext
     v = data["tokenizer"].get_vocab_size()
@@ -423,8 +424,8 @@ def train_lm_body(torch, *, head="gpuad", steps=400, batch_size=16, context=64, 
         history["replicas_identical"] = replicas_identical(torch, model, group)
         if not history["replicas_identical"]:
             raise RuntimeError("train-lm --nproc: the model outside the head differs between the ranks")
-    if group is not None and sample:
-        model.head = gathered_head(torch, model.head)  # every rank takes part in the gather; rank 0 samples
+        if sample:
+            model.head = gathered_head(torch, model.head)  # every rank takes part in the gather; rank 0 samples
     if sample and rank == 0:
         history["sample"] = sample_text(torch, model, data["tokenizer"], prompt, sample, seed, autocast)
         log(f"sample ({sample} tokens after the prompt {prompt!r}):\n{history['sample']}")
