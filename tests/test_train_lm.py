@@ -1,5 +1,6 @@
 """python -m gpuad train-lm: a tiny run end to end, the tokenizer cache, the corpus split, the
-two heads' first steps and memory, --compile, and one-line errors on bad flags before any work."""
+two heads' first steps and memory, --compile, --nproc 2 against one process, and one-line
+errors on bad flags before any work."""
 import contextlib
 import os
 import re
@@ -68,16 +69,65 @@ def test_cli_tiny_run_then_a_second_run_reuses_the_tokenizer(tmp_path, capsys):
     assert "train-lm" not in second.err  # --no-progress
 
 
-def test_both_heads_take_the_same_first_steps(cache_dir):
+@pytest.fixture(scope="module")
+def one_process_run(cache_dir):
+    """The tiny run with the gpuad head on one process, and a sample of 8 tokens."""
+    return train_lm.train_lm(cache_dir=cache_dir, log=lambda line: None, sample=8, **TINY)
+
+
+def test_both_heads_take_the_same_first_steps(cache_dir, one_process_run):
     """Same seed: the same weights, batches and first-step loss whichever head; the gpuad head's
     losses then follow torch's to float32 rounding."""
-    runs = {head: train_lm.train_lm(head=head, cache_dir=cache_dir, log=lambda line: None, **TINY)
-            for head in ("gpuad", "torch")}
+    runs = {"gpuad": one_process_run,
+            "torch": train_lm.train_lm(head="torch", cache_dir=cache_dir, log=lambda line: None, **TINY)}
     gpuad, ref = runs["gpuad"]["step_loss"], runs["torch"]["step_loss"]
     assert gpuad[0] == pytest.approx(ref[0], rel=1e-6) and gpuad[0] == pytest.approx(np.log(512), abs=0.05)
     np.testing.assert_allclose(gpuad, ref, rtol=1e-4)
     assert runs["gpuad"]["val_loss"] == pytest.approx(runs["torch"]["val_loss"], rel=1e-4)
     assert gpuad[-1] < gpuad[0]
+
+
+def test_two_processes_take_the_steps_of_one(cache_dir, one_process_run):
+    """--nproc 2: the head's vocabulary split over two gloo processes gives one process's
+    per-step losses, val loss and sample; rank 0 alone logs. The gradients outside the head are
+    not averaged here (sync_replicas=False), so the replicas staying bitwise equal shows they
+    were equal on both ranks at every step."""
+    lines = []
+    two = train_lm.train_lm(nproc=2, cache_dir=cache_dir, log=lines.append, sample=8, sync_replicas=False, **TINY)
+    np.testing.assert_allclose(two["step_loss"], one_process_run["step_loss"], rtol=1e-5)
+    assert two["val_loss"] == pytest.approx(one_process_run["val_loss"], rel=1e-5)
+    assert two["replicas_identical"] is True
+    assert two["sample"] == one_process_run["sample"] and two["sample"].startswith("def ")
+    assert sum(line.startswith("baseline loss: ") for line in lines) == 1
+    assert any("gpuad head, its vocabulary split over 2 processes (gloo; 256 rows on rank 0) on cpu" in line
+               for line in lines)
+
+
+def test_a_failing_rank_ends_the_run_with_its_error(cache_dir):
+    with pytest.raises(Exception, match="head must be one of"):
+        train_lm.train_lm(nproc=2, head="nope", cache_dir=cache_dir, log=lambda line: None, **TINY)
+
+
+def test_parallel_step_clips_by_the_norm_of_the_whole_model(tmp_path):
+    """On a one-rank group the vocabulary-parallel step (averaging, then clipping by the global
+    norm) is clip_grad_norm_; the two-rank case is the test above."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        models = [train_lm.build_model(torch, head="gpuad", vocab_size=64, width=16, layers=1, heads=2, context=8,
+                                       seed=0, device=torch.device("cpu"), group=group)
+                  for group in (None, dist.group.WORLD)]
+        ids = torch.randint(0, 64, (2, 9), generator=torch.Generator().manual_seed(1))
+        for model in models:
+            (100 * model(ids[:, :-1], ids[:, 1:])).backward()
+        want = torch.nn.utils.clip_grad_norm_(models[0].parameters(), 1.0)
+        got = train_lm.parallel_step(torch, models[1], 1.0, dist.group.WORLD)
+        assert float(got) == pytest.approx(float(want), rel=1e-5) and float(want) > 1
+        for a, b in zip(models[0].parameters(), models[1].parameters()):
+            torch.testing.assert_close(b.grad, a.grad, rtol=1e-5, atol=1e-7)
+    finally:
+        dist.destroy_process_group()
 
 
 def test_head_memory_is_measured_on_the_cpu():
@@ -200,6 +250,8 @@ def test_generate_is_seeded():
     (["--plot", "no/such/folder/c.png"], "--plot no/such/folder/c.png: folder"),
     (["--cache-dir", "{file}/sub"], "--cache-dir {file}/sub: cannot create this folder"),
     (["--stdlib", "{file}"], "--stdlib {file}: not a standard library folder"),
+    (["--nproc", "0"], "argument --nproc: must lie in [1, 64], got 0"),
+    (["--nproc", "2", "--head", "torch"], "--nproc 2 needs --head gpuad"),
     (["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_bad_flags_fail_in_one_line_before_any_work(capsys, monkeypatch, tmp_path, argv, message):
@@ -208,6 +260,15 @@ def test_bad_flags_fail_in_one_line_before_any_work(capsys, monkeypatch, tmp_pat
     afile.write_text("")
     argv = [a.replace("{file}", str(afile)) for a in argv]
     assert_one_line_usage_error(capsys, ["train-lm", *argv], message.replace("{file}", str(afile)))
+
+
+def test_nproc_beyond_the_gpus_is_one_clear_line(capsys, monkeypatch):
+    monkeypatch.setattr(lm_data, "load_corpus", lambda *a, **k: pytest.fail("the corpus was read"))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert main(["train-lm", "--device", "cuda", "--nproc", "2"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert err == "python -m gpuad train-lm: error: --nproc 2 with --device cuda needs a GPU a process; torch sees 1"
 
 
 def test_cuda_without_a_device_is_one_clear_line(capsys, monkeypatch):
