@@ -467,7 +467,7 @@ def test_linear_backward_empty_batch(cp):
 @pytest.mark.parametrize("lead,k,n", [((0,), 5, 3), ((4,), 0, 3), ((4,), 5, 0), ((2, 3), 0, 0), ((0,), 0, 0)])
 def test_linear_backward_zero_sizes(cp, dtype, lead, k, n):
     """K = 0 or N = 0 (and M = 0): the empty sums are zeros and db still sums dy when only K is 0,
-    as torch gives (issue 13); dw_accumulate is left as it was."""
+    as torch gives; dw_accumulate is left as it was."""
     x_h, w_h, dy_h = make_linear(lead, k, n, dtype, seed=5)
     got = linear_backward(cp.asarray(x_h), cp.asarray(w_h), cp.asarray(dy_h))
     for name, g, want in zip(("dx", "dw", "db"), got, ref.linear_backward(x_h, w_h, dy_h)):
