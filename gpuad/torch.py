@@ -117,15 +117,21 @@ def _assert_targets_async(targets, n_classes, ignore_index, who):
 
 
 # --- op bodies (one per op, shared by the custom op and the eager autograd.Function) ----
-def _cross_entropy_body(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,
-                        label_smoothing: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, dlogits): loss fp32 (fp64 for fp64 logits), 0-d or [B] for "none"; dlogits
-    [B, V] in the logits' dtype, or an empty tensor when not compute_grad."""
-    kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, grad=compute_grad)
+def _cross_entropy_body(logits: torch.Tensor, targets: torch.Tensor, weight: Optional[torch.Tensor],
+                        ignore_index: int, reduction: str, label_smoothing: float,
+                        compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, dlogits) of logits [C], [B, C] or [B, C, d1, ...] (classes on dim 1), targets
+    class indices (the logits' shape without dim 1) or probabilities (the logits' shape),
+    weight None or [C]: loss fp32 (fp64 for fp64 logits), 0-d, or the targets' index shape for
+    "none"; dlogits in the logits' shape and dtype, or an empty tensor when not compute_grad."""
+    kw = dict(weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+              grad=compute_grad)
     if _use_triton(logits):
-        _assert_targets_async(targets, logits.shape[1], ignore_index, "cross_entropy")
+        if not targets.is_floating_point():
+            _assert_targets_async(targets, logits.shape[min(1, logits.dim() - 1)], ignore_index, "cross_entropy")
         loss, dlogits = _triton_kernels().softmax_cross_entropy(logits, targets, check_targets=False, **kw)
     else:
+        kw["weight"] = None if weight is None else _as_numpy(weight)
         loss, dlogits = reference.softmax_cross_entropy(_as_numpy(logits), _as_numpy(targets), **kw)
         loss = _from_numpy(loss, _loss_dtype(logits.dtype))
         dlogits = None if dlogits is None else _from_numpy(dlogits, logits.dtype)
@@ -133,9 +139,35 @@ def _cross_entropy_body(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
 
 
 def _cross_entropy_backward_body(grad_loss: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
-    """∂/∂logits: dlogits scaled by the incoming gradient, row by row for reduction "none"."""
-    scale = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss
+    """∂/∂logits: dlogits scaled by the incoming gradient, row by row for reduction "none"
+    (grad_loss [B] or [B, d1, ...] against dlogits [B, C, ...])."""
+    scale = grad_loss.unsqueeze(1) if grad_loss.dim() >= 1 else grad_loss
     return dlogits * scale.to(dlogits.dtype)
+
+
+def _soft_target_grads(grad_loss, logits, targets, weight, reduction, label_smoothing, need_targets, need_weight):
+    """(∂/∂targets, ∂/∂weight) of probability targets, in torch ops: each row's loss is
+    -Σ_c w_c·((1 - ε)·q_c + ε / C)·log p_c, so ∂/∂q_c = -(1 - ε)·w_c·log p_c and
+    ∂/∂w_c = -Σ_rows ((1 - ε)·q_c + ε / C)·log p_c, each times the row's cotangent."""
+    dim = min(1, logits.dim() - 1)
+    n_classes = logits.shape[dim]
+    log_p = torch.log_softmax(logits.to(_loss_dtype(logits.dtype)), dim)
+    row = grad_loss.to(log_p.dtype)
+    if reduction == "mean":
+        row = row / max(1, logits.numel() // max(1, n_classes))
+    elif reduction == "none" and row.dim():
+        row = row.unsqueeze(1)
+    eps = float(label_smoothing)
+    shape = [1] * logits.dim()
+    shape[dim] = n_classes
+    w = 1.0 if weight is None else weight.to(log_p.dtype).reshape(shape)
+    d_targets = d_weight = None
+    if need_targets:
+        d_targets = (-(1.0 - eps) * w * log_p * row).to(targets.dtype)
+    if need_weight:
+        q = targets.to(log_p.dtype) * (1.0 - eps) + eps / n_classes
+        d_weight = -(q * log_p * row).sum([d for d in range(logits.dim()) if d != dim]).to(weight.dtype)
+    return d_targets, d_weight
 
 
 def _linear_body(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -286,24 +318,36 @@ class _Op:
         return self.function.apply(*args) if needs_grad else self.body(*args)
 
 
-def _cross_entropy_fake(logits, targets, ignore_index, reduction, label_smoothing, compute_grad):
-    loss_shape = (logits.shape[0],) if reduction == "none" else ()
+def _cross_entropy_fake(logits, targets, weight, ignore_index, reduction, label_smoothing, compute_grad):
+    loss_shape = (logits.shape[0], *logits.shape[2:]) if reduction == "none" and logits.dim() > 1 else ()
     loss = logits.new_empty(loss_shape, dtype=_loss_dtype(logits.dtype))
     return loss, (torch.empty_like(logits) if compute_grad else _empty(logits))
 
 
 def _cross_entropy_setup(ctx, inputs, output):
-    logits, targets, ignore_index, reduction, label_smoothing, compute_grad = inputs
-    ctx.compute_grad = compute_grad
+    logits, targets, weight, ignore_index, reduction, label_smoothing, compute_grad = inputs
+    ctx.compute_grad, ctx.reduction, ctx.label_smoothing = compute_grad, reduction, label_smoothing
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
+    # probability targets (and then the weight) have a gradient of their own: it needs the logits
+    ctx.soft_grads = targets.is_floating_point() and (targets.requires_grad or
+                                                      (weight is not None and weight.requires_grad))
+    ctx.save_for_backward(output[1], *((logits, targets, weight) if ctx.soft_grads else ()))
 
 
 def _cross_entropy_backward(ctx, eager, grad_loss, _grad_dlogits):
+    """(∂/∂logits, ∂/∂targets, ∂/∂weight, None...): the logits' from the kept gradient; those
+    of probability targets and of the weight (with probability targets) in torch ops."""
     if not ctx.compute_grad:
         raise RuntimeError("gpuad::cross_entropy ran with compute_grad=False: it kept no gradient to backpropagate")
-    (dlogits,) = ctx.saved_tensors
-    return _CROSS_ENTROPY_BACKWARD(eager, grad_loss, dlogits), None, None, None, None, None
+    dlogits = ctx.saved_tensors[0]
+    d_logits = _CROSS_ENTROPY_BACKWARD(eager, grad_loss, dlogits) if ctx.needs_input_grad[0] else None
+    d_targets = d_weight = None
+    if ctx.soft_grads:
+        logits, targets, weight = ctx.saved_tensors[1:]
+        d_targets, d_weight = _soft_target_grads(grad_loss, logits, targets, weight, ctx.reduction,
+                                                 ctx.label_smoothing, ctx.needs_input_grad[1],
+                                                 ctx.needs_input_grad[2])
+    return d_logits, d_targets, d_weight, None, None, None, None
 
 
 _CROSS_ENTROPY_BACKWARD = _Op("cross_entropy_backward", _cross_entropy_backward_body,
@@ -441,23 +485,40 @@ def _loss_out(loss, x):
     return loss.to(torch.promote_types(x.dtype, torch.float32) if autocast else x.dtype)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, *, process_group=None) -> torch.Tensor:
-    """F.cross_entropy for logits [B, V] and integer class targets [B], through gpuad's fused
-    kernel. Returns the loss in the logits' dtype (float32 under autocast, as torch does):
-    a scalar, or [B] for reduction "none". With process_group, logits are this rank's
-    vocabulary slice [B, V_r]: see gpuad.torch_parallel.cross_entropy."""
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                  size_average: Optional[bool] = None, ignore_index: int = -100, reduce: Optional[bool] = None,
+                  reduction: str = "mean", label_smoothing: float = 0.0, *, process_group=None) -> torch.Tensor:
+    """F.cross_entropy (same arguments, order and semantics) through gpuad's fused kernel.
+
+    input [C], [B, C] or [B, C, d1, ...] (classes on dim 1); target class indices (input's
+    shape without dim 1) or class probabilities (input's shape, floating); weight None or
+    [C]. size_average and reduce are the deprecated spellings of reduction, mapped as torch
+    maps them. Returns the loss in the input's dtype (float32 under autocast, as torch does):
+    0-d, or target's index shape for reduction "none". Gradients flow to input, to
+    probability targets and (with probability targets) to weight. With process_group, input
+    is this rank's vocabulary slice [B, V_r] of index targets [B], without weight: see
+    gpuad.torch_parallel.cross_entropy."""
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     if process_group is not None:
+        if weight is not None:
+            raise ValueError("weight is not supported with process_group (vocabulary-parallel cross_entropy)")
         from gpuad import torch_parallel
-        return torch_parallel.cross_entropy(logits, targets, ignore_index, reduction, label_smoothing,
+        return torch_parallel.cross_entropy(input, target, ignore_index, reduction, label_smoothing,
                                             process_group=process_group)
-    checks.check_cross_entropy_args(logits, targets, reduction, label_smoothing)
-    _check_device("logits", logits)
-    _check_same_device("targets", targets, "logits", logits)
-    needs_grad = _needs_grad(logits)
-    loss, _ = _CROSS_ENTROPY.run(needs_grad, logits, targets, int(ignore_index), reduction, float(label_smoothing),
-                                 needs_grad)
-    return _loss_out(loss, logits)
+    _check_device("input", input)
+    _check_same_device("target", target, "input", input)
+    _check_same_device("weight", weight, "input", input)
+    if isinstance(reduction, str) and reduction not in checks.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
+    layout = checks.check_cross_entropy_layout(input, target, weight, reduction, label_smoothing, ignore_index)
+    if weight is not None and weight.requires_grad and not layout.soft and torch.is_grad_enabled():
+        raise RuntimeError("cross_entropy is not differentiable with respect to weight with class-index targets "
+                           "(as F.cross_entropy): pass weight.detach()")
+    needs_grad = _needs_grad(input, *((target, weight) if layout.soft else ()))
+    loss, _ = _CROSS_ENTROPY.run(needs_grad, input, target, weight, int(ignore_index), reduction,
+                                 float(label_smoothing), needs_grad)
+    return _loss_out(loss, input)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -514,18 +575,20 @@ class Linear(torch.nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-class CrossEntropyLoss(torch.nn.Module):
-    """nn.CrossEntropyLoss(ignore_index, reduction, label_smoothing) through gpuad's fused
-    kernel: input [B, V], integer target [B]. Class weights are not supported."""
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """nn.CrossEntropyLoss (same arguments, attributes, weight buffer and state_dict) whose
+    forward is gpuad's fused :func:`cross_entropy`: every layout, class weights and
+    probability targets."""
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0):
-        super().__init__()
-        if reduction not in checks.REDUCTIONS:
-            raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
-        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+    def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None, ignore_index: int = -100,
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0):
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        if self.reduction not in checks.REDUCTIONS:
+            raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {self.reduction!r}")
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(input, target, self.ignore_index, self.reduction, self.label_smoothing)
+        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                             label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
