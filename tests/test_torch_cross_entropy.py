@@ -185,3 +185,17 @@ def test_gpu_bf16_weighted_nd_matches_fp32_torch(soft):
     assert loss.dtype == torch.bfloat16
     torch.testing.assert_close(loss.float(), want, rtol=1e-2, atol=1e-2)
     torch.testing.assert_close(grad.float(), want_grad, rtol=2e-2, atol=1e-6)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_opcheck_weighted_soft_nd(reduction):
+    """The registration (schema, fake, autograd) with a weight, soft targets and N-d logits."""
+    gen = torch.Generator().manual_seed(6)
+    logits = torch.randn(2, 5, 3, generator=gen, requires_grad=True)
+    weight = torch.rand(5, generator=gen)
+    probs = torch.rand(2, 5, 3, generator=gen).requires_grad_()
+    index = torch.randint(0, 5, (2, 3), generator=gen)
+    for target in (probs, index):
+        result = torch.library.opcheck(torch.ops.gpuad.cross_entropy.default,
+                                       (logits, target, weight, -100, reduction, 0.1, True))
+        assert result and all(v == "SUCCESS" for v in result.values()), result

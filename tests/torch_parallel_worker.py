@@ -86,10 +86,12 @@ def ce_cases(rec, group, rank, world):
             t = make_targets(g, 7, v, pattern, ignore)
             cot = torch.randn(7 if reduction == "none" else (), generator=g, dtype=dtype)
             local = logits[:, a:b].clone().requires_grad_()
-            loss = gt.cross_entropy(local, t, ignore, reduction, eps, process_group=group)
+            loss = gt.cross_entropy(local, t, ignore_index=ignore, reduction=reduction, label_smoothing=eps,
+                                   process_group=group)
             (loss * cot).sum().backward()
             full = logits.clone().requires_grad_()
-            ref = gt.cross_entropy(full, t, -100 if ignore is None else ignore, reduction, eps)
+            ref = gt.cross_entropy(full, t, ignore_index=-100 if ignore is None else ignore, reduction=reduction,
+                                  label_smoothing=eps)
             (ref * cot).sum().backward()
             rec.close(case, "loss", loss, ref, TOL[dtype])
             rec.close(case, "dlogits", local.grad, full.grad[:, a:b], TOL[dtype])
