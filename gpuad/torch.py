@@ -209,24 +209,24 @@ def _linear_backward_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.T
 
 def _lce_body(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
               ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-              need_dx: bool, need_dw: bool,
-              need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              need_dx: bool, need_dw: bool, need_db: bool,
+              class_weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dx, dw, db) of the fused LM head for x [N, D], weight [V, D] and bias [V] (x's
-    dtype, or its float32 master copy), targets [N]. loss: float32 (float64 for float64 x), 0-d
-    or [N] for "none". The gradients are computed with the loss when one is needed and the
-    reduction is not "none"; each is in its input's dtype (a master weight's accumulated in fp32
-    by the kernel), or an empty tensor."""
+    dtype, or its float32 master copy), targets [N], class_weight None or [V]. loss: float32
+    (float64 for float64 x), 0-d or [N] for "none". The gradients are computed with the loss
+    when one is needed and the reduction is not "none"; each is in its input's dtype (a master
+    weight's accumulated in fp32 by the kernel), or an empty tensor."""
     return _lce(_LceInputs(x, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                           need_dx, need_dw, need_db), None)
+                           need_dx, need_dw, need_db, class_weight), None)
 
 
 def _lce_backward_body(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        bias: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
-                       softcap: Optional[float], need_dx: bool, need_dw: bool,
-                       need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool,
+                       class_weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of reduction "none": the kernel again, the cotangent [N] as per-row weights."""
     return _lce(_LceInputs(x, weight, targets, bias, ignore_index, "none", label_smoothing, z_loss, softcap,
-                           need_dx, need_dw, need_db), grad_loss)[1:]
+                           need_dx, need_dw, need_db, class_weight), grad_loss)[1:]
 
 
 def _lce_scale_body(grad_loss: torch.Tensor, dx: torch.Tensor, dw: torch.Tensor,
@@ -249,10 +249,12 @@ def _lce(a: "_LceInputs", grad_scale):
     if _use_triton(x):
         _assert_targets_async(a.targets, w.shape[0], a.ignore_index, "linear_cross_entropy")
         loss, dx, dw, db = _triton_kernels().linear_cross_entropy(x, w, a.targets, bias=b, dw_accumulate=acc,
-                                                                  grad_scale=grad_scale, check_targets=False, **kw)
+                                                                  grad_scale=grad_scale, check_targets=False,
+                                                                  class_weight=a.class_weight, **kw)
     else:
         loss, dx, dw, db = reference.linear_cross_entropy(
             _as_numpy(x), _as_numpy(w), _as_numpy(a.targets), bias=None if b is None else _as_numpy(b),
+            class_weight=None if a.class_weight is None else _as_numpy(a.class_weight),
             dw_accumulate=None if acc is None else acc.numpy(),
             grad_scale=None if grad_scale is None else _as_numpy(grad_scale), **kw)
         loss = _from_numpy(loss, _loss_dtype(dtype))
@@ -282,6 +284,7 @@ class _LceInputs(NamedTuple):
     need_dx: Optional[bool] = None
     need_dw: Optional[bool] = None
     need_db: Optional[bool] = None
+    class_weight: Optional[torch.Tensor] = None
 
 
 assert _LceInputs._fields == tuple(inspect.signature(_lce_body).parameters)
@@ -392,15 +395,16 @@ def _lce_fake(*inputs):
 
 
 def _lce_backward_fake(grad_loss, x, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, need_dx,
-                       need_dw, need_db):
+                       need_dw, need_db, class_weight):
     return _grads_fake(x, weight, need_dx, need_dw, need_db)
 
 
 def _lce_setup(ctx, inputs, output):
     a = _LceInputs(*inputs)
-    ctx.options = a._replace(x=None, weight=None, targets=None, bias=None)  # the tensors are saved
+    ctx.options = a._replace(x=None, weight=None, targets=None, bias=None, class_weight=None)  # the tensors are saved
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*((a.x, a.weight, a.targets, a.bias) if a.reduction == "none" else output[1:]))
+    ctx.save_for_backward(*((a.x, a.weight, a.targets, a.bias, a.class_weight) if a.reduction == "none"
+                            else output[1:]))
 
 
 def _scale_in_place(grad_loss, *grads):
@@ -418,9 +422,9 @@ def _lce_backward(ctx, eager, grad_loss, *_):
         raise RuntimeError("gpuad::linear_cross_entropy ran without computing a gradient that is now asked for "
                            f"(need_dx, need_dw, need_db = {needs})")
     if o.reduction == "none":
-        x, weight, targets, bias = ctx.saved_tensors
+        x, weight, targets, bias, class_weight = ctx.saved_tensors
         grads = _LCE_BACKWARD(eager, grad_loss, x, weight, targets, bias, o.ignore_index, o.label_smoothing,
-                              o.z_loss, o.softcap, *needs)
+                              o.z_loss, o.softcap, *needs, class_weight)
     else:
         grads = (_scale_in_place if eager else _LCE_SCALE.op)(grad_loss, *ctx.saved_tensors)
     dx, dw, db = (g if w else None for g, w in zip(grads, (wanted.x, wanted.weight, wanted.bias)))
@@ -533,8 +537,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         softcap: Optional[float] = None, *, process_group=None) -> torch.Tensor:
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None, *,
+                         class_weight: Optional[torch.Tensor] = None, process_group=None) -> torch.Tensor:
     """F.cross_entropy(F.linear(x, weight, bias), targets) without the [N, V] logits: the fused
     LM head (row chunks of logits, three GEMMs, dW accumulated in fp32).
 
@@ -544,12 +548,19 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Under torch.autocast, x is cast to the autocast dtype. z_loss adds z_loss·lse² per row
     (PaLM); softcap c applies c·tanh(z / c) to the logits first (Gemma 2). Returns the loss in
     x's dtype (float32 under autocast): a scalar, or targets' shape for reduction "none".
-    With process_group (or a weight that is a DTensor sharded on dim 0), weight and bias are
-    this rank's vocabulary rows: see gpuad.torch_parallel.linear_cross_entropy."""
+    class_weight (a floating [V], F.cross_entropy's `weight`, named apart from the LM head's
+    weight matrix; not with z_loss) weighs the classes as F.cross_entropy does: "mean" divides
+    by the sum of the valid targets' class weights. It takes no gradient.
+    With process_group (or a weight that is a DTensor sharded on dim 0), weight, bias and
+    class_weight are this rank's vocabulary rows: see gpuad.torch_parallel.linear_cross_entropy."""
+    if class_weight is not None and class_weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("linear_cross_entropy is not differentiable with respect to class_weight (as "
+                           "F.cross_entropy's weight): pass class_weight.detach()")
     if process_group is not None or type(weight).__name__ == "DTensor":
         from gpuad import torch_parallel
         return torch_parallel.linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction, label_smoothing,
-                                                   z_loss, softcap, process_group=process_group)
+                                                   z_loss, softcap, class_weight=class_weight,
+                                                   process_group=process_group)
     x = _compute_input(x, weight, "D", "V")
     if tuple(targets.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"targets must have x's shape without its last axis, {tuple(x.shape[:-1])}, "
@@ -558,10 +569,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     _check_same_device("targets", targets, "x", x)
     checks.check_integer_targets(targets)
     checks.check_lce_options(reduction, label_smoothing, z_loss, softcap)
+    checks.check_class_weight(class_weight, weight.shape[0], z_loss)
+    _check_same_device("class_weight", class_weight, "x", x)
     a = _LceInputs(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), bias, ignore_index=int(ignore_index),
                    reduction=reduction, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                    softcap=None if softcap is None else float(softcap), need_dx=_needs_grad(x),
-                   need_dw=_needs_grad(weight), need_db=_needs_grad(bias))
+                   need_dw=_needs_grad(weight), need_db=_needs_grad(bias), class_weight=class_weight)
     loss = _LCE.run(a.need_dx or a.need_dw or a.need_db, *a)[0]
     return _loss_out(loss.reshape(targets.shape) if reduction == "none" else loss, x)
 
@@ -602,12 +615,15 @@ class LinearCrossEntropy(torch.nn.Module):
     parameters (FSDP) has gathered the weight when the loss runs in this forward.
     ``logits(x)`` gives the logits for inference. Keep the weight in float32 and feed bf16
     activations (or use torch.autocast) for fp32 master weights with fp32-accumulated dW.
-    With process_group, it holds only this rank's rows of the vocabulary
-    (gpuad.torch_parallel.vocab_slice) and its loss is the vocabulary-parallel one."""
+    class_weight [num_classes] (a buffer, in the state_dict) weighs the classes as
+    nn.CrossEntropyLoss's weight. With process_group, it holds only this rank's rows of the
+    vocabulary (gpuad.torch_parallel.vocab_slice), and of class_weight, and its loss is the
+    vocabulary-parallel one."""
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = False, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: Optional[float] = None, device=None, dtype=None, *, process_group=None):
+                 softcap: Optional[float] = None, device=None, dtype=None, *,
+                 class_weight: Optional[torch.Tensor] = None, process_group=None):
         super().__init__()
         if reduction not in checks.REDUCTIONS:
             raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
@@ -615,9 +631,14 @@ class LinearCrossEntropy(torch.nn.Module):
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.z_loss, self.softcap, self.process_group = z_loss, softcap, process_group
         rows = num_classes
+        if class_weight is not None:
+            checks.check_class_weight(class_weight, num_classes, z_loss)
         if process_group is not None:  # this rank's rows only
             from gpuad import torch_parallel
             rows = torch_parallel.local_rows(num_classes, process_group)
+            if class_weight is not None:
+                class_weight = torch_parallel.shard_rows(class_weight, process_group)
+        self.register_buffer("class_weight", None if class_weight is None else class_weight.detach().clone())
         self.weight = torch.nn.Parameter(torch.empty((rows, in_features), device=device, dtype=dtype))
         if bias:
             self.bias = torch.nn.Parameter(torch.empty(rows, device=device, dtype=dtype))
@@ -633,7 +654,7 @@ class LinearCrossEntropy(torch.nn.Module):
             from gpuad import torch_parallel
             return torch_parallel.head_loss(self, x, targets)
         return linear_cross_entropy(x, self.weight, targets, self.bias, self.ignore_index, self.reduction,
-                                    self.label_smoothing, self.z_loss, self.softcap)
+                                    self.label_smoothing, self.z_loss, self.softcap, class_weight=self.class_weight)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> the logits [..., V] (for inference: this one holds them)."""

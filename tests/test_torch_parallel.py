@@ -97,12 +97,13 @@ def test_ignored_row_with_nan_logits(groups):
 
 def test_lm_head_matches_one_process(groups):
     """Loss, dx (all-reduced, or partial with reduce_dx=False), dW and db rows equal the
-    single-process fused head: bias, z-loss, softcap, label smoothing, several chunks."""
+    single-process fused head: bias, z-loss, softcap, label smoothing, class weights (each rank
+    its slice), several chunks."""
     _assert_close(groups, "lce ")
     whats = {d[3] for d in _diffs(groups, "lce ")}
     assert {"loss", "dx", "dx (partials summed)", "dw", "db"} <= whats
     cases = {d[2] for d in _diffs(groups, "lce ")}
-    for option in ("'softcap'", "'z_loss'", "'label_smoothing'", "chunk=3", "chunk=None", "bias=True", "bias=False",
+    for option in ("'softcap'", "'z_loss'", "'label_smoothing'", "'class_weight'", "chunk=3", "chunk=None", "bias=True", "bias=False",
                    "'none'", "/all", "ignore=None", "uneven"):
         assert any(option in c or option.strip("'") in c for c in cases), option
 

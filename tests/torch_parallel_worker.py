@@ -103,7 +103,8 @@ def ce_cases(rec, group, rank, world):
                 rec.close(case, "loss vs F.cross_entropy", loss, want, TOL[dtype])
 
 
-HEADS = [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-2, "softcap": 3.0, "label_smoothing": 0.05}, {"softcap": 2.0}]
+HEADS = [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-2, "softcap": 3.0, "label_smoothing": 0.05}, {"softcap": 2.0},
+         {"class_weight": True, "label_smoothing": 0.1}]
 
 
 def nan_in_ignored_row(rec, group, rank, world):
@@ -138,10 +139,13 @@ def lce_cases(rec, group, rank, world):
         b0 = torch.randn(v, generator=g, dtype=dtype) if bias else None
         t = make_targets(g, n, v, pattern, ignore)
         cot = torch.randn(n if reduction == "none" else (), generator=g, dtype=dtype)
+        cw = torch.rand(v, generator=g, dtype=dtype) * (torch.rand(v, generator=g) < 0.8) if "class_weight" in kw \
+            else None  # some classes weigh 0
+        kw = dict(kw, class_weight=cw) if cw is not None else kw
         x, w = x0.clone().requires_grad_(), w0[a:b].clone().requires_grad_()
         bl = b0[a:b].clone().requires_grad_() if bias else None
         loss = tp.linear_cross_entropy(x, w, t, bl, ignore, reduction, process_group=group, chunk=chunk,
-                                       reduce_dx=reduce_dx, **kw)
+                                       reduce_dx=reduce_dx, **dict(kw, class_weight=None if cw is None else cw[a:b]))
         (loss * cot).sum().backward()
         xf, wf = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         bf = b0.clone().requires_grad_() if bias else None
