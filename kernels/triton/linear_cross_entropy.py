@@ -91,9 +91,10 @@ def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, 
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
         m = m_new
         if SMOOTH:
+            z = tl.where(col_ok, z, 0.0)
             if HAS_WEIGHT:  # Σ c·z
                 z = z * tl.load(cw_ptr + cols, mask=col_ok, other=0.0)
-            sz += tl.sum(tl.where(col_ok, z, 0.0), axis=0)
+            sz += tl.sum(z, axis=0)
     shift = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log(s)
     lse = shift + log_s
