@@ -27,10 +27,11 @@ custom-op dispatch (it costs tens of µs a call; see ``EAGER_BYPASS``).
 
 Semantics beyond the torch functions they replace:
 
-* ``cross_entropy``: logits [B, V] (fp16/bf16/fp32; fp64 on the CPU) and integer targets [B].
-  The gradient is computed with the loss in one fused pass and kept for the backward, which
-  only scales it by the incoming gradient: per row for ``reduction="none"`` (exact per-row
-  gradients). Rows whose target is ``ignore_index`` have loss 0 and gradient 0 and leave the
+* ``cross_entropy``: F.cross_entropy's arguments and layouts (input [C], [B, C] or
+  [B, C, d1, ...], fp16/bf16/fp32, fp64 on the CPU; class-index or probability targets; class
+  weights). The gradient is computed with the loss in one fused pass and kept for the backward,
+  which only scales it by the incoming gradient: per row for ``reduction="none"`` (exact per-row
+  gradients); probability targets (and then the weight) get theirs in torch ops. Rows whose target is ``ignore_index`` have loss 0 and gradient 0 and leave the
   mean; when every row is ignored the loss is 0 and the gradient 0, not NaN. The number of
   valid rows stays on the device: no host sync. A target outside [0, V) raises ``IndexError``
   on the CPU; on CUDA it fails a device-side assertion (as torch's own CUDA kernel does).
@@ -209,8 +210,8 @@ def _linear_backward_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.T
 
 def _lce_body(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
               ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-              need_dx: bool, need_dw: bool, need_db: bool,
-              class_weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              need_dx: bool, need_dw: bool, need_db: bool, class_weight: Optional[torch.Tensor] = None,
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, dx, dw, db) of the fused LM head for x [N, D], weight [V, D] and bias [V] (x's
     dtype, or its float32 master copy), targets [N], class_weight None or [V]. loss: float32
     (float64 for float64 x), 0-d or [N] for "none". The gradients are computed with the loss
@@ -223,7 +224,7 @@ def _lce_body(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias
 def _lce_backward_body(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        bias: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
                        softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool,
-                       class_weight: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       class_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of reduction "none": the kernel again, the cotangent [N] as per-row weights."""
     return _lce(_LceInputs(x, weight, targets, bias, ignore_index, "none", label_smoothing, z_loss, softcap,
                            need_dx, need_dw, need_db, class_weight), grad_loss)[1:]
@@ -395,7 +396,7 @@ def _lce_fake(*inputs):
 
 
 def _lce_backward_fake(grad_loss, x, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, need_dx,
-                       need_dw, need_db, class_weight):
+                       need_dw, need_db, class_weight=None):
     return _grads_fake(x, weight, need_dx, need_dw, need_db)
 
 
