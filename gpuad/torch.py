@@ -31,9 +31,10 @@ Semantics beyond the torch functions they replace:
   [B, C, d1, ...], fp16/bf16/fp32, fp64 on the CPU; class-index or probability targets; class
   weights). The gradient is computed with the loss in one fused pass and kept for the backward,
   which only scales it by the incoming gradient: per row for ``reduction="none"`` (exact per-row
-  gradients); probability targets (and then the weight) get theirs in torch ops. Rows whose target is ``ignore_index`` have loss 0 and gradient 0 and leave the
-  mean; when every row is ignored the loss is 0 and the gradient 0, not NaN. The number of
-  valid rows stays on the device: no host sync. A target outside [0, V) raises ``IndexError``
+  gradients); probability targets (and then the weight) get theirs in torch ops. Rows whose
+  target is ``ignore_index`` have loss 0 and gradient 0 and leave the mean; when every row is
+  ignored the loss is 0 and the gradient 0, not NaN. The number of valid rows stays on the
+  device: no host sync. A target outside [0, V) raises ``IndexError``
   on the CPU; on CUDA it fails a device-side assertion (as torch's own CUDA kernel does).
 * ``linear``: the forward is torch's matmul (``F.linear``); the backward is gpuad's fused
   ``linear_backward`` (dX, dW and db, fp32 accumulation). Dtype policy for mixed precision:
@@ -210,8 +211,9 @@ def _linear_backward_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.T
 
 def _lce_body(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
               ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-              need_dx: bool, need_dw: bool, need_db: bool, class_weight: Optional[torch.Tensor] = None,
-              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              need_dx: bool, need_dw: bool, need_db: bool,
+              class_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor]:
     """(loss, dx, dw, db) of the fused LM head for x [N, D], weight [V, D] and bias [V] (x's
     dtype, or its float32 master copy), targets [N], class_weight None or [V]. loss: float32
     (float64 for float64 x), 0-d or [N] for "none". The gradients are computed with the loss

@@ -274,7 +274,8 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: Opt
 class _Opts:
     """The options of one LM-head call (not tensors)."""
 
-    def __init__(self, ignore_index, reduction, eps, z_loss, softcap, group, claim, reduce_dx, chunk, class_weight=None):
+    def __init__(self, ignore_index, reduction, eps, z_loss, softcap, group, claim, reduce_dx, chunk,
+                 class_weight=None):
         self.ignore_index, self.reduction, self.eps, self.z_loss = ignore_index, reduction, eps, z_loss
         self.softcap, self.group, self.claim, self.reduce_dx, self.chunk = softcap, group, claim, reduce_dx, chunk
         self.class_weight = class_weight  # this rank's [V_r], or None

@@ -53,8 +53,7 @@ from gpuad.kernels.cupy import compile as cc
 # by module path: the package re-exports functions under the names of the modules
 ce = importlib.import_module("gpuad.kernels.cupy.cross_entropy")
 lb = importlib.import_module("gpuad.kernels.cupy.linear_backward")
-lce = importlib.import_module("gpuad.kernels.cupy.linear_cross_entropy")
-LAUNCHERS = (ce, lb, lce)
+LAUNCHERS = (ce, lb)
 
 HERE = pathlib.Path(__file__).resolve().parent
 HEADER = "cuda_emu.h"
@@ -735,86 +734,3 @@ def test_bias_grad(emulated, dtype, M, N):
     close(db, want, GRAD_RTOL[dtype], atol, f"db ({splits} splits)", dtype)
     again, _ = bias_grad_emulated(module, dy, dtype)
     assert again.tobytes() == db.tobytes(), "a second run gave other bits"
-
-
-# ---------------------------------------------------------------- the LM head's row kernel
-
-class _EmulatedLceSteps:
-    """The LM head's chunk loop (gpuad.kernels.lm_head.run_chunks) on host float32 arrays:
-    numpy GEMMs, and lce_rows / lce_column_sum of linear_cross_entropy.cu, emulated, launched
-    as the CuPy launcher launches them (lce.rows_launch, lce.lce_options)."""
-
-    float32 = np.float32
-    itemsize = 4
-
-    def __init__(self, module, w, bias, class_weight, options):
-        self.module, self.w, self.bias, self.options, self.v = module, w, bias, options, w.shape[0]
-        self.class_weight = class_weight
-        self.class_weight_sum = None if class_weight is None else np.asarray(class_weight.sum(), np.float32)
-
-    empty = staticmethod(lambda shape, dtype: np.full(shape, np.nan, dtype))  # poisoned
-    zeros = staticmethod(lambda shape, dtype: np.zeros(shape, dtype))
-    ones = staticmethod(lambda shape, dtype: np.ones(shape, dtype))
-    astype = staticmethod(lambda a, dtype: a.astype(dtype))
-    contiguous = staticmethod(np.ascontiguousarray)
-    free_bytes = staticmethod(lambda: None)
-
-    def mean_divisor(self, targets, ignore_index):
-        return ref.mean_divisor(np, targets, targets != ignore_index, self.class_weight, np.float32)
-
-    def buffer(self, rows):
-        return np.full((rows, self.v), np.nan, np.float32)
-
-    def chunk(self, buf, rows):
-        return buf[:rows]
-
-    def precision(self):
-        import contextlib
-        return contextlib.nullcontext()
-
-    def logits(self, xc, zc):
-        np.matmul(xc, self.w.T, out=zc)
-
-    def rows(self, buf, zc, targets, row_loss, lse, scale):
-        # the chunk's outputs are views of contiguous arrays: pass them as the kernel's pointers
-        self.module(*lce.rows_launch("f32", zc, self.bias, targets, row_loss, lse, np.ascontiguousarray(scale),
-                                     self.class_weight, self.class_weight_sum, self.v, self.options))
-
-    def dx(self, zc, out):
-        np.matmul(zc, self.w, out=out)
-
-    def dw(self, acc, zc, xc):
-        acc += zc.T @ xc
-
-    def db(self, acc, zc):
-        blocks = -(-self.v // lce.COLUMN_THREADS)
-        self.module("lce_column_sum_f32", (blocks,), (lce.COLUMN_THREADS,),
-                    (zc, acc, np.int64(zc.shape[0]), np.int64(self.v)))
-
-
-@pytest.mark.parametrize("weighted", [False, True])
-@pytest.mark.parametrize("reduction,eps,softcap", [("mean", 0.1, None), ("sum", 0.0, 3.0), ("none", 0.2, 2.0)])
-def test_lm_head_rows_with_class_weight(emulated, weighted, reduction, eps, softcap):
-    """The CUDA C row kernel of the LM head (with and without class weights) in the chunk loop,
-    against the float64 reference: loss, dx, dw, db."""
-    from gpuad.kernels.lm_head import run_chunks
-
-    rng = np.random.default_rng(7)
-    n, d, v, chunk = 11, 6, 37, 4
-    x = rng.standard_normal((n, d)).astype(np.float32)
-    w = rng.standard_normal((v, d)).astype(np.float32)
-    bias = rng.standard_normal(v).astype(np.float32)
-    t = rng.integers(0, v, n)
-    t[[2, 7]] = IGNORE
-    cw = (rng.random(v) + 0.1).astype(np.float32) if weighted else None
-    grad_scale = rng.standard_normal(n).astype(np.float32) if reduction == "none" else None
-    steps = _EmulatedLceSteps(emulated[lce.SOURCE], w, bias, cw,
-                              lce.lce_options(IGNORE, eps, 0.0, softcap, True, grad_scale is not None))
-    loss, dx, dw, db, _ = run_chunks(steps, x, t, v=v, has_bias=True, dw_accumulate=None, grad_scale=grad_scale,
-                                     ignore_index=IGNORE, reduction=reduction, need_dx=True, grad=True, chunk=chunk)
-    want = ref.linear_cross_entropy(x.astype(np.float64), w.astype(np.float64), t, bias=bias.astype(np.float64),
-                                    reduction=reduction, label_smoothing=eps, softcap=softcap, grad_scale=grad_scale,
-                                    class_weight=None if cw is None else cw.astype(np.float64))
-    close(loss, want[0], LOSS_RTOL, LOSS_ATOL, "loss")
-    for got, exp, what in zip((dx, dw, db), want[1:], ("dx", "dw", "db")):  # sums over rows: fp32 GEMM noise
-        close(got, exp, GRAD_RTOL["float32"], grad_atol("float32", exp, unit=float(np.abs(exp).max())), what)

@@ -48,9 +48,9 @@ def _want(x, w, b, t, cw, reduction, cot, **kw):
 def test_reference_matches_torch(reduction, opts):
     x, w, b, t, cw = _inputs()
     cot = torch.linspace(0.5, 1.5, N, dtype=torch.float64) if reduction == "none" else torch.tensor(1.0).double()
+    scale = cot.numpy() if reduction == "none" else None
     got = ref.linear_cross_entropy(x.numpy(), w.numpy(), t.numpy(), bias=b.numpy(), class_weight=cw.numpy(),
-                                   reduction=reduction, chunk=4, grad_scale=cot.numpy() if reduction == "none" else None,
-                                   **opts)
+                                   reduction=reduction, chunk=4, grad_scale=scale, **opts)
     for g, want, what in zip(got, _want(x, w, b, t, cw, reduction, cot, **opts), ("loss", "dx", "dw", "db")):
         np.testing.assert_allclose(g, want.numpy(), rtol=1e-10, atol=1e-12, err_msg=what)
 

@@ -512,7 +512,8 @@ for dt, on in itertools.product(("bf16", "fp32"), (True, False, "weighted")):
                               tmp + "/k.ptx", "-o", tmp + "/k.o"], capture_output=True, text=True).stderr
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     vector_loads = len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]", ptx))
-    out[f"{dt}-{on if weighted else 'on' if on else 'off'}"] = dict(spills=spills, vector_loads=vector_loads, stores="st.global" in ptx)
+    name = f"{dt}-{on if weighted else 'on' if on else 'off'}"
+    out[name] = dict(spills=spills, vector_loads=vector_loads, stores="st.global" in ptx)
 print(json.dumps(out))
 """
 

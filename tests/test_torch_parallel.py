@@ -103,8 +103,8 @@ def test_lm_head_matches_one_process(groups):
     whats = {d[3] for d in _diffs(groups, "lce ")}
     assert {"loss", "dx", "dx (partials summed)", "dw", "db"} <= whats
     cases = {d[2] for d in _diffs(groups, "lce ")}
-    for option in ("'softcap'", "'z_loss'", "'label_smoothing'", "'class_weight'", "chunk=3", "chunk=None", "bias=True", "bias=False",
-                   "'none'", "/all", "ignore=None", "uneven"):
+    for option in ("'softcap'", "'z_loss'", "'label_smoothing'", "'class_weight'", "chunk=3", "chunk=None",
+                   "bias=True", "bias=False", "'none'", "/all", "ignore=None", "uneven"):
         assert any(option in c or option.strip("'") in c for c in cases), option
 
 
