@@ -115,8 +115,10 @@ def test_master_weight_dw_in_float32(groups):
 
 def test_training_steps_match_one_process(groups):
     """Four SGD steps of an embedding and LinearCrossEntropy(D, V, process_group=pg) built by
-    shard_head from the same seed: the losses and parameters of one process, within 1e-12."""
+    shard_head from the same seed: the losses and parameters of one process, within 1e-12; a
+    head with class weights holds its rows of them and gives the one-process loss."""
     _assert_close(groups, "training")
+    assert any("class_weight" in d[3] for d in _diffs(groups, "training"))
 
 
 def test_dtensor_weight(groups):

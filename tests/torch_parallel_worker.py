@@ -278,6 +278,16 @@ def training(rec, group, rank, world):
     rec.close("training", "weight rows", head.weight, head1.weight[a:b], 1e-12)
     rec.close("training", "bias rows", head.bias, head1.bias[a:b], 1e-12)
     rec.close("training", "embedding", emb.weight, emb1.weight, 1e-12)
+    # class weights: a head holds its rows of them, built by shard_head or by the constructor
+    cw = torch.rand(v, dtype=torch.float64, generator=torch.Generator().manual_seed(11)) + 0.1
+    head1 = gt.LinearCrossEntropy(d, v, bias=True, label_smoothing=0.1, dtype=torch.float64, class_weight=cw)
+    twin = tp.shard_head(head1, group)
+    built = gt.LinearCrossEntropy(d, v, dtype=torch.float64, class_weight=cw, process_group=group)
+    rec.close("training", "class_weight rows (shard_head)", twin.class_weight, cw[a:b], 0.0)
+    rec.close("training", "class_weight rows (constructor)", built.class_weight, cw[a:b], 0.0)
+    x = torch.randn(4, 5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    t = torch.randint(0, v, (4, 5), generator=torch.Generator().manual_seed(13))
+    rec.close("training", "loss with class_weight", twin(x, t), head1(x, t), 1e-12)
 
 
 def dtensor_weight(rec, group, rank, world):
