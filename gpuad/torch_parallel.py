@@ -9,7 +9,7 @@ that is a DTensor sharded on dim 0 over a 1-D mesh); see docs/vocab-parallel.md.
 Per call (per chunk of rows for the LM head) two all-reduces cross the group: MAX of the row
 maxima (with a few metadata slots: the slice sizes, a checksum of the targets and the claimed
 vocabulary size), then SUM of the rows' Σ exp(z - max), target logit and, with label
-smoothing, Σ z. The LM head all-reduces dx once more (unless ``reduce_dx=False``). The
+smoothing, Σ z (with class weights: Σ c·z, and the target's weight and Σ c as well). The LM head all-reduces dx once more (unless ``reduce_dx=False``). The
 statistics are float32 (float64 for float64 inputs); the logits, their gradient and dW are
 computed in that dtype too, one chunk of rows at a time. The collectives are functional
 collectives, so ``torch.compile(fullgraph=True)`` traces them. Bad input that every rank sees
