@@ -9,9 +9,10 @@ that is a DTensor sharded on dim 0 over a 1-D mesh); see docs/vocab-parallel.md.
 Per call (per chunk of rows for the LM head) two all-reduces cross the group: MAX of the row
 maxima (with a few metadata slots: the slice sizes, a checksum of the targets and the claimed
 vocabulary size), then SUM of the rows' Σ exp(z - max), target logit and, with label
-smoothing, Σ z (with class weights: Σ c·z, and the target's weight and Σ c as well). The LM head all-reduces dx once more (unless ``reduce_dx=False``). The
-statistics are float32 (float64 for float64 inputs); the logits, their gradient and dW are
-computed in that dtype too, one chunk of rows at a time. The collectives are functional
+smoothing, Σ z (with class weights: Σ c·z, and the target's weight and Σ c as well). The LM
+head all-reduces dx once more (unless ``reduce_dx=False``). The statistics are float32
+(float64 for float64 inputs); the logits, their gradient and dW are computed in that dtype
+too, one chunk of rows at a time. The collectives are functional
 collectives, so ``torch.compile(fullgraph=True)`` traces them. Bad input that every rank sees
 alike (a target outside the vocabulary, targets that differ between ranks, slices that do not
 add up to the module's vocabulary) fails a device-side assertion on every rank after the
@@ -459,7 +460,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if _needs_grad(x, weight, bias):
         loss = _LinearCrossEntropyFunction.apply(x2, weight, bias, t2, o)
     else:
-        row_loss, classes = (_lce_pass(x2, weight, bias, t2, o, (False, False, False))[i] for i in (0, 6))
+        out = _lce_pass(x2, weight, bias, t2, o, (False, False, False))
+        row_loss, classes = out[0], out[6]
         divisor = _mean_divisor(_valid_rows(t2, ignore_index), classes, row_loss.dtype)
         loss = reference.reduce_row_losses(row_loss, reduction, divisor)
     return _loss_out(loss.reshape(targets.shape) if reduction == "none" else loss, x)
