@@ -288,6 +288,8 @@ def training(rec, group, rank, world):
     x = torch.randn(4, 5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
     t = torch.randint(0, v, (4, 5), generator=torch.Generator().manual_seed(13))
     rec.close("training", "loss with class_weight", twin(x, t), head1(x, t), 1e-12)
+    with torch.no_grad():
+        rec.close("training", "loss with class_weight, no grad", twin(x, t), head1(x, t), 1e-12)
 
 
 def dtensor_weight(rec, group, rank, world):
