@@ -27,12 +27,14 @@ custom-op dispatch (it costs tens of µs a call; see ``EAGER_BYPASS``).
 
 Semantics beyond the torch functions they replace:
 
-* ``cross_entropy``: logits [B, V] (fp16/bf16/fp32; fp64 on the CPU) and integer targets [B].
-  The gradient is computed with the loss in one fused pass and kept for the backward, which
-  only scales it by the incoming gradient: per row for ``reduction="none"`` (exact per-row
-  gradients). Rows whose target is ``ignore_index`` have loss 0 and gradient 0 and leave the
-  mean; when every row is ignored the loss is 0 and the gradient 0, not NaN. The number of
-  valid rows stays on the device: no host sync. A target outside [0, V) raises ``IndexError``
+* ``cross_entropy``: F.cross_entropy's arguments and layouts (input [C], [B, C] or
+  [B, C, d1, ...], fp16/bf16/fp32, fp64 on the CPU; class-index or probability targets; class
+  weights). The gradient is computed with the loss in one fused pass and kept for the backward,
+  which only scales it by the incoming gradient: per row for ``reduction="none"`` (exact per-row
+  gradients); probability targets (and then the weight) get theirs in torch ops. Rows whose
+  target is ``ignore_index`` have loss 0 and gradient 0 and leave the mean; when every row is
+  ignored the loss is 0 and the gradient 0, not NaN. The number of valid rows stays on the
+  device: no host sync. A target outside [0, V) raises ``IndexError``
   on the CPU; on CUDA it fails a device-side assertion (as torch's own CUDA kernel does).
 * ``linear``: the forward is torch's matmul (``F.linear``); the backward is gpuad's fused
   ``linear_backward`` (dX, dW and db, fp32 accumulation). Dtype policy for mixed precision:
@@ -117,15 +119,21 @@ def _assert_targets_async(targets, n_classes, ignore_index, who):
 
 
 # --- op bodies (one per op, shared by the custom op and the eager autograd.Function) ----
-def _cross_entropy_body(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int, reduction: str,
-                        label_smoothing: float, compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(loss, dlogits): loss fp32 (fp64 for fp64 logits), 0-d or [B] for "none"; dlogits
-    [B, V] in the logits' dtype, or an empty tensor when not compute_grad."""
-    kw = dict(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, grad=compute_grad)
+def _cross_entropy_body(logits: torch.Tensor, targets: torch.Tensor, weight: Optional[torch.Tensor],
+                        ignore_index: int, reduction: str, label_smoothing: float,
+                        compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(loss, dlogits) of logits [C], [B, C] or [B, C, d1, ...] (classes on dim 1), targets
+    class indices (the logits' shape without dim 1) or probabilities (the logits' shape),
+    weight None or [C]: loss fp32 (fp64 for fp64 logits), 0-d, or the targets' index shape for
+    "none"; dlogits in the logits' shape and dtype, or an empty tensor when not compute_grad."""
+    kw = dict(weight=weight, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+              grad=compute_grad)
     if _use_triton(logits):
-        _assert_targets_async(targets, logits.shape[1], ignore_index, "cross_entropy")
+        if not targets.is_floating_point():
+            _assert_targets_async(targets, logits.shape[min(1, logits.dim() - 1)], ignore_index, "cross_entropy")
         loss, dlogits = _triton_kernels().softmax_cross_entropy(logits, targets, check_targets=False, **kw)
     else:
+        kw["weight"] = None if weight is None else _as_numpy(weight)
         loss, dlogits = reference.softmax_cross_entropy(_as_numpy(logits), _as_numpy(targets), **kw)
         loss = _from_numpy(loss, _loss_dtype(logits.dtype))
         dlogits = None if dlogits is None else _from_numpy(dlogits, logits.dtype)
@@ -133,9 +141,35 @@ def _cross_entropy_body(logits: torch.Tensor, targets: torch.Tensor, ignore_inde
 
 
 def _cross_entropy_backward_body(grad_loss: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
-    """∂/∂logits: dlogits scaled by the incoming gradient, row by row for reduction "none"."""
-    scale = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss
+    """∂/∂logits: dlogits scaled by the incoming gradient, row by row for reduction "none"
+    (grad_loss [B] or [B, d1, ...] against dlogits [B, C, ...])."""
+    scale = grad_loss.unsqueeze(1) if grad_loss.dim() >= 1 else grad_loss
     return dlogits * scale.to(dlogits.dtype)
+
+
+def _soft_target_grads(grad_loss, logits, targets, weight, reduction, label_smoothing, need_targets, need_weight):
+    """(∂/∂targets, ∂/∂weight) of probability targets, in torch ops: each row's loss is
+    -Σ_c w_c·((1 - ε)·q_c + ε / C)·log p_c, so ∂/∂q_c = -(1 - ε)·w_c·log p_c and
+    ∂/∂w_c = -Σ_rows ((1 - ε)·q_c + ε / C)·log p_c, each times the row's cotangent."""
+    dim = min(1, logits.dim() - 1)
+    n_classes = logits.shape[dim]
+    log_p = torch.log_softmax(logits.to(_loss_dtype(logits.dtype)), dim)
+    row = grad_loss.to(log_p.dtype)
+    if reduction == "mean":
+        row = row / max(1, logits.numel() // max(1, n_classes))
+    elif reduction == "none" and row.dim():
+        row = row.unsqueeze(1)
+    eps = float(label_smoothing)
+    shape = [1] * logits.dim()
+    shape[dim] = n_classes
+    w = 1.0 if weight is None else weight.to(log_p.dtype).reshape(shape)
+    d_targets = d_weight = None
+    if need_targets:
+        d_targets = (-(1.0 - eps) * w * log_p * row).to(targets.dtype)
+    if need_weight:
+        q = targets.to(log_p.dtype) * (1.0 - eps) + eps / n_classes
+        d_weight = -(q * log_p * row).sum([d for d in range(logits.dim()) if d != dim]).to(weight.dtype)
+    return d_targets, d_weight
 
 
 def _linear_body(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
@@ -177,24 +211,25 @@ def _linear_backward_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.T
 
 def _lce_body(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
               ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
-              need_dx: bool, need_dw: bool,
-              need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+              need_dx: bool, need_dw: bool, need_db: bool,
+              class_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                    torch.Tensor]:
     """(loss, dx, dw, db) of the fused LM head for x [N, D], weight [V, D] and bias [V] (x's
-    dtype, or its float32 master copy), targets [N]. loss: float32 (float64 for float64 x), 0-d
-    or [N] for "none". The gradients are computed with the loss when one is needed and the
-    reduction is not "none"; each is in its input's dtype (a master weight's accumulated in fp32
-    by the kernel), or an empty tensor."""
+    dtype, or its float32 master copy), targets [N], class_weight None or [V]. loss: float32
+    (float64 for float64 x), 0-d or [N] for "none". The gradients are computed with the loss
+    when one is needed and the reduction is not "none"; each is in its input's dtype (a master
+    weight's accumulated in fp32 by the kernel), or an empty tensor."""
     return _lce(_LceInputs(x, weight, targets, bias, ignore_index, reduction, label_smoothing, z_loss, softcap,
-                           need_dx, need_dw, need_db), None)
+                           need_dx, need_dw, need_db, class_weight), None)
 
 
 def _lce_backward_body(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                        bias: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
-                       softcap: Optional[float], need_dx: bool, need_dw: bool,
-                       need_db: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                       softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool,
+                       class_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of reduction "none": the kernel again, the cotangent [N] as per-row weights."""
     return _lce(_LceInputs(x, weight, targets, bias, ignore_index, "none", label_smoothing, z_loss, softcap,
-                           need_dx, need_dw, need_db), grad_loss)[1:]
+                           need_dx, need_dw, need_db, class_weight), grad_loss)[1:]
 
 
 def _lce_scale_body(grad_loss: torch.Tensor, dx: torch.Tensor, dw: torch.Tensor,
@@ -217,10 +252,12 @@ def _lce(a: "_LceInputs", grad_scale):
     if _use_triton(x):
         _assert_targets_async(a.targets, w.shape[0], a.ignore_index, "linear_cross_entropy")
         loss, dx, dw, db = _triton_kernels().linear_cross_entropy(x, w, a.targets, bias=b, dw_accumulate=acc,
-                                                                  grad_scale=grad_scale, check_targets=False, **kw)
+                                                                  grad_scale=grad_scale, check_targets=False,
+                                                                  class_weight=a.class_weight, **kw)
     else:
         loss, dx, dw, db = reference.linear_cross_entropy(
             _as_numpy(x), _as_numpy(w), _as_numpy(a.targets), bias=None if b is None else _as_numpy(b),
+            class_weight=None if a.class_weight is None else _as_numpy(a.class_weight),
             dw_accumulate=None if acc is None else acc.numpy(),
             grad_scale=None if grad_scale is None else _as_numpy(grad_scale), **kw)
         loss = _from_numpy(loss, _loss_dtype(dtype))
@@ -250,6 +287,7 @@ class _LceInputs(NamedTuple):
     need_dx: Optional[bool] = None
     need_dw: Optional[bool] = None
     need_db: Optional[bool] = None
+    class_weight: Optional[torch.Tensor] = None
 
 
 assert _LceInputs._fields == tuple(inspect.signature(_lce_body).parameters)
@@ -286,24 +324,36 @@ class _Op:
         return self.function.apply(*args) if needs_grad else self.body(*args)
 
 
-def _cross_entropy_fake(logits, targets, ignore_index, reduction, label_smoothing, compute_grad):
-    loss_shape = (logits.shape[0],) if reduction == "none" else ()
+def _cross_entropy_fake(logits, targets, weight, ignore_index, reduction, label_smoothing, compute_grad):
+    loss_shape = (logits.shape[0], *logits.shape[2:]) if reduction == "none" and logits.dim() > 1 else ()
     loss = logits.new_empty(loss_shape, dtype=_loss_dtype(logits.dtype))
     return loss, (torch.empty_like(logits) if compute_grad else _empty(logits))
 
 
 def _cross_entropy_setup(ctx, inputs, output):
-    logits, targets, ignore_index, reduction, label_smoothing, compute_grad = inputs
-    ctx.compute_grad = compute_grad
+    logits, targets, weight, ignore_index, reduction, label_smoothing, compute_grad = inputs
+    ctx.compute_grad, ctx.reduction, ctx.label_smoothing = compute_grad, reduction, label_smoothing
     ctx.mark_non_differentiable(output[1])
-    ctx.save_for_backward(output[1])
+    # probability targets (and then the weight) have a gradient of their own: it needs the logits
+    ctx.soft_grads = targets.is_floating_point() and (targets.requires_grad or
+                                                      (weight is not None and weight.requires_grad))
+    ctx.save_for_backward(output[1], *((logits, targets, weight) if ctx.soft_grads else ()))
 
 
 def _cross_entropy_backward(ctx, eager, grad_loss, _grad_dlogits):
+    """(∂/∂logits, ∂/∂targets, ∂/∂weight, None...): the logits' from the kept gradient; those
+    of probability targets and of the weight (with probability targets) in torch ops."""
     if not ctx.compute_grad:
         raise RuntimeError("gpuad::cross_entropy ran with compute_grad=False: it kept no gradient to backpropagate")
-    (dlogits,) = ctx.saved_tensors
-    return _CROSS_ENTROPY_BACKWARD(eager, grad_loss, dlogits), None, None, None, None, None
+    dlogits = ctx.saved_tensors[0]
+    d_logits = _CROSS_ENTROPY_BACKWARD(eager, grad_loss, dlogits) if ctx.needs_input_grad[0] else None
+    d_targets = d_weight = None
+    if ctx.soft_grads:
+        logits, targets, weight = ctx.saved_tensors[1:]
+        d_targets, d_weight = _soft_target_grads(grad_loss, logits, targets, weight, ctx.reduction,
+                                                 ctx.label_smoothing, ctx.needs_input_grad[1],
+                                                 ctx.needs_input_grad[2])
+    return d_logits, d_targets, d_weight, None, None, None, None
 
 
 _CROSS_ENTROPY_BACKWARD = _Op("cross_entropy_backward", _cross_entropy_backward_body,
@@ -348,15 +398,16 @@ def _lce_fake(*inputs):
 
 
 def _lce_backward_fake(grad_loss, x, weight, targets, bias, ignore_index, label_smoothing, z_loss, softcap, need_dx,
-                       need_dw, need_db):
+                       need_dw, need_db, class_weight=None):
     return _grads_fake(x, weight, need_dx, need_dw, need_db)
 
 
 def _lce_setup(ctx, inputs, output):
     a = _LceInputs(*inputs)
-    ctx.options = a._replace(x=None, weight=None, targets=None, bias=None)  # the tensors are saved
+    ctx.options = a._replace(x=None, weight=None, targets=None, bias=None, class_weight=None)  # the tensors are saved
     ctx.mark_non_differentiable(*output[1:])
-    ctx.save_for_backward(*((a.x, a.weight, a.targets, a.bias) if a.reduction == "none" else output[1:]))
+    ctx.save_for_backward(*((a.x, a.weight, a.targets, a.bias, a.class_weight) if a.reduction == "none"
+                            else output[1:]))
 
 
 def _scale_in_place(grad_loss, *grads):
@@ -374,9 +425,9 @@ def _lce_backward(ctx, eager, grad_loss, *_):
         raise RuntimeError("gpuad::linear_cross_entropy ran without computing a gradient that is now asked for "
                            f"(need_dx, need_dw, need_db = {needs})")
     if o.reduction == "none":
-        x, weight, targets, bias = ctx.saved_tensors
+        x, weight, targets, bias, class_weight = ctx.saved_tensors
         grads = _LCE_BACKWARD(eager, grad_loss, x, weight, targets, bias, o.ignore_index, o.label_smoothing,
-                              o.z_loss, o.softcap, *needs)
+                              o.z_loss, o.softcap, *needs, class_weight)
     else:
         grads = (_scale_in_place if eager else _LCE_SCALE.op)(grad_loss, *ctx.saved_tensors)
     dx, dw, db = (g if w else None for g, w in zip(grads, (wanted.x, wanted.weight, wanted.bias)))
@@ -441,23 +492,40 @@ def _loss_out(loss, x):
     return loss.to(torch.promote_types(x.dtype, torch.float32) if autocast else x.dtype)
 
 
-def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100, reduction: str = "mean",
-                  label_smoothing: float = 0.0, *, process_group=None) -> torch.Tensor:
-    """F.cross_entropy for logits [B, V] and integer class targets [B], through gpuad's fused
-    kernel. Returns the loss in the logits' dtype (float32 under autocast, as torch does):
-    a scalar, or [B] for reduction "none". With process_group, logits are this rank's
-    vocabulary slice [B, V_r]: see gpuad.torch_parallel.cross_entropy."""
+def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[torch.Tensor] = None,
+                  size_average: Optional[bool] = None, ignore_index: int = -100, reduce: Optional[bool] = None,
+                  reduction: str = "mean", label_smoothing: float = 0.0, *, process_group=None) -> torch.Tensor:
+    """F.cross_entropy (same arguments, order and semantics) through gpuad's fused kernel.
+
+    input [C], [B, C] or [B, C, d1, ...] (classes on dim 1); target class indices (input's
+    shape without dim 1) or class probabilities (input's shape, floating); weight None or
+    [C]. size_average and reduce are the deprecated spellings of reduction, mapped as torch
+    maps them. Returns the loss in the input's dtype (float32 under autocast, as torch does):
+    0-d, or target's index shape for reduction "none". Gradients flow to input, to
+    probability targets and (with probability targets) to weight. With process_group, input
+    is this rank's vocabulary slice [B, V_r] of index targets [B], without weight: see
+    gpuad.torch_parallel.cross_entropy."""
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
     if process_group is not None:
+        if weight is not None:
+            raise ValueError("weight is not supported with process_group (vocabulary-parallel cross_entropy)")
         from gpuad import torch_parallel
-        return torch_parallel.cross_entropy(logits, targets, ignore_index, reduction, label_smoothing,
+        return torch_parallel.cross_entropy(input, target, ignore_index, reduction, label_smoothing,
                                             process_group=process_group)
-    checks.check_cross_entropy_args(logits, targets, reduction, label_smoothing)
-    _check_device("logits", logits)
-    _check_same_device("targets", targets, "logits", logits)
-    needs_grad = _needs_grad(logits)
-    loss, _ = _CROSS_ENTROPY.run(needs_grad, logits, targets, int(ignore_index), reduction, float(label_smoothing),
-                                 needs_grad)
-    return _loss_out(loss, logits)
+    _check_device("input", input)
+    _check_same_device("target", target, "input", input)
+    _check_same_device("weight", weight, "input", input)
+    if isinstance(reduction, str) and reduction not in checks.REDUCTIONS:
+        raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
+    layout = checks.check_cross_entropy_layout(input, target, weight, reduction, label_smoothing, ignore_index)
+    if weight is not None and weight.requires_grad and not layout.soft and torch.is_grad_enabled():
+        raise RuntimeError("cross_entropy is not differentiable with respect to weight with class-index targets "
+                           "(as F.cross_entropy): pass weight.detach()")
+    needs_grad = _needs_grad(input, *((target, weight) if layout.soft else ()))
+    loss, _ = _CROSS_ENTROPY.run(needs_grad, input, target, weight, int(ignore_index), reduction,
+                                 float(label_smoothing), needs_grad)
+    return _loss_out(loss, input)
 
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -472,8 +540,8 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
 
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, ignore_index: int = -100, reduction: str = "mean",
-                         label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         softcap: Optional[float] = None, *, process_group=None) -> torch.Tensor:
+                         label_smoothing: float = 0.0, z_loss: float = 0.0, softcap: Optional[float] = None, *,
+                         class_weight: Optional[torch.Tensor] = None, process_group=None) -> torch.Tensor:
     """F.cross_entropy(F.linear(x, weight, bias), targets) without the [N, V] logits: the fused
     LM head (row chunks of logits, three GEMMs, dW accumulated in fp32).
 
@@ -483,12 +551,19 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     Under torch.autocast, x is cast to the autocast dtype. z_loss adds z_loss·lse² per row
     (PaLM); softcap c applies c·tanh(z / c) to the logits first (Gemma 2). Returns the loss in
     x's dtype (float32 under autocast): a scalar, or targets' shape for reduction "none".
-    With process_group (or a weight that is a DTensor sharded on dim 0), weight and bias are
-    this rank's vocabulary rows: see gpuad.torch_parallel.linear_cross_entropy."""
+    class_weight (a floating [V], F.cross_entropy's `weight`, named apart from the LM head's
+    weight matrix; not with z_loss) weighs the classes as F.cross_entropy does: "mean" divides
+    by the sum of the valid targets' class weights. It takes no gradient.
+    With process_group (or a weight that is a DTensor sharded on dim 0), weight, bias and
+    class_weight are this rank's vocabulary rows: see gpuad.torch_parallel.linear_cross_entropy."""
+    if class_weight is not None and class_weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("linear_cross_entropy is not differentiable with respect to class_weight (as "
+                           "F.cross_entropy's weight): pass class_weight.detach()")
     if process_group is not None or type(weight).__name__ == "DTensor":
         from gpuad import torch_parallel
         return torch_parallel.linear_cross_entropy(x, weight, targets, bias, ignore_index, reduction, label_smoothing,
-                                                   z_loss, softcap, process_group=process_group)
+                                                   z_loss, softcap, class_weight=class_weight,
+                                                   process_group=process_group)
     x = _compute_input(x, weight, "D", "V")
     if tuple(targets.shape) != tuple(x.shape[:-1]):
         raise ValueError(f"targets must have x's shape without its last axis, {tuple(x.shape[:-1])}, "
@@ -497,10 +572,12 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     _check_same_device("targets", targets, "x", x)
     checks.check_integer_targets(targets)
     checks.check_lce_options(reduction, label_smoothing, z_loss, softcap)
+    checks.check_class_weight(class_weight, weight.shape[0], z_loss)
+    _check_same_device("class_weight", class_weight, "x", x)
     a = _LceInputs(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), bias, ignore_index=int(ignore_index),
                    reduction=reduction, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
                    softcap=None if softcap is None else float(softcap), need_dx=_needs_grad(x),
-                   need_dw=_needs_grad(weight), need_db=_needs_grad(bias))
+                   need_dw=_needs_grad(weight), need_db=_needs_grad(bias), class_weight=class_weight)
     loss = _LCE.run(a.need_dx or a.need_dw or a.need_db, *a)[0]
     return _loss_out(loss.reshape(targets.shape) if reduction == "none" else loss, x)
 
@@ -514,18 +591,20 @@ class Linear(torch.nn.Linear):
         return linear(x, self.weight, self.bias)
 
 
-class CrossEntropyLoss(torch.nn.Module):
-    """nn.CrossEntropyLoss(ignore_index, reduction, label_smoothing) through gpuad's fused
-    kernel: input [B, V], integer target [B]. Class weights are not supported."""
+class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
+    """nn.CrossEntropyLoss (same arguments, attributes, weight buffer and state_dict) whose
+    forward is gpuad's fused :func:`cross_entropy`: every layout, class weights and
+    probability targets."""
 
-    def __init__(self, ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0):
-        super().__init__()
-        if reduction not in checks.REDUCTIONS:
-            raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
-        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+    def __init__(self, weight: Optional[torch.Tensor] = None, size_average=None, ignore_index: int = -100,
+                 reduce=None, reduction: str = "mean", label_smoothing: float = 0.0):
+        super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        if self.reduction not in checks.REDUCTIONS:
+            raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {self.reduction!r}")
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        return cross_entropy(input, target, self.ignore_index, self.reduction, self.label_smoothing)
+        return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
+                             label_smoothing=self.label_smoothing)
 
     def extra_repr(self) -> str:
         return f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}"
@@ -539,12 +618,15 @@ class LinearCrossEntropy(torch.nn.Module):
     parameters (FSDP) has gathered the weight when the loss runs in this forward.
     ``logits(x)`` gives the logits for inference. Keep the weight in float32 and feed bf16
     activations (or use torch.autocast) for fp32 master weights with fp32-accumulated dW.
-    With process_group, it holds only this rank's rows of the vocabulary
-    (gpuad.torch_parallel.vocab_slice) and its loss is the vocabulary-parallel one."""
+    class_weight [num_classes] (a buffer, in the state_dict) weighs the classes as
+    nn.CrossEntropyLoss's weight. With process_group, it holds only this rank's rows of the
+    vocabulary (gpuad.torch_parallel.vocab_slice), and of class_weight, and its loss is the
+    vocabulary-parallel one."""
 
     def __init__(self, in_features: int, num_classes: int, bias: bool = False, ignore_index: int = -100,
                  reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                 softcap: Optional[float] = None, device=None, dtype=None, *, process_group=None):
+                 softcap: Optional[float] = None, device=None, dtype=None, *,
+                 class_weight: Optional[torch.Tensor] = None, process_group=None):
         super().__init__()
         if reduction not in checks.REDUCTIONS:
             raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
@@ -552,9 +634,14 @@ class LinearCrossEntropy(torch.nn.Module):
         self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
         self.z_loss, self.softcap, self.process_group = z_loss, softcap, process_group
         rows = num_classes
+        if class_weight is not None:
+            checks.check_class_weight(class_weight, num_classes, z_loss)
         if process_group is not None:  # this rank's rows only
             from gpuad import torch_parallel
             rows = torch_parallel.local_rows(num_classes, process_group)
+            if class_weight is not None:
+                class_weight = torch_parallel.shard_rows(class_weight, process_group)
+        self.register_buffer("class_weight", None if class_weight is None else class_weight.detach().clone())
         self.weight = torch.nn.Parameter(torch.empty((rows, in_features), device=device, dtype=dtype))
         if bias:
             self.bias = torch.nn.Parameter(torch.empty(rows, device=device, dtype=dtype))
@@ -570,7 +657,7 @@ class LinearCrossEntropy(torch.nn.Module):
             from gpuad import torch_parallel
             return torch_parallel.head_loss(self, x, targets)
         return linear_cross_entropy(x, self.weight, targets, self.bias, self.ignore_index, self.reduction,
-                                    self.label_smoothing, self.z_loss, self.softcap)
+                                    self.label_smoothing, self.z_loss, self.softcap, class_weight=self.class_weight)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """x [..., D] -> the logits [..., V] (for inference: this one holds them)."""

@@ -9,9 +9,10 @@ that is a DTensor sharded on dim 0 over a 1-D mesh); see docs/vocab-parallel.md.
 Per call (per chunk of rows for the LM head) two all-reduces cross the group: MAX of the row
 maxima (with a few metadata slots: the slice sizes, a checksum of the targets and the claimed
 vocabulary size), then SUM of the rows' Σ exp(z - max), target logit and, with label
-smoothing, Σ z. The LM head all-reduces dx once more (unless ``reduce_dx=False``). The
-statistics are float32 (float64 for float64 inputs); the logits, their gradient and dW are
-computed in that dtype too, one chunk of rows at a time. The collectives are functional
+smoothing, Σ z (with class weights: Σ c·z, and the target's weight and Σ c as well). The LM
+head all-reduces dx once more (unless ``reduce_dx=False``). The statistics are float32
+(float64 for float64 inputs); the logits, their gradient and dW are computed in that dtype
+too, one chunk of rows at a time. The collectives are functional
 collectives, so ``torch.compile(fullgraph=True)`` traces them. Bad input that every rank sees
 alike (a target outside the vocabulary, targets that differ between ranks, slices that do not
 add up to the module's vocabulary) fails a device-side assertion on every rank after the
@@ -114,11 +115,14 @@ def _local_target(z, targets, valid, meta):
     return torch.where(here, z_t, 0.0), col
 
 
-def _global_stats(z, targets, valid, meta, eps, group, who, claim):
+def _global_stats(z, targets, valid, meta, eps, group, who, claim, cw=None):
     """z [n, V_r] (soft-capped, accumulation dtype): (lse [n], z_t [n], Σz [n] or None, meta,
-    col [n]) of the whole vocabulary, by a MAX then a SUM all-reduce. With meta None (the
-    first chunk) the MAX carries the metadata, checked and returned as a new meta; `targets`
-    are then all the rows' targets (for the checksum), else this chunk's."""
+    col [n], classes) of the whole vocabulary, by a MAX then a SUM all-reduce. With meta None
+    (the first chunk) the MAX carries the metadata, checked and returned as a new meta;
+    `targets` are then all the rows' targets (for the checksum), else this chunk's. With
+    class weights cw (this rank's [V_r], accumulation dtype), Σz is Σ c·z and classes is
+    [2, n]: each row's c_t (0 for an ignored row) and target mass (1 - ε)·c_t + (ε/V)·Σ c;
+    else classes is None."""
     if meta is None:
         rank, world = _group_info(group)
         m, slots = _first_max(_row_max(z), z.shape[1], targets, rank, world, claim, group)
@@ -128,14 +132,26 @@ def _global_stats(z, targets, valid, meta, eps, group, who, claim):
         m = funcol.all_reduce(_row_max(z), "max", group=group)
     m = torch.where(torch.isfinite(m), m, 0.0)
     z_t, col = _local_target(z, targets, valid, meta)
-    parts = [(z - m[:, None]).exp_().sum(1), z_t] + ([z.sum(1)] if eps else [])
+    parts = [(z - m[:, None]).exp_().sum(1), z_t] + ([z.sum(1) if cw is None else z @ cw] if eps else [])
+    if cw is not None:  # the target's weight from the rank that holds it, and Σ c of every rank
+        c_t = cw[col.clamp(min=0)] if cw.shape[0] else torch.zeros_like(z_t)
+        parts += [torch.where(col >= 0, c_t, 0.0), cw.sum().expand(z.shape[0])]
     sums = funcol.all_reduce(torch.stack(parts), "sum", group=group)
     lse = m + torch.log(sums[0])
-    return lse, sums[1], (sums[2] if eps else None), meta, col
+    classes = None
+    if cw is not None:
+        c_t = sums[-2]
+        classes = torch.stack([c_t, (1.0 - eps) * c_t + eps / meta.vocab * sums[-1]])
+    return lse, sums[1], (sums[2] if eps else None), meta, col, classes
 
 
-def _row_losses(lse, z_t, sum_z, valid, eps, z_loss, vocab):
-    loss = lse - (1.0 - eps) * z_t
+def _row_losses(lse, z_t, sum_z, valid, eps, z_loss, vocab, classes=None):
+    """Row losses (0 on ignored rows); with classes ([c_t, mass] of _global_stats) the
+    class-weighted ones, mass·lse - (1 - ε)·c_t·z_t - (ε/V)·Σ c·z."""
+    if classes is None:
+        loss = lse - (1.0 - eps) * z_t
+    else:
+        loss = classes[1] * lse - (1.0 - eps) * classes[0] * z_t
     if eps:
         loss = loss - eps / vocab * sum_z
     if z_loss:
@@ -143,16 +159,21 @@ def _row_losses(lse, z_t, sum_z, valid, eps, z_loss, vocab):
     return torch.where(valid, loss, 0.0)
 
 
-def _row_grad(z, lse, col, scale, eps, z_loss, softcap, vocab):
+def _row_grad(z, lse, col, scale, eps, z_loss, softcap, vocab, cw=None, classes=None):
     """d(Σ scale_n · loss_n)/dz for this rank's columns (z soft-capped, scale 0 on ignored
-    rows), in place in one new [n, V_r] buffer (and one more for the softcap factor)."""
+    rows), in place in one new [n, V_r] buffer (and one more for the softcap factor). With
+    class weights cw [V_r] and classes ([c_t, mass] of _global_stats):
+    mass·softmax - (ε/V)·c - (1 - ε)·c_t·onehot."""
     g = (z - lse[:, None]).exp_()
     if z_loss:
         g.mul_((1.0 + 2.0 * z_loss * lse)[:, None])
+    if classes is not None:
+        g.mul_(classes[1][:, None])
     if eps:
-        g.sub_(eps / vocab)
+        g.sub_(eps / vocab if cw is None else cw * (eps / vocab))
     if g.shape[1]:
-        g.scatter_add_(1, col.clamp(min=0)[:, None], (-(1.0 - eps) * (col >= 0).to(g.dtype))[:, None])
+        target = (1.0 - eps) * (col >= 0).to(g.dtype) * (1.0 if classes is None else classes[0])
+        g.scatter_add_(1, col.clamp(min=0)[:, None], -target[:, None])
     if softcap is not None:
         g.mul_(torch.square(z).mul_(-1.0 / softcap ** 2).add_(1.0))
     return g.mul_(scale[:, None]).masked_fill_((scale == 0)[:, None], 0.0)  # an ignored row: 0 even from NaN
@@ -194,8 +215,8 @@ def _ce_body(logits, targets, ignore_index, reduction, eps, group, claim, grad):
     acc = _acc_dtype(logits.dtype)
     z = logits.to(acc)
     valid = _valid_rows(targets, ignore_index)
-    lse, z_t, sum_z, meta, col = _global_stats(z, targets, valid, None, eps, group, "gpuad.torch.cross_entropy",
-                                               claim)
+    lse, z_t, sum_z, meta, col, _ = _global_stats(z, targets, valid, None, eps, group,
+                                                  "gpuad.torch.cross_entropy", claim)
     row = _row_losses(lse, z_t, sum_z, valid, eps, 0.0, meta.vocab)
     loss = reference.reduce_row_losses(row, reduction, valid.sum().clamp(min=1).to(acc))
     if not grad:
@@ -254,9 +275,11 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: Opt
 class _Opts:
     """The options of one LM-head call (not tensors)."""
 
-    def __init__(self, ignore_index, reduction, eps, z_loss, softcap, group, claim, reduce_dx, chunk):
+    def __init__(self, ignore_index, reduction, eps, z_loss, softcap, group, claim, reduce_dx, chunk,
+                 class_weight=None):
         self.ignore_index, self.reduction, self.eps, self.z_loss = ignore_index, reduction, eps, z_loss
         self.softcap, self.group, self.claim, self.reduce_dx, self.chunk = softcap, group, claim, reduce_dx, chunk
+        self.class_weight = class_weight  # this rank's [V_r], or None
 
 
 def _chunk_logits(xc, wa, ba, softcap):
@@ -264,18 +287,20 @@ def _chunk_logits(xc, wa, ba, softcap):
     return z if softcap is None else z.div_(softcap).tanh_().mul_(softcap)
 
 
-def _lce_pass(x, weight, bias, targets, o, needs, scale=None, lse=None, meta=None):
+def _lce_pass(x, weight, bias, targets, o, needs, scale=None, lse=None, meta=None, classes=None):
     """One walk over the row chunks. Without lse: the row losses and lse (the statistics
-    all-reduced per chunk), and the gradients when `scale` is given. With lse and meta (a
-    saved forward): the gradients only. Returns (row_loss, lse, meta, dx, dw, db); dx is
-    this rank's partial sum (accumulation dtype), dw and db this rank's rows."""
+    all-reduced per chunk), and the gradients when `scale` is given. With lse, meta and
+    classes (a saved forward): the gradients only. Returns (row_loss, lse, meta, dx, dw, db,
+    classes); dx is this rank's partial sum (accumulation dtype), dw and db this rank's rows,
+    classes [2, n] ([c_t, mass], with class weights) or None."""
     acc = _acc_dtype(x.dtype)
     n, v = x.shape[0], weight.shape[0]
     chunk = o.chunk or reference.linear_cross_entropy_chunk(n, max(v, 1), torch.finfo(acc).bits // 8)
     wa, ba = weight.to(acc), None if bias is None else bias.to(acc)
+    cw = None if o.class_weight is None else o.class_weight.to(acc)
     valid = _valid_rows(targets, o.ignore_index)
     need_dx, need_dw, need_db = needs if scale is not None else (False, False, False)
-    losses, lses, dxs = [], [], []
+    losses, lses, dxs, cls = [], [], [], []
     dw = torch.zeros(weight.shape, dtype=acc, device=x.device) if need_dw else None
     db = torch.zeros(v, dtype=acc, device=x.device) if need_db else None
     for r0 in range(0, max(n, 1), chunk):
@@ -284,23 +309,37 @@ def _lce_pass(x, weight, bias, targets, o, needs, scale=None, lse=None, meta=Non
         z = _chunk_logits(xc, wa, ba, o.softcap)
         if lse is None:
             stats_targets = targets if meta is None else targets[rows]
-            lse_c, z_t, sum_z, meta, col = _global_stats(z, stats_targets, valid if meta is None else ok, meta, o.eps,
-                                                         o.group, "gpuad.torch.linear_cross_entropy", o.claim)
-            losses.append(_row_losses(lse_c, z_t, sum_z, ok, o.eps, o.z_loss, meta.vocab))
+            lse_c, z_t, sum_z, meta, col, cls_c = _global_stats(z, stats_targets, valid if meta is None else ok, meta,
+                                                                o.eps, o.group, "gpuad.torch.linear_cross_entropy",
+                                                                o.claim, cw)
+            losses.append(_row_losses(lse_c, z_t, sum_z, ok, o.eps, o.z_loss, meta.vocab, cls_c))
             lses.append(lse_c)
+            cls.append(cls_c)
         else:
             lse_c, col = lse[rows], _local_target(z, targets[rows], ok, meta)[1]
+            cls_c = None if classes is None else classes[:, rows]
         if scale is None:
             continue
-        g = _row_grad(z, lse_c, col, scale[rows], o.eps, o.z_loss, o.softcap, meta.vocab)
+        g = _row_grad(z, lse_c, col, scale[rows], o.eps, o.z_loss, o.softcap, meta.vocab, cw, cls_c)
         if need_dx:
             dxs.append(g @ wa)
         if need_dw:
             dw.addmm_(g.T, xc)
         if need_db:
             db += g.sum(0)
-    cat = (lambda ts: torch.cat(ts)) if n else (lambda ts: ts[0][:0])
-    return (cat(losses) if losses else None, cat(lses) if lses else lse, meta, cat(dxs) if dxs else None, dw, db)
+    cat = (lambda ts, dim=0: torch.cat(ts, dim)) if n else (lambda ts, dim=0: ts[0][..., :0])
+    if cw is not None and cls:
+        classes = cat(cls, 1)
+    return (cat(losses) if losses else None, cat(lses) if lses else lse, meta, cat(dxs) if dxs else None, dw, db,
+            classes)
+
+
+def _mean_divisor(valid, classes, dtype):
+    """The mean's divisor: the valid rows, or (class weights) their targets' weights; 0 counts as 1."""
+    if classes is None:
+        return valid.sum().clamp(min=1).to(dtype)
+    total = torch.where(valid, classes[0], 0.0).sum()
+    return torch.where(total == 0, 1.0, total)
 
 
 def _lce_grads(x, weight, bias, dx, dw, db, o, needs):
@@ -322,16 +361,20 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         acc = _acc_dtype(x.dtype)
         valid = _valid_rows(targets, o.ignore_index)
         eager_grad = o.reduction != "none" and any(needs)
-        scale = _row_scale(valid, o.reduction, acc) if eager_grad else None
-        row_loss, lse, meta, dx, dw, db = _lce_pass(x, weight, bias, targets, o, needs, scale)
+        weighted_mean = o.class_weight is not None and o.reduction == "mean"  # its divisor is known after the pass
+        scale = _row_scale(valid, "sum" if weighted_mean else o.reduction, acc) if eager_grad else None
+        row_loss, lse, meta, dx, dw, db, classes = _lce_pass(x, weight, bias, targets, o, needs, scale)
+        divisor = _mean_divisor(valid, classes, acc)
         ctx.o, ctx.needs = o, needs
         if eager_grad:
+            if weighted_mean:
+                dx, dw, db = (None if g is None else g / divisor for g in (dx, dw, db))
             ctx.save_for_backward(*(g if g is not None else x.new_empty(0)
                                     for g in _lce_grads(x, weight, bias, dx, dw, db, o, needs)))
         else:
             ctx.meta = meta
-            ctx.save_for_backward(x, weight, bias, targets, lse)
-        return reference.reduce_row_losses(row_loss, o.reduction, valid.sum().clamp(min=1).to(acc))
+            ctx.save_for_backward(x, weight, bias, targets, lse, classes)
+        return reference.reduce_row_losses(row_loss, o.reduction, divisor)
 
     @staticmethod
     @_first_order
@@ -341,9 +384,9 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
             grads = tuple(g.mul_(grad_loss.to(g.dtype)) if need else None
                           for g, need in zip(ctx.saved_tensors, needs))
         else:
-            x, weight, bias, targets, lse = ctx.saved_tensors
+            x, weight, bias, targets, lse, classes = ctx.saved_tensors
             scale = _row_scale(_valid_rows(targets, o.ignore_index), "none", lse.dtype, grad_loss.reshape(-1))
-            _, _, _, dx, dw, db = _lce_pass(x, weight, bias, targets, o, needs, scale, lse, ctx.meta)
+            dx, dw, db = _lce_pass(x, weight, bias, targets, o, needs, scale, lse, ctx.meta, classes)[3:6]
             grads = _lce_grads(x, weight, bias, dx, dw, db, o, needs)
         return grads + (None, None)
 
@@ -374,8 +417,9 @@ def _local_shards(weight, bias, process_group):
 def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                          bias: Optional[torch.Tensor] = None, ignore_index: Optional[int] = -100,
                          reduction: str = "mean", label_smoothing: float = 0.0, z_loss: float = 0.0,
-                         softcap: Optional[float] = None, *, process_group=None, reduce_dx: bool = True,
-                         vocab_size: Optional[int] = None, chunk: Optional[int] = None) -> torch.Tensor:
+                         softcap: Optional[float] = None, *, class_weight: Optional[torch.Tensor] = None,
+                         process_group=None, reduce_dx: bool = True, vocab_size: Optional[int] = None,
+                         chunk: Optional[int] = None) -> torch.Tensor:
     """The LM head of gpuad.torch.linear_cross_entropy with its vocabulary split over
     process_group: x [..., D] the same on every rank, weight [V_r, D] and bias [V_r] this
     rank's rows (or DTensors sharded on dim 0 over a 1-D mesh, whose group is then used),
@@ -383,7 +427,11 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     [chunk, V_r] logits exist at a time. The loss is the single-process loss over the whole
     vocabulary, on every rank; dW and db are this rank's rows; dx is the full dx on every
     rank, or this rank's partial sum with reduce_dx=False (for the caller's reduce-scatter).
-    vocab_size, when given, is checked against the sum of the slices."""
+    vocab_size, when given, is checked against the sum of the slices. class_weight, when
+    given, is this rank's slice [V_r] of the class weights (a DTensor sharded like weight gives
+    its local rows); "mean" then divides by the sum of the valid targets' class weights."""
+    if type(class_weight).__name__ == "DTensor":
+        class_weight = class_weight.to_local()
     weight, bias, group, dt_vocab = _local_shards(weight, bias, process_group)
     if group is None:
         raise ValueError("process_group is None and weight is not a sharded DTensor: nothing to split over")
@@ -401,16 +449,21 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
     checks.check_integer_targets(t2)
     checks.check_lce_options(reduction, label_smoothing, z_loss, softcap)
+    checks.check_class_weight(class_weight, weight.shape[0], z_loss)
+    if class_weight is not None and class_weight.device != x.device:
+        raise ValueError(f"class_weight is on {class_weight.device}, x on {x.device}: they must share one device")
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be None or a positive int (rows of x per chunk), got {chunk!r}")
     o = _Opts(ignore_index, reduction, float(label_smoothing), float(z_loss),
-              None if softcap is None else float(softcap), group, dt_vocab or vocab_size, bool(reduce_dx), chunk)
+              None if softcap is None else float(softcap), group, dt_vocab or vocab_size, bool(reduce_dx), chunk,
+              class_weight)
     if _needs_grad(x, weight, bias):
         loss = _LinearCrossEntropyFunction.apply(x2, weight, bias, t2, o)
     else:
-        row_loss = _lce_pass(x2, weight, bias, t2, o, (False, False, False))[0]
-        valid = _valid_rows(t2, ignore_index)
-        loss = reference.reduce_row_losses(row_loss, reduction, valid.sum().clamp(min=1).to(row_loss.dtype))
+        out = _lce_pass(x2, weight, bias, t2, o, (False, False, False))
+        row_loss, classes = out[0], out[6]
+        divisor = _mean_divisor(_valid_rows(t2, ignore_index), classes, row_loss.dtype)
+        loss = reference.reduce_row_losses(row_loss, reduction, divisor)
     return _loss_out(loss.reshape(targets.shape) if reduction == "none" else loss, x)
 
 
@@ -426,8 +479,8 @@ def head_loss(head, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """The forward of a LinearCrossEntropy built with a process_group: its rows' loss, with
     the slices checked to add up to head.num_classes."""
     return linear_cross_entropy(x, head.weight, targets, head.bias, head.ignore_index, head.reduction,
-                                head.label_smoothing, head.z_loss, head.softcap, process_group=head.process_group,
-                                vocab_size=head.num_classes)
+                                head.label_smoothing, head.z_loss, head.softcap, class_weight=head.class_weight,
+                                process_group=head.process_group, vocab_size=head.num_classes)
 
 
 def shard_head(head, process_group):
@@ -440,6 +493,8 @@ def shard_head(head, process_group):
     twin = LinearCrossEntropy(head.in_features, head.num_classes, head.bias is not None, head.ignore_index,
                               head.reduction, head.label_smoothing, head.z_loss, head.softcap, device="meta",
                               dtype=head.weight.dtype, process_group=process_group)
+    if head.class_weight is not None:  # a buffer: this rank's rows (a module built on meta holds none)
+        twin.class_weight = shard_rows(head.class_weight, process_group)
     twin.weight = torch.nn.Parameter(shard_rows(head.weight, process_group), head.weight.requires_grad)
     if head.bias is not None:
         twin.bias = torch.nn.Parameter(shard_rows(head.bias, process_group), head.bias.requires_grad)

@@ -192,12 +192,12 @@ def check_linear_backward_args(x, w, dy, dw_accumulate, allowed=FLOAT_DTYPES):
 
 
 def check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
-                                    dw_accumulate, chunk, grad_scale, allowed=FLOAT_DTYPES):
+                                    dw_accumulate, chunk, grad_scale, allowed=FLOAT_DTYPES, class_weight=None):
     """Shapes, dtypes and option values of ``linear_cross_entropy`` (no data is read).
 
     x [N, D], w [V, D], targets [N] integer, bias None or [V]; x, w, bias one floating dtype;
     dw_accumulate None or float32 [V, D]; chunk None or a positive int; grad_scale None, 0-d,
-    or [N] (reduction "none" only)."""
+    or [N] (reduction "none" only); class_weight as :func:`check_class_weight`."""
     if len(x.shape) != 2 or len(w.shape) != 2:
         raise ValueError(f"x must be [N, D] and w [V, D], got x {tuple(x.shape)} and w {tuple(w.shape)}")
     (n, d), (v, dw_) = x.shape, w.shape
@@ -218,6 +218,7 @@ def check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smooth
     if names.pop() not in allowed:
         raise ValueError(f"x and w must be floating point ({', '.join(allowed)}), got {dtype_name(x.dtype)}")
     check_lce_options(reduction, label_smoothing, z_loss, softcap)
+    check_class_weight(class_weight, v, z_loss)
     if dw_accumulate is not None and (tuple(dw_accumulate.shape) != (v, d)
                                       or dtype_name(dw_accumulate.dtype) != "float32"):
         raise ValueError(f"dw_accumulate must be a float32 buffer of shape [V, D] = {(v, d)}, got "
@@ -243,6 +244,18 @@ def check_lce_options(reduction, label_smoothing, z_loss, softcap):
         raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss}")
     if softcap is not None and not 0.0 < float(softcap) < float("inf"):
         raise ValueError(f"softcap must be None or a finite number > 0, got {softcap}")
+
+
+def check_class_weight(class_weight, n_classes: int, z_loss=0.0):
+    """The LM head's class weights: None or a floating [V]; not with a z-loss (torch has no
+    z-loss, so no divisor for a weighted mean of it to follow)."""
+    if class_weight is None:
+        return
+    if tuple(class_weight.shape) != (n_classes,) or not is_float(class_weight.dtype):
+        raise ValueError(f"class_weight must be None or a floating array of shape [V] = [{n_classes}], got "
+                         f"{dtype_name(class_weight.dtype)} {tuple(class_weight.shape)}")
+    if float(z_loss):
+        raise ValueError("class_weight with z_loss > 0 is not supported: pass one or the other")
 
 
 def check_integer_targets(targets):

@@ -61,8 +61,9 @@ class Steps:
     def contiguous(self, a):
         raise NotImplementedError
 
-    def n_valid(self, targets, ignore_index):
-        """The number of targets that are not ignore_index, at least 1, as a 0-d float32."""
+    def mean_divisor(self, targets, ignore_index):
+        """The divisor of reduction "mean", a 0-d float32: the number of targets that are not
+        ignore_index, or (with class weights) the sum of their classes' weights; 0 counts as 1."""
         raise NotImplementedError
 
     def free_bytes(self):
@@ -111,7 +112,7 @@ def run_chunks(steps: Steps, x, targets, *, v: int, has_bias: bool, dw_accumulat
     x's dtype, except dw = dw_accumulate (fp32 [V, D], added into) when given."""
     n, d = x.shape
     f32 = steps.float32
-    n_valid = steps.n_valid(targets, ignore_index)
+    n_valid = steps.mean_divisor(targets, ignore_index)
     scale = steps.ones((), f32)  # the gradient's factor, for all rows or (grad_scale [N]) per row
     if reduction == "mean":
         scale = scale / n_valid

@@ -253,7 +253,8 @@ def linear_cross_entropy_chunk(n_rows: int, n_cols: int, itemsize: int, free_byt
 
 def reduce_row_losses(row_loss, reduction, n_valid):
     """The loss from the row losses: themselves ("none"), their sum, or the sum / n_valid
-    ("mean"; n_valid already at least 1). Any array library: numpy, CuPy, torch."""
+    ("mean"; n_valid already not 0: the number of valid rows, or their targets' class weights'
+    sum). Any array library: numpy, CuPy, torch."""
     if reduction == "none":
         return row_loss
     total = row_loss.sum()
@@ -262,14 +263,17 @@ def reduce_row_losses(row_loss, reduction, n_valid):
 
 def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                          z_loss=0.0, softcap=None, dw_accumulate=None, need_dx=True, return_lse=False, chunk=None,
-                         grad=True, grad_scale=None, check_targets=True, allow_tf32=False):
+                         grad=True, grad_scale=None, check_targets=True, allow_tf32=False, class_weight=None):
     """Cross-entropy of the logits z = x wᵀ + bias, and its gradients, in row chunks.
 
     x [N, D], w [V, D] (PyTorch's layout), targets [N] integer, bias [V] or None. Per row,
     with z optionally soft-capped first (softcap c: z <- c·tanh(z / c)) and lse = log Σ exp z:
         loss_n = lse - (1 - ε)·z_t - (ε / V)·Σ_v z_v + z_loss·lse²     (ε = label_smoothing)
     rows whose target is ignore_index have loss 0, gradient 0 and leave the mean; all ignored
-    gives 0 (not NaN). Returns (loss, dx, dw, db), plus lse [N] when return_lse:
+    gives 0 (not NaN). class_weight (a floating [V], not with z_loss) weighs the classes as
+    F.cross_entropy's weight: loss_n = m·lse - (1 - ε)·c_t·z_t - (ε / V)·Σ_v c_v·z_v with
+    m = (1 - ε)·c_t + (ε / V)·Σ_v c_v, and "mean" divides by Σ c_t over the valid rows (a sum
+    of 0 counts as 1). Returns (loss, dx, dw, db), plus lse [N] when return_lse:
       loss  float32 (float64 for float64 inputs): 0-d, or [N] for reduction "none";
       dx    [N, D] (None when need_dx=False), dw [V, D], db [V] (None without bias): gradients
             of the loss (for "none": of the sum of the row losses), each times grad_scale (a
@@ -282,8 +286,8 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     common signature and ignored: the reference is exact.
     """
     checks.check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
-                                           dw_accumulate, chunk, grad_scale)
-    xp = array_module(x, w, targets, *(a for a in (bias, dw_accumulate, grad_scale) if a is not None))
+                                           dw_accumulate, chunk, grad_scale, class_weight=class_weight)
+    xp = array_module(x, w, targets, *(a for a in (bias, dw_accumulate, grad_scale, class_weight) if a is not None))
     (n, d), v = x.shape, w.shape[0]
     if check_targets:
         checks.check_targets(targets, v, ignore_index)
@@ -293,7 +297,8 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     wa = w.astype(acc, copy=False)  # read only below: no copy in the accumulation dtype
     ba = None if bias is None else bias.astype(acc, copy=False)
     valid = targets != ignore_index
-    n_valid = xp.maximum(valid.sum(), 1).astype(acc)
+    cw = None if class_weight is None else class_weight.astype(acc)
+    n_valid = mean_divisor(xp, targets, valid, cw, acc)
     # per-row factor of the gradient: 1/n_valid for "mean", times grad_scale
     row_scale = xp.ones(n, dtype=acc) / (n_valid if reduction == "mean" else 1)
     if grad_scale is not None:
@@ -307,7 +312,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
         rows = slice(r0, min(n, r0 + chunk))
         xc = x[rows].astype(acc, copy=False)
         ok = valid[rows]
-        loss_c, lse[rows], g = _lce_rows(xp, xc @ wa.T, ba, targets[rows], ok, smoothing, z_coef, softcap, grad)
+        loss_c, lse[rows], g = _lce_rows(xp, xc @ wa.T, ba, targets[rows], ok, smoothing, z_coef, softcap, grad, cw)
         row_loss[rows] = xp.where(ok, loss_c, 0.0)
         if not grad:
             continue
@@ -330,7 +335,17 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     return out + (lse,) if return_lse else out
 
 
-def _lce_rows(xp, z, bias, targets, ok, smoothing, z_coef, softcap, grad):
+def mean_divisor(xp, targets, valid, class_weight, dtype):
+    """The divisor of reduction "mean": the number of valid rows, or (class_weight) the sum of
+    their targets' class weights; 0 counts as 1. A 0-d array of `dtype`, on the device."""
+    if class_weight is None:
+        return xp.maximum(valid.sum(), 1).astype(dtype)
+    t = xp.clip(targets, 0, class_weight.shape[0] - 1)  # an ignored or bad target reads a weight it does not use
+    total = xp.where(valid, class_weight[t], 0).sum().astype(dtype)
+    return xp.where(total == 0, xp.ones((), dtype=dtype), total)
+
+
+def _lce_rows(xp, z, bias, targets, ok, smoothing, z_coef, softcap, grad, class_weight=None):
     """(row losses, lse, dloss/dz or None) of one chunk's logits z [c, V] (bias added and
     soft-capping done here), before the ignored rows and the gradient's scale are applied."""
     if bias is not None:
@@ -344,6 +359,8 @@ def _lce_rows(xp, z, bias, targets, ok, smoothing, z_coef, softcap, grad):
     lse = m + log_s
     t = xp.where(ok, targets, 0).astype(xp.int64, copy=False)
     z_t = xp.take_along_axis(z, t[:, None], axis=1)[:, 0]
+    if class_weight is not None:
+        return _weighted_lce_rows(xp, z, shifted, log_s, lse, t, smoothing, softcap, grad, class_weight)
     loss = lse - (1.0 - smoothing) * z_t
     if smoothing:
         loss -= smoothing / v * z.sum(axis=1)
@@ -357,6 +374,27 @@ def _lce_rows(xp, z, bias, targets, ok, smoothing, z_coef, softcap, grad):
     if smoothing:
         g -= smoothing / v
     g[xp.arange(g.shape[0]), t] -= 1.0 - smoothing
+    if softcap is not None:
+        g *= 1.0 - (z / softcap) ** 2
+    return loss, lse, g
+
+
+def _weighted_lce_rows(xp, z, shifted, log_s, lse, t, smoothing, softcap, grad, class_weight):
+    """_lce_rows with class weights c: loss = m·lse - (1 - ε)·c_t·z_t - (ε / V)·Σ c_v·z_v,
+    gradient m·softmax - (ε / V)·c - (1 - ε)·c_t·onehot, m = (1 - ε)·c_t + (ε / V)·Σ c_v."""
+    v = z.shape[1]
+    c_t = class_weight[t]
+    mass = (1.0 - smoothing) * c_t + (smoothing / v) * class_weight.sum()
+    z_t = xp.take_along_axis(z, t[:, None], axis=1)[:, 0]
+    loss = mass * lse - (1.0 - smoothing) * c_t * z_t
+    if smoothing:
+        loss -= smoothing / v * (z @ class_weight)
+    if not grad:
+        return loss, lse, None
+    g = xp.exp(shifted - log_s[:, None]) * mass[:, None]
+    if smoothing:
+        g -= (smoothing / v) * class_weight
+    g[xp.arange(g.shape[0]), t] -= (1.0 - smoothing) * c_t
     if softcap is not None:
         g *= 1.0 - (z / softcap) ** 2
     return loss, lse, g

@@ -1325,3 +1325,36 @@ def test_triton_cross_entropy_options(case, grad):
             _check_full_ce(loss.numpy(), None if dlogits is None else dlogits.float().numpy().astype(logits_np.dtype),
                            logits_np, targets, weight, ignore_index, reduction, eps, "triton")
     assert same_bits(buf, before) and torch.equal(t, t_before), "an input was modified"
+
+
+@fuzz(25)
+@given(case=full_ce_case(dtypes=(np.float64, np.float32), layouts=("contiguous", "sliced", "offset", "expanded")),
+       bypass=st.booleans())
+def test_torch_cross_entropy_options(case, bypass):
+    """gpuad.torch.cross_entropy (the eager Function or the registered op) over weights,
+    probability targets and N-d layouts: the loss and ∂/∂logits against torch's formulas."""
+    import gpuad.torch as gt
+
+    spec, targets, weight, ignore_index, reduction, eps = case
+    logits_np, _ = build(spec)
+    logits, buf = torch_layout(logits_np, spec["layout"])
+    logits.requires_grad_()
+    t = torch.from_numpy(targets)
+    w = None if weight is None else torch.from_numpy(weight)
+    before = buf.detach().clone()
+    valid = _full_ce_valid(targets, ignore_index)
+    tried(f"gpuad.torch.cross_entropy, options (bypass={bypass})", valid, spec)
+    index = -100 if ignore_index is None else ignore_index  # torch's ignore_index is an int: -100 matches none here
+    saved, gt.EAGER_BYPASS = gt.EAGER_BYPASS, bypass
+    try:
+        with np.errstate(all="ignore"):
+            loss = run(lambda: gt.cross_entropy(logits, t, w, ignore_index=index, reduction=reduction,
+                                                label_smoothing=eps), valid, "gpuad.torch CE options")
+        if loss is not None:
+            (dlogits,) = torch.autograd.grad(loss, logits, torch.ones_like(loss))
+            with np.errstate(all="ignore"):
+                _check_full_ce(loss.detach().numpy(), dlogits.numpy(), logits_np, targets, weight, ignore_index,
+                               reduction, eps, "gpuad.torch")
+    finally:
+        gt.EAGER_BYPASS = saved
+    assert buf.numel() == 0 or same_bits(buf.detach(), before), "an input was modified"

@@ -490,14 +490,18 @@ except Exception:
 fn, v = L._lce_rows_kernel, 50257
 stride = triton.cdiv(v, L.ROW_PAD) * L.ROW_PAD
 out = {}
-for dt, on in itertools.product(("bf16", "fp32"), (True, False)):
-    meta = L._kernel_meta(v, has_bias=on, grad=on, label_smoothing=0.1 * on, z_loss=1e-4 * on,
-                          softcap=30.0 if on else None, row_scale=on)
+for dt, on in itertools.product(("bf16", "fp32"), (True, False, "weighted")):
+    weighted = on == "weighted"
+    meta = L._kernel_meta(v, has_bias=bool(on), grad=bool(on), label_smoothing=0.1 * bool(on),
+                          z_loss=0.0 if weighted else 1e-4 * on, softcap=30.0 if on else None, row_scale=bool(on),
+                          has_weight=weighted)
     warps = meta.pop("num_warps")
     sig = dict(z_ptr="*" + dt, stride="i32", b_ptr="*" + dt, t_ptr="*i64", loss_ptr="*fp32", lse_ptr="*fp32",
-               scale_ptr="*fp32", n_cols="i32", ignore_index="i32", eps="fp32", z_coef="fp32", cap="fp32")
+               scale_ptr="*fp32", cw_ptr="*fp32", cw_sum_ptr="*fp32", n_cols="i32", ignore_index="i32", eps="fp32",
+               z_coef="fp32", cap="fp32")
     sig.update({k: "constexpr" for k in meta})
-    aligned = ("z_ptr", "b_ptr", "t_ptr", "loss_ptr", "lse_ptr", "scale_ptr", "stride")  # as a launch sees them
+    aligned = ("z_ptr", "b_ptr", "t_ptr", "loss_ptr", "lse_ptr", "scale_ptr", "cw_ptr", "cw_sum_ptr",
+               "stride")  # as a launch sees them
     attrs = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(fn.arg_names) if n in aligned}
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=meta, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
@@ -508,13 +512,15 @@ for dt, on in itertools.product(("bf16", "fp32"), (True, False)):
                               tmp + "/k.ptx", "-o", tmp + "/k.o"], capture_output=True, text=True).stderr
     spills = [int(x) for x in re.findall(r"(\d+) bytes spill (?:stores|loads)", log)]
     vector_loads = len(re.findall(r"ld\.global(?:\.\w+)*\.v[24]", ptx))
-    out[f"{dt}-{'on' if on else 'off'}"] = dict(spills=spills, vector_loads=vector_loads, stores="st.global" in ptx)
+    name = f"{dt}-{on if weighted else 'on' if on else 'off'}"
+    out[name] = dict(spills=spills, vector_loads=vector_loads, stores="st.global" in ptx)
 print(json.dumps(out))
 """
 
 
 def test_triton_row_kernel_compiles_for_hopper(tmp_path):
-    """Compiles, stores, loads whole vectors and spills nothing, with each dtype and option set."""
+    """Compiles, stores, loads whole vectors and spills nothing, with each dtype and option set
+    (every option; none; class weights)."""
     if importlib.util.find_spec("triton.backends.nvidia") is None:
         pytest.skip("this triton has no NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
@@ -522,7 +528,7 @@ def test_triton_row_kernel_compiles_for_hopper(tmp_path):
     proc = subprocess.run([sys.executable, "-c", _AOT_SCRIPT], capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert len(report) == 4
+    assert len(report) == 6
     for variant, r in report.items():
         assert r["stores"] and r["vector_loads"] > 0, (variant, r)
         assert r["spills"] and max(r["spills"]) == 0, (variant, r)
@@ -581,7 +587,7 @@ def test_cuda_row_kernel_emulated(emulated_lce, name, opts):
     scale = np.asarray(np.float32(1.0 / 3.0))  # 1/n_valid of "mean" with 3 valid rows
     targets = t.numpy().astype(np.int64)
     module(f"lce_rows_{suffix}", (n,), (launcher.row_threads(v),),
-           (z, bias, targets, row_loss, lse, scale, np.int64(n), np.int64(v), np.int64(IGNORE),
+           (z, bias, targets, row_loss, lse, scale, None, None, np.int64(n), np.int64(v), np.int64(IGNORE),
             np.float32(kw.get("label_smoothing", 0.0)), np.float32(kw.get("z_loss", 0.0)),
             np.float32(kw.get("softcap") or 0.0), np.int32(1), np.int32(0)))
     # the reference on the same logits: with x = I and w = zᵀ, x wᵀ = z, and dw = dzᵀ
@@ -599,7 +605,7 @@ def test_cuda_row_kernel_emulated(emulated_lce, name, opts):
     row_scales = np.linspace(-2.0, 2.0, n).astype(np.float32)
     for write_grad in (0, 1):
         module(f"lce_rows_{suffix}", (2,), (64,),  # a grid shorter than the rows: the grid-stride loop
-               (z2, bias, targets, row_loss, lse, row_scales, np.int64(n), np.int64(v), np.int64(IGNORE),
+               (z2, bias, targets, row_loss, lse, row_scales, None, None, np.int64(n), np.int64(v), np.int64(IGNORE),
                 np.float32(kw.get("label_smoothing", 0.0)), np.float32(kw.get("z_loss", 0.0)),
                 np.float32(kw.get("softcap") or 0.0), np.int32(write_grad), np.int32(1)))
         assert_close(row_loss, want[0], 2e-5, 2e-6, "row losses")
@@ -636,15 +642,17 @@ def _host_cupy():
         return lambda *a, **k: np.asarray(fn(*a, **k)).view(_HostArray)
     return types.SimpleNamespace(
         int64=np.int64, float32=np.float32, matmul=np.matmul, ascontiguousarray=wrap(np.ascontiguousarray),
-        maximum=wrap(np.maximum), ones=wrap(np.ones), empty=wrap(np.empty), zeros=wrap(np.zeros))
+        maximum=wrap(np.maximum), ones=wrap(np.ones), empty=wrap(np.empty), zeros=wrap(np.zeros),
+        clip=wrap(np.clip), where=wrap(np.where))
 
 
 @pytest.mark.parametrize("name", ["float32", "float16"])
-@pytest.mark.parametrize("case", [("mean", "all", None), ("none", "bias", "rows"), ("sum", "softcap", "scalar")])
+@pytest.mark.parametrize("case", [("mean", "all", None), ("none", "bias", "rows"), ("sum", "softcap", "scalar"),
+                                  ("mean", "weighted", None), ("none", "weighted", "rows")])
 def test_cupy_launcher_emulated(emulated_lce, monkeypatch, name, case):
-    """The CuPy launcher's own code (chunk loop, slices, scales, reductions, casts) with its
-    CUDA C kernels emulated on the CPU and numpy standing in for CuPy: against the reference.
-    cuBLAS is numpy's matmul (the fp32 gemmEx accumulation in float32)."""
+    """The CuPy launcher's own code (chunk loop, slices, scales, reductions, casts, the class
+    weights' mean) with its CUDA C kernels emulated on the CPU and numpy standing in for CuPy:
+    against the reference. cuBLAS is numpy's matmul (the fp32 gemmEx accumulation in float32)."""
     import sys
     emu, module = emulated_lce
     launcher = _cupy_launcher()
@@ -661,7 +669,11 @@ def test_cupy_launcher_emulated(emulated_lce, monkeypatch, name, case):
     monkeypatch.setattr(launcher, "_gemm_accumulate", gemm_accumulate)
     n, d, v = 10, 8, 45
     x, w, t, b = make(n, d, v, seed=50 + len(opts), ignore_every=4, bias=True)
-    kw = options(opts, b)
+    if opts == "weighted":  # class weights (one of 0), with label smoothing and a bias
+        cw = np.linspace(0.0, 2.0, v).view(_HostArray)
+        kw = dict(bias=b, label_smoothing=0.1, class_weight=cw)
+    else:
+        kw = options(opts, b)
     host = {k: a.to(getattr(torch, name)).numpy().view(_HostArray) for k, a in (("x", x), ("w", w), ("b", b))}
     if "bias" in kw:
         kw["bias"] = host["b"]
@@ -672,7 +684,8 @@ def test_cupy_launcher_emulated(emulated_lce, monkeypatch, name, case):
                                         grad_scale=None if scale is None else scale.view(_HostArray), **kw)
     want = ref.linear_cross_entropy(*(host[k].astype(np.float64) for k in ("x", "w")), t.numpy(), reduction=reduction,
                                     return_lse=True, grad_scale=scale,
-                                    **{k: (a.astype(np.float64) if k == "bias" else a) for k, a in kw.items()})
+                                    **{k: (a.astype(np.float64) if k in ("bias", "class_weight") else a)
+                                       for k, a in kw.items()})
     assert out[2] is acc if scale_kind else out[2].dtype == np.dtype(name)
     assert out[0].dtype == np.float32 and out[1].dtype == np.dtype(name)
     tol = {"float32": (2e-5, 2e-6), "float16": (2e-2, 4e-3)}[name]

@@ -123,7 +123,7 @@ def test_bad_input_names_the_argument():
         gt.cross_entropy(logits, torch.tensor([0, 4, 2]))
     with pytest.raises(ValueError, match="targets must have shape"):
         gt.cross_entropy(logits, t[:2])
-    with pytest.raises(ValueError, match="targets must be integers"):
+    with pytest.raises(ValueError, match=r"targets of shape \[3\] must be integers"):
         gt.cross_entropy(logits, t.float())
     with pytest.raises(ValueError, match="reduction"):
         gt.cross_entropy(logits, t, reduction="avg")
@@ -150,8 +150,8 @@ def test_opcheck_cross_entropy(reduction):
     gen = torch.Generator().manual_seed(4)
     logits = torch.randn(6, 11, generator=gen, requires_grad=True)
     targets = _targets(6, 11, gen, ignored=(2,))
-    _opcheck(OPS.cross_entropy.default, (logits, targets, -100, reduction, 0.1, True))
-    _opcheck(OPS.cross_entropy.default, (logits.detach(), targets, -100, reduction, 0.0, False))
+    _opcheck(OPS.cross_entropy.default, (logits, targets, None, -100, reduction, 0.1, True))
+    _opcheck(OPS.cross_entropy.default, (logits.detach(), targets, None, -100, reduction, 0.0, False))
     grad_loss = torch.randn((6,) if reduction == "none" else (), generator=gen)
     _opcheck(OPS.cross_entropy_backward.default, (grad_loss, torch.randn(6, 11, generator=gen)))
 

@@ -97,13 +97,14 @@ def test_ignored_row_with_nan_logits(groups):
 
 def test_lm_head_matches_one_process(groups):
     """Loss, dx (all-reduced, or partial with reduce_dx=False), dW and db rows equal the
-    single-process fused head: bias, z-loss, softcap, label smoothing, several chunks."""
+    single-process fused head: bias, z-loss, softcap, label smoothing, class weights (each rank
+    its slice), several chunks."""
     _assert_close(groups, "lce ")
     whats = {d[3] for d in _diffs(groups, "lce ")}
     assert {"loss", "dx", "dx (partials summed)", "dw", "db"} <= whats
     cases = {d[2] for d in _diffs(groups, "lce ")}
-    for option in ("'softcap'", "'z_loss'", "'label_smoothing'", "chunk=3", "chunk=None", "bias=True", "bias=False",
-                   "'none'", "/all", "ignore=None", "uneven"):
+    for option in ("'softcap'", "'z_loss'", "'label_smoothing'", "'class_weight'", "chunk=3", "chunk=None",
+                   "bias=True", "bias=False", "'none'", "/all", "ignore=None", "uneven"):
         assert any(option in c or option.strip("'") in c for c in cases), option
 
 
@@ -114,8 +115,10 @@ def test_master_weight_dw_in_float32(groups):
 
 def test_training_steps_match_one_process(groups):
     """Four SGD steps of an embedding and LinearCrossEntropy(D, V, process_group=pg) built by
-    shard_head from the same seed: the losses and parameters of one process, within 1e-12."""
+    shard_head from the same seed: the losses and parameters of one process, within 1e-12; a
+    head with class weights holds its rows of them and gives the one-process loss."""
     _assert_close(groups, "training")
+    assert any("class_weight" in d[3] for d in _diffs(groups, "training"))
 
 
 def test_dtensor_weight(groups):

@@ -86,10 +86,12 @@ def ce_cases(rec, group, rank, world):
             t = make_targets(g, 7, v, pattern, ignore)
             cot = torch.randn(7 if reduction == "none" else (), generator=g, dtype=dtype)
             local = logits[:, a:b].clone().requires_grad_()
-            loss = gt.cross_entropy(local, t, ignore, reduction, eps, process_group=group)
+            loss = gt.cross_entropy(local, t, ignore_index=ignore, reduction=reduction, label_smoothing=eps,
+                                   process_group=group)
             (loss * cot).sum().backward()
             full = logits.clone().requires_grad_()
-            ref = gt.cross_entropy(full, t, -100 if ignore is None else ignore, reduction, eps)
+            ref = gt.cross_entropy(full, t, ignore_index=-100 if ignore is None else ignore, reduction=reduction,
+                                  label_smoothing=eps)
             (ref * cot).sum().backward()
             rec.close(case, "loss", loss, ref, TOL[dtype])
             rec.close(case, "dlogits", local.grad, full.grad[:, a:b], TOL[dtype])
@@ -101,7 +103,8 @@ def ce_cases(rec, group, rank, world):
                 rec.close(case, "loss vs F.cross_entropy", loss, want, TOL[dtype])
 
 
-HEADS = [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-2, "softcap": 3.0, "label_smoothing": 0.05}, {"softcap": 2.0}]
+HEADS = [{}, {"label_smoothing": 0.1}, {"z_loss": 1e-2, "softcap": 3.0, "label_smoothing": 0.05}, {"softcap": 2.0},
+         {"class_weight": True, "label_smoothing": 0.1}]
 
 
 def nan_in_ignored_row(rec, group, rank, world):
@@ -136,10 +139,13 @@ def lce_cases(rec, group, rank, world):
         b0 = torch.randn(v, generator=g, dtype=dtype) if bias else None
         t = make_targets(g, n, v, pattern, ignore)
         cot = torch.randn(n if reduction == "none" else (), generator=g, dtype=dtype)
+        cw = torch.rand(v, generator=g, dtype=dtype) * (torch.rand(v, generator=g) < 0.8) if "class_weight" in kw \
+            else None  # some classes weigh 0
+        kw = dict(kw, class_weight=cw) if cw is not None else kw
         x, w = x0.clone().requires_grad_(), w0[a:b].clone().requires_grad_()
         bl = b0[a:b].clone().requires_grad_() if bias else None
         loss = tp.linear_cross_entropy(x, w, t, bl, ignore, reduction, process_group=group, chunk=chunk,
-                                       reduce_dx=reduce_dx, **kw)
+                                       reduce_dx=reduce_dx, **dict(kw, class_weight=None if cw is None else cw[a:b]))
         (loss * cot).sum().backward()
         xf, wf = x0.clone().requires_grad_(), w0.clone().requires_grad_()
         bf = b0.clone().requires_grad_() if bias else None
@@ -272,6 +278,18 @@ def training(rec, group, rank, world):
     rec.close("training", "weight rows", head.weight, head1.weight[a:b], 1e-12)
     rec.close("training", "bias rows", head.bias, head1.bias[a:b], 1e-12)
     rec.close("training", "embedding", emb.weight, emb1.weight, 1e-12)
+    # class weights: a head holds its rows of them, built by shard_head or by the constructor
+    cw = torch.rand(v, dtype=torch.float64, generator=torch.Generator().manual_seed(11)) + 0.1
+    head1 = gt.LinearCrossEntropy(d, v, bias=True, label_smoothing=0.1, dtype=torch.float64, class_weight=cw)
+    twin = tp.shard_head(head1, group)
+    built = gt.LinearCrossEntropy(d, v, dtype=torch.float64, class_weight=cw, process_group=group)
+    rec.close("training", "class_weight rows (shard_head)", twin.class_weight, cw[a:b], 0.0)
+    rec.close("training", "class_weight rows (constructor)", built.class_weight, cw[a:b], 0.0)
+    x = torch.randn(4, 5, d, dtype=torch.float64, generator=torch.Generator().manual_seed(12))
+    t = torch.randint(0, v, (4, 5), generator=torch.Generator().manual_seed(13))
+    rec.close("training", "loss with class_weight", twin(x, t), head1(x, t), 1e-12)
+    with torch.no_grad():
+        rec.close("training", "loss with class_weight, no grad", twin(x, t), head1(x, t), 1e-12)
 
 
 def dtensor_weight(rec, group, rank, world):

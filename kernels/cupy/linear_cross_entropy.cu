@@ -13,7 +13,11 @@
 //                       lse_out = lse (every row). Pass 2 (write_grad):
 //                       z <- scale·(softmax·(1 + 2·z_coef·lse) - eps/V - (1 - eps)·onehot)·(1 - (v/cap)²),
 //                       scale = scale_in[row] (row_scale) or scale_in[0]; ignored rows get zeros and
-//                       are not read in pass 2.
+//                       are not read in pass 2. With class weights c (class_weight [V] fp32, its sum
+//                       at class_weight_sum[0]; never with a z-loss), Σv becomes Σ c·v and
+//                       row_loss = m·lse - (1 - eps)·c_t·v_t - (eps / V)·Σ c·v,
+//                       z <- scale·(m·softmax - (eps / V)·c - (1 - eps)·c_t·onehot)·(1 - (v/cap)²),
+//                       m = (1 - eps)·c_t + (eps / V)·Σ c.
 //   lce_column_sum_<T>  db[c] += Σ_r dz[r, c] (fp32, rows in order: one thread per column).
 // No atomics: the same inputs give the same bits on every run. 64-bit element offsets. A target
 // outside [0, V) that is not ignore_index is never dereferenced: its row loss is NaN.
@@ -89,7 +93,8 @@ __device__ __forceinline__ float lce_logit(const typename T::S* row, const typen
 
 template <class T>
 __device__ __forceinline__ void lce_rows(typename T::S* z, const typename T::S* bias, const i64* targets,
-                                         float* row_loss, float* lse_out, const float* scale_in, i64 n_rows,
+                                         float* row_loss, float* lse_out, const float* scale_in,
+                                         const float* class_weight, const float* class_weight_sum, i64 n_rows,
                                          i64 n_cols, i64 ignore_index, float eps, float z_coef, float cap,
                                          int write_grad, int row_scale) {
     const i64 tid = threadIdx.x, nthreads = blockDim.x;
@@ -111,15 +116,18 @@ __device__ __forceinline__ void lce_rows(typename T::S* z, const typename T::S* 
             } else {
                 st.s += expf(v - st.m);
             }
-            st.sum += v;
+            st.sum += class_weight != 0 ? class_weight[c] * v : v;
         }
         st = lse_block_merge(st);
         const float log_s = logf(st.s);
         const float lse = st.m + log_s;
+        // the target's class weight c_t and the row's target mass m (both 1 without weights)
+        const float c_t = class_weight != 0 && in_range ? class_weight[t] : 1.0f;
+        const float mass = class_weight != 0 ? (1.0f - eps) * c_t + eps / (float)n_cols * class_weight_sum[0] : 1.0f;
         if (tid == 0) {
             float loss = 0.0f;
             if (valid) {
-                loss = in_range ? lse - (1.0f - eps) * v_t : __int_as_float(0x7fffffff);
+                loss = in_range ? mass * lse - (1.0f - eps) * c_t * v_t : __int_as_float(0x7fffffff);
                 if (eps != 0.0f) loss -= eps / (float)n_cols * st.sum;
                 if (z_coef != 0.0f) loss += z_coef * lse * lse;
             }
@@ -133,13 +141,13 @@ __device__ __forceinline__ void lce_rows(typename T::S* z, const typename T::S* 
             continue;
         }
         const float scale = scale_in[row_scale ? r : 0];
-        const float coef = 1.0f + 2.0f * z_coef * lse;
+        const float coef = (1.0f + 2.0f * z_coef * lse) * mass;
         const float uniform = eps / (float)n_cols;
         const i64 t_col = in_range ? t : -1;
         for (i64 c = tid; c < n_cols; c += nthreads) {
             const float v = lce_logit<T>(row, bias, c, cap);
-            float g = expf((v - st.m) - log_s) * coef - uniform;
-            if (c == t_col) g -= 1.0f - eps;
+            float g = expf((v - st.m) - log_s) * coef - (class_weight != 0 ? uniform * class_weight[c] : uniform);
+            if (c == t_col) g -= (1.0f - eps) * c_t;
             if (cap > 0.0f) g *= 1.0f - (v / cap) * (v / cap);
             T::store(row, c, g * scale);
         }
@@ -158,10 +166,11 @@ __device__ __forceinline__ void lce_column_sum(const typename T::S* dz, float* d
 #define LCE_DEFINE(SUFFIX, TRAITS)                                                                      \
     extern "C" __global__ void __launch_bounds__(LCE_MAX_THREADS) lce_rows_##SUFFIX(                   \
         TRAITS::S* z, const TRAITS::S* bias, const i64* targets, float* row_loss, float* lse_out,      \
-        const float* scale_in, i64 n_rows, i64 n_cols, i64 ignore_index, float eps, float z_coef,      \
-        float cap, int write_grad, int row_scale) {                                                     \
-        lce_rows<TRAITS>(z, bias, targets, row_loss, lse_out, scale_in, n_rows, n_cols, ignore_index, \
-                         eps, z_coef, cap, write_grad, row_scale);                                      \
+        const float* scale_in, const float* class_weight, const float* class_weight_sum, i64 n_rows,    \
+        i64 n_cols, i64 ignore_index, float eps, float z_coef, float cap, int write_grad,               \
+        int row_scale) {                                                                                \
+        lce_rows<TRAITS>(z, bias, targets, row_loss, lse_out, scale_in, class_weight, class_weight_sum, \
+                         n_rows, n_cols, ignore_index, eps, z_coef, cap, write_grad, row_scale);        \
     }                                                                                                   \
     extern "C" __global__ void lce_column_sum_##SUFFIX(const TRAITS::S* dz, float* db, i64 n_rows,      \
                                                         i64 n_cols) {                                   \

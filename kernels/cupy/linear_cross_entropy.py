@@ -16,6 +16,7 @@ import numpy as np
 
 from .. import checks
 from ..lm_head import Steps, run_chunks
+from ..reference import mean_divisor
 from .compile import SUFFIX, get_function
 from .cross_entropy import _require_cupy
 from .linear_backward import _float32_compute_type, _gemm_accumulate
@@ -37,6 +38,21 @@ def row_threads(n_cols: int) -> int:
     return threads
 
 
+def rows_launch(suffix: str, zc, bias, targets, row_loss, lse, scale, class_weight, class_weight_sum, n_cols: int,
+                options: tuple):
+    """(kernel name, grid, block, args) of lce_rows for one chunk zc [rows, V] (C-contiguous);
+    class_weight None or fp32 [V] with class_weight_sum its 0-d sum; options as _CupySteps'."""
+    args = (zc, bias, targets, row_loss, lse, scale, class_weight, class_weight_sum, np.int64(zc.shape[0]),
+            np.int64(n_cols), *options)
+    return f"lce_rows_{suffix}", (zc.shape[0],), (row_threads(n_cols),), args
+
+
+def lce_options(ignore_index, smoothing, z_coef, softcap, grad, row_scale) -> tuple:
+    """The scalar arguments of lce_rows after n_cols, as numpy scalars of the parameters' types."""
+    return (np.int64(ignore_index), np.float32(smoothing), np.float32(z_coef), np.float32(softcap or 0.0),
+            np.int32(grad), np.int32(row_scale))
+
+
 def _free_bytes():
     """Free device memory plus what CuPy's pool holds unused (no stream sync)."""
     import cupy
@@ -48,18 +64,19 @@ def _free_bytes():
 
 def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                          z_loss=0.0, softcap=None, dw_accumulate=None, need_dx=True, return_lse=False, chunk=None,
-                         grad=True, grad_scale=None, check_targets=True, allow_tf32=False):
+                         grad=True, grad_scale=None, check_targets=True, allow_tf32=False, class_weight=None):
     """Loss and gradients of cross_entropy(x wᵀ + bias, targets) with one [chunk, V] buffer.
 
     x [N, D], w [V, D], bias [V] or None: CuPy arrays of one dtype (fp32/fp16/bf16); targets
-    [N] integer. Semantics, options and outputs are those of
+    [N] integer; class_weight None or a floating [V] (read in fp32). Semantics, options and outputs are those of
     ``gpuad.kernels.reference.linear_cross_entropy`` (dw_accumulate must be C-contiguous).
     check_targets=False removes the only host sync; a bad target then gives a NaN row loss.
     """
     checks.check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
-                                           dw_accumulate, chunk, grad_scale, allowed=tuple(SUFFIX))
+                                           dw_accumulate, chunk, grad_scale, allowed=tuple(SUFFIX),
+                                           class_weight=class_weight)
     arrays = {"x": x, "w": w, "targets": targets, "bias": bias, "dw_accumulate": dw_accumulate,
-              "grad_scale": grad_scale}
+              "grad_scale": grad_scale, "class_weight": class_weight}
     arrays = {k: a for k, a in arrays.items() if a is not None}
     _require_cupy(**arrays)
     devices = {k: a.device.id for k, a in arrays.items()}
@@ -78,7 +95,9 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
         steps = _CupySteps(x2, cupy.ascontiguousarray(w), None if bias is None else cupy.ascontiguousarray(bias),
                            ignore_index=ignore_index, smoothing=float(label_smoothing), z_coef=float(z_loss),
                            softcap=softcap, grad=grad, row_scale=grad_scale is not None and grad_scale.ndim == 1,
-                           allow_tf32=allow_tf32)
+                           allow_tf32=allow_tf32,
+                           class_weight=None if class_weight is None else cupy.ascontiguousarray(class_weight,
+                                                                                                 cupy.float32))
         out = run_chunks(steps, x2, t, v=v, has_bias=bias is not None, dw_accumulate=dw_accumulate,
                          grad_scale=grad_scale, ignore_index=ignore_index, reduction=reduction, need_dx=need_dx,
                          grad=grad, chunk=chunk)
@@ -88,18 +107,16 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
 class _CupySteps(Steps):
     """The chunk loop's steps on CuPy arrays: cupy.matmul, cuBLAS gemmEx and the CUDA C kernels."""
 
-    def __init__(self, x, w, bias, *, ignore_index, smoothing, z_coef, softcap, grad, row_scale, allow_tf32):
+    def __init__(self, x, w, bias, *, ignore_index, smoothing, z_coef, softcap, grad, row_scale, allow_tf32,
+                 class_weight=None):
         import cupy
 
         self.cupy, self.x, self.w, self.bias, self.allow_tf32 = cupy, x, w, bias, allow_tf32
         self.float32, self.itemsize, self.v = cupy.float32, x.dtype.itemsize, int(w.shape[0])
         self.suffix = SUFFIX[checks.dtype_name(x.dtype)]
-        self.options = (np.int64(ignore_index), np.float32(smoothing), np.float32(z_coef), np.float32(softcap or 0.0),
-                        np.int32(grad), np.int32(row_scale))
-
-    @functools.cached_property
-    def rows_kernel(self):
-        return get_function(SOURCE, f"lce_rows_{self.suffix}")
+        self.options = lce_options(ignore_index, smoothing, z_coef, softcap, grad, row_scale)
+        self.class_weight = class_weight
+        self.class_weight_sum = None if class_weight is None else class_weight.sum()
 
     @functools.cached_property
     def column_sum(self):
@@ -120,8 +137,8 @@ class _CupySteps(Steps):
     def contiguous(self, a):
         return self.cupy.ascontiguousarray(a)
 
-    def n_valid(self, targets, ignore_index):
-        return self.cupy.maximum((targets != ignore_index).sum(), 1).astype(self.cupy.float32)
+    def mean_divisor(self, targets, ignore_index):
+        return mean_divisor(self.cupy, targets, targets != ignore_index, self.class_weight, self.cupy.float32)
 
     def free_bytes(self):
         return _free_bytes()
@@ -139,8 +156,9 @@ class _CupySteps(Steps):
         self.cupy.matmul(xc, self.w.T, out=zc)
 
     def rows(self, buf, zc, targets, row_loss, lse, scale):
-        args = (zc, self.bias, targets, row_loss, lse, scale, np.int64(zc.shape[0]), np.int64(self.v), *self.options)
-        self.rows_kernel((zc.shape[0],), (row_threads(self.v),), args)
+        name, grid, block, args = rows_launch(self.suffix, zc, self.bias, targets, row_loss, lse, scale,
+                                              self.class_weight, self.class_weight_sum, self.v, self.options)
+        get_function(SOURCE, name)(grid, block, args)
 
     def dx(self, zc, out):
         self.cupy.matmul(zc, self.w, out=out)

@@ -53,10 +53,10 @@ def _logits(row_ptr, b_ptr, cols, load_mask, col_ok, cap, HAS_BIAS: tl.constexpr
 
 
 @triton.jit
-def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, n_cols, ignore_index,
-                     eps, z_coef, cap, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GRAD: tl.constexpr,
-                     SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
-                     ROW_SCALE: tl.constexpr):
+def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, cw_ptr, cw_sum_ptr, n_cols,
+                     ignore_index, eps, z_coef, cap, BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr,
+                     HAS_GRAD: tl.constexpr, SMOOTH: tl.constexpr, ZLOSS: tl.constexpr, SOFTCAP: tl.constexpr,
+                     ROW_SCALE: tl.constexpr, HAS_WEIGHT: tl.constexpr):
     """One program per row of the chunk z [rows, V] (row stride `stride`).
 
     The rows are the launcher's buffer, padded to a multiple of ROW_PAD elements: columns
@@ -67,7 +67,10 @@ def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, 
     last piece first (the likeliest still in L2), writes over z
         g = (softmax·(1 + 2·z_coef·lse) - eps/V - (1 - eps)·onehot) · (1 - (z/cap)²) · scale
     with scale = scale_ptr[row] (ROW_SCALE) or scale_ptr[0]; zeros on ignored rows, which
-    pass 2 does not read. Out-of-range targets never address memory outside the row."""
+    pass 2 does not read. With class weights c (HAS_WEIGHT: cw_ptr [V] fp32, cw_sum_ptr their
+    0-d sum; no z-loss) the row loss is m·lse - (1 - eps)·c_t·z_t - (eps/V)·Σ c·z and
+    g = (m·softmax - (eps/V)·c - (1 - eps)·c_t·onehot)·(1 - (z/cap)²)·scale, with
+    m = (1 - eps)·c_t + (eps/V)·Σ c. Out-of-range targets never address memory outside the row."""
     row = tl.program_id(0)
     t = tl.load(t_ptr + row).to(tl.int64)
     valid = t != ignore_index
@@ -88,7 +91,10 @@ def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, 
         s = s * tl.exp(m - shift) + tl.sum(tl.exp(z - shift), axis=0)
         m = m_new
         if SMOOTH:
-            sz += tl.sum(tl.where(col_ok, z, 0.0), axis=0)
+            z = tl.where(col_ok, z, 0.0)
+            if HAS_WEIGHT:  # Σ c·z
+                z = z * tl.load(cw_ptr + cols, mask=col_ok, other=0.0)
+            sz += tl.sum(z, axis=0)
     shift = tl.where(m == float("-inf"), 0.0, m)
     log_s = tl.log(s)
     lse = shift + log_s
@@ -98,7 +104,14 @@ def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, 
         z_t += tl.load(b_ptr + t_col).to(tl.float32)
     if SOFTCAP:
         z_t = cap * _tanh(z_t / cap)
-    loss = lse - (1.0 - eps) * z_t
+    c_t = 1.0  # the target's class weight and the row's target mass
+    mass = 1.0
+    if HAS_WEIGHT:
+        c_t = tl.load(cw_ptr + t_col)
+        mass = (1.0 - eps) * c_t
+        if SMOOTH:
+            mass += eps / n_cols * tl.load(cw_sum_ptr)
+    loss = mass * lse - (1.0 - eps) * c_t * z_t
     if SMOOTH:
         loss -= eps / n_cols * sz
     if ZLOSS:
@@ -111,7 +124,7 @@ def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, 
             scale = tl.load(scale_ptr + row)
         else:
             scale = tl.load(scale_ptr)
-        coef = 1.0
+        coef = mass
         if ZLOSS:
             coef = 1.0 + 2.0 * z_coef * lse
         for i in range(0, n_blocks):
@@ -120,8 +133,11 @@ def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, 
             z = _logits(row_ptr, b_ptr, cols, in_row & valid, cols < n_cols, cap, HAS_BIAS, SOFTCAP)
             g = tl.exp((z - shift) - log_s) * coef
             if SMOOTH:
-                g -= eps / n_cols
-            g = tl.where(cols == t, g - (1.0 - eps), g)  # unclamped t: out of range matches nothing
+                if HAS_WEIGHT:
+                    g -= eps / n_cols * tl.load(cw_ptr + cols, mask=cols < n_cols, other=0.0)
+                else:
+                    g -= eps / n_cols
+            g = tl.where(cols == t, g - (1.0 - eps) * c_t, g)  # unclamped t: out of range matches nothing
             if SOFTCAP:
                 g *= 1.0 - (z / cap) * (z / cap)
             g = tl.where(valid, g * scale, 0.0)
@@ -129,12 +145,12 @@ def _lce_rows_kernel(z_ptr, stride, b_ptr, t_ptr, loss_ptr, lse_ptr, scale_ptr, 
 
 
 def _kernel_meta(n_cols: int, *, has_bias: bool, grad: bool, label_smoothing: float, z_loss: float,
-                 softcap, row_scale: bool) -> dict:
+                 softcap, row_scale: bool, has_weight: bool = False) -> dict:
     """Every constexpr and num_warps of a _lce_rows_kernel launch (a pure function of the shape
     and options, no device)."""
     block = min(triton.next_power_of_2(n_cols), MAX_BLOCK)
     return dict(BLOCK=block, HAS_BIAS=has_bias, HAS_GRAD=bool(grad), SMOOTH=float(label_smoothing) > 0.0,
-                ZLOSS=float(z_loss) > 0.0, SOFTCAP=softcap is not None, ROW_SCALE=row_scale,
+                ZLOSS=float(z_loss) > 0.0, SOFTCAP=softcap is not None, ROW_SCALE=row_scale, HAS_WEIGHT=has_weight,
                 num_warps=4 if block <= 1024 else 8)
 
 
@@ -187,11 +203,12 @@ def _accumulate_dw(acc, dl, xc, w, route: str):
 
 def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reduction="mean", label_smoothing=0.0,
                          z_loss=0.0, softcap=None, dw_accumulate=None, need_dx=True, return_lse=False, chunk=None,
-                         grad=True, grad_scale=None, check_targets=True, allow_tf32=False):
+                         grad=True, grad_scale=None, check_targets=True, allow_tf32=False, class_weight=None):
     """Loss and gradients of cross_entropy(x wᵀ + bias, targets) with one [chunk, V] buffer.
 
     x [N, D], w [V, D], bias [V] or None: torch tensors of one dtype (fp32/fp16/bf16; CUDA, or
-    CPU under TRITON_INTERPRET=1) or CuPy arrays; targets [N] integer. Semantics, options and
+    CPU under TRITON_INTERPRET=1) or CuPy arrays; targets [N] integer; class_weight None or a
+    floating [V] (read in fp32). Semantics, options and
     outputs are those of ``gpuad.kernels.reference.linear_cross_entropy``: returns (loss, dx,
     dw, db) (+ lse [N] fp32 when return_lse), loss fp32 (0-d, or [N] for "none"), gradients in
     the input dtype (dw = dw_accumulate when given: an fp32 [V, D] buffer that receives dw +=),
@@ -212,11 +229,12 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     bias = None if bias is None else as_torch(bias)[0]
     acc_t = None if dw_accumulate is None else as_torch(dw_accumulate)[0]  # the caller's buffer is returned
     grad_scale = None if grad_scale is None else as_torch(grad_scale)[0]
+    class_weight = None if class_weight is None else as_torch(class_weight)[0]
     checks.check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap, acc_t,
-                                           chunk, grad_scale, allowed=checks.GPU_DTYPES)
+                                           chunk, grad_scale, allowed=checks.GPU_DTYPES, class_weight=class_weight)
     device = x.device
     for name, a in (("w", w), ("targets", targets), ("bias", bias), ("dw_accumulate", acc_t),
-                    ("grad_scale", grad_scale)):
+                    ("grad_scale", grad_scale), ("class_weight", class_weight)):
         if a is not None and a.device != device:
             raise ValueError(f"{name} is on {a.device}, x on {device}: all arrays must share one device")
     if device.type != "cuda" and not INTERPRETED:
@@ -225,7 +243,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
         checks.check_targets(targets, w.shape[0], ignore_index)
     steps = _TorchSteps(x, w, bias, ignore_index=ignore_index, smoothing=float(label_smoothing), z_coef=float(z_loss),
                         softcap=softcap, grad=grad, row_scale=grad_scale is not None and grad_scale.dim() == 1,
-                        allow_tf32=allow_tf32)
+                        allow_tf32=allow_tf32, class_weight=class_weight)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         out = run_chunks(steps, x, targets.contiguous(), v=w.shape[0], has_bias=bias is not None,
                          dw_accumulate=acc_t, grad_scale=grad_scale, ignore_index=ignore_index, reduction=reduction,
@@ -241,13 +259,16 @@ class _TorchSteps(Steps):
     """The chunk loop's steps on torch tensors: torch.mm and the Triton row kernel."""
     float32 = torch.float32
 
-    def __init__(self, x, w, bias, *, ignore_index, smoothing, z_coef, softcap, grad, row_scale, allow_tf32):
+    def __init__(self, x, w, bias, *, ignore_index, smoothing, z_coef, softcap, grad, row_scale, allow_tf32,
+                 class_weight=None):
         self.x, self.w, self.device, self.itemsize = x, w, x.device, x.element_size()
         self.v = w.shape[0]
         self.stride = triton.cdiv(self.v, ROW_PAD) * ROW_PAD
         self.bias = bias.contiguous() if bias is not None else None
+        self.class_weight = None if class_weight is None else class_weight.to(torch.float32).contiguous()
+        self.class_weight_sum = None if class_weight is None else self.class_weight.sum()
         self.meta = _kernel_meta(self.v, has_bias=bias is not None, grad=grad, label_smoothing=smoothing, z_loss=z_coef,
-                                 softcap=softcap, row_scale=row_scale)
+                                 softcap=softcap, row_scale=row_scale, has_weight=class_weight is not None)
         self.scalars = (self.v, ignore_index, smoothing, z_coef, float(softcap) if softcap is not None else 1.0)
         self.allow_tf32 = allow_tf32
 
@@ -266,8 +287,13 @@ class _TorchSteps(Steps):
     def contiguous(self, a):
         return a.contiguous()
 
-    def n_valid(self, targets, ignore_index):
-        return (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
+    def mean_divisor(self, targets, ignore_index):
+        valid = targets != ignore_index
+        if self.class_weight is None:
+            return valid.sum().clamp(min=1).to(torch.float32)
+        t = targets.clamp(0, self.v - 1)  # an ignored or bad target reads a weight it does not use
+        total = torch.where(valid, self.class_weight[t], 0.0).sum()
+        return torch.where(total == 0, 1.0, total)
 
     def free_bytes(self):
         return _free_bytes(self.device)
@@ -288,8 +314,9 @@ class _TorchSteps(Steps):
 
     def rows(self, buf, zc, targets, row_loss, lse, scale):
         bias = self.bias if self.bias is not None else buf
-        _lce_rows_kernel[(zc.shape[0],)](zc, self.stride, bias, targets, row_loss, lse, scale, *self.scalars,
-                                         **self.meta)
+        cw, cw_sum = (self.class_weight, self.class_weight_sum) if self.class_weight is not None else (scale, scale)
+        _lce_rows_kernel[(zc.shape[0],)](zc, self.stride, bias, targets, row_loss, lse, scale, cw, cw_sum,
+                                         *self.scalars, **self.meta)
 
     def dx(self, zc, out):
         torch.mm(zc, self.w, out=out)
