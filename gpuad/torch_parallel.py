@@ -158,10 +158,7 @@ def _row_grad(z, lse, col, scale, eps, z_loss, softcap, vocab):
     return g.mul_(scale[:, None]).masked_fill_((scale == 0)[:, None], 0.0)  # an ignored row: 0 even from NaN
 
 
-def _valid_rows(targets, ignore_index):
-    if ignore_index is None:
-        return torch.ones_like(targets, dtype=torch.bool)
-    return targets != ignore_index
+_valid_rows = checks.valid_targets
 
 
 def _row_scale(valid, reduction, dtype, grad_scale=None):
@@ -239,7 +236,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: Opt
     shape = (logits.shape[0], max(logits.shape[1], 1)) if logits.dim() == 2 else logits.shape  # V_r may be 0
     checks.check_cross_entropy_args(types.SimpleNamespace(shape=shape, dtype=logits.dtype), targets, reduction,
                                     label_smoothing)
-    checks.check_ignore_index(ignore_index)
+    ignore_index = checks.ignore_index_arg(ignore_index)
     if targets.device != logits.device:
         raise ValueError(f"targets is on {targets.device}, logits on {logits.device}: they must share one device")
     args = (logits, targets, ignore_index, reduction, float(label_smoothing), process_group, vocab_size)
@@ -397,7 +394,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     _check_weight(x, weight, bias)
     if targets.device != x.device:
         raise ValueError(f"targets is on {targets.device}, x on {x.device}: they must share one device")
-    checks.check_ignore_index(ignore_index)
+    ignore_index = checks.ignore_index_arg(ignore_index)
     x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
     checks.check_integer_targets(t2)
     checks.check_lce_options(reduction, label_smoothing, z_loss, softcap)

@@ -70,7 +70,7 @@ def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, re
     returns that buffer.
     """
     _arrays("softmax_cross_entropy", logits=logits, targets=targets, weight=weight)
-    checks.check_ignore_index(ignore_index)
+    ignore_index = checks.ignore_index_arg(ignore_index)
     layout = checks.check_cross_entropy_layout(logits, targets, weight, reduction, label_smoothing, ignore_index)
     if inplace and grad and not getattr(getattr(logits, "flags", None), "writeable", True):
         raise ValueError("inplace=True writes the gradient over logits, which are read-only (a broadcast view, "
@@ -127,7 +127,7 @@ def _index_rows(xp, rows, targets, weight, ignore_index, label_smoothing, grad, 
     if ignore_index is None or (in_range and not 0 <= ignore_index < n_classes):
         valid = None  # no row is ignored
     else:
-        valid = targets != ignore_index
+        valid = checks.valid_targets(targets, ignore_index)
     safe_targets = targets if valid is None else xp.where(valid, targets, 0)  # ignored rows are masked below
     if not check_targets:  # a bad target gives its own row unspecified values, never another row's
         safe_targets = xp.clip(safe_targets, 0, n_classes - 1)
@@ -281,6 +281,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     time (default: :func:`linear_cross_entropy_chunk`). allow_tf32 is accepted for a
     common signature and ignored: the reference is exact.
     """
+    ignore_index = checks.ignore_index_arg(ignore_index)
     checks.check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
                                            dw_accumulate, chunk, grad_scale)
     xp = array_module(x, w, targets, *(a for a in (bias, dw_accumulate, grad_scale) if a is not None))
@@ -292,7 +293,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     chunk = chunk or linear_cross_entropy_chunk(n, v, xp.dtype(acc).itemsize)
     wa = w.astype(acc, copy=False)  # read only below: no copy in the accumulation dtype
     ba = None if bias is None else bias.astype(acc, copy=False)
-    valid = targets != ignore_index
+    valid = checks.valid_targets(targets, ignore_index)
     n_valid = xp.maximum(valid.sum(), 1).astype(acc)
     # per-row factor of the gradient: 1/n_valid for "mean", times grad_scale
     row_scale = xp.ones(n, dtype=acc) / (n_valid if reduction == "mean" else 1)

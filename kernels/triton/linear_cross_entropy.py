@@ -212,6 +212,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     bias = None if bias is None else as_torch(bias)[0]
     acc_t = None if dw_accumulate is None else as_torch(dw_accumulate)[0]  # the caller's buffer is returned
     grad_scale = None if grad_scale is None else as_torch(grad_scale)[0]
+    ignore_index = checks.ignore_index_arg(ignore_index)
     checks.check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap, acc_t,
                                            chunk, grad_scale, allowed=checks.GPU_DTYPES)
     device = x.device
@@ -223,7 +224,8 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
         raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {device}")
     if check_targets:
         checks.check_targets(targets, w.shape[0], ignore_index)
-    steps = _TorchSteps(x, w, bias, ignore_index=ignore_index, smoothing=float(label_smoothing), z_coef=float(z_loss),
+    kernel_ignore = checks.kernel_ignore_index(ignore_index, targets.dtype)  # the kernel compares in int64
+    steps = _TorchSteps(x, w, bias, ignore_index=kernel_ignore, smoothing=float(label_smoothing), z_coef=float(z_loss),
                         softcap=softcap, grad=grad, row_scale=grad_scale is not None and grad_scale.dim() == 1,
                         allow_tf32=allow_tf32)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -267,7 +269,7 @@ class _TorchSteps(Steps):
         return a.contiguous()
 
     def n_valid(self, targets, ignore_index):
-        return (targets != ignore_index).sum().clamp(min=1).to(torch.float32)
+        return checks.valid_targets(targets, ignore_index).sum().clamp(min=1).to(torch.float32)
 
     def free_bytes(self):
         return _free_bytes(self.device)
