@@ -52,6 +52,7 @@ Semantics beyond the torch functions they replace:
 """
 import functools
 import inspect
+import math
 from typing import NamedTuple, Optional
 
 import numpy as np
@@ -361,9 +362,10 @@ def _linear_backward_differentiable(grad_y, x, weight, need_dx, need_dw, need_db
     """linear_backward's (dx, dw, db) in torch ops that autograd can differentiate again; a
     float32 master weight's dw and db accumulated in fp32, as the kernel does."""
     acc = torch.promote_types(x.dtype, weight.dtype)
-    g2 = grad_y.reshape(-1, weight.shape[0]).to(acc)
+    m = math.prod(x.shape[:-1])  # rows (reshape(-1, ...) cannot infer it when N or K is 0)
+    g2 = grad_y.reshape(m, weight.shape[0]).to(acc)
     dx = grad_y.matmul(weight.to(x.dtype)) if need_dx else None
-    dw = g2.t().matmul(x.reshape(-1, x.shape[-1]).to(acc)).to(weight.dtype) if need_dw else None
+    dw = g2.t().matmul(x.reshape(m, x.shape[-1]).to(acc)).to(weight.dtype) if need_dw else None
     db = g2.sum(0).to(weight.dtype) if need_db else None
     return dx, dw, db
 
