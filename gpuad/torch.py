@@ -48,7 +48,17 @@ Semantics beyond the torch functions they replace:
   backward runs the kernel again with the incoming gradient as per-row weights (grad_scale):
   exact for any cotangent. Weights as for ``linear`` (a float32 master weight's dW accumulated
   by the kernel in fp32, ``dw_accumulate``); ignored rows and no host sync as for
-  ``cross_entropy``.
+  ``cross_entropy``. A second backward through a retained graph (retain_graph=True) gets
+  unscaled copies: the in-place scaling is for a backward that frees the graph.
+* ``ignore_index`` (every entry point): an integer, or None (no row is ignored); anything
+  else is a TypeError. Every target dtype compares exactly: an ignore_index that int32
+  targets cannot hold matches no row.
+* Second derivatives: ``linear``'s backward runs in differentiable torch ops under
+  create_graph=True (exact gradient penalties). The fused losses' gradients are not
+  differentiable: a backward with create_graph=True through ``cross_entropy`` or
+  ``linear_cross_entropy`` raises, naming the op, rather than return a gradient without its
+  second-order term. torch.func transforms (grad, vmap, ...) are refused by name: the kernels
+  read the tensors' memory. Under torch.compile, torch refuses double backward itself.
 """
 import functools
 import inspect
@@ -562,8 +572,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     checks.check_integer_targets(targets)
     checks.check_lce_options(reduction, label_smoothing, z_loss, softcap)
     a = _LceInputs(x.reshape(targets.numel(), x.shape[-1]), weight, targets.reshape(-1), bias,  # D = 0 allowed
-                   ignore_index=ignore_index, reduction=reduction, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-                   softcap=None if softcap is None else float(softcap), need_dx=_needs_grad(x),
+                   ignore_index=ignore_index, reduction=reduction, label_smoothing=float(label_smoothing),
+                   z_loss=float(z_loss), softcap=None if softcap is None else float(softcap), need_dx=_needs_grad(x),
                    need_dw=_needs_grad(weight), need_db=_needs_grad(bias))
     loss = _LCE.run(a.need_dx or a.need_dw or a.need_db, *a)[0]
     return _loss_out(loss.reshape(targets.shape) if reduction == "none" else loss, x)

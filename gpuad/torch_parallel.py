@@ -25,7 +25,8 @@ import torch
 from torch.distributed import _functional_collectives as funcol
 
 from gpuad.kernels import checks, reference
-from gpuad.torch import _check_weight, _compute_input, _cross_entropy_backward_body, _loss_out, _needs_grad
+from gpuad.torch import (_check_weight, _compute_input, _cross_entropy_backward_body, _graph_kept, _loss_out,
+                         _needs_grad, _refuse_double_backward)
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "vocab_slice", "local_rows", "shard_rows", "shard_head"]
 
@@ -169,15 +170,16 @@ def _row_scale(valid, reduction, dtype, grad_scale=None):
     return scale if grad_scale is None else scale * grad_scale.to(dtype)
 
 
-def _first_order(backward):
-    """A backward that refuses to be differentiated (create_graph=True) with a clear error."""
-    @functools.wraps(backward)
-    def wrapped(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError("gpuad.torch's vocabulary-parallel ops are first-order only: their backward cannot "
-                               "be differentiated (create_graph=True / double backward)")
-        return backward(ctx, *grads)
-    return wrapped
+def _first_order(who):
+    """A backward of the vocabulary-parallel `who` that refuses to be differentiated
+    (create_graph=True) with a clear error."""
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapped(ctx, *grads):
+            _refuse_double_backward(f"{who} (vocabulary-parallel)")
+            return backward(ctx, *grads)
+        return wrapped
+    return decorate
 
 
 def _acc_dtype(dtype):
@@ -209,7 +211,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @_first_order
+    @_first_order("cross_entropy")
     def backward(ctx, grad_loss):
         (dlogits,) = ctx.saved_tensors
         return (_cross_entropy_backward_body(grad_loss, dlogits),) + (None,) * 6
@@ -331,11 +333,12 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         return reference.reduce_row_losses(row_loss, o.reduction, valid.sum().clamp(min=1).to(acc))
 
     @staticmethod
-    @_first_order
+    @_first_order("linear_cross_entropy")
     def backward(ctx, grad_loss):
         o, needs = ctx.o, ctx.needs
-        if o.reduction != "none":
-            grads = tuple(g.mul_(grad_loss.to(g.dtype)) if need else None
+        if o.reduction != "none":  # the saved gradients scaled, in place unless the graph is kept for another backward
+            in_place = not _graph_kept()
+            grads = tuple((g.mul_(grad_loss.to(g.dtype)) if in_place else g * grad_loss.to(g.dtype)) if need else None
                           for g, need in zip(ctx.saved_tensors, needs))
         else:
             x, weight, bias, targets, lse = ctx.saved_tensors

@@ -75,6 +75,8 @@ def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, re
     if inplace and grad and not getattr(getattr(logits, "flags", None), "writeable", True):
         raise ValueError("inplace=True writes the gradient over logits, which are read-only (a broadcast view, "
                          "or held by a graph): pass a writeable array, or inplace=False")
+    if inplace and grad:
+        checks.check_no_overlap("logits (written in place)", logits)
     xp = array_module(logits, targets, *(() if weight is None else (weight,)))
     rows = class_rows(xp, logits)
     if layout.soft:

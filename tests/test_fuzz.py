@@ -1138,7 +1138,8 @@ def torch_op_case(draw, valid_only=False):
 def _torch_op_valid(op, arrays, opts, targets):
     if op == "linear":
         return True
-    ignore_index, v = opts["ignore_index"], arrays["logits" if op == "cross_entropy" else "weight"]["shape"][0 if op != "cross_entropy" else 1]
+    ignore_index = opts["ignore_index"]
+    v = arrays["logits"]["shape"][1] if op == "cross_entropy" else arrays["weight"]["shape"][0]
     in_range = (targets >= 0) & (targets < v) | ((targets == ignore_index) if ignore_index is not None else False)
     return (v >= 1 and bool(np.all(in_range)) and opts["reduction"] in ("mean", "sum", "none")
             and (ignore_index is None or type(ignore_index) is int))
@@ -1188,7 +1189,8 @@ def _check_torch_op(op, arrays, opts, targets, path, order):
         dtype = arrays[next(iter(arrays))]["dtype"]
         u = cotangent(np.random.default_rng(arrays[next(iter(arrays))]["seed"]), tuple(y.shape), np.float64)
         y_t, grads_t = _torch_op_oracle(op, values, opts, targets, u)
-        scale = magnitude(*values.values()) ** 2 * (1 + max(targets.size, 1) * max(values[next(iter(values))].shape[-1], 1))
+        width = max(values[next(iter(values))].shape[-1], 1)
+        scale = magnitude(*values.values()) ** 2 * (1 + max(targets.size, 1) * width)
         close(y, y_t, dtype, scale, f"{op} ({path}) value")
         if order == 1:
             got = torch.autograd.grad(y, list(leaves.values()), torch.from_numpy(u).to(y.dtype), allow_unused=True)

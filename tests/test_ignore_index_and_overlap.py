@@ -136,6 +136,14 @@ def test_triton_refuses_an_accumulator_sharing_memory(kind):
         tk.linear_cross_entropy(x, w, t, dw_accumulate=acc)
 
 
+def test_reference_in_place_gradient_refuses_logits_sharing_memory():
+    buf = np.zeros(6, np.float32)
+    logits = np.lib.stride_tricks.as_strided(buf, (4, 3), (4, 4), writeable=True)  # rows overlap
+    with pytest.raises(ValueError, match="logits \\(written in place\\) has elements that share memory"):
+        ref.softmax_cross_entropy(logits, np.array([0, 1, 2, 0]), inplace=True)
+    assert not buf.any()
+
+
 def test_accumulators_of_every_dense_layout_are_accepted():
     """Transposed, padded and sliced accumulators hold each element once: accepted, and summed into."""
     x, w, t = _lce_inputs()
