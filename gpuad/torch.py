@@ -414,9 +414,10 @@ def _scale_in_place(grad_loss, *grads):
 
 def _graph_kept() -> bool:
     """Whether the running backward keeps the graph (retain_graph=True), so that the saved
-    tensors must outlive it; True where this torch cannot tell."""
+    tensors must outlive it; True where this torch cannot tell, and in a traced backward (one
+    graph for every later backward)."""
     keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
-    return True if keep_graph is None else keep_graph()
+    return keep_graph is None or torch.compiler.is_compiling() or keep_graph()
 
 
 def _lce_backward(ctx, eager, grad_loss, *_):
