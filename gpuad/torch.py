@@ -362,9 +362,8 @@ def _linear_backward(ctx, eager, grad_y):
     x, weight = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and ctx.has_bias
-    backward = _linear_backward_differentiable if torch.is_grad_enabled() else functools.partial(_LINEAR_BACKWARD,
-                                                                                                   eager)
-    dx, dw, db = backward(grad_y, x, weight, need_dx, need_dw, need_db)
+    args = (grad_y, x, weight, need_dx, need_dw, need_db)
+    dx, dw, db = _linear_backward_differentiable(*args) if torch.is_grad_enabled() else _LINEAR_BACKWARD(eager, *args)
     return dx if need_dx else None, dw if need_dw else None, db if need_db else None
 
 

@@ -398,7 +398,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if targets.device != x.device:
         raise ValueError(f"targets is on {targets.device}, x on {x.device}: they must share one device")
     ignore_index = checks.ignore_index_arg(ignore_index)
-    x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    x2, t2 = x.reshape(targets.numel(), x.shape[-1]), targets.reshape(-1)  # D = 0 allowed
     checks.check_integer_targets(t2)
     checks.check_lce_options(reduction, label_smoothing, z_loss, softcap)
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
