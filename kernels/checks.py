@@ -195,6 +195,8 @@ def check_no_overlap(name: str, a):
     in-place writes. Strides of torch (elements), numpy and CuPy (bytes) arrays alike."""
     strides = a.stride() if callable(getattr(a, "stride", None)) else tuple(s // a.itemsize for s in a.strides)
     axes = sorted((abs(st), n) for st, n in zip(strides, a.shape) if n > 1)
+    if 0 in tuple(a.shape):
+        return  # an empty array holds no element to share
     extent = 0  # the furthest element offset reached by the axes so far
     for stride, n in axes:
         if stride <= extent:

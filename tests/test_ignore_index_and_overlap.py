@@ -152,3 +152,5 @@ def test_accumulators_of_every_dense_layout_are_accepted():
     padded = np.zeros((4, 5), np.float32)[:, :3]
     for acc in (np.zeros((3, 4), np.float32).T, padded, np.zeros((8, 3), np.float32)[::2]):
         np.testing.assert_allclose(ref.linear_backward(x, w, dy, dw_accumulate=acc)[1], want, rtol=1e-6)
+    empty = np.lib.stride_tricks.as_strided(np.zeros(1, np.float32), (4, 0), (0, 0), writeable=True)
+    np.testing.assert_array_equal(ref.linear_backward(x[:, :0], w[:, :0], dy, dw_accumulate=empty)[1], empty)
