@@ -157,7 +157,7 @@ def _cross_entropy_backward_body(grad_loss: torch.Tensor, dlogits: torch.Tensor)
 
 def _linear_body(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     dtype = x.dtype
-    return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+    return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype)).contiguous()  # the fake's layout
 
 
 def _linear_backward_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_dx: bool,

@@ -185,6 +185,9 @@ def test_fakes_give_the_real_ops_strides(layout):
         "linear_cross_entropy_backward": (OPS.linear_cross_entropy_backward.default, torch.ones(4), x, w, t, None,
                                           -100, 0.0, 0.0, None, True, True, False),
     }
+    x3 = torch.randn(3, 2, 3).permute(1, 0, 2)  # leading axes out of order
+    cases["linear 3-d"] = (OPS.linear.default, x3, w, None)
+    cases["linear_backward 3-d"] = (OPS.linear_backward.default, torch.randn(2, 3, 5), x3, w, True, True, True)
     for name, (op, *args) in cases.items():
         real, fake = _real_and_fake(op, *args)
         for i, (r, f) in enumerate(zip(real if isinstance(real, tuple) else (real,),
