@@ -24,7 +24,7 @@ import numpy as np
 
 from . import backend as B
 from . import ops
-from .kernels.checks import REDUCTIONS
+from .kernels.checks import REDUCTIONS, ignore_index_arg
 from .tensor import Tensor
 
 _default_rng = {"rng": np.random.default_rng()}
@@ -258,7 +258,8 @@ class CrossEntropyLoss(Module):
         if weight is not None and len(getattr(weight, "shape", ())) != 1:
             raise ValueError(f"CrossEntropyLoss: weight must be None or a [V] array, got {weight!r}")
         self.weight, self.axis = weight, int(axis)
-        self.ignore_index, self.reduction, self.label_smoothing = int(ignore_index), reduction, float(label_smoothing)
+        self.ignore_index, self.reduction, self.label_smoothing = (ignore_index_arg(ignore_index), reduction,
+                                                                float(label_smoothing))
 
     def forward(self, logits, targets):
         return ops.softmax_cross_entropy(logits, targets, ignore_index=self.ignore_index, reduction=self.reduction,

@@ -12,6 +12,7 @@ import operator
 import numpy as np
 
 from . import backend as B
+from .kernels.checks import ignore_index_arg
 from .tensor import Tensor, adopt_view, as_tensor, is_grad_enabled, is_unit_seed, record
 
 # numpy's own error for an axis out of range: a ValueError and an IndexError at once
@@ -621,6 +622,7 @@ def softmax_cross_entropy(logits, targets, ignore_index=-100, reduction="mean", 
     by the fused kernel and reused by the VJP; when no gradient is needed, the loss alone is
     computed (no gradient buffer)."""
     logits = as_tensor(logits)
+    ignore_index = ignore_index_arg(ignore_index)
     t = targets.data if isinstance(targets, Tensor) else targets
     w = weight.data if isinstance(weight, Tensor) else weight
     xp = B.array_module(logits.data, t)
@@ -757,6 +759,7 @@ def linear_cross_entropy(x, W, targets, b=None, ignore_index=-100, reduction="me
     cotangent as per-row weights (exact for any cotangent). Forward mode of "none" runs the
     kernel on [x, 0] and [W, tW] side by side, so that dx's second half is dlogits·tW."""
     x, W = as_tensor(x), as_tensor(W)
+    ignore_index = ignore_index_arg(ignore_index)
     parents = (x, W) if b is None else (x, W, as_tensor(b))
     t = targets.data if isinstance(targets, Tensor) else targets
     xp = B.array_module(*(p.data for p in parents), t)

@@ -50,15 +50,26 @@ Semantics beyond the torch functions they replace:
   backward runs the kernel again with the incoming gradient as per-row weights (grad_scale):
   exact for any cotangent. Weights as for ``linear`` (a float32 master weight's dW accumulated
   by the kernel in fp32, ``dw_accumulate``); ignored rows and no host sync as for
-  ``cross_entropy``.
+  ``cross_entropy``. A second backward through a retained graph (retain_graph=True) gets
+  unscaled copies: the in-place scaling is for a backward that frees the graph.
+* ``ignore_index`` (every entry point): an integer, or None (no row is ignored); anything
+  else is a TypeError. Every target dtype compares exactly: an ignore_index that int32
+  targets cannot hold matches no row.
+* Second derivatives: ``linear``'s backward runs in differentiable torch ops under
+  create_graph=True (exact gradient penalties). The fused losses' gradients are not
+  differentiable: a backward with create_graph=True through ``cross_entropy`` or
+  ``linear_cross_entropy`` raises, naming the op, rather than return a gradient without its
+  second-order term. torch.func transforms (grad, vmap, ...) are refused by name: the kernels
+  read the tensors' memory. Under torch.compile, torch refuses double backward itself.
 """
+import functools
 import inspect
+import math
 from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.autograd.function import once_differentiable
 
 from gpuad.kernels import checks, reference
 
@@ -98,6 +109,12 @@ def _from_numpy(a, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_numpy(np.asarray(a)).to(dtype)
 
 
+def _new_empty(like: torch.Tensor, shape=None) -> torch.Tensor:
+    """A contiguous tensor of like's dtype and device (a fake's output: the real ops' outputs
+    are contiguous whatever the layout of their inputs)."""
+    return like.new_empty(like.shape if shape is None else shape)
+
+
 def _empty(like: torch.Tensor) -> torch.Tensor:
     """The placeholder for an output that was not asked for (op outputs are a fixed tuple)."""
     return like.new_empty(0)
@@ -114,13 +131,13 @@ def _eager() -> bool:
 def _assert_targets_async(targets, n_classes, ignore_index, who):
     """A device-side assertion that every target lies in [0, n_classes) or is ignore_index (no
     host sync on CUDA; synchronous on the CPU)."""
-    bad = (targets != ignore_index) & ((targets < 0) | (targets >= n_classes))
+    bad = checks.valid_targets(targets, ignore_index) & ((targets < 0) | (targets >= n_classes))
     torch._assert_async(~bad.any(), f"gpuad.torch.{who}: a target is outside [0, V) and is not ignore_index")
 
 
 # --- op bodies (one per op, shared by the custom op and the eager autograd.Function) ----
 def _cross_entropy_body(logits: torch.Tensor, targets: torch.Tensor, weight: Optional[torch.Tensor],
-                        ignore_index: int, reduction: str, label_smoothing: float,
+                        ignore_index: Optional[int], reduction: str, label_smoothing: float,
                         compute_grad: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(loss, dlogits) of logits [C], [B, C] or [B, C, d1, ...] (classes on dim 1), targets
     class indices (the logits' shape without dim 1) or probabilities (the logits' shape),
@@ -137,7 +154,7 @@ def _cross_entropy_body(logits: torch.Tensor, targets: torch.Tensor, weight: Opt
         loss, dlogits = reference.softmax_cross_entropy(_as_numpy(logits), _as_numpy(targets), **kw)
         loss = _from_numpy(loss, _loss_dtype(logits.dtype))
         dlogits = None if dlogits is None else _from_numpy(dlogits, logits.dtype)
-    return loss, (dlogits if dlogits is not None else _empty(logits))
+    return loss, (dlogits.contiguous() if dlogits is not None else _empty(logits))
 
 
 def _cross_entropy_backward_body(grad_loss: torch.Tensor, dlogits: torch.Tensor) -> torch.Tensor:
@@ -174,7 +191,7 @@ def _soft_target_grads(grad_loss, logits, targets, weight, reduction, label_smoo
 
 def _linear_body(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
     dtype = x.dtype
-    return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype))
+    return F.linear(x, weight.to(dtype), None if bias is None else bias.to(dtype)).contiguous()  # the fake's layout
 
 
 def _linear_backward_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, need_dx: bool,
@@ -205,12 +222,11 @@ def _linear_backward_body(grad_y: torch.Tensor, x: torch.Tensor, weight: torch.T
             db = grad_y.reshape(-1, n).sum(0, dtype=torch.float32).to(weight.dtype)
         if not need_dw:
             dw = None
-    return (dx if dx is not None else _empty(x), dw if dw is not None else _empty(weight),
-            db if db is not None else _empty(weight))
+    return _kept(dx, True, x), _kept(dw, True, weight), _kept(db, True, weight)
 
 
 def _lce_body(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: Optional[torch.Tensor],
-              ignore_index: int, reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
+              ignore_index: Optional[int], reduction: str, label_smoothing: float, z_loss: float, softcap: Optional[float],
               need_dx: bool, need_dw: bool, need_db: bool,
               class_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor,
                                                                     torch.Tensor]:
@@ -224,7 +240,7 @@ def _lce_body(x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias
 
 
 def _lce_backward_body(grad_loss: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                       bias: Optional[torch.Tensor], ignore_index: int, label_smoothing: float, z_loss: float,
+                       bias: Optional[torch.Tensor], ignore_index: Optional[int], label_smoothing: float, z_loss: float,
                        softcap: Optional[float], need_dx: bool, need_dw: bool, need_db: bool,
                        class_weight: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The gradients of reduction "none": the kernel again, the cotangent [N] as per-row weights."""
@@ -267,9 +283,13 @@ def _lce(a: "_LceInputs", grad_scale):
     if db is not None:
         db = db.to(a.weight.dtype)  # a master bias: db was accumulated in fp32, rounded once to x's dtype
 
-    def keep(g, need, like):
-        return g if need and g is not None else _empty(like)
-    return loss, keep(dx, a.need_dx, x), keep(dw, a.need_dw, a.weight), keep(db, a.need_db, a.weight)
+    return loss, _kept(dx, a.need_dx, x), _kept(dw, a.need_dw, a.weight), _kept(db, a.need_db, a.weight)
+
+
+def _kept(g, need, like):
+    """An op's gradient output: `g` contiguous (the layout the fakes give), or an empty tensor
+    when it is not needed."""
+    return g.contiguous() if need and g is not None else _empty(like)
 
 
 class _LceInputs(NamedTuple):
@@ -310,7 +330,7 @@ class _Op:
             self.op.register_autograd(lambda ctx, *grads: backward(ctx, False, *grads), setup_context=setup)
             self.function = type(f"_{name}_function", (torch.autograd.Function,), dict(
                 forward=staticmethod(body), setup_context=staticmethod(setup),
-                backward=staticmethod(once_differentiable(lambda ctx, *grads: backward(ctx, True, *grads)))))
+                backward=staticmethod(lambda ctx, *grads: backward(ctx, True, *grads))))
 
     def __call__(self, eager: bool, *args):
         """The outputs of the body (`eager`) or of the registered op: for backward ops."""
@@ -327,7 +347,7 @@ class _Op:
 def _cross_entropy_fake(logits, targets, weight, ignore_index, reduction, label_smoothing, compute_grad):
     loss_shape = (logits.shape[0], *logits.shape[2:]) if reduction == "none" and logits.dim() > 1 else ()
     loss = logits.new_empty(loss_shape, dtype=_loss_dtype(logits.dtype))
-    return loss, (torch.empty_like(logits) if compute_grad else _empty(logits))
+    return loss, (_new_empty(logits) if compute_grad else _empty(logits))
 
 
 def _cross_entropy_setup(ctx, inputs, output):
@@ -340,9 +360,21 @@ def _cross_entropy_setup(ctx, inputs, output):
     ctx.save_for_backward(output[1], *((logits, targets, weight) if ctx.soft_grads else ()))
 
 
+def _refuse_double_backward(who: str):
+    """Raise when the backward runs with create_graph=True: `who`'s gradient comes from a fused
+    kernel that is not itself differentiable, so a second derivative would silently miss its
+    term (autograd would see a constant)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(f"gpuad.torch.{who} has no double backward: its backward ran with create_graph=True "
+                           "(torch.autograd.grad(..., create_graph=True) for a gradient penalty, or a torch.func "
+                           "transform), and its fused gradient is not differentiable; use the torch function it "
+                           "replaces where second derivatives are needed")
+
+
 def _cross_entropy_backward(ctx, eager, grad_loss, _grad_dlogits):
     """(∂/∂logits, ∂/∂targets, ∂/∂weight, None...): the logits' from the kept gradient; those
     of probability targets and of the weight (with probability targets) in torch ops."""
+    _refuse_double_backward("cross_entropy")
     if not ctx.compute_grad:
         raise RuntimeError("gpuad::cross_entropy ran with compute_grad=False: it kept no gradient to backpropagate")
     dlogits = ctx.saved_tensors[0]
@@ -357,15 +389,15 @@ def _cross_entropy_backward(ctx, eager, grad_loss, _grad_dlogits):
 
 
 _CROSS_ENTROPY_BACKWARD = _Op("cross_entropy_backward", _cross_entropy_backward_body,
-                              lambda grad_loss, dlogits: torch.empty_like(dlogits))
+                              lambda grad_loss, dlogits: _new_empty(dlogits))
 _CROSS_ENTROPY = _Op("cross_entropy", _cross_entropy_body, _cross_entropy_fake, _cross_entropy_setup,
                      _cross_entropy_backward)
 
 
 def _grads_fake(x, weight, need_dx, need_dw, need_db):
     """The fake (dx, dw, db) of linear_backward and of the LM head."""
-    return (torch.empty_like(x) if need_dx else _empty(x), torch.empty_like(weight) if need_dw else _empty(weight),
-            weight.new_empty((weight.shape[0],)) if need_db else _empty(weight))
+    return (_new_empty(x) if need_dx else _empty(x), _new_empty(weight) if need_dw else _empty(weight),
+            _new_empty(weight, (weight.shape[0],)) if need_db else _empty(weight))
 
 
 def _linear_setup(ctx, inputs, output):
@@ -375,18 +407,32 @@ def _linear_setup(ctx, inputs, output):
 
 
 def _linear_backward(ctx, eager, grad_y):
-    """(dx, dw, db or None), None where not needed."""
+    """(dx, dw, db or None), None where not needed; in differentiable torch ops when the
+    backward runs with create_graph=True (exact second derivatives)."""
     x, weight = ctx.saved_tensors
     need_dx, need_dw, need_db = ctx.needs_input_grad[:3]
     need_db = need_db and ctx.has_bias
-    dx, dw, db = _LINEAR_BACKWARD(eager, grad_y, x, weight, need_dx, need_dw, need_db)
+    args = (grad_y, x, weight, need_dx, need_dw, need_db)
+    dx, dw, db = _linear_backward_differentiable(*args) if torch.is_grad_enabled() else _LINEAR_BACKWARD(eager, *args)
     return dx if need_dx else None, dw if need_dw else None, db if need_db else None
+
+
+def _linear_backward_differentiable(grad_y, x, weight, need_dx, need_dw, need_db):
+    """linear_backward's (dx, dw, db) in torch ops that autograd can differentiate again; a
+    float32 master weight's dw and db accumulated in fp32, as the kernel does."""
+    acc = torch.promote_types(x.dtype, weight.dtype)
+    m = math.prod(x.shape[:-1])  # rows (reshape(-1, ...) cannot infer it when N or K is 0)
+    g2 = grad_y.reshape(m, weight.shape[0]).to(acc)
+    dx = grad_y.matmul(weight.to(x.dtype)) if need_dx else None
+    dw = g2.t().matmul(x.reshape(m, x.shape[-1]).to(acc)).to(weight.dtype) if need_dw else None
+    db = g2.sum(0).to(weight.dtype) if need_db else None
+    return dx, dw, db
 
 
 _LINEAR_BACKWARD = _Op("linear_backward", _linear_backward_body,
                        lambda grad_y, x, weight, need_dx, need_dw, need_db: _grads_fake(x, weight, need_dx,
                                                                                          need_dw, need_db))
-_LINEAR = _Op("linear", _linear_body, lambda x, weight, bias: x.new_empty((*x.shape[:-1], weight.shape[0])),
+_LINEAR = _Op("linear", _linear_body, lambda x, weight, bias: _new_empty(x, (*x.shape[:-1], weight.shape[0])),
               _linear_setup, _linear_backward)
 
 
@@ -412,13 +458,22 @@ def _lce_setup(ctx, inputs, output):
 
 def _scale_in_place(grad_loss, *grads):
     """The eager "mean" / "sum" backward: the saved gradients scaled in place (no second copy
-    of dW; a second backward through the same graph then fails autograd's version check)."""
+    of dW), for a backward that frees the graph."""
     return tuple(g.mul_(grad_loss.to(g.dtype)) for g in grads)
+
+
+def _graph_kept() -> bool:
+    """Whether the running backward keeps the graph (retain_graph=True), so that the saved
+    tensors must outlive it; True where this torch cannot tell, and in a traced backward (one
+    graph for every later backward)."""
+    keep_graph = getattr(torch._C._autograd, "_get_current_graph_task_keep_graph", None)
+    return keep_graph is None or torch.compiler.is_compiling() or keep_graph()
 
 
 def _lce_backward(ctx, eager, grad_loss, *_):
     """The gradients of the op's inputs (dx, dw and db by name, None for the others): the "none"
     backward runs the kernel again; "mean" / "sum" scale the gradients the forward kept."""
+    _refuse_double_backward("linear_cross_entropy")
     o, wanted = ctx.options, _LceInputs(*ctx.needs_input_grad)
     needs = (o.need_dx, o.need_dw, o.need_db)
     if any(w and not need for w, need in zip((wanted.x, wanted.weight, wanted.bias), needs)):
@@ -429,18 +484,33 @@ def _lce_backward(ctx, eager, grad_loss, *_):
         grads = _LCE_BACKWARD(eager, grad_loss, x, weight, targets, bias, o.ignore_index, o.label_smoothing,
                               o.z_loss, o.softcap, *needs, class_weight)
     else:
-        grads = (_scale_in_place if eager else _LCE_SCALE.op)(grad_loss, *ctx.saved_tensors)
+        scale = _scale_in_place if eager and not _graph_kept() else functools.partial(_LCE_SCALE, eager)
+        grads = scale(grad_loss, *ctx.saved_tensors)
     dx, dw, db = (g if w else None for g, w in zip(grads, (wanted.x, wanted.weight, wanted.bias)))
     return tuple(_LceInputs(x=dx, weight=dw, bias=db))
 
 
 _LCE_SCALE = _Op("linear_cross_entropy_scale", _lce_scale_body,
-                 lambda grad_loss, dx, dw, db: (torch.empty_like(dx), torch.empty_like(dw), torch.empty_like(db)))
+                 lambda grad_loss, dx, dw, db: (_new_empty(dx), _new_empty(dw), _new_empty(db)))
 _LCE_BACKWARD = _Op("linear_cross_entropy_backward", _lce_backward_body, _lce_backward_fake)
 _LCE = _Op("linear_cross_entropy", _lce_body, _lce_fake, _lce_setup, _lce_backward)
 
 
 # --- public functions and modules ------------------------------------------------------
+def _check_tensors(who: str, optional=("bias",), **arrays):
+    """Each named argument is a torch.Tensor (those named in `optional` may be None), outside
+    torch.func transforms."""
+    for name, t in arrays.items():
+        if not isinstance(t, torch.Tensor) and not (name in optional and t is None):
+            raise TypeError(f"gpuad.torch.{who}: {name} must be a torch.Tensor{' or None' if name in optional else ''}, "
+                            f"got {type(t).__name__}")
+    if not torch.compiler.is_compiling() and any(
+            t is not None and torch._C._functorch.is_functorch_wrapped_tensor(t) for t in arrays.values()):
+        raise RuntimeError(f"gpuad.torch.{who} does not support torch.func transforms (vmap, grad, jacrev, ...): "
+                           "its kernels read the tensors' memory; call it outside the transform, or use the torch "
+                           "function it replaces")
+
+
 def _check_device(name: str, t: torch.Tensor):
     if t.device.type not in ("cpu", "cuda"):
         raise ValueError(f"{name} is on {t.device}: gpuad.torch runs on CPU and CUDA tensors")
@@ -507,6 +577,8 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
     gpuad.torch_parallel.cross_entropy."""
     if size_average is not None or reduce is not None:
         reduction = torch.nn._reduction.legacy_get_string(size_average, reduce)
+    _check_tensors("cross_entropy", ("weight",), input=input, target=target, weight=weight)
+    ignore_index = checks.ignore_index_arg(ignore_index)
     if process_group is not None:
         if weight is not None:
             raise ValueError("weight is not supported with process_group (vocabulary-parallel cross_entropy)")
@@ -523,7 +595,7 @@ def cross_entropy(input: torch.Tensor, target: torch.Tensor, weight: Optional[to
         raise RuntimeError("cross_entropy is not differentiable with respect to weight with class-index targets "
                            "(as F.cross_entropy): pass weight.detach()")
     needs_grad = _needs_grad(input, *((target, weight) if layout.soft else ()))
-    loss, _ = _CROSS_ENTROPY.run(needs_grad, input, target, weight, int(ignore_index), reduction,
+    loss, _ = _CROSS_ENTROPY.run(needs_grad, input, target, weight, ignore_index, reduction,
                                  float(label_smoothing), needs_grad)
     return _loss_out(loss, input)
 
@@ -533,6 +605,7 @@ def linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] =
     gpuad's fused linear_backward. weight and bias share one dtype: x's, or float32 as the
     master copy of fp16/bf16 activations (its gradient is accumulated and returned in fp32).
     Under torch.autocast, x is cast to the autocast dtype, as F.linear would be."""
+    _check_tensors("linear", x=x, weight=weight, bias=bias)
     x = _compute_input(x, weight, "K", "N")
     _check_weight(x, weight, bias)
     return _LINEAR.run(_needs_grad(x, weight, bias), x, weight, bias)
@@ -556,6 +629,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     by the sum of the valid targets' class weights. It takes no gradient.
     With process_group (or a weight that is a DTensor sharded on dim 0), weight, bias and
     class_weight are this rank's vocabulary rows: see gpuad.torch_parallel.linear_cross_entropy."""
+    _check_tensors("linear_cross_entropy", ("bias", "class_weight"), x=x, weight=weight, targets=targets, bias=bias,
+                   class_weight=class_weight)
+    ignore_index = checks.ignore_index_arg(ignore_index)
     if class_weight is not None and class_weight.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("linear_cross_entropy is not differentiable with respect to class_weight (as "
                            "F.cross_entropy's weight): pass class_weight.detach()")
@@ -574,9 +650,9 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     checks.check_lce_options(reduction, label_smoothing, z_loss, softcap)
     checks.check_class_weight(class_weight, weight.shape[0], z_loss)
     _check_same_device("class_weight", class_weight, "x", x)
-    a = _LceInputs(x.reshape(-1, x.shape[-1]), weight, targets.reshape(-1), bias, ignore_index=int(ignore_index),
-                   reduction=reduction, label_smoothing=float(label_smoothing), z_loss=float(z_loss),
-                   softcap=None if softcap is None else float(softcap), need_dx=_needs_grad(x),
+    a = _LceInputs(x.reshape(targets.numel(), x.shape[-1]), weight, targets.reshape(-1), bias,  # D = 0 allowed
+                   ignore_index=ignore_index, reduction=reduction, label_smoothing=float(label_smoothing),
+                   z_loss=float(z_loss), softcap=None if softcap is None else float(softcap), need_dx=_needs_grad(x),
                    need_dw=_needs_grad(weight), need_db=_needs_grad(bias), class_weight=class_weight)
     loss = _LCE.run(a.need_dx or a.need_dw or a.need_db, *a)[0]
     return _loss_out(loss.reshape(targets.shape) if reduction == "none" else loss, x)
@@ -601,6 +677,7 @@ class CrossEntropyLoss(torch.nn.CrossEntropyLoss):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         if self.reduction not in checks.REDUCTIONS:
             raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {self.reduction!r}")
+        self.ignore_index = checks.ignore_index_arg(ignore_index)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return cross_entropy(input, target, self.weight, ignore_index=self.ignore_index, reduction=self.reduction,
@@ -631,7 +708,8 @@ class LinearCrossEntropy(torch.nn.Module):
         if reduction not in checks.REDUCTIONS:
             raise ValueError(f"reduction must be one of {checks.REDUCTIONS}, got {reduction!r}")
         self.in_features, self.num_classes = in_features, num_classes
-        self.ignore_index, self.reduction, self.label_smoothing = ignore_index, reduction, label_smoothing
+        self.ignore_index = checks.ignore_index_arg(ignore_index)
+        self.reduction, self.label_smoothing = reduction, label_smoothing
         self.z_loss, self.softcap, self.process_group = z_loss, softcap, process_group
         rows = num_classes
         if class_weight is not None:

@@ -26,7 +26,8 @@ import torch
 from torch.distributed import _functional_collectives as funcol
 
 from gpuad.kernels import checks, reference
-from gpuad.torch import _check_weight, _compute_input, _cross_entropy_backward_body, _loss_out, _needs_grad
+from gpuad.torch import (_check_weight, _compute_input, _cross_entropy_backward_body, _graph_kept, _loss_out,
+                         _needs_grad, _refuse_double_backward)
 
 __all__ = ["cross_entropy", "linear_cross_entropy", "vocab_slice", "local_rows", "shard_rows", "shard_head"]
 
@@ -179,10 +180,7 @@ def _row_grad(z, lse, col, scale, eps, z_loss, softcap, vocab, cw=None, classes=
     return g.mul_(scale[:, None]).masked_fill_((scale == 0)[:, None], 0.0)  # an ignored row: 0 even from NaN
 
 
-def _valid_rows(targets, ignore_index):
-    if ignore_index is None:
-        return torch.ones_like(targets, dtype=torch.bool)
-    return targets != ignore_index
+_valid_rows = checks.valid_targets
 
 
 def _row_scale(valid, reduction, dtype, grad_scale=None):
@@ -193,15 +191,16 @@ def _row_scale(valid, reduction, dtype, grad_scale=None):
     return scale if grad_scale is None else scale * grad_scale.to(dtype)
 
 
-def _first_order(backward):
-    """A backward that refuses to be differentiated (create_graph=True) with a clear error."""
-    @functools.wraps(backward)
-    def wrapped(ctx, *grads):
-        if torch.is_grad_enabled():
-            raise RuntimeError("gpuad.torch's vocabulary-parallel ops are first-order only: their backward cannot "
-                               "be differentiated (create_graph=True / double backward)")
-        return backward(ctx, *grads)
-    return wrapped
+def _first_order(who):
+    """A backward of the vocabulary-parallel `who` that refuses to be differentiated
+    (create_graph=True) with a clear error."""
+    def decorate(backward):
+        @functools.wraps(backward)
+        def wrapped(ctx, *grads):
+            _refuse_double_backward(f"{who} (vocabulary-parallel)")
+            return backward(ctx, *grads)
+        return wrapped
+    return decorate
 
 
 def _acc_dtype(dtype):
@@ -233,7 +232,7 @@ class _CrossEntropyFunction(torch.autograd.Function):
         return loss
 
     @staticmethod
-    @_first_order
+    @_first_order("cross_entropy")
     def backward(ctx, grad_loss):
         (dlogits,) = ctx.saved_tensors
         return (_cross_entropy_backward_body(grad_loss, dlogits),) + (None,) * 6
@@ -260,7 +259,7 @@ def cross_entropy(logits: torch.Tensor, targets: torch.Tensor, ignore_index: Opt
     shape = (logits.shape[0], max(logits.shape[1], 1)) if logits.dim() == 2 else logits.shape  # V_r may be 0
     checks.check_cross_entropy_args(types.SimpleNamespace(shape=shape, dtype=logits.dtype), targets, reduction,
                                     label_smoothing)
-    checks.check_ignore_index(ignore_index)
+    ignore_index = checks.ignore_index_arg(ignore_index)
     if targets.device != logits.device:
         raise ValueError(f"targets is on {targets.device}, logits on {logits.device}: they must share one device")
     args = (logits, targets, ignore_index, reduction, float(label_smoothing), process_group, vocab_size)
@@ -377,11 +376,12 @@ class _LinearCrossEntropyFunction(torch.autograd.Function):
         return reference.reduce_row_losses(row_loss, o.reduction, divisor)
 
     @staticmethod
-    @_first_order
+    @_first_order("linear_cross_entropy")
     def backward(ctx, grad_loss):
         o, needs = ctx.o, ctx.needs
-        if o.reduction != "none":
-            grads = tuple(g.mul_(grad_loss.to(g.dtype)) if need else None
+        if o.reduction != "none":  # the saved gradients scaled, in place unless the graph is kept for another backward
+            in_place = not _graph_kept()
+            grads = tuple((g.mul_(grad_loss.to(g.dtype)) if in_place else g * grad_loss.to(g.dtype)) if need else None
                           for g, need in zip(ctx.saved_tensors, needs))
         else:
             x, weight, bias, targets, lse, classes = ctx.saved_tensors
@@ -445,8 +445,8 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     _check_weight(x, weight, bias)
     if targets.device != x.device:
         raise ValueError(f"targets is on {targets.device}, x on {x.device}: they must share one device")
-    checks.check_ignore_index(ignore_index)
-    x2, t2 = x.reshape(-1, x.shape[-1]), targets.reshape(-1)
+    ignore_index = checks.ignore_index_arg(ignore_index)
+    x2, t2 = x.reshape(targets.numel(), x.shape[-1]), targets.reshape(-1)  # D = 0 allowed
     checks.check_integer_targets(t2)
     checks.check_lce_options(reduction, label_smoothing, z_loss, softcap)
     checks.check_class_weight(class_weight, weight.shape[0], z_loss)

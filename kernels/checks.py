@@ -6,6 +6,7 @@ and can be turned off with ``check_targets=False``.
 """
 from __future__ import annotations
 
+import operator
 from typing import NamedTuple
 
 FLOAT_DTYPES = ("float16", "bfloat16", "float32", "float64")
@@ -118,10 +119,22 @@ def class_strides(shape, strides):
     return (strides[0], strides[1], kept[-1][1] if kept else 0)
 
 
-def check_ignore_index(ignore_index):
-    """ignore_index is an integer, or None (no row is ignored)."""
-    if ignore_index is not None and (not hasattr(ignore_index, "__index__") or isinstance(ignore_index, bool)):
-        raise TypeError(f"ignore_index must be an integer or None, got {ignore_index!r}")
+def ignore_index_arg(value, name: str = "ignore_index"):
+    """The one contract of every ignore_index argument: an integer (a Python, numpy or integer
+    0-d tensor one), returned as an int, or None (no row is ignored). Anything else (a float,
+    a bool, a string, an array) raises TypeError naming the argument: a float is never
+    truncated."""
+    if value is None:
+        return None
+    if not isinstance(value, bool) and hasattr(value, "__index__"):
+        try:
+            return operator.index(value)
+        except TypeError:  # a floating 0-d tensor has __index__ but refuses it
+            pass
+    raise TypeError(f"{name} must be an integer or None, got {type(value).__name__} {value!r}")
+
+
+check_ignore_index = ignore_index_arg  # the same contract, where the caller only validates
 
 
 def check_targets(targets, num_classes: int, ignore_index: int | None) -> bool:
@@ -167,6 +180,32 @@ def kernel_ignore_index(ignore_index, targets_dtype) -> int:
     return -2**63
 
 
+def valid_targets(targets, ignore_index):
+    """The boolean mask targets != ignore_index, exact for every integer dtype and value (numpy,
+    CuPy or torch targets): an ignore_index no target of targets' dtype can hold (None, or a
+    value outside the dtype's range, which torch would wrap) matches no target."""
+    if can_equal_a_target(ignore_index, targets.dtype):
+        return targets != int(ignore_index)
+    return targets == targets  # all True: integer targets equal themselves
+
+
+def check_no_overlap(name: str, a):
+    """Refuse an output or accumulator whose elements share memory (a stride-0 expand, an
+    as_strided view): writing it would race or sum into one place, as torch refuses for
+    in-place writes. Strides of torch (elements), numpy and CuPy (bytes) arrays alike."""
+    strides = a.stride() if callable(getattr(a, "stride", None)) else tuple(s // a.itemsize for s in a.strides)
+    axes = sorted((abs(st), n) for st, n in zip(strides, a.shape) if n > 1)
+    if 0 in tuple(a.shape):
+        return  # an empty array holds no element to share
+    extent = 0  # the furthest element offset reached by the axes so far
+    for stride, n in axes:
+        if stride <= extent:
+            raise ValueError(f"{name} has elements that share memory (shape {tuple(a.shape)}, strides "
+                             f"{tuple(strides)}): it is written in place, so pass a tensor or array with "
+                             f"its own memory for each element (e.g. .contiguous())")
+        extent += stride * (n - 1)
+
+
 def check_linear_backward_args(x, w, dy, dw_accumulate, allowed=FLOAT_DTYPES):
     """x [..., K], w [N, K], dy [..., N] of one floating dtype; dw_accumulate fp32 [N, K]."""
     if len(w.shape) != 2:
@@ -189,6 +228,7 @@ def check_linear_backward_args(x, w, dy, dw_accumulate, allowed=FLOAT_DTYPES):
         if tuple(dw_accumulate.shape) != (n, k) or dtype_name(dw_accumulate.dtype) != "float32":
             raise ValueError(f"dw_accumulate must be a float32 buffer of shape [N, K] = {(n, k)}, got "
                              f"{dtype_name(dw_accumulate.dtype)} {tuple(dw_accumulate.shape)}")
+        check_no_overlap("dw_accumulate", dw_accumulate)
 
 
 def check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
@@ -223,6 +263,8 @@ def check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smooth
                                       or dtype_name(dw_accumulate.dtype) != "float32"):
         raise ValueError(f"dw_accumulate must be a float32 buffer of shape [V, D] = {(v, d)}, got "
                          f"{dtype_name(dw_accumulate.dtype)} {tuple(dw_accumulate.shape)}")
+    if dw_accumulate is not None:
+        check_no_overlap("dw_accumulate", dw_accumulate)
     if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
         raise ValueError(f"chunk must be None or a positive int (rows of x per chunk), got {chunk!r}")
     if grad_scale is not None:

@@ -70,11 +70,13 @@ def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, re
     returns that buffer.
     """
     _arrays("softmax_cross_entropy", logits=logits, targets=targets, weight=weight)
-    checks.check_ignore_index(ignore_index)
+    ignore_index = checks.ignore_index_arg(ignore_index)
     layout = checks.check_cross_entropy_layout(logits, targets, weight, reduction, label_smoothing, ignore_index)
     if inplace and grad and not getattr(getattr(logits, "flags", None), "writeable", True):
         raise ValueError("inplace=True writes the gradient over logits, which are read-only (a broadcast view, "
                          "or held by a graph): pass a writeable array, or inplace=False")
+    if inplace and grad:
+        checks.check_no_overlap("logits (written in place)", logits)
     xp = array_module(logits, targets, *(() if weight is None else (weight,)))
     rows = class_rows(xp, logits)
     if layout.soft:
@@ -127,7 +129,7 @@ def _index_rows(xp, rows, targets, weight, ignore_index, label_smoothing, grad, 
     if ignore_index is None or (in_range and not 0 <= ignore_index < n_classes):
         valid = None  # no row is ignored
     else:
-        valid = targets != ignore_index
+        valid = checks.valid_targets(targets, ignore_index)
     safe_targets = targets if valid is None else xp.where(valid, targets, 0)  # ignored rows are masked below
     if not check_targets:  # a bad target gives its own row unspecified values, never another row's
         safe_targets = xp.clip(safe_targets, 0, n_classes - 1)
@@ -285,6 +287,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     time (default: :func:`linear_cross_entropy_chunk`). allow_tf32 is accepted for a
     common signature and ignored: the reference is exact.
     """
+    ignore_index = checks.ignore_index_arg(ignore_index)
     checks.check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
                                            dw_accumulate, chunk, grad_scale, class_weight=class_weight)
     xp = array_module(x, w, targets, *(a for a in (bias, dw_accumulate, grad_scale, class_weight) if a is not None))
@@ -296,7 +299,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     chunk = chunk or linear_cross_entropy_chunk(n, v, xp.dtype(acc).itemsize)
     wa = w.astype(acc, copy=False)  # read only below: no copy in the accumulation dtype
     ba = None if bias is None else bias.astype(acc, copy=False)
-    valid = targets != ignore_index
+    valid = checks.valid_targets(targets, ignore_index)
     cw = None if class_weight is None else class_weight.astype(acc)
     n_valid = mean_divisor(xp, targets, valid, cw, acc)
     # per-row factor of the gradient: 1/n_valid for "mean", times grad_scale

@@ -31,7 +31,7 @@ from gpuad.kernels import reference
 
 torch = pytest.importorskip("torch")
 pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, note, settings  # noqa: E402
+from hypothesis import HealthCheck, assume, given, note, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 F = torch.nn.functional
@@ -1358,3 +1358,147 @@ def test_torch_cross_entropy_options(case, bypass):
     finally:
         gt.EAGER_BYPASS = saved
     assert buf.numel() == 0 or same_bits(buf.detach(), before), "an input was modified"
+
+
+# --- gpuad.torch: eager Function, registered custom op, compiled; first and second order ----------
+gt = pytest.importorskip("gpuad.torch")
+TORCH_OPS = ("cross_entropy", "linear", "linear_cross_entropy")
+GT_LAYOUTS = ("contiguous", "transposed", "sliced", "offset", "expanded")
+
+
+@st.composite
+def torch_op_case(draw, valid_only=False):
+    """(op, named numpy arrays with their layouts, options, targets): valid inputs, and now and then
+    an ignore_index of the wrong type, an unknown reduction or an out-of-range target."""
+    op = draw(st.sampled_from(TORCH_OPS))
+    dtype = draw(st.sampled_from((np.float64, np.float32)))
+    n, d, v = (draw(st.sampled_from(SIDES)) for _ in range(3))
+    shapes = {"cross_entropy": {"logits": (n, v)},
+              "linear": {"x": (n, d), "weight": (v, d)},
+              "linear_cross_entropy": {"x": (n, d), "weight": (v, d)}}[op]
+    if op != "cross_entropy" and draw(st.booleans()):
+        shapes["bias"] = (v,)
+    arrays = {name: draw(specs(shape=shape, dtypes=(dtype,), values=("normal",), layouts=GT_LAYOUTS))
+              for name, shape in shapes.items()}
+    rare = not valid_only and draw(st.integers(0, 7)) == 0
+    ignore_index = draw(st.sampled_from([-100, 1, None] + ([1.5, True] if rare else [])))
+    reduction = draw(st.sampled_from(["mean", "sum", "none"] + (["avg"] if rare else [])))
+    rng = np.random.default_rng(draw(seeds))
+    targets = rng.integers(0, max(v, 1), size=n).astype(draw(st.sampled_from([np.int64, np.int32])))
+    if isinstance(ignore_index, int) and not isinstance(ignore_index, bool) and n:
+        targets[rng.random(n) < 0.3] = ignore_index
+    if rare and n and draw(st.booleans()):
+        targets[0] = v + 2
+    return op, arrays, dict(ignore_index=ignore_index, reduction=reduction,
+                            label_smoothing=draw(st.sampled_from([0.0, 0.1]))), targets
+
+
+def _torch_op_valid(op, arrays, opts, targets):
+    if op == "linear":
+        return True
+    ignore_index = opts["ignore_index"]
+    v = arrays["logits"]["shape"][1] if op == "cross_entropy" else arrays["weight"]["shape"][0]
+    in_range = (targets >= 0) & (targets < v) | ((targets == ignore_index) if ignore_index is not None else False)
+    return (v >= 1 and bool(np.all(in_range)) and opts["reduction"] in ("mean", "sum", "none")
+            and (ignore_index is None or type(ignore_index) is int))
+
+
+def _torch_op_oracle(op, values, opts, targets, u):
+    """torch in float64 (gpuad's contract for ignored rows and an empty mean), and its gradients."""
+    leaves = {k: t64(a).requires_grad_() for k, a in values.items()}
+    if op == "linear":
+        y = F.linear(leaves["x"], leaves["weight"], leaves.get("bias"))
+    else:
+        z = leaves["logits"] if op == "cross_entropy" else F.linear(leaves["x"], leaves["weight"], leaves.get("bias"))
+        ignore = opts["ignore_index"]
+        valid = torch.from_numpy(targets != ignore if ignore is not None else np.ones(targets.shape, bool))
+        safe = torch.from_numpy(np.where(valid.numpy(), targets, 0).astype(np.int64))
+        rows = F.cross_entropy(z, safe, reduction="none", label_smoothing=opts["label_smoothing"]) * valid
+        y = rows if opts["reduction"] == "none" else rows.sum() / (
+            max(int(valid.sum()), 1) if opts["reduction"] == "mean" else 1)
+    grads = torch.autograd.grad(y, list(leaves.values()), t64(u), allow_unused=True)
+    return y.detach(), dict(zip(leaves, grads))
+
+
+def _gt_call(op, tensors, opts, targets):
+    if op == "cross_entropy":
+        return gt.cross_entropy(tensors["logits"], targets, **opts)
+    if op == "linear":
+        return gt.linear(tensors["x"], tensors["weight"], tensors.get("bias"))
+    return gt.linear_cross_entropy(tensors["x"], tensors["weight"], targets, tensors.get("bias"), **opts)
+
+
+def _check_torch_op(op, arrays, opts, targets, path, order):
+    """One call of gpuad.torch's `op` on the `path` ("function", "custom_op", "compiled"):
+    the loss and gradients against torch in float64 (order 1), or the second-order
+    gradients of a gradient penalty (order 2): exact for linear, a clear refusal for the
+    fused losses; a clear error for invalid input; the inputs left alone."""
+    valid = _torch_op_valid(op, arrays, opts, targets)
+    tried(f"gpuad.torch.{op} ({path}, order {order})", valid, *arrays.values())
+    built = {k: torch_layout(build(spec)[0], spec["layout"]) for k, spec in arrays.items()}
+    values = {k: layout_values(build(spec)[0], spec["layout"]) for k, spec in arrays.items()}
+    before = {k: buf.clone() for k, (_, buf) in built.items()}
+    leaves = {k: t.detach().requires_grad_() for k, (t, _) in built.items()}
+    t = torch.from_numpy(targets)
+    call = (lambda *a: _gt_call(*a)) if path != "compiled" else torch.compile(_gt_call, backend="aot_eager",
+                                                                               fullgraph=True)
+    y = run(lambda: call(op, leaves, opts, t), valid, f"gpuad.torch.{op}")
+    if y is not None:
+        dtype = arrays[next(iter(arrays))]["dtype"]
+        u = cotangent(np.random.default_rng(arrays[next(iter(arrays))]["seed"]), tuple(y.shape), np.float64)
+        y_t, grads_t = _torch_op_oracle(op, values, opts, targets, u)
+        width = max(values[next(iter(values))].shape[-1], 1)
+        scale = magnitude(*values.values()) ** 2 * (1 + max(targets.size, 1) * width)
+        close(y, y_t, dtype, scale, f"{op} ({path}) value")
+        if order == 1:
+            got = torch.autograd.grad(y, list(leaves.values()), torch.from_numpy(u).to(y.dtype), allow_unused=True)
+            for k, g in zip(leaves, got):
+                close(g if g is not None else torch.zeros(leaves[k].shape), grads_t[k], dtype, scale * magnitude(u),
+                      f"{op} ({path}) d{k}")
+        else:
+            _check_second_order(op, path, y, leaves, values, u, dtype, scale)
+    for k, (_, buf) in built.items():
+        assert buf.numpy().tobytes() == before[k].numpy().tobytes(), f"{op} ({path}): input {k} was modified"
+    assert torch.equal(t, torch.from_numpy(targets)), f"{op} ({path}): targets were modified"
+
+
+def _check_second_order(op, path, y, leaves, values, u, dtype, scale):
+    """A gradient penalty through `op`: |∂(y·u)/∂first input|² differentiated again."""
+    first = next(iter(leaves))
+
+    def penalty(y, leaves):
+        g, = torch.autograd.grad((y * torch.from_numpy(u).to(y.dtype)).sum(), leaves[first], create_graph=True)
+        if path == "compiled":  # torch's own refusal, in its node behind g (autograd.grad(.., x) prunes it)
+            g.square().sum().backward()
+        return torch.autograd.grad(g.square().sum(), list(leaves.values()), allow_unused=True)
+
+    if op != "linear" or path == "compiled":
+        with pytest.raises(RuntimeError, match="no double backward" if path != "compiled" else "double backward"):
+            penalty(y, leaves)
+        return
+    ref = {k: t64(a).requires_grad_() for k, a in values.items()}
+    want = penalty(F.linear(ref["x"], ref["weight"], ref.get("bias")), ref)
+    for k, g, e in zip(leaves, penalty(y, leaves), want):
+        zeros = torch.zeros(leaves[k].shape)
+        close(zeros if g is None else g, zeros if e is None else e, dtype, scale * magnitude(u) ** 2,
+              f"linear ({path}) second-order d{k}")
+
+
+@fuzz(60)
+@given(case=torch_op_case(), path=st.sampled_from(["function", "custom_op"]), order=st.sampled_from([1, 1, 2]))
+def test_torch_ops(case, path, order):
+    op, arrays, opts, targets = case
+    gt.EAGER_BYPASS = path == "function"
+    try:
+        _check_torch_op(op, arrays, opts, targets, path, order)
+    finally:
+        gt.EAGER_BYPASS = True
+
+
+@fuzz(6)
+@given(case=torch_op_case(valid_only=True), order=st.sampled_from([1, 2]))
+def test_torch_ops_compiled(case, order):
+    """Valid inputs only: under fullgraph=True, torch wraps gpuad's own error in its Unsupported."""
+    assume(_torch_op_valid(*case))
+    torch._dynamo.reset()  # a fresh compile per example (no recompile limit across examples)
+    _check_torch_op(*case, "compiled", order)

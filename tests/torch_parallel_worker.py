@@ -238,6 +238,14 @@ def size_one_group(rec, group, rank, world):
     t = torch.randint(0, 6, (5,), generator=g)
     rec.close("group of one", "loss", gt.linear_cross_entropy(x, w, t, process_group=solo),
               gt.linear_cross_entropy(x, w, t), 1e-12)
+    grads = []
+    for group in (solo, None):  # a second backward through a retained graph: 1 + 3 times the gradient
+        leaf = w.clone().requires_grad_()
+        loss = gt.linear_cross_entropy(x, leaf, t, process_group=group)
+        loss.backward(retain_graph=True)
+        (3 * loss).backward()
+        grads.append(leaf.grad)
+    rec.close("group of one", "dw after a retained graph's second backward", *grads, 1e-12)
 
 
 def build_full(v, d, seed):

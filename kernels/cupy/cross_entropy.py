@@ -179,7 +179,7 @@ def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, re
     contiguous copy only when d1, ... cannot be walked as one axis; probability targets of
     another dtype than the logits are converted to it, the weight to fp32).
     """
-    checks.check_ignore_index(ignore_index)
+    ignore_index = checks.ignore_index_arg(ignore_index)
     layout = checks.check_cross_entropy_layout(logits, targets, weight, reduction, label_smoothing, ignore_index,
                                                allowed=tuple(SUFFIX))
     arrays = dict(logits=logits, targets=targets, **({} if weight is None else {"weight": weight}))

@@ -72,6 +72,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     ``gpuad.kernels.reference.linear_cross_entropy`` (dw_accumulate must be C-contiguous).
     check_targets=False removes the only host sync; a bad target then gives a NaN row loss.
     """
+    ignore_index = checks.ignore_index_arg(ignore_index)
     checks.check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap,
                                            dw_accumulate, chunk, grad_scale, allowed=tuple(SUFFIX),
                                            class_weight=class_weight)
@@ -93,7 +94,8 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
         x2 = cupy.ascontiguousarray(x)
         t = cupy.ascontiguousarray(targets, dtype=cupy.int64)
         steps = _CupySteps(x2, cupy.ascontiguousarray(w), None if bias is None else cupy.ascontiguousarray(bias),
-                           ignore_index=ignore_index, smoothing=float(label_smoothing), z_coef=float(z_loss),
+                           ignore_index=checks.kernel_ignore_index(ignore_index, targets.dtype),
+                           smoothing=float(label_smoothing), z_coef=float(z_loss),
                            softcap=softcap, grad=grad, row_scale=grad_scale is not None and grad_scale.ndim == 1,
                            allow_tf32=allow_tf32,
                            class_weight=None if class_weight is None else cupy.ascontiguousarray(class_weight,
@@ -138,7 +140,8 @@ class _CupySteps(Steps):
         return self.cupy.ascontiguousarray(a)
 
     def mean_divisor(self, targets, ignore_index):
-        return mean_divisor(self.cupy, targets, targets != ignore_index, self.class_weight, self.cupy.float32)
+        valid = checks.valid_targets(targets, ignore_index)
+        return mean_divisor(self.cupy, targets, valid, self.class_weight, self.cupy.float32)
 
     def free_bytes(self):
         return _free_bytes()

@@ -633,7 +633,7 @@ def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, re
     x, from_cupy = as_torch(logits)
     t, _ = as_torch(targets)
     w = None if weight is None else as_torch(weight)[0]
-    checks.check_ignore_index(ignore_index)
+    ignore_index = checks.ignore_index_arg(ignore_index)
     layout = checks.check_cross_entropy_layout(x, t, w, reduction, label_smoothing, ignore_index,
                                                allowed=("float16", "bfloat16", "float32"))
     for name, a in (("targets", t), ("weight", w)):

@@ -230,6 +230,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     acc_t = None if dw_accumulate is None else as_torch(dw_accumulate)[0]  # the caller's buffer is returned
     grad_scale = None if grad_scale is None else as_torch(grad_scale)[0]
     class_weight = None if class_weight is None else as_torch(class_weight)[0]
+    ignore_index = checks.ignore_index_arg(ignore_index)
     checks.check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smoothing, z_loss, softcap, acc_t,
                                            chunk, grad_scale, allowed=checks.GPU_DTYPES, class_weight=class_weight)
     device = x.device
@@ -241,7 +242,8 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
         raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {device}")
     if check_targets:
         checks.check_targets(targets, w.shape[0], ignore_index)
-    steps = _TorchSteps(x, w, bias, ignore_index=ignore_index, smoothing=float(label_smoothing), z_coef=float(z_loss),
+    kernel_ignore = checks.kernel_ignore_index(ignore_index, targets.dtype)  # the kernel compares in int64
+    steps = _TorchSteps(x, w, bias, ignore_index=kernel_ignore, smoothing=float(label_smoothing), z_coef=float(z_loss),
                         softcap=softcap, grad=grad, row_scale=grad_scale is not None and grad_scale.dim() == 1,
                         allow_tf32=allow_tf32, class_weight=class_weight)
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
@@ -288,7 +290,7 @@ class _TorchSteps(Steps):
         return a.contiguous()
 
     def mean_divisor(self, targets, ignore_index):
-        valid = targets != ignore_index
+        valid = checks.valid_targets(targets, ignore_index)
         if self.class_weight is None:
             return valid.sum().clamp(min=1).to(torch.float32)
         t = targets.clamp(0, self.v - 1)  # an ignored or bad target reads a weight it does not use
