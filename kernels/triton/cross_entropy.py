@@ -44,14 +44,13 @@ check_targets=False the call is CUDA-graph capturable.
 """
 from __future__ import annotations
 
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import checks, tuning
-from .interop import as_given, as_torch, device_info
+from .interop import Launch, as_given, as_torch, check_device, device_info
 
 OP = "triton.softmax_cross_entropy"
 #: The tuning space (tuning.register): every value is a candidate the sweep can time.
@@ -84,7 +83,6 @@ LANES_MAX_PER_THREAD = 16
 #: Elements a step of the one-program count and finish kernels.
 REDUCE_BLOCK = 1024
 _LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite fp32: a running max never makes NaN
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -639,8 +637,7 @@ def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, re
     for name, a in (("targets", t), ("weight", w)):
         if a is not None and a.device != x.device:
             raise ValueError(f"logits and {name} must be on one device, got {x.device} and {a.device}")
-    if x.device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+    check_device(x.device)
     if check_targets and not layout.soft:
         checks.check_targets(t.reshape(-1), layout.n_classes, ignore_index)
     if w is None and not layout.soft and x.dim() == 2:

@@ -38,7 +38,7 @@ import torch
 
 from gpuad.kernels import checks, tuning
 
-from .interop import INTERPRETED, as_torch, device_info
+from .interop import INTERPRETED, Launch, as_torch, check_device, device_info
 from .linear_backward_kernel import (FMA_COMPUTE_BOUND_FLOPS, INTERPRETER_TILE, OP, TILE_PARAM, TILES, Tile,
                                      _linear_backward_kernel, constexprs, geometry, split_factors, tile_meta,
                                      tiles_for)
@@ -91,8 +91,9 @@ def _launch_cublas(x2, w, dy2, dw_acc, need_dx, bias, allow_tf32):
 
 
 def _launch_kernel(launcher, args, meta):
-    """The hand-off to Triton (one place, so a test can stub the launch)."""
-    launcher(*args, **meta)
+    """The hand-off to Triton (one place, so a test can stub the launch): `launcher` is the
+    plan's interop.Launch, bound to `meta`."""
+    launcher(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,7 +132,7 @@ class _Plan:
                                     split_x=g.splits_x > 1), **tile_meta(tile))
         self.scalars = (m, n, k) + strides + (g.p_dw, g.splits_w, g.chunk_w, g.splits_x, g.chunk_x,
                                               g.ws_db_off, g.ws_dx_off, g.cnt_db_off, g.cnt_dx_off)
-        self.launcher = _linear_backward_kernel[(g.grid,)]
+        self.launcher = Launch(_linear_backward_kernel, (g.grid,), self.meta, check=(0, 1, 2))
         self.dx_shape, self.dw_shape, self.db_shape = prob.lead + (k,), (n, k), (n,)
 
     def launch(self, x2, w, dy2, dx2, dw, db):
@@ -257,9 +258,7 @@ def _check_args(x, w, dy, acc_t, route):
     for name, t in (("w", w), ("dy", dy), ("dw_accumulate", acc_t)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device}, x on {device}: all arrays must share one device")
-    if device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"the Triton kernels need CUDA tensors (got {device}); "
-                         "CPU tensors run only under TRITON_INTERPRET=1")
+    check_device(device)
     dtype = x.dtype
     accumulate = acc_t is not None
     if route == "cublas" and accumulate and dtype != torch.float32:
