@@ -11,7 +11,9 @@ kept small. The CuPy launchers run gpuad's own launcher code over a stand-in for
 arrays are numpy arrays and whose kernel calls, GEMMs included, do nothing; the line says so.
 
 Each line: ``host-overhead <launcher> <shape> <us> us/call``, the median over rounds of the mean
-of many back-to-back calls.
+CPU time of many back-to-back calls. Run it with TRITON_INTERPRET unset (the interpreter never
+compiles); the Triton launchers' cached per-problem plans make the calls after the first skip
+JITFunction.run (interop.Launch).
 """
 from __future__ import annotations
 
@@ -25,8 +27,13 @@ GPU_ARCH = 90
 MAX_SHARED = 232448  # bytes of shared memory a block may use on sm_90
 
 
+#: Launches the stub driver was handed (read by the tests).
+launches = [0]
+
+
 def _stub_launch(*args) -> None:
-    """The driver's kernel launch: nothing reaches a GPU."""
+    """The driver's kernel launch: counted, nothing reaches a GPU."""
+    launches[0] += 1
 
 
 class _StubUtils:
@@ -153,6 +160,10 @@ def _triton_cases():
 
 def lines(calls: int = 200, rounds: int = 15, cases=None) -> list[str]:
     """The host-overhead lines of every launcher (see the module docstring)."""
+    from gpuad.kernels.triton import interop
+
+    if interop.INTERPRETED:
+        raise RuntimeError("--host-overhead measures the compiled launch path: unset TRITON_INTERPRET")
     out = []
     with stub_driver():
         for name, shape, fn in cases if cases is not None else _triton_cases():
@@ -161,6 +172,9 @@ def lines(calls: int = 200, rounds: int = 15, cases=None) -> list[str]:
 
 
 def main(calls: int = 200) -> int:
+    import torch
+
+    torch.set_num_threads(1)  # the CPU GEMMs of the LM head: one thread, as the host's own work
     for line in lines(calls):
         print(line, flush=True)
     return 0

@@ -628,6 +628,9 @@ def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, re
     removes it (the call is then CUDA-graph capturable); out-of-range targets then give
     unspecified losses but never an out-of-bounds access.
     """
+    plan = _rows_plan(logits, targets, weight, ignore_index, reduction, label_smoothing, inplace, grad)
+    if plan is not None:
+        return plan(logits, targets, check_targets)
     x, from_cupy = as_torch(logits)
     t, _ = as_torch(targets)
     w = None if weight is None else as_torch(weight)[0]
@@ -739,3 +742,101 @@ def _launch_rows(x, t, ignore_index, reduction, label_smoothing, inplace, grad):
         _ce_finish_kernel[(1,)](row_loss, loss, target_buf, n_rows, ignore, MEAN=reduction == "mean",
                                 BLOCK=REDUCE_BLOCK)
     return loss, out
+
+
+# --------------------------------------------------------------------------------------------
+# Plans: a [B, V] call with class-index targets and no weight, resolved once per problem
+
+_plans: dict = {}  # key (see _rows_plan) -> _RowsPlan, or None where the call takes the general path
+_MAX_PLANS = 1024
+
+
+def clear_plans() -> None:
+    """Forget the resolved row-kernel plans: the next call of each problem plans again."""
+    _plans.clear()
+
+
+def _rows_plan(logits, targets, weight, ignore_index, reduction, label_smoothing, inplace, grad):
+    """The cached _RowsPlan of a call, or None (the call takes the full path: other types,
+    layouts or options, bad arguments, logits the kernel cannot address in place)."""
+    if weight is not None or type(logits) is not torch.Tensor or type(targets) is not torch.Tensor:
+        return None
+    key = (logits.shape, logits.stride(), logits.dtype, logits.device, targets.shape, targets.stride(),
+           targets.dtype, targets.device, type(ignore_index), ignore_index, reduction, type(label_smoothing),
+           label_smoothing, bool(inplace), bool(grad), tuning.active_overrides(OP))
+    try:
+        return _plans[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable option: the full path checks it
+        return None
+    if len(_plans) >= _MAX_PLANS:
+        del _plans[next(iter(_plans))]
+    plan = _plans[key] = _RowsPlan.make(logits, targets, ignore_index, reduction, label_smoothing, inplace, grad)
+    return plan
+
+
+class _RowsPlan:
+    """softmax_cross_entropy of one problem of the row kernels: the checks done once, the kernels
+    bound once (interop.Launch); a call allocates the outputs and launches (plus the targets'
+    check when asked)."""
+
+    @classmethod
+    def make(cls, x, t, ignore_index, reduction, label_smoothing, inplace, grad):
+        """The plan, or None for what the plan does not serve (checked by the full path)."""
+        try:
+            checks.check_ignore_index(ignore_index)
+            layout = checks.check_cross_entropy_layout(x, t, None, reduction, label_smoothing, ignore_index,
+                                                       allowed=("float16", "bfloat16", "float32"))
+            check_device(x.device)
+        except (ValueError, TypeError, IndexError):
+            return None
+        n_rows, n_cols = x.shape if x.dim() == 2 else (0, 0)
+        if (layout.soft or x.dim() != 2 or t.device != x.device or n_rows == 0 or _may_overlap(x)
+                or not (x.stride(1) == 1 or n_cols == 1) or not t.is_contiguous()):
+            return None
+        return cls(x, t, ignore_index, reduction, float(label_smoothing), bool(inplace), bool(grad))
+
+    def __init__(self, x, t, ignore_index, reduction, eps, inplace, grad):
+        n_rows, n_cols = x.shape
+        self.n_classes, self.ignore_index = n_cols, ignore_index
+        ignore = checks.kernel_ignore_index(ignore_index, t.dtype)
+        stride = x.stride(0) if n_rows > 1 else n_cols
+        self.dtype, self.device, self.n_rows, self.inplace = x.dtype, x.device, n_rows, inplace
+        self.grad_alloc = None if not grad or inplace else ((n_rows, n_cols), (max(stride, 1), 1))
+        device_name, sm_count = device_info(x.device)
+        params = tuning.launch_values(OP, device_name)
+        kernel, meta = _kernel_config(n_rows, n_cols, stride, x.element_size(), grad=grad, reduction=reduction,
+                                      label_smoothing=eps, params=params)
+        self.count = None
+        if meta["MEAN"] and meta["HAS_GRAD"] and not meta.get("COUNT", False):
+            self.count = Launch(_ce_count_kernel, (1,), dict(BLOCK=REDUCE_BLOCK), check=(0,))
+            self.count_args = (n_rows, ignore)
+        self.main = Launch(kernel, _grid(kernel, meta, n_rows, sm_count, params), meta, check=(0, 1, 2))
+        self.main_args = (n_rows, n_cols, stride, ignore, eps)
+        self.finish = None
+        if reduction != "none":
+            self.finish = Launch(_ce_finish_kernel, (1,), dict(MEAN=reduction == "mean", BLOCK=REDUCE_BLOCK),
+                                 check=(2,))
+            self.finish_args = (n_rows, ignore)
+
+    def __call__(self, x, t, check_targets):
+        """(loss, dlogits) of the row kernels, as softmax_cross_entropy returns them."""
+        if check_targets:
+            checks.check_targets(t, self.n_classes, self.ignore_index)
+        dtype, device = self.dtype, self.device
+        if self.grad_alloc is not None:
+            out = torch.empty_strided(*self.grad_alloc, dtype=dtype, device=device)
+        else:
+            out = x if self.inplace else None
+        row_loss = torch.empty(self.n_rows, dtype=torch.float32, device=device)
+        n_valid = row_loss  # a placeholder, never read, unless the count kernel runs first
+        if self.count is not None:
+            n_valid = torch.empty((), dtype=torch.int32, device=device)
+            self.count(t, n_valid, *self.count_args)
+        self.main(x, x if out is None else out, t, row_loss, n_valid, *self.main_args)
+        if self.finish is None:
+            return row_loss, out
+        loss = torch.empty((), dtype=torch.float32, device=device)
+        self.finish(row_loss, loss, t, *self.finish_args)
+        return loss, out

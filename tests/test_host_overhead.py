@@ -1,0 +1,141 @@
+"""The launchers' per-problem plans (results identical to the full path, under the interpreter)
+and python -m bench --host-overhead (a subprocess with the compiled launch path over bench's stub
+driver: calls after the first skip JITFunction.run; a misaligned input goes back through it)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+pytest.importorskip("triton")
+
+from gpuad.kernels.triton import cross_entropy as ce  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _full_path(monkeypatch):
+    monkeypatch.setattr(ce, "_rows_plan", lambda *a: None)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("opts", [
+    dict(), dict(reduction="sum"), dict(reduction="none"), dict(label_smoothing=0.1),
+    dict(ignore_index=3), dict(ignore_index=None), dict(grad=False), dict(inplace=True),
+    dict(reduction="mean", label_smoothing=0.2, ignore_index=1, check_targets=False),
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
+def test_ce_plan_gives_the_full_paths_bits(monkeypatch, dtype, opts):
+    g = torch.Generator().manual_seed(3)
+    x = (torch.randn(7, 37, generator=g) * 3).to(dtype)
+    t = torch.randint(0, 37, (7,), generator=g)
+    t[2] = 3
+    ce.clear_plans()
+    got = [ce.softmax_cross_entropy(x.clone(), t, **opts) for _ in range(2)]  # planned, then from the cache
+    assert len(ce._plans) == 1 and next(iter(ce._plans.values())) is not None
+    _full_path(monkeypatch)
+    want = ce.softmax_cross_entropy(x.clone(), t, **opts)
+    for run in got:
+        for a, b in zip(run, want):
+            assert (a is None) == (b is None)
+            if a is not None:
+                assert a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def test_ce_plan_inplace_returns_the_logits():
+    x, t = torch.randn(4, 9), torch.tensor([0, 1, 2, 3])
+    ce.clear_plans()
+    loss, g = ce.softmax_cross_entropy(x, t, inplace=True)
+    assert g is x
+
+
+@pytest.mark.parametrize("case", ["weight", "overlap", "targets-strided", "3-d", "subclass", "transposed"])
+def test_ce_plan_leaves_what_it_does_not_serve_to_the_full_path(case):
+    x, t, kw = torch.randn(6, 8), torch.arange(6), {}
+    if case == "weight":
+        kw = dict(weight=torch.ones(8))
+    elif case == "overlap":
+        x = torch.randn(1, 8).expand(6, 8)
+    elif case == "targets-strided":
+        t = torch.arange(6).repeat_interleave(2)[::2]
+    elif case == "3-d":
+        x, t = torch.randn(2, 8, 3), torch.zeros(2, 3, dtype=torch.long)
+    elif case == "subclass":
+        x = torch.nn.Parameter(x, requires_grad=False)
+    elif case == "transposed":
+        x = torch.randn(8, 6).t()
+    ce.clear_plans()
+    ce.softmax_cross_entropy(x, t, **kw)
+    assert all(p is None for p in ce._plans.values())
+
+
+def test_ce_plan_still_checks_targets_and_arguments():
+    x = torch.randn(3, 5)
+    ce.clear_plans()
+    ce.softmax_cross_entropy(x, torch.tensor([0, 1, 2]))
+    with pytest.raises(IndexError):  # same problem, planned: the targets are checked per call
+        ce.softmax_cross_entropy(x, torch.tensor([0, 1, 7]))
+    with pytest.raises(ValueError, match="reduction"):
+        ce.softmax_cross_entropy(x, torch.tensor([0, 1, 2]), reduction="avg")
+    with pytest.raises(ValueError, match="label_smoothing"):
+        ce.softmax_cross_entropy(x, torch.tensor([0, 1, 2]), label_smoothing=2.0)
+
+
+_SCRIPT = textwrap.dedent("""
+    import json, torch
+    from triton.runtime.jit import JITFunction
+    import bench.host_overhead as h
+    from gpuad.kernels import triton as kt
+
+    runs, launches = [0], h.launches
+    real_run = JITFunction.run
+    def counted(self, *a, **k):
+        runs[0] += 1
+        return real_run(self, *a, **k)
+    JITFunction.run = counted
+
+    x, w, dy = torch.randn(8, 16), torch.randn(24, 16), torch.randn(8, 24)
+    logits, t = torch.randn(4, 40), torch.tensor([0, 5, 39, 2])
+    cases = [("triton.linear_backward", "8x16->24 fp32", lambda: kt.linear_backward(x, w, dy, route="fused")),
+             ("triton.softmax_cross_entropy", "4x40 fp32", lambda: kt.softmax_cross_entropy(logits, t))]
+    out = {"lines": h.lines(calls=3, rounds=3, cases=cases)}
+    with h.stub_driver():
+        for name, fn in (("linear", cases[0][2]), ("ce", cases[1][2])):
+            runs[0] = launches[0] = 0
+            fn()
+            out[name] = (runs[0], launches[0])
+        odd = torch.randn(8 * 16 + 1)[1:].view(8, 16)  # 4 bytes off 16-byte alignment
+        runs[0] = launches[0] = 0
+        kt.linear_backward(odd, w, dy, route="fused")
+        out["misaligned"] = (runs[0], launches[0])
+    print("RESULT" + json.dumps(out))
+""")
+
+
+def test_host_overhead_calls_skip_jit_run_and_print_one_line_per_launcher():
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    env.pop("TRITON_INTERPRET", None)
+    proc = subprocess.run([sys.executable, "-c", _SCRIPT], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.split("RESULT", 1)[1])
+    assert out["linear"] == [0, 1]  # planned: no JITFunction.run, one launch
+    assert out["ce"] == [0, 3]  # count, row kernel, finish
+    assert out["misaligned"] == [1, 1]  # the alignment the compile assumed fails: through Triton
+    assert [line.split()[:3] for line in out["lines"]] == [
+        ["host-overhead", "triton.linear_backward", "8x16->24"],
+        ["host-overhead", "triton.softmax_cross_entropy", "4x40"]]
+    for line in out["lines"]:
+        assert line.endswith(" us/call") and float(line.split()[-2]) > 0
+
+
+def test_host_overhead_refuses_the_interpreter():
+    import bench.host_overhead as h
+
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
+        h.lines(cases=[])
