@@ -164,7 +164,14 @@ def override(op: str, **params):
         _local.overrides = prev
 
 
+#: Bumped by reload(): the launchers' per-problem plans carry it in their keys, so a plan made
+#: from an older table is not used after a reload.
+generation = 0
+
+
 def reload() -> None:
     """Forget the cached tables (after a table file changed)."""
+    global generation
     _resolved.cache_clear()
     _launch_cache.clear()
+    generation += 1

@@ -50,7 +50,7 @@ import triton
 import triton.language as tl
 
 from .. import checks, tuning
-from .interop import Launch, as_given, as_torch, check_device, device_info
+from .interop import Launch, as_given, as_torch, check_device, current_stream, device_info
 
 OP = "triton.softmax_cross_entropy"
 #: The tuning space (tuning.register): every value is a candidate the sweep can time.
@@ -763,7 +763,7 @@ def _rows_plan(logits, targets, weight, ignore_index, reduction, label_smoothing
         return None
     key = (logits.shape, logits.stride(), logits.dtype, logits.device, targets.shape, targets.stride(),
            targets.dtype, targets.device, type(ignore_index), ignore_index, reduction, type(label_smoothing),
-           label_smoothing, bool(inplace), bool(grad), tuning.active_overrides(OP))
+           label_smoothing, bool(inplace), bool(grad), tuning.active_overrides(OP), tuning.generation)
     try:
         return _plans[key]
     except KeyError:
@@ -804,6 +804,7 @@ class _RowsPlan:
         stride = x.stride(0) if n_rows > 1 else n_cols
         self.dtype, self.device, self.n_rows, self.inplace = x.dtype, x.device, n_rows, inplace
         self.grad_alloc = None if not grad or inplace else ((n_rows, n_cols), (max(stride, 1), 1))
+        self.like = x.is_contiguous()  # then torch.empty_like(x) makes the gradient
         device_name, sm_count = device_info(x.device)
         params = tuning.launch_values(OP, device_name)
         kernel, meta = _kernel_config(n_rows, n_cols, stride, x.element_size(), grad=grad, reduction=reduction,
@@ -814,29 +815,42 @@ class _RowsPlan:
             self.count_args = (n_rows, ignore)
         self.main = Launch(kernel, _grid(kernel, meta, n_rows, sm_count, params), meta, check=(0, 1, 2))
         self.main_args = (n_rows, n_cols, stride, ignore, eps)
-        self.finish = None
+        self.finish, self.scratch = None, {}
         if reduction != "none":
             self.finish = Launch(_ce_finish_kernel, (1,), dict(MEAN=reduction == "mean", BLOCK=REDUCE_BLOCK),
                                  check=(2,))
             self.finish_args = (n_rows, ignore)
 
+    def _scratch(self, device):
+        """(fp32 row losses, int32 valid-row count) of the current stream: kernels of one stream
+        run in order, so a call's launches use them before the next call's do; kept (never freed),
+        so a captured CUDA graph never points at freed memory."""
+        stream = current_stream(device)
+        bufs = self.scratch.get(stream)
+        if bufs is None:
+            bufs = self.scratch[stream] = (torch.empty(self.n_rows, dtype=torch.float32, device=device),
+                                           torch.empty((), dtype=torch.int32, device=device))
+        return bufs
+
     def __call__(self, x, t, check_targets):
         """(loss, dlogits) of the row kernels, as softmax_cross_entropy returns them."""
         if check_targets:
             checks.check_targets(t, self.n_classes, self.ignore_index)
-        dtype, device = self.dtype, self.device
+        device, empty = self.device, torch.empty_strided  # the cheapest of torch's allocations but empty_like
         if self.grad_alloc is not None:
-            out = torch.empty_strided(*self.grad_alloc, dtype=dtype, device=device)
+            out = (torch.empty_like(x) if self.like and type(x) is torch.Tensor
+                   else empty(*self.grad_alloc, dtype=self.dtype, device=device))
         else:
             out = x if self.inplace else None
-        row_loss = torch.empty(self.n_rows, dtype=torch.float32, device=device)
-        n_valid = row_loss  # a placeholder, never read, unless the count kernel runs first
+        if self.finish is None:  # "none": the row losses are the result
+            row_loss = n_valid = empty((self.n_rows,), (1,), dtype=torch.float32, device=device)
+        else:
+            row_loss, n_valid = self._scratch(device)
         if self.count is not None:
-            n_valid = torch.empty((), dtype=torch.int32, device=device)
             self.count(t, n_valid, *self.count_args)
         self.main(x, x if out is None else out, t, row_loss, n_valid, *self.main_args)
         if self.finish is None:
             return row_loss, out
-        loss = torch.empty((), dtype=torch.float32, device=device)
+        loss = empty((), (), dtype=torch.float32, device=device)
         self.finish(row_loss, loss, t, *self.finish_args)
         return loss, out

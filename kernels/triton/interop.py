@@ -34,6 +34,18 @@ def as_given(t, from_cupy: bool):
     return cupy.from_dlpack(t)
 
 
+try:
+    _raw_stream = torch._C._cuda_getCurrentRawStream  # what Triton's launcher itself asks
+except AttributeError:  # pragma: no cover - another torch
+    def _raw_stream(index):
+        return torch.cuda.current_stream(index).cuda_stream
+
+
+def current_stream(device) -> int:
+    """The raw handle of torch's current stream on a CUDA `device` (0 on the CPU)."""
+    return _raw_stream(device.index) if device.type == "cuda" else 0
+
+
 @functools.lru_cache(maxsize=None)
 def device_info(device: torch.device) -> tuple:
     """(GPU name or None, streaming multiprocessors): the interpreter gets a nameless GPU of 4 SMs."""
@@ -83,25 +95,58 @@ class Launch:
         self.tail = tuple(self.meta[n] for n in names)  # the constexprs, which the launcher skips
         drv = triton.runtime.driver.active
         self.device, self.stream = drv.get_current_device(), drv.get_current_stream
-        self.compiled = (compiled.run, compiled.function, compiled.packed_metadata)
+        self.compiled = direct_launch(compiled) or functools.partial(
+            _through_launcher, compiled.run, compiled.function, compiled.packed_metadata)
 
     def __call__(self, *args) -> None:
-        c = self.compiled
-        if c is not None:
+        launch = self.compiled
+        if launch is not None:
             bits = 0
             for i in self.check:
                 bits |= args[i].data_ptr()
             if not bits & 15 and _no_launch_hook():
                 g = self.grid
-                c[0](g[0], g[1], g[2], self.stream(self.device), c[1], c[2], None, None, None, *args, *self.tail)
+                launch(g[0], g[1], g[2], self.stream(self.device), args + self.tail)
                 return
         compiled = self.kernel[self.grid](*args, **self.meta)
-        if c is None:
+        if launch is None:
             self._bind(args, compiled)
+
+
+def _through_launcher(run, function, packed, g0, g1, g2, stream, args) -> None:
+    """A launch through the compiled kernel's Python launcher (as JITFunction.run makes it)."""
+    run(g0, g1, g2, stream, function, packed, None, None, None, *args)
+
+
+def direct_launch(compiled):
+    """f(grid0, grid1, grid2, stream, args) calling the C launch function of an NVIDIA compiled
+    kernel's launcher with what that launcher's __call__ would pass it, where that call does
+    nothing else (no global or profile scratch, no sanitizer); else None. The argument lists of
+    Triton 3.7+ (annotated, args as one tuple) and of earlier versions are both handled."""
+    run = compiled.run
+    if type(run).__name__ != "CudaLauncher" or getattr(run, "gsan_enabled", False) or getattr(
+            run, "global_scratch_size", 1) or getattr(run, "profile_scratch_size", 1):
+        return None
+    c_launch, function, packed = run.launch, compiled.function, compiled.packed_metadata
+    coop, pdl = run.launch_cooperative_grid, run.launch_pdl
+    if hasattr(run, "arg_annotations"):
+        annotations, signature = run.arg_annotations, run.kernel_signature
+
+        def launch(g0, g1, g2, stream, args):
+            c_launch(g0, g1, g2, stream, function, coop, pdl, packed, None, None, None, None, None, annotations,
+                     signature, args)
+    else:
+        def launch(g0, g1, g2, stream, args):
+            c_launch(g0, g1, g2, stream, function, coop, pdl, None, None, packed, None, None, None, *args)
+    return launch
+
+
+_RUNTIME = knobs.runtime
+_HookChain = getattr(knobs, "HookChain", ())
 
 
 def _no_launch_hook() -> bool:
     """Whether no launch hook (a profiler's) is installed: Triton's hook chains are empty."""
-    runtime = knobs.runtime
-    return not (getattr(runtime.launch_enter_hook, "calls", runtime.launch_enter_hook)
-                or getattr(runtime.launch_exit_hook, "calls", runtime.launch_exit_hook))
+    enter, leave = _RUNTIME.launch_enter_hook, _RUNTIME.launch_exit_hook
+    return not ((enter.calls if type(enter) is _HookChain else enter)
+                or (leave.calls if type(leave) is _HookChain else leave))
