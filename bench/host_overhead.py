@@ -27,13 +27,15 @@ GPU_ARCH = 90
 MAX_SHARED = 232448  # bytes of shared memory a block may use on sm_90
 
 
-#: Launches the stub driver was handed (read by the tests).
+#: Launches the stub driver was handed, and the arguments of the last (read by the tests).
 launches = [0]
+last_launch = [()]
 
 
 def _stub_launch(*args) -> None:
     """The driver's kernel launch: counted, nothing reaches a GPU."""
     launches[0] += 1
+    last_launch[0] = args
 
 
 class _StubUtils:

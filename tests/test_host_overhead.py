@@ -91,6 +91,7 @@ _SCRIPT = textwrap.dedent("""
     from triton.runtime.jit import JITFunction
     import bench.host_overhead as h
     from gpuad.kernels import triton as kt
+    from gpuad.kernels.triton import cross_entropy as ce, linear_backward_plan as lbp
 
     runs, launches = [0], h.launches
     real_run = JITFunction.run
@@ -103,12 +104,25 @@ _SCRIPT = textwrap.dedent("""
     logits, t = torch.randn(4, 40), torch.tensor([0, 5, 39, 2])
     cases = [("triton.linear_backward", "8x16->24 fp32", lambda: kt.linear_backward(x, w, dy, route="fused")),
              ("triton.softmax_cross_entropy", "4x40 fp32", lambda: kt.softmax_cross_entropy(logits, t))]
+    def plain(a):  # a launch argument, tensors by layout, empty launch hooks and their metadata as None
+        if isinstance(a, tuple):
+            return [plain(b) for b in a]
+        if isinstance(a, torch.Tensor):
+            return ["tensor", str(a.dtype), list(a.shape), list(a.stride())]
+        if type(a).__name__ in ("HookChain", "LazyDict"):
+            return None if not getattr(a, "calls", ()) else repr(a)
+        return a if isinstance(a, (int, float, str, type(None))) else type(a).__name__
+
     out = {"lines": h.lines(calls=3, rounds=3, cases=cases)}
     with h.stub_driver():
-        for name, fn in (("linear", cases[0][2]), ("ce", cases[1][2])):
+        for name, fn, clear in (("linear", cases[0][2], lbp.clear_plans), ("ce", cases[1][2], ce.clear_plans)):
             runs[0] = launches[0] = 0
             fn()
             out[name] = (runs[0], launches[0])
+            out[name + "-args"] = plain(h.last_launch[0])
+            clear()
+            fn()  # planned anew: its first launch goes through JITFunction.run and Triton's launcher
+            out[name + "-jit-args"] = plain(h.last_launch[0])
         odd = torch.randn(8 * 16 + 1)[1:].view(8, 16)  # 4 bytes off 16-byte alignment
         runs[0] = launches[0] = 0
         kt.linear_backward(odd, w, dy, route="fused")
@@ -127,6 +141,8 @@ def test_host_overhead_calls_skip_jit_run_and_print_one_line_per_launcher():
     assert out["linear"] == [0, 1]  # planned: no JITFunction.run, one launch
     assert out["ce"] == [0, 3]  # count, row kernel, finish
     assert out["misaligned"] == [1, 1]  # the alignment the compile assumed fails: through Triton
+    for name in ("linear", "ce"):  # the direct launch hands the driver what Triton's launcher does
+        assert out[name + "-args"] == out[name + "-jit-args"]
     assert [line.split()[:3] for line in out["lines"]] == [
         ["host-overhead", "triton.linear_backward", "8x16->24"],
         ["host-overhead", "triton.softmax_cross_entropy", "4x40"]]
