@@ -816,6 +816,7 @@ class _RowsPlan:
         self.main = Launch(kernel, _grid(kernel, meta, n_rows, sm_count, params), meta, check=(0, 1, 2))
         self.main_args = (n_rows, n_cols, stride, ignore, eps)
         self.finish, self.scratch = None, {}
+        self.loss_like = torch.empty((), dtype=torch.float32, device=x.device)  # empty_like of it makes the loss
         if reduction != "none":
             self.finish = Launch(_ce_finish_kernel, (1,), dict(MEAN=reduction == "mean", BLOCK=REDUCE_BLOCK),
                                  check=(2,))
@@ -851,6 +852,6 @@ class _RowsPlan:
         self.main(x, x if out is None else out, t, row_loss, n_valid, *self.main_args)
         if self.finish is None:
             return row_loss, out
-        loss = empty((), (), dtype=torch.float32, device=device)
+        loss = torch.empty_like(self.loss_like)
         self.finish(row_loss, loss, t, *self.finish_args)
         return loss, out

@@ -77,7 +77,7 @@ class Launch:
     through Triton, as does every call under the interpreter or with a launch hook set (a
     profiler's), and every call when the first had a misaligned pointer."""
 
-    __slots__ = ("kernel", "grid", "meta", "check", "compiled", "tail", "stream", "device")
+    __slots__ = ("kernel", "grid", "meta", "check", "compiled", "stream", "device")
 
     def __init__(self, kernel, grid: tuple, meta: dict, check: tuple):
         self.kernel, self.grid, self.meta, self.check = kernel, tuple(grid) + (1,) * (3 - len(grid)), meta, check
@@ -92,35 +92,34 @@ class Launch:
         if any(n not in self.meta for n in names) or any(
                 isinstance(a, torch.Tensor) and a.data_ptr() % 16 for a in args):
             return
-        self.tail = tuple(self.meta[n] for n in names)  # the constexprs, which the launcher skips
+        tail = tuple(self.meta[n] for n in names)  # the constexprs, which the launcher skips
         drv = triton.runtime.driver.active
         self.device, self.stream = drv.get_current_device(), drv.get_current_stream
-        self.compiled = direct_launch(compiled) or functools.partial(
-            _through_launcher, compiled.run, compiled.function, compiled.packed_metadata)
+        self.compiled = direct_launch(compiled, self.grid, tail) or functools.partial(
+            _through_launcher, compiled, self.grid, tail)
 
     def __call__(self, *args) -> None:
         launch = self.compiled
-        if launch is not None:
-            bits = 0
+        if launch is not None and _no_launch_hook():
             for i in self.check:
-                bits |= args[i].data_ptr()
-            if not bits & 15 and _no_launch_hook():
-                g = self.grid
-                launch(g[0], g[1], g[2], self.stream(self.device), args + self.tail)
+                if args[i].data_ptr() & 15:
+                    break
+            else:
+                launch(self.stream(self.device), args)
                 return
         compiled = self.kernel[self.grid](*args, **self.meta)
         if launch is None:
             self._bind(args, compiled)
 
 
-def _through_launcher(run, function, packed, g0, g1, g2, stream, args) -> None:
+def _through_launcher(compiled, grid, tail, stream, args) -> None:
     """A launch through the compiled kernel's Python launcher (as JITFunction.run makes it)."""
-    run(g0, g1, g2, stream, function, packed, None, None, None, *args)
+    compiled.run(*grid, stream, compiled.function, compiled.packed_metadata, None, None, None, *args, *tail)
 
 
-def direct_launch(compiled):
-    """f(grid0, grid1, grid2, stream, args) calling the C launch function of an NVIDIA compiled
-    kernel's launcher with what that launcher's __call__ would pass it, where that call does
+def direct_launch(compiled, grid: tuple, tail: tuple):
+    """f(stream, args) calling the C launch function of an NVIDIA compiled kernel's launcher with
+    what that launcher's __call__ would pass it for (*args, *tail) on `grid`, where that call does
     nothing else (no global or profile scratch, no sanitizer); else None. The argument lists of
     Triton 3.7+ (annotated, args as one tuple) and of earlier versions are both handled."""
     run = compiled.run
@@ -129,15 +128,16 @@ def direct_launch(compiled):
         return None
     c_launch, function, packed = run.launch, compiled.function, compiled.packed_metadata
     coop, pdl = run.launch_cooperative_grid, run.launch_pdl
+    g0, g1, g2 = grid
     if hasattr(run, "arg_annotations"):
         annotations, signature = run.arg_annotations, run.kernel_signature
 
-        def launch(g0, g1, g2, stream, args):
+        def launch(stream, args):
             c_launch(g0, g1, g2, stream, function, coop, pdl, packed, None, None, None, None, None, annotations,
-                     signature, args)
+                     signature, args + tail)
     else:
-        def launch(g0, g1, g2, stream, args):
-            c_launch(g0, g1, g2, stream, function, coop, pdl, None, None, packed, None, None, None, *args)
+        def launch(stream, args):
+            c_launch(g0, g1, g2, stream, function, coop, pdl, None, None, packed, None, None, None, *args, *tail)
     return launch
 
 
