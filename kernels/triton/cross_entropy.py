@@ -276,6 +276,28 @@ def _ce_chunked_kernel(x_ptr, g_ptr, t_ptr, loss_ptr, n_valid_ptr, n_rows, n_col
 
 
 @triton.jit
+def _lanes_pass1(x_rows, lanes, valid, width, n_chunks, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                 SMOOTH: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Pass 1 of the lanes kernel over the rows' aligned middles: (row max, Σexp(x - max), Σx) of
+    each row, from a running max and sum per lane (masked lanes load -inf: they add 0) merged
+    across the lanes once (lanes never raised keep m = lowest, s = 0: they add 0)."""
+    m = tl.full((ROWS, BLOCK), _LOWEST, tl.float32)
+    s = tl.zeros((ROWS, BLOCK), tl.float32)
+    sx = tl.zeros((ROWS, BLOCK), tl.float32)
+    for k in tl.range(0, n_chunks, num_stages=NUM_STAGES):
+        cols = k * BLOCK + lanes
+        mask = valid[:, None] & (cols[None, :] < width[:, None])
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        d = tl.exp(-tl.abs(x - m))
+        s = tl.where(x > m, s * d + 1.0, s + d)
+        m = tl.maximum(m, x)
+        if SMOOTH:
+            sx += tl.where(mask, x, 0.0)
+    row_max = tl.max(m, axis=1)
+    return row_max, tl.sum(s * tl.exp(m - row_max[:, None]), axis=1), tl.sum(sx, axis=1)
+
+
+@triton.jit
 def _ce_lanes_kernel(x_ptr, g_ptr, t_ptr, loss_ptr, n_valid_ptr, n_rows, n_cols, stride, ignore_index, eps,
                      ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
                      HAS_GRAD: tl.constexpr, MEAN: tl.constexpr, SMOOTH: tl.constexpr, COUNT: tl.constexpr,
@@ -323,24 +345,8 @@ def _ce_lanes_kernel(x_ptr, g_ptr, t_ptr, loss_ptr, n_valid_ptr, n_rows, n_cols,
         x_rows = x_ptr + lo[:, None]
         g_rows = g_ptr + lo[:, None]
         n_chunks = tl.cdiv(n_cols, BLOCK)
-
-        # Pass 1: per-lane running max and sum of exp (masked lanes load -inf: they add 0).
-        m = tl.full((ROWS, BLOCK), _LOWEST, tl.float32)
-        s = tl.zeros((ROWS, BLOCK), tl.float32)
-        sx = tl.zeros((ROWS, BLOCK), tl.float32)
-        for k in tl.range(0, n_chunks, num_stages=NUM_STAGES):
-            cols = k * BLOCK + lanes
-            mask = valid[:, None] & (cols[None, :] < width[:, None])
-            x = tl.load(x_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            d = tl.exp(-tl.abs(x - m))
-            s = tl.where(x > m, s * d + 1.0, s + d)
-            m = tl.maximum(m, x)
-            if SMOOTH:
-                sx += tl.where(mask, x, 0.0)
-        # One cross-lane merge a row (lanes never raised keep m = lowest, s = 0: they add 0).
-        row_max = tl.max(m, axis=1)
-        row_sum = tl.sum(s * tl.exp(m - row_max[:, None]), axis=1)
-        row_x = tl.sum(sx, axis=1)
+        row_max, row_sum, row_x = _lanes_pass1(x_rows, lanes, valid, width, n_chunks, ROWS, BLOCK, SMOOTH,
+                                               NUM_STAGES)
         if not ALIGNED:
             xe = tl.load(x_ptr + e_offs, mask=e_mask, other=float("-inf")).to(tl.float32)
             new_max = tl.maximum(row_max, tl.max(xe, axis=1))
