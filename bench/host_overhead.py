@@ -18,6 +18,7 @@ JITFunction.run (interop.Launch).
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import statistics
 import sys
 import time
@@ -170,6 +171,16 @@ def lines(calls: int = 200, rounds: int = 15, cases=None) -> list[str]:
     with stub_driver():
         for name, shape, fn in cases if cases is not None else _triton_cases():
             out.append(f"host-overhead {name} {shape} {per_call_us(fn, calls, rounds):.1f} us/call")
+    if cases is None:
+        from . import host_overhead_cupy
+
+        if "cupy" in sys.modules or importlib.util.find_spec("cupy") is not None:
+            out += [f"host-overhead {name} - not measured: CuPy is installed (the stand-in would shadow it)"
+                    for name in ("cupy.linear_backward", "cupy.softmax_cross_entropy")]
+            return out
+        with host_overhead_cupy.stub_cupy() as cp:
+            for name, shape, fn in host_overhead_cupy.cases(cp):
+                out.append(f"host-overhead {name} {shape} {per_call_us(fn, calls, rounds):.1f} us/call")
     return out
 
 

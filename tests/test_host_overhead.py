@@ -155,3 +155,22 @@ def test_host_overhead_refuses_the_interpreter():
 
     with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
         h.lines(cases=[])
+
+
+def test_cupy_launchers_run_over_the_stand_in_and_leave_no_trace():
+    import bench.host_overhead as h
+    import bench.host_overhead_cupy as hc
+    from gpuad.backend import is_cupy_array
+
+    if "cupy" in sys.modules:
+        pytest.skip("CuPy is imported here: the stand-in refuses to shadow it")
+    with hc.stub_cupy() as cp:
+        found = hc.cases(cp)
+        assert [name for name, _, _ in found] == ["cupy.linear_backward", "cupy.softmax_cross_entropy"]
+        for name, shape, fn in found:
+            hc.launched.clear()
+            out = fn()
+            assert hc.launched and all(o is None or is_cupy_array(o) for o in out)  # gpuad's kernels were called
+            assert h.per_call_us(fn, calls=2, rounds=2) > 0
+        assert hc.launched[0][0].startswith("ce_")
+    assert "cupy" not in sys.modules and not is_cupy_array(cp.empty(3))

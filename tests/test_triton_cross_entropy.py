@@ -38,8 +38,10 @@ def use_variant(name):
     """The launcher reads VARIANTS[name] as its tuning parameters (values outside the declared
     space included, which tuning.override would refuse)."""
     params = dict(ce.DEFAULTS, **VARIANTS[name])
+    ce.clear_plans()  # the launcher's plans hold the tuning values they were made with
     with mock.patch.object(tuning, "launch_values", lambda op, device_name: params):
         yield
+    ce.clear_plans()
 
 
 @pytest.fixture(params=list(VARIANTS))
