@@ -40,7 +40,9 @@ count of the valid rows (reduction "mean" with a gradient; or each persistent pr
 them itself, tuning "count": "program"), the row kernel (row losses, gradient scaled by
 1/n_valid on the device), and for "mean"/"sum" a one-program fixed-order sum of the row losses
 (``_ce_finish_kernel``). No float atomics: the same inputs give the same bits every run. With
-check_targets=False the call is CUDA-graph capturable.
+check_targets=False the call is CUDA-graph capturable. [B, V] calls of the row kernels are
+resolved once per problem into a plan (_RowsPlan: checks, kernel choice, kernels bound through
+interop.Launch), so a repeated call costs its key, its allocations and its launches.
 """
 from __future__ import annotations
 

@@ -22,10 +22,10 @@ call, route "measure", and split "auto" (timed against no split where it splits)
 Per-call cost. Everything that depends only on the problem (shapes, strides, dtype, device, flags,
 tuning values) is resolved once into a plan, cached by a key built from attributes the call reads
 anyway; the argument checks, the route, the tile and split choice, the grid and the kernel's scalar
-arguments all live in the plan. A call then costs the key, one dict lookup, the output allocations
-and the launch (tests/test_triton_linear_backward.py measures it with the launch stubbed: 12–14 µs
-of CPU time on a loaded 2-core CI machine). Triton's own launch path (argument binding and its
-specialisation key) comes on top and is measured only on a GPU.
+arguments all live in the plan, and its kernel is bound once (interop.Launch: later calls hand the
+compiled kernel's launch function the argument list directly, without JITFunction.run). A call
+then costs the key, one dict lookup, the output allocations and the launch: about 7 µs of CPU time
+with only the driver's launch stubbed (python -m bench --host-overhead; bench/RESULTS.md).
 """
 from __future__ import annotations
 
