@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .. import checks
 from ..lm_head import Steps, run_chunks
-from .interop import INTERPRETED, as_given, as_torch, check_device
+from .interop import as_given, as_torch, check_device
 from .linear_backward import linear_backward as _triton_linear_backward
 from .precision import pinned_fp32_accumulation
 
