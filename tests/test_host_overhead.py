@@ -174,3 +174,40 @@ def test_cupy_launchers_run_over_the_stand_in_and_leave_no_trace():
             assert h.per_call_us(fn, calls=2, rounds=2) > 0
         assert hc.launched[0][0].startswith("ce_")
     assert "cupy" not in sys.modules and not is_cupy_array(cp.empty(3))
+
+
+# ------------------------------------------------------------------ GPU: the direct launch against Triton's
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+def test_gpu_planned_calls_give_the_bits_of_triton_launches_and_replay_in_a_graph(dtype, monkeypatch):
+    """On a GPU: the calls after the first (the compiled kernels' C launch called directly) give
+    the bits of the first (through JITFunction.run), and both launchers replay in a CUDA graph."""
+    from gpuad.kernels import triton as kt
+    from gpuad.kernels.triton import linear_backward_plan as lbp
+
+    monkeypatch.setenv("GPUAD_TRITON_AUTOTUNE", "0")
+    g = torch.Generator(device="cuda").manual_seed(5)
+    x, w, dy = (torch.randn(s, generator=g, device="cuda").to(dtype) for s in ((256, 1024), (1024, 1024), (256, 1024)))
+    logits = torch.randn(64, 50257, generator=g, device="cuda").to(dtype)
+    targets = torch.randint(0, 50257, (64,), generator=g, device="cuda")
+    calls = {"linear": lambda: kt.linear_backward(x, w, dy, route="fused"),
+             "ce": lambda: kt.softmax_cross_entropy(logits, targets, check_targets=False)}
+    for name, fn in calls.items():
+        lbp.clear_plans()
+        ce.clear_plans()
+        first, again = fn(), fn()
+        for a, b in zip(first, again):
+            assert (a is None and b is None) or torch.equal(a, b), name
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            fn()  # the capture stream's first call (scratch and workspace made outside the capture)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, stream=stream):
+            captured = fn()
+        graph.replay()
+        torch.cuda.synchronize()
+        for a, b in zip(first, captured):
+            assert (a is None and b is None) or torch.equal(a, b), name
