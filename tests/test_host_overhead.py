@@ -127,6 +127,11 @@ _SCRIPT = textwrap.dedent("""
         runs[0] = launches[0] = 0
         kt.linear_backward(odd, w, dy, route="fused")
         out["misaligned"] = (runs[0], launches[0])
+        acc = torch.zeros(24 * 16 + 1)
+        kt.linear_backward(x, w, dy, dw_accumulate=acc[:-1].view(24, 16), route="fused")  # planned, bound
+        runs[0] = 0
+        kt.linear_backward(x, w, dy, dw_accumulate=acc[1:].view(24, 16), route="fused")  # the same plan
+        out["misaligned-accumulator"] = runs[0]
     print("RESULT" + json.dumps(out))
 """)
 
@@ -141,6 +146,7 @@ def test_host_overhead_calls_skip_jit_run_and_print_one_line_per_launcher():
     assert out["linear"] == [0, 1]  # planned: no JITFunction.run, one launch
     assert out["ce"] == [0, 3]  # count, row kernel, finish
     assert out["misaligned"] == [1, 1]  # the alignment the compile assumed fails: through Triton
+    assert out["misaligned-accumulator"] == 1  # the caller's dw_accumulate is checked too
     for name in ("linear", "ce"):  # the direct launch hands the driver what Triton's launcher does
         assert out[name + "-args"] == out[name + "-jit-args"]
     assert [line.split()[:3] for line in out["lines"]] == [

@@ -46,7 +46,6 @@ interop.Launch), so a repeated call costs its key, its allocations and its launc
 """
 from __future__ import annotations
 
-
 import torch
 import triton
 import triton.language as tl

@@ -126,7 +126,8 @@ class _Plan:
                                     split_x=g.splits_x > 1), **tile_meta(tile))
         self.scalars = (m, n, k) + strides + (g.p_dw, g.splits_w, g.chunk_w, g.splits_x, g.chunk_x,
                                               g.ws_db_off, g.ws_dx_off, g.cnt_db_off, g.cnt_dx_off)
-        self.launcher = Launch(_linear_backward_kernel, (g.grid,), self.meta, check=(0, 1, 2))
+        self.launcher = Launch(_linear_backward_kernel, (g.grid,), self.meta,
+                               check=(0, 1, 2, 3, 4) if prob.accumulate else (0, 1, 2))  # the caller's buffers
         self.dx_shape, self.dw_shape, self.db_shape = prob.lead + (k,), (n, k), (n,)
         self.dx_strides = tuple(math.prod(self.dx_shape[i + 1:]) for i in range(len(self.dx_shape)))
         self.like = (False, False)  # set by _make_plan: whether x and w are contiguous (empty_like makes dx, dw)
