@@ -47,7 +47,7 @@ def _plans(tiles, programs=4):
 def _choose(tiles, route="auto", programs=4):
     plans, (x2, w, dy2) = _plans(tiles, programs)
     key = ("memo-test", M, N, K)
-    return lb_plan._measure(plans, route, key, {}, x2, w, dy2, None).name
+    return lb_plan._measure(plans, route, key, x2, w, dy2, None).name
 
 
 def test_each_launch_is_timed_once_per_problem(timed):

@@ -324,10 +324,10 @@ def _make_plan(x, w, dy, acc_t, bias, need_dx, allow_tf32, route) -> _Plan:
     plans = list({p.name: p for p in plans}.values())  # candidates that came out the same
     if not measuring or (len(plans) == 1 and route == "fused"):
         return plans[0]
-    return _measure(plans, route, key, params, x2, w, dy2, acc_t)
+    return _measure(plans, route, key, x2, w, dy2, acc_t)
 
 
-def _measure(plans: list, route: str, key: tuple, params: dict, x2, w, dy2, acc_t) -> _Plan:
+def _measure(plans: list, route: str, key: tuple, x2, w, dy2, acc_t) -> _Plan:
     """The fastest of the fused `plans` (and, for route "auto", of cuBLAS) on the 2-D inputs.
     Times are kept per problem and launch (a sweep's candidates share the tiles they have in
     common, and cuBLAS is timed once a problem): only launches not yet timed are timed. The
