@@ -83,7 +83,10 @@ def main(argv=None):
     if args.host_overhead:
         from . import host_overhead
 
-        return host_overhead.main(args.calls)
+        try:
+            return host_overhead.main(args.calls)
+        except RuntimeError as e:
+            p.error(f"--host-overhead: {e}")
     if args.sweep:
         try:
             return sweep.main(args)

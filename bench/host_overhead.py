@@ -166,7 +166,7 @@ def lines(calls: int = 200, rounds: int = 15, cases=None) -> list[str]:
     from gpuad.kernels.triton import interop
 
     if interop.INTERPRETED:
-        raise RuntimeError("--host-overhead measures the compiled launch path: unset TRITON_INTERPRET")
+        raise RuntimeError("the host overhead is that of the compiled launch path: unset TRITON_INTERPRET")
     out = []
     with stub_driver():
         for name, shape, fn in cases if cases is not None else _triton_cases():

@@ -217,3 +217,11 @@ def test_gpu_planned_calls_give_the_bits_of_triton_launches_and_replay_in_a_grap
         torch.cuda.synchronize()
         for a, b in zip(first, captured):
             assert (a is None and b is None) or torch.equal(a, b), name
+
+
+def test_host_overhead_command_refuses_the_interpreter_with_a_usage_error(capsys):
+    from bench.__main__ import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--host-overhead"])
+    assert e.value.code == 2 and "unset TRITON_INTERPRET" in capsys.readouterr().err
