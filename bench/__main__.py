@@ -1,6 +1,7 @@
 """python -m bench [--ops OP,...] [--impls IMPL,...] [--preset tiny|quick|full] [--dtype DT,...] [--out DIR] [--threads N]
 python -m bench --report DIR
 python -m bench --sweep [--ops OP,...] [--out DIR] [--tuned-dir DIR]
+python -m bench --host-overhead [--calls N]
 
 Run from the repository root. Checks every implementation against the float64 reference
 (the whole output, on the device where there is one, then its first rows again on the host),
@@ -13,6 +14,9 @@ BLAS and torch run on --threads threads, the fastest call, or for the engine cas
 round of one loop that interleaves their impls; the table says which), the back-to-back time per
 call, the time per call under a CUDA graph (or why the op cannot be captured) and the host time
 per call.
+
+--host-overhead prints the host (CPU) time of one public call of each launcher, with or without
+a GPU: the real launch path with only the driver's kernel launch stubbed (see bench/host_overhead.py).
 
 --sweep times every tuning candidate the kernels declare and writes one winner per op to
 kernels/tuned/<GPU>.json (see bench/sweep.py); --ops then takes tuning op names too.
@@ -77,7 +81,19 @@ def main(argv=None):
     p.add_argument("--sweep", action="store_true", help="time every tuning candidate and write the winners")
     p.add_argument("--tuned-dir", default=None,
                    help="with --sweep: where the GPU's table goes (default kernels/tuned on CUDA, OUT/tuned on a CPU)")
+    p.add_argument("--host-overhead", action="store_true",
+                   help="print the host time per call of each launcher, the kernel launch stubbed")
+    p.add_argument("--calls", type=int, default=200, help="with --host-overhead: calls per timed round")
     args = p.parse_args(argv)
+    if args.calls < 1:
+        p.error(f"argument --calls: must be >= 1, got {args.calls}")
+    if args.host_overhead:
+        from . import host_overhead
+
+        try:
+            return host_overhead.main(args.calls)
+        except RuntimeError as e:
+            p.error(f"--host-overhead: {e}")
     if args.skip_corrupt and not args.report:
         p.error("--skip-corrupt needs --report DIR")
     bad = [o for o in args.ops or () if o not in ops.OPS]

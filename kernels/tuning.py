@@ -122,6 +122,8 @@ def active_overrides(op: str):
     """This thread's tuning.override(...) values of `op` as a sorted tuple of (param, value)
     pairs, or None outside one: hashable, for a launcher's cache key (cheap: no copy without
     an override)."""
+    if not _open_overrides[0]:  # no override open in any thread: skip the thread-local lookup
+        return None
     over = getattr(_local, "overrides", None)
     mine = over.get(op) if over else None
     return tuple(sorted(mine.items())) if mine else None
@@ -157,14 +159,29 @@ def override(op: str, **params):
     prev = getattr(_local, "overrides", None)
     merged = {k: dict(v) for k, v in (prev or {}).items()}
     merged.setdefault(op, {}).update(params)
+    with _lock:
+        _open_overrides[0] += 1
     _local.overrides = merged
     try:
         yield
     finally:
         _local.overrides = prev
+        with _lock:
+            _open_overrides[0] -= 1
+
+
+_open_overrides = [0]  # override blocks open in all threads
+_lock = threading.Lock()
+
+
+#: Bumped by reload(): the launchers' per-problem plans carry it in their keys, so a plan made
+#: from an older table is not used after a reload.
+generation = 0
 
 
 def reload() -> None:
     """Forget the cached tables (after a table file changed)."""
+    global generation
     _resolved.cache_clear()
     _launch_cache.clear()
+    generation += 1

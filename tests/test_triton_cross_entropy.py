@@ -38,8 +38,10 @@ def use_variant(name):
     """The launcher reads VARIANTS[name] as its tuning parameters (values outside the declared
     space included, which tuning.override would refuse)."""
     params = dict(ce.DEFAULTS, **VARIANTS[name])
+    ce.clear_plans()  # the launcher's plans hold the tuning values they were made with
     with mock.patch.object(tuning, "launch_values", lambda op, device_name: params):
         yield
+    ce.clear_plans()
 
 
 @pytest.fixture(params=list(VARIANTS))
@@ -160,10 +162,13 @@ def test_tuning_override_reaches_the_launcher():
         return out
 
     x, t = make(2, 20000, seed=1)
+    ce.clear_plans()
     with mock.patch.object(ce, "_kernel_config", spy):
         ce.softmax_cross_entropy(x, t, grad=False)
         with tuning.override(ce.OP, wide_kernel="lanes", chunk_bytes=8192):
             loss, _ = ce.softmax_cross_entropy(x, t, grad=False)
+        ce.softmax_cross_entropy(x, t, grad=False)  # the first call's plan
+        tuning.reload()  # a table read anew: planned again
         ce.softmax_cross_entropy(x, t, grad=False)
     assert seen == [ce._ce_chunked_kernel, ce._ce_lanes_kernel, ce._ce_chunked_kernel]
     assert_matches(loss, None, x, t, grad=False)

@@ -96,3 +96,28 @@ def test_active_overrides_are_this_threads_values_of_one_op(op):
         assert tuning.active_overrides("triton.linear_backward") is None
         hash(tuning.active_overrides(op))
     assert tuning.active_overrides(op) is None
+
+
+def test_an_override_in_another_thread_is_not_this_threads(op):
+    """The skip of the thread-local lookup when no override is open anywhere keeps the values
+    per thread: another thread's open override is not this thread's; closed, nothing is open."""
+    import threading
+
+    opened, release = threading.Event(), threading.Event()
+
+    def other():
+        with tuning.override(op, stages=3):
+            opened.set()
+            release.wait(10)
+
+    thread = threading.Thread(target=other)
+    thread.start()
+    try:
+        assert opened.wait(10)
+        assert tuning._open_overrides[0] == 1 and tuning.active_overrides(op) is None
+        with tuning.override(op, block=64):
+            assert tuning.active_overrides(op) == (("block", 64),)
+    finally:
+        release.set()
+        thread.join()
+    assert tuning._open_overrides[0] == 0 and tuning.active_overrides(op) is None

@@ -28,11 +28,10 @@ import numpy as np
 from gpuad.backend import is_cupy_array
 
 from .. import checks, tuning
-from .compile import get_function
+from .compile import SUFFIX, get_function
 
 SOURCE = "cross_entropy.cu"
 #: logits dtype name -> kernel suffix, and elements per 16-byte vector load.
-SUFFIX = {"float32": "f32", "float16": "f16", "bfloat16": "bf16"}
 PACK = {"float32": 4, "float16": 8, "bfloat16": 8}
 LAYOUTS = ("block", "warp")
 VEC_BYTES = (16, 8, 4)

@@ -40,18 +40,18 @@ count of the valid rows (reduction "mean" with a gradient; or each persistent pr
 them itself, tuning "count": "program"), the row kernel (row losses, gradient scaled by
 1/n_valid on the device), and for "mean"/"sum" a one-program fixed-order sum of the row losses
 (``_ce_finish_kernel``). No float atomics: the same inputs give the same bits every run. With
-check_targets=False the call is CUDA-graph capturable.
+check_targets=False the call is CUDA-graph capturable. [B, V] calls of the row kernels are
+resolved once per problem into a plan (_RowsPlan: checks, kernel choice, kernels bound through
+interop.Launch), so a repeated call costs its key, its allocations and its launches.
 """
 from __future__ import annotations
-
-import os
 
 import torch
 import triton
 import triton.language as tl
 
 from .. import checks, tuning
-from .interop import as_given, as_torch, device_info
+from .interop import Launch, as_given, as_torch, check_device, current_stream, device_info
 
 OP = "triton.softmax_cross_entropy"
 #: The tuning space (tuning.register): every value is a candidate the sweep can time.
@@ -84,7 +84,6 @@ LANES_MAX_PER_THREAD = 16
 #: Elements a step of the one-program count and finish kernels.
 REDUCE_BLOCK = 1024
 _LOWEST = tl.constexpr(-3.4028234663852886e38)  # the lowest finite fp32: a running max never makes NaN
-_INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
 @triton.jit
@@ -278,6 +277,28 @@ def _ce_chunked_kernel(x_ptr, g_ptr, t_ptr, loss_ptr, n_valid_ptr, n_rows, n_col
 
 
 @triton.jit
+def _lanes_pass1(x_rows, lanes, valid, width, n_chunks, ROWS: tl.constexpr, BLOCK: tl.constexpr,
+                 SMOOTH: tl.constexpr, NUM_STAGES: tl.constexpr):
+    """Pass 1 of the lanes kernel over the rows' aligned middles: (row max, Σexp(x - max), Σx) of
+    each row, from a running max and sum per lane (masked lanes load -inf: they add 0) merged
+    across the lanes once (lanes never raised keep m = lowest, s = 0: they add 0)."""
+    m = tl.full((ROWS, BLOCK), _LOWEST, tl.float32)
+    s = tl.zeros((ROWS, BLOCK), tl.float32)
+    sx = tl.zeros((ROWS, BLOCK), tl.float32)
+    for k in tl.range(0, n_chunks, num_stages=NUM_STAGES):
+        cols = k * BLOCK + lanes
+        mask = valid[:, None] & (cols[None, :] < width[:, None])
+        x = tl.load(x_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+        d = tl.exp(-tl.abs(x - m))
+        s = tl.where(x > m, s * d + 1.0, s + d)
+        m = tl.maximum(m, x)
+        if SMOOTH:
+            sx += tl.where(mask, x, 0.0)
+    row_max = tl.max(m, axis=1)
+    return row_max, tl.sum(s * tl.exp(m - row_max[:, None]), axis=1), tl.sum(sx, axis=1)
+
+
+@triton.jit
 def _ce_lanes_kernel(x_ptr, g_ptr, t_ptr, loss_ptr, n_valid_ptr, n_rows, n_cols, stride, ignore_index, eps,
                      ROWS: tl.constexpr, BLOCK: tl.constexpr, VEC: tl.constexpr, ALIGNED: tl.constexpr,
                      HAS_GRAD: tl.constexpr, MEAN: tl.constexpr, SMOOTH: tl.constexpr, COUNT: tl.constexpr,
@@ -325,24 +346,8 @@ def _ce_lanes_kernel(x_ptr, g_ptr, t_ptr, loss_ptr, n_valid_ptr, n_rows, n_cols,
         x_rows = x_ptr + lo[:, None]
         g_rows = g_ptr + lo[:, None]
         n_chunks = tl.cdiv(n_cols, BLOCK)
-
-        # Pass 1: per-lane running max and sum of exp (masked lanes load -inf: they add 0).
-        m = tl.full((ROWS, BLOCK), _LOWEST, tl.float32)
-        s = tl.zeros((ROWS, BLOCK), tl.float32)
-        sx = tl.zeros((ROWS, BLOCK), tl.float32)
-        for k in tl.range(0, n_chunks, num_stages=NUM_STAGES):
-            cols = k * BLOCK + lanes
-            mask = valid[:, None] & (cols[None, :] < width[:, None])
-            x = tl.load(x_rows + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
-            d = tl.exp(-tl.abs(x - m))
-            s = tl.where(x > m, s * d + 1.0, s + d)
-            m = tl.maximum(m, x)
-            if SMOOTH:
-                sx += tl.where(mask, x, 0.0)
-        # One cross-lane merge a row (lanes never raised keep m = lowest, s = 0: they add 0).
-        row_max = tl.max(m, axis=1)
-        row_sum = tl.sum(s * tl.exp(m - row_max[:, None]), axis=1)
-        row_x = tl.sum(sx, axis=1)
+        row_max, row_sum, row_x = _lanes_pass1(x_rows, lanes, valid, width, n_chunks, ROWS, BLOCK, SMOOTH,
+                                               NUM_STAGES)
         if not ALIGNED:
             xe = tl.load(x_ptr + e_offs, mask=e_mask, other=float("-inf")).to(tl.float32)
             new_max = tl.maximum(row_max, tl.max(xe, axis=1))
@@ -630,6 +635,9 @@ def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, re
     removes it (the call is then CUDA-graph capturable); out-of-range targets then give
     unspecified losses but never an out-of-bounds access.
     """
+    plan = _rows_plan(logits, targets, weight, ignore_index, reduction, label_smoothing, inplace, grad)
+    if plan is not None:
+        return plan(logits, targets, check_targets)
     x, from_cupy = as_torch(logits)
     t, _ = as_torch(targets)
     w = None if weight is None else as_torch(weight)[0]
@@ -639,8 +647,7 @@ def softmax_cross_entropy(logits, targets, *, weight=None, ignore_index=-100, re
     for name, a in (("targets", t), ("weight", w)):
         if a is not None and a.device != x.device:
             raise ValueError(f"logits and {name} must be on one device, got {x.device} and {a.device}")
-    if x.device.type != "cuda" and not _INTERPRETED:
-        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {x.device}")
+    check_device(x.device)
     if check_targets and not layout.soft:
         checks.check_targets(t.reshape(-1), layout.n_classes, ignore_index)
     if w is None and not layout.soft and x.dim() == 2:
@@ -742,3 +749,116 @@ def _launch_rows(x, t, ignore_index, reduction, label_smoothing, inplace, grad):
         _ce_finish_kernel[(1,)](row_loss, loss, target_buf, n_rows, ignore, MEAN=reduction == "mean",
                                 BLOCK=REDUCE_BLOCK)
     return loss, out
+
+
+# --------------------------------------------------------------------------------------------
+# Plans: a [B, V] call with class-index targets and no weight, resolved once per problem
+
+_plans: dict = {}  # key (see _rows_plan) -> _RowsPlan, or None where the call takes the general path
+_MAX_PLANS = 1024
+
+
+def clear_plans() -> None:
+    """Forget the resolved row-kernel plans: the next call of each problem plans again."""
+    _plans.clear()
+
+
+def _rows_plan(logits, targets, weight, ignore_index, reduction, label_smoothing, inplace, grad):
+    """The cached _RowsPlan of a call, or None (the call takes the full path: other types,
+    layouts or options, bad arguments, logits the kernel cannot address in place)."""
+    if weight is not None or type(logits) is not torch.Tensor or type(targets) is not torch.Tensor:
+        return None
+    key = (logits.shape, logits.stride(), logits.dtype, logits.device, targets.shape, targets.stride(),
+           targets.dtype, targets.device, type(ignore_index), ignore_index, reduction, type(label_smoothing),
+           label_smoothing, bool(inplace), bool(grad), tuning.active_overrides(OP), tuning.generation)
+    try:
+        return _plans[key]
+    except KeyError:
+        pass
+    except TypeError:  # an unhashable option: the full path checks it
+        return None
+    if len(_plans) >= _MAX_PLANS:
+        del _plans[next(iter(_plans))]
+    plan = _plans[key] = _RowsPlan.make(logits, targets, ignore_index, reduction, label_smoothing, inplace, grad)
+    return plan
+
+
+class _RowsPlan:
+    """softmax_cross_entropy of one problem of the row kernels: the checks done once, the kernels
+    bound once (interop.Launch); a call allocates the outputs and launches (plus the targets'
+    check when asked)."""
+
+    @classmethod
+    def make(cls, x, t, ignore_index, reduction, label_smoothing, inplace, grad):
+        """The plan, or None for what the plan does not serve (checked by the full path)."""
+        try:
+            checks.check_ignore_index(ignore_index)
+            layout = checks.check_cross_entropy_layout(x, t, None, reduction, label_smoothing, ignore_index,
+                                                       allowed=("float16", "bfloat16", "float32"))
+            check_device(x.device)
+        except (ValueError, TypeError, IndexError):
+            return None
+        n_rows, n_cols = x.shape if x.dim() == 2 else (0, 0)
+        if (layout.soft or x.dim() != 2 or t.device != x.device or n_rows == 0 or _may_overlap(x)
+                or not (x.stride(1) == 1 or n_cols == 1) or not t.is_contiguous()):
+            return None
+        return cls(x, t, ignore_index, reduction, float(label_smoothing), bool(inplace), bool(grad))
+
+    def __init__(self, x, t, ignore_index, reduction, eps, inplace, grad):
+        n_rows, n_cols = x.shape
+        self.n_classes, self.ignore_index = n_cols, ignore_index
+        ignore = checks.kernel_ignore_index(ignore_index, t.dtype)
+        stride = x.stride(0) if n_rows > 1 else n_cols
+        self.dtype, self.device, self.n_rows, self.inplace = x.dtype, x.device, n_rows, inplace
+        self.grad_alloc = None if not grad or inplace else ((n_rows, n_cols), (max(stride, 1), 1))
+        self.like = x.is_contiguous()  # then torch.empty_like(x) makes the gradient
+        device_name, sm_count = device_info(x.device)
+        params = tuning.launch_values(OP, device_name)
+        kernel, meta = _kernel_config(n_rows, n_cols, stride, x.element_size(), grad=grad, reduction=reduction,
+                                      label_smoothing=eps, params=params)
+        self.count = None
+        if meta["MEAN"] and meta["HAS_GRAD"] and not meta.get("COUNT", False):
+            self.count = Launch(_ce_count_kernel, (1,), dict(BLOCK=REDUCE_BLOCK), check=(0,))
+            self.count_args = (n_rows, ignore)
+        self.main = Launch(kernel, _grid(kernel, meta, n_rows, sm_count, params), meta, check=(0, 1, 2))
+        self.main_args = (n_rows, n_cols, stride, ignore, eps)
+        self.finish, self.scratch = None, {}
+        self.loss_like = torch.empty((), dtype=torch.float32, device=x.device)  # empty_like of it makes the loss
+        if reduction != "none":
+            self.finish = Launch(_ce_finish_kernel, (1,), dict(MEAN=reduction == "mean", BLOCK=REDUCE_BLOCK),
+                                 check=(2,))
+            self.finish_args = (n_rows, ignore)
+
+    def _scratch(self, device):
+        """(fp32 row losses, int32 valid-row count) of the current stream: kernels of one stream
+        run in order, so a call's launches use them before the next call's do; kept (never freed),
+        so a captured CUDA graph never points at freed memory."""
+        stream = current_stream(device)
+        bufs = self.scratch.get(stream)
+        if bufs is None:
+            bufs = self.scratch[stream] = (torch.empty(self.n_rows, dtype=torch.float32, device=device),
+                                           torch.empty((), dtype=torch.int32, device=device))
+        return bufs
+
+    def __call__(self, x, t, check_targets):
+        """(loss, dlogits) of the row kernels, as softmax_cross_entropy returns them."""
+        if check_targets:
+            checks.check_targets(t, self.n_classes, self.ignore_index)
+        device, empty = self.device, torch.empty_strided  # the cheapest of torch's allocations but empty_like
+        if self.grad_alloc is not None:
+            out = (torch.empty_like(x) if self.like and type(x) is torch.Tensor
+                   else empty(*self.grad_alloc, dtype=self.dtype, device=device))
+        else:
+            out = x if self.inplace else None
+        if self.finish is None:  # "none": the row losses are the result
+            row_loss = n_valid = empty((self.n_rows,), (1,), dtype=torch.float32, device=device)
+        else:
+            row_loss, n_valid = self._scratch(device)
+        if self.count is not None:
+            self.count(t, n_valid, *self.count_args)
+        self.main(x, x if out is None else out, t, row_loss, n_valid, *self.main_args)
+        if self.finish is None:
+            return row_loss, out
+        loss = torch.empty_like(self.loss_like)
+        self.finish(row_loss, loss, t, *self.finish_args)
+        return loss, out

@@ -22,13 +22,14 @@ call, route "measure", and split "auto" (timed against no split where it splits)
 Per-call cost. Everything that depends only on the problem (shapes, strides, dtype, device, flags,
 tuning values) is resolved once into a plan, cached by a key built from attributes the call reads
 anyway; the argument checks, the route, the tile and split choice, the grid and the kernel's scalar
-arguments all live in the plan. A call then costs the key, one dict lookup, the output allocations
-and the launch (tests/test_triton_linear_backward.py measures it with the launch stubbed: 12–14 µs
-of CPU time on a loaded 2-core CI machine). Triton's own launch path (argument binding and its
-specialisation key) comes on top and is measured only on a GPU.
+arguments all live in the plan, and its kernel is bound once (interop.Launch: later calls hand the
+compiled kernel's launch function the argument list directly, without JITFunction.run). A call
+then costs the key, one dict lookup, the output allocations and the launch: about 7 µs of CPU time
+with only the driver's launch stubbed (python -m bench --host-overhead; bench/RESULTS.md).
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -38,7 +39,7 @@ import torch
 
 from gpuad.kernels import checks, tuning
 
-from .interop import INTERPRETED, as_torch, device_info
+from .interop import INTERPRETED, Launch, as_torch, check_device, current_stream, device_info
 from .linear_backward_kernel import (FMA_COMPUTE_BOUND_FLOPS, INTERPRETER_TILE, OP, TILE_PARAM, TILES, Tile,
                                      _linear_backward_kernel, constexprs, geometry, split_factors, tile_meta,
                                      tiles_for)
@@ -59,16 +60,9 @@ def _autotune_enabled() -> bool:
 _workspaces: dict = {}  # (device index, stream) -> (fp32 workspace, int32 counters)
 _outgrown: list = []    # workspaces replaced by larger ones, kept alive for captured CUDA graphs
 
-try:
-    _raw_stream = torch._C._cuda_getCurrentRawStream  # what Triton's launcher itself asks
-except AttributeError:  # pragma: no cover - another torch
-    def _raw_stream(index):
-        return torch.cuda.current_stream(index).cuda_stream
-
-
 def _workspace(device: torch.device, ws_elems: int, cnt_elems: int):
     """(fp32 workspace ≥ ws_elems, zeroed int32 counters ≥ cnt_elems) of the current stream."""
-    key = (device.index, _raw_stream(device.index) if device.type == "cuda" else 0)
+    key = (device.index, current_stream(device))
     have = _workspaces.get(key)
     if have is None or have[0].numel() < ws_elems or have[1].numel() < cnt_elems:
         if have is not None:
@@ -91,8 +85,9 @@ def _launch_cublas(x2, w, dy2, dw_acc, need_dx, bias, allow_tf32):
 
 
 def _launch_kernel(launcher, args, meta):
-    """The hand-off to Triton (one place, so a test can stub the launch)."""
-    launcher(*args, **meta)
+    """The hand-off to Triton (one place, so a test can stub the launch): `launcher` is the
+    plan's interop.Launch, bound to `meta`."""
+    launcher(*args)
 
 
 # --------------------------------------------------------------------------------------------
@@ -131,8 +126,11 @@ class _Plan:
                                     split_x=g.splits_x > 1), **tile_meta(tile))
         self.scalars = (m, n, k) + strides + (g.p_dw, g.splits_w, g.chunk_w, g.splits_x, g.chunk_x,
                                               g.ws_db_off, g.ws_dx_off, g.cnt_db_off, g.cnt_dx_off)
-        self.launcher = _linear_backward_kernel[(g.grid,)]
+        self.launcher = Launch(_linear_backward_kernel, (g.grid,), self.meta,
+                               check=(0, 1, 2, 3, 4) if prob.accumulate else (0, 1, 2))  # the caller's buffers
         self.dx_shape, self.dw_shape, self.db_shape = prob.lead + (k,), (n, k), (n,)
+        self.dx_strides = tuple(math.prod(self.dx_shape[i + 1:]) for i in range(len(self.dx_shape)))
+        self.like = (False, False)  # set by _make_plan: whether x and w are contiguous (empty_like makes dx, dw)
 
     def launch(self, x2, w, dy2, dx2, dw, db):
         """The fused launch into preallocated outputs (dx2 / db None: skipped)."""
@@ -149,10 +147,15 @@ class _Plan:
         if self.route == "fused":  # the kernel reads pointers and the plan's strides: no reshape when
             x2 = x if self.views[0] else x.reshape(p.m, p.k)  # the 2-D view of x (or dy) exists
             dy2 = dy if self.views[1] else dy.reshape(p.m, p.n)
-            dtype, device = p.dtype, p.device
-            dx = torch.empty(self.dx_shape, dtype=dtype, device=device) if p.need_dx else None
-            dw = acc_t if p.accumulate else torch.empty(self.dw_shape, dtype=dtype, device=device)
-            db = torch.empty(self.db_shape, dtype=dtype, device=device) if p.bias else None
+            # torch.empty_like of a plain contiguous input of the output's shape: the cheapest allocation
+            dtype, device, like = p.dtype, p.device, self.like
+            dx = ((torch.empty_like(x) if like[0] and type(x) is torch.Tensor else
+                   torch.empty_strided(self.dx_shape, self.dx_strides, dtype=dtype, device=device))
+                  if p.need_dx else None)
+            dw = acc_t if p.accumulate else (
+                torch.empty_like(w) if like[1] and type(w) is torch.Tensor else
+                torch.empty_strided(self.dw_shape, (p.k, 1), dtype=dtype, device=device))
+            db = torch.empty_strided(self.db_shape, (1,), dtype=dtype, device=device) if p.bias else None
             self.launch(x2, w, dy2, dx, dw, db)
             return dx, dw, db
         flat = self.views[0] and x.dim() == 2  # 2-D inputs: no reshape
@@ -172,7 +175,8 @@ _route_choices: dict = {}
 #: route key -> (fused candidate taken, {candidate: median ms}), filled when candidates were timed.
 _fused_choices: dict = {}
 _plans: dict = {}  # plan key (see linear_backward) -> _Plan
-_measured: dict = {}  # (route key, route, tuning values) -> name of the plan the timing chose
+_measured: dict = {}  # (route key, candidate launch ids) -> name of the plan the timing chose
+_times: dict = {}  # route key -> {launch id: median ms}, every launch timed so far
 _MAX_PLANS = 4096
 ROUTES = ("auto", "fused", "cublas")
 
@@ -257,9 +261,7 @@ def _check_args(x, w, dy, acc_t, route):
     for name, t in (("w", w), ("dy", dy), ("dw_accumulate", acc_t)):
         if t is not None and t.device != device:
             raise ValueError(f"{name} is on {t.device}, x on {device}: all arrays must share one device")
-    if device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"the Triton kernels need CUDA tensors (got {device}); "
-                         "CPU tensors run only under TRITON_INTERPRET=1")
+    check_device(device)
     dtype = x.dtype
     accumulate = acc_t is not None
     if route == "cublas" and accumulate and dtype != torch.float32:
@@ -317,34 +319,33 @@ def _make_plan(x, w, dy, acc_t, bias, need_dx, allow_tf32, route) -> _Plan:
         return plan
 
     plans = [fused(tile, splits) for tile, splits in _candidates(prob, params, programs, measuring)]
+    for plan in plans:
+        plan.like = (x.is_contiguous(), w.is_contiguous())
     plans = list({p.name: p for p in plans}.values())  # candidates that came out the same
     if not measuring or (len(plans) == 1 and route == "fused"):
         return plans[0]
-    return _measure(plans, route, key, params, x2, w, dy2, acc_t)
+    return _measure(plans, route, key, x2, w, dy2, acc_t)
 
 
-def _measure(plans: list, route: str, key: tuple, params: dict, x2, w, dy2, acc_t) -> _Plan:
-    """The fastest of the fused `plans` (and, for route "auto", of cuBLAS) on the 2-D inputs,
-    timed once per (problem, route, tuning values); the timings go to fused_choices and
+def _measure(plans: list, route: str, key: tuple, x2, w, dy2, acc_t) -> _Plan:
+    """The fastest of the fused `plans` (and, for route "auto", of cuBLAS) on the 2-D inputs.
+    Times are kept per problem and launch (a sweep's candidates share the tiles they have in
+    common, and cuBLAS is timed once a problem): only launches not yet timed are timed. The
+    choice is kept per (problem, set of candidate launches); the timings go to fused_choices and
     route_choices."""
     prob = plans[0].prob
-    m, n, k, dtype, device = prob.m, prob.n, prob.k, prob.dtype, prob.device
-    need_dx, bias, accumulate, views = prob.need_dx, prob.bias, prob.accumulate, plans[0].views
-    memo = (key, route, tuple(params.items()))
-    if memo in _measured:  # measured before (the plan was evicted or cleared since)
-        return next((p for p in plans if p.name == _measured[memo]), None) or _Plan(prob, "cublas", views)
-    # Time on scratch outputs (a copy of the caller's accumulation buffer, which is added to
-    # exactly once, after the choice).
-    dx_s = torch.empty((m, k), dtype=dtype, device=device) if need_dx else None
-    dw_s = acc_t.clone() if accumulate else torch.empty((n, k), dtype=dtype, device=device)
-    db_s = torch.empty((n,), dtype=dtype, device=device) if bias else None
-    launchers = {p.name: functools.partial(p.launch, x2, w, dy2, dx_s, dw_s, db_s) for p in plans}
+    views = plans[0].views
+    ids = {p.name: _launch_id(p) for p in plans}
     if route == "auto":
-        cublas = _Plan(prob, "cublas", views)
-        launchers["cublas"] = functools.partial(_launch_cublas, x2, w, dy2, dw_s if accumulate else None,
-                                                need_dx, bias, prob.allow_tf32)
-    with torch.cuda.device(device):
-        _, times = _fastest(launchers)
+        ids["cublas"] = "cublas"
+    memo = (key, frozenset(ids.values()))
+    if memo in _measured:  # chosen before (the plan was evicted or cleared since)
+        return next((p for p in plans if p.name == _measured[memo]), None) or _Plan(prob, "cublas", views)
+    timed = _times.setdefault(key, {})  # launch id (_launch_id) -> median ms
+    todo = [name for name, i in ids.items() if i not in timed]
+    if todo:
+        timed.update((ids[name], ms) for name, ms in _time_launches(plans, todo, x2, w, dy2, acc_t).items())
+    times = {name: timed[i] for name, i in ids.items()}
     fused_times = {name: ms for name, ms in times.items() if name != "cublas"}
     best = min(fused_times, key=fused_times.get)
     if len(plans) > 1:
@@ -354,9 +355,31 @@ def _measure(plans: list, route: str, key: tuple, params: dict, x2, w, dy2, acc_
         _route_choices[key] = (route, {"fused": fused_times[best], "cublas": times["cublas"]})
         if route == "cublas":
             _measured[memo] = "cublas"
-            return cublas
+            return _Plan(prob, "cublas", views)
     _measured[memo] = best
     return next(p for p in plans if p.name == best)
+
+
+def _launch_id(plan: _Plan) -> tuple:
+    """What makes two fused plans of one problem the same launch: the tile, the splits, the grid
+    and every scalar argument (programs_per_sm changes the grid, not the name)."""
+    return plan.name, plan.geo.grid, plan.scalars, tuple(sorted(plan.meta.items()))
+
+
+def _time_launches(plans: list, names: list, x2, w, dy2, acc_t) -> dict:
+    """{name: median ms} of the named fused plans (and "cublas") on scratch outputs (a copy of
+    the caller's accumulation buffer, which is added to exactly once, after the choice)."""
+    prob = plans[0].prob
+    m, n, k, dtype, device = prob.m, prob.n, prob.k, prob.dtype, prob.device
+    dx_s = torch.empty((m, k), dtype=dtype, device=device) if prob.need_dx else None
+    dw_s = acc_t.clone() if prob.accumulate else torch.empty((n, k), dtype=dtype, device=device)
+    db_s = torch.empty((n,), dtype=dtype, device=device) if prob.bias else None
+    launchers = {p.name: functools.partial(p.launch, x2, w, dy2, dx_s, dw_s, db_s) for p in plans if p.name in names}
+    if "cublas" in names:
+        launchers["cublas"] = functools.partial(_launch_cublas, x2, w, dy2, dw_s if prob.accumulate else None,
+                                                prob.need_dx, prob.bias, prob.allow_tf32)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        return _fastest(launchers)[1]
 
 
 def _to_torch(x, w, dy, dw_accumulate):
@@ -381,7 +404,7 @@ def plan_for(x, w, dy, bias, dw_accumulate, need_dx, allow_tf32, route):
     key = (x.shape, x.stride(), x.dtype, x.device, w.shape, w.stride(), w.dtype, w.device,
            dy.shape, dy.stride(), dy.dtype, dy.device,
            None if acc is None else (acc.shape, acc.stride(), acc.dtype, acc.device),
-           bias, need_dx, allow_tf32, route, tuning.active_overrides(OP))
+           bias, need_dx, allow_tf32, route, tuning.active_overrides(OP), tuning.generation)
     plan = _plans.get(key)
     if plan is None:
         if len(_plans) >= _MAX_PLANS:

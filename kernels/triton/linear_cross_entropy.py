@@ -26,7 +26,7 @@ import triton.language as tl
 
 from .. import checks
 from ..lm_head import Steps, run_chunks
-from .interop import INTERPRETED, as_given, as_torch
+from .interop import as_given, as_torch, check_device
 from .linear_backward import linear_backward as _triton_linear_backward
 from .precision import pinned_fp32_accumulation
 
@@ -238,8 +238,7 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
                     ("grad_scale", grad_scale), ("class_weight", class_weight)):
         if a is not None and a.device != device:
             raise ValueError(f"{name} is on {a.device}, x on {device}: all arrays must share one device")
-    if device.type != "cuda" and not INTERPRETED:
-        raise ValueError(f"the Triton kernels need CUDA tensors (or TRITON_INTERPRET=1), got {device}")
+    check_device(device)
     if check_targets:
         checks.check_targets(targets, w.shape[0], ignore_index)
     kernel_ignore = checks.kernel_ignore_index(ignore_index, targets.dtype)  # the kernel compares in int64
