@@ -17,7 +17,8 @@ FAKE_MS = {"cublas": 10.0}  # fused plans: 1 ms + their place in TILES (the firs
 
 @pytest.fixture
 def timed(monkeypatch):
-    """The names handed to the timer, one list per call of it; the memo starts empty."""
+    """The names handed to the timer, one list per call of it; the memo and the choices start
+    empty and are put back as they were (other tests read route_choices)."""
     calls = []
 
     def fake_fastest(launchers):
@@ -27,11 +28,12 @@ def timed(monkeypatch):
         return min(times, key=times.get), times
 
     monkeypatch.setattr(lb_plan, "_fastest", fake_fastest)
-    saved = [dict(m) for m in (lb_plan._measured, lb_plan._times)]
-    lb_plan._measured.clear()
-    lb_plan._times.clear()
+    memos = (lb_plan._measured, lb_plan._times, lb_plan._route_choices, lb_plan._fused_choices)
+    saved = [dict(m) for m in memos]
+    for memo in memos:
+        memo.clear()
     yield calls
-    for memo, old in zip((lb_plan._measured, lb_plan._times), saved):
+    for memo, old in zip(memos, saved):
         memo.clear()
         memo.update(old)
 
