@@ -6,8 +6,9 @@ memory than an H100 has, or register spills show only when the kernel is compile
 triton.compile runs the whole pipeline (TTIR → TTGIR → LLVM → PTX → cubin, with the ptxas that
 ships in the triton wheel) for an explicit target, without a GPU.
 
-The variants come from the launchers themselves: cross_entropy._kernel_config picks the kernel,
-its tiles, warps and flags; linear_backward.tiles_for gives the tiles of an element size (the
+The variants come from the launchers themselves: cross_entropy_rows._kernel_config and
+cross_entropy_general._general_config pick the kernel, its tiles, warps and flags;
+linear_backward.tiles_for gives the tiles of an element size (the
 default first), geometry the grid, partition and split arguments, constexprs the flags. Signature
 types and divisibility hints follow from representative launch arguments by the rules
 JITFunction applies at a launch (_arg_type).
@@ -131,14 +132,16 @@ def _env(**values):
                 os.environ[k] = v
 
 
-def _load_gpu_copy(name: str):
+def _load_gpu_copy(name: str, *kernel_deps):
     """A fresh copy of gpuad.kernels.triton.<name> defined with the interpreter off.
 
     Without a GPU, conftest turns TRITON_INTERPRET on for the session and @triton.jit reads it
     when a kernel is defined: the imported modules hold interpreted kernels (and
     linear_backward the interpreter's single autotune config), which cannot be compiled. The
     package itself is imported first, under the session's setting, so the other tests keep
-    their interpreted kernels; the copy lives beside it under a private name."""
+    their interpreted kernels; the copy lives beside it under a private name. kernel_deps are
+    copies (made here) of the modules whose @triton.jit functions <name> calls: while the copy
+    is defined they stand in for those modules, so its kernels call compilable functions."""
     package = importlib.import_module("gpuad.kernels.triton")
     importlib.import_module(f"gpuad.kernels.triton.{name}")
     path = Path(package.__file__).with_name(f"{name}.py")
@@ -146,12 +149,19 @@ def _load_gpu_copy(name: str):
     spec = importlib.util.spec_from_file_location(full, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[full] = module
-    with _env(TRITON_INTERPRET="0"):
-        spec.loader.exec_module(module)
+    real = {dep.__name__.replace("._aot_", "."): dep for dep in kernel_deps}
+    saved = {key: sys.modules[key] for key in real}
+    sys.modules.update(real)
+    try:
+        with _env(TRITON_INTERPRET="0"):
+            spec.loader.exec_module(module)
+    finally:
+        sys.modules.update(saved)
     return module
 
 
-ce = _load_gpu_copy("cross_entropy")
+ce = _load_gpu_copy("cross_entropy_rows")  # the row kernels, count and finish kernels, their launch geometry
+ce_general = _load_gpu_copy("cross_entropy_general", ce)  # it calls the row module's _sum_losses
 lb = _load_gpu_copy("linear_backward_kernel")
 
 
@@ -367,8 +377,8 @@ CE_GENERAL_FLAGS = [(True, "mean", 0.1, True, True), (False, "sum", 0.0, False, 
 def _ce_general_variant(dtype: str, shape, flags) -> Variant:
     n_rows, n_cols, class_stride, label = shape
     grad, reduction, smoothing, soft, weighted = flags
-    kernel, meta = ce._general_config(n_rows, n_cols, class_stride, grad=grad, reduction=reduction,
-                                      label_smoothing=smoothing, soft=soft, weighted=weighted)
+    kernel, meta = ce_general._general_config(n_rows, n_cols, class_stride, grad=grad, reduction=reduction,
+                                              label_smoothing=smoothing, soft=soft, weighted=weighted)
     meta = dict(meta)
     options = {"num_warps": meta.pop("num_warps")}
     fn = _jit_function(kernel)
@@ -393,13 +403,13 @@ def _ce_general_variants():
     out = [_ce_general_variant(d, shape, CE_GENERAL_FLAGS[0]) for d in DTYPES for shape in CE_GENERAL_SHAPES]
     out += [_ce_general_variant("fp32", shape, f) for shape in CE_GENERAL_SHAPES[:2] for f in CE_GENERAL_FLAGS[1:]]
     for weighted in (True, False):
-        fn = _jit_function(ce._ce_denominator_kernel)
+        fn = _jit_function(ce_general._ce_denominator_kernel)
         args = dict(t_ptr=Ptr("i64"), w_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), n_rows=8192, n_cols=32000,
                     ignore_index=-100)
         out.append(Variant(f"general-denominator-W{int(weighted)}", fn, *_specialize(
             fn, args, {"HAS_WEIGHT": weighted, "BLOCK": ce.REDUCE_BLOCK}), {"num_warps": 4}))
     for mean in (True, False):
-        fn = _jit_function(ce._ce_finish_denom_kernel)
+        fn = _jit_function(ce_general._ce_finish_denom_kernel)
         args = dict(row_loss_ptr=Ptr("fp32"), out_ptr=Ptr("fp32"), denom_ptr=Ptr("fp32"), n_rows=8191)
         out.append(Variant(f"general-finish-MEAN{int(mean)}", fn, *_specialize(
             fn, args, {"MEAN": mean, "BLOCK": ce.REDUCE_BLOCK}), {"num_warps": 4}))
