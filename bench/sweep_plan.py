@@ -36,12 +36,12 @@ SM_COUNT = 132  # H100 SXM and H200: the grids of the launch functions
 
 
 def _triton_ce(case, params, sm_count):
-    from gpuad.kernels.triton import cross_entropy as ce
+    from gpuad.kernels.triton import cross_entropy_rows as rows
     n_rows, n_cols = case.dims
     elem = 2 if case.dtype in ("bfloat16", "float16") else 4
-    kernel, meta = ce._kernel_config(n_rows, n_cols, n_cols, elem, grad=True, reduction="mean",
-                                     label_smoothing=0.0, params=params)
-    grid = ce._grid(kernel, meta, n_rows, sm_count, params)
+    kernel, meta = rows._kernel_config(n_rows, n_cols, n_cols, elem, grad=True, reduction="mean",
+                                       label_smoothing=0.0, params=params)
+    grid = rows._grid(kernel, meta, n_rows, sm_count, params)
     return kernel.__name__ if hasattr(kernel, "__name__") else kernel.fn.__name__, meta, grid
 
 

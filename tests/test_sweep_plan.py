@@ -33,7 +33,7 @@ def test_blocks_per_sm_refuses_nonsense():
 
 def _ce_setup():
     from gpuad.kernels import tuning
-    from gpuad.kernels.triton import cross_entropy  # noqa: F401  (registers the space)
+    from gpuad.kernels.triton import cross_entropy_rows  # noqa: F401  (registers the space)
     return tuning.spaces()[CE], tuning.defaults(CE), sweep_plan.gpu_cases("softmax_cross_entropy")
 
 

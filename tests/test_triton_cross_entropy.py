@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from gpuad.kernels import reference as ref
 from gpuad.kernels import tuning
 from gpuad.kernels.triton import cross_entropy as ce
+from gpuad.kernels.triton import cross_entropy_rows as rows
 
 IGNORE = -100
 GRAD_TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -134,19 +135,19 @@ def test_default_config_either_side_of_threshold(v):
 def test_every_tuning_value_is_a_launchable_config():
     """Each value of each parameter (the others at their defaults) picks a kernel whose
     constexprs are consistent, for the target shapes of bench/TARGETS.md and a small one."""
-    for name, values in ce.SPACE.items():
+    for name, values in rows.SPACE.items():
         for value in values:
-            params = dict(ce.DEFAULTS, **{name: value})
+            params = dict(rows.DEFAULTS, **{name: value})
             for b, v, elem in ((8192, 32000, 2), (8192, 128256, 2), (16384, 50257, 2), (4096, 32000, 4), (3, 7, 4)):
-                kernel, meta = ce._kernel_config(b, v, v, elem, grad=True, reduction="mean", label_smoothing=0.1,
-                                                 params=params)
-                grid = ce._grid(kernel, meta, b, 132, params)
+                kernel, meta = rows._kernel_config(b, v, v, elem, grad=True, reduction="mean", label_smoothing=0.1,
+                                                   params=params)
+                grid = rows._grid(kernel, meta, b, 132, params)
                 assert 1 <= grid[0] <= b, (name, value, grid)
                 assert meta["num_warps"] in (1, 2, 4, 8, 16, 32)
                 block = meta["BLOCK"] * meta.get("ROWS", 1)
-                if kernel is ce._ce_lanes_kernel:
-                    assert block <= ce.LANES_MAX_PER_THREAD * 32 * meta["num_warps"]
-                if kernel is ce._ce_rows_kernel:
+                if kernel is rows._ce_lanes_kernel:
+                    assert block <= rows.LANES_MAX_PER_THREAD * 32 * meta["num_warps"]
+                if kernel is rows._ce_rows_kernel:
                     assert meta["BLOCK"] >= v
 
 

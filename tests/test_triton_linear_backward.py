@@ -277,7 +277,7 @@ def test_workspace_grows_and_keeps_what_it_outgrew(fresh_plans):
     assert _counters_are_reset()
 
 
-# ------------------------------------------------------------------ zero sizes (issue 13)
+# ------------------------------------------------------------------ zero sizes: M, N or K = 0
 
 @pytest.mark.parametrize("route", lb_module.ROUTES)
 @pytest.mark.parametrize("m,k,n", [(0, 5, 3), (4, 0, 3), (4, 5, 0), (0, 0, 0), (4, 0, 0), (0, 5, 0)])
@@ -316,7 +316,7 @@ def test_empty_leading_dims():
     assert dx.shape == (2, 0, 5) and not dw.any() and not db.any()
 
 
-# ------------------------------------------------------------------ bf16 under the interpreter (issue 13)
+# ------------------------------------------------------------------ bf16 under the interpreter: refused, or cuBLAS
 
 @pytest.mark.skipif(not INTERPRET, reason="the interpreter's limit")
 def test_interpreter_refuses_bf16_fused_and_auto_takes_torch():
@@ -615,7 +615,8 @@ def test_tuning_override_changes_the_plan():
         assert lb_module.plan_name(x, w, dy) == "cublas"
 
 
-OVERHEAD_BOUND_US = 20.0  # issue 11: checks, device context, route key, plan lookup, launch
+#: The most CPU-µs a call may cost with its launches stubbed: checks, device context, route key, plan lookup.
+OVERHEAD_BOUND_US = 20.0
 
 
 def _per_call_us(cases: dict, calls=200, rounds=25) -> dict:

@@ -22,11 +22,10 @@ import torch
 import triton
 
 from .. import checks, tuning
-from .cross_entropy_general import (_ce_denominator_kernel, _ce_finish_denom_kernel,  # noqa: F401 (re-exported)
-                                    _ce_general_kernel, _general_config)
-from .cross_entropy_rows import (DEFAULTS, LANES_MAX_PER_THREAD, OP, REDUCE_BLOCK, SPACE,  # noqa: F401
-                                 WIDE_KERNELS, _ce_chunked_kernel, _ce_count_kernel, _ce_finish_kernel,
-                                 _ce_lanes_kernel, _ce_rows_kernel, _grid, _kernel_config)
+from .cross_entropy_general import _ce_denominator_kernel, _ce_finish_denom_kernel, _general_config
+from .cross_entropy_rows import (DEFAULTS, LANES_MAX_PER_THREAD, OP, REDUCE_BLOCK, SPACE,  # noqa: F401 (re-exported)
+                                 _ce_chunked_kernel, _ce_count_kernel, _ce_finish_kernel, _ce_lanes_kernel,
+                                 _ce_rows_kernel, _grid, _kernel_config)
 from .interop import Launch, as_given, as_torch, check_device, current_stream, device_info
 
 
