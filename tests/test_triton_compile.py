@@ -45,6 +45,7 @@ tile and keeps the fastest, spills included.
 """
 from __future__ import annotations
 
+import ast
 import contextlib
 import importlib
 import importlib.util
@@ -724,6 +725,24 @@ def test_general_kernel_variants_cover_its_flags_and_layouts():
         assert any(v.id.startswith(f"{d}-general-{shape[3]}-") for v in general), (d, shape)
     for flag in ("HAS_GRAD", "MEAN", "SMOOTH", "SOFT", "HAS_WEIGHT"):
         assert {v.constexprs[flag] for v in general} == {True, False}, flag
+
+
+def test_compiled_kernel_modules_import_no_launch_code():
+    """The modules compiled here import, from the package, only the tuning registry and each
+    other: a copy of one defines kernels and their launch geometry, and runs no launcher code
+    (interop, plans, argument checks)."""
+    copies = {m.__name__.rsplit("._aot_", 1)[1] for m in (ce, ce_general, lb)}
+    for module in (ce, ce_general, lb):
+        for node in ast.walk(ast.parse(Path(module.__file__).read_text())):
+            if not isinstance(node, ast.ImportFrom):
+                continue
+            names = [a.name for a in node.names]
+            if node.level == 1:  # a sibling module of gpuad.kernels.triton
+                assert node.module in copies, (module.__name__, node.module)
+            elif node.level == 2 or node.module == "gpuad.kernels":
+                assert names == ["tuning"], (module.__name__, node.module, names)
+            else:
+                assert not node.module.startswith("gpuad"), (module.__name__, node.module)
 
 
 def test_every_ce_tuning_value_is_compiled():
