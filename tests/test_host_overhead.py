@@ -28,6 +28,7 @@ def _full_path(monkeypatch):
 @pytest.mark.parametrize("opts", [
     dict(), dict(reduction="sum"), dict(reduction="none"), dict(label_smoothing=0.1),
     dict(ignore_index=3), dict(ignore_index=None), dict(grad=False), dict(inplace=True),
+    dict(inplace=True, grad=False),
     dict(reduction="mean", label_smoothing=0.2, ignore_index=1, check_targets=False),
 ], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()) or "defaults")
 def test_ce_plan_gives_the_full_paths_bits(monkeypatch, dtype, opts):

@@ -257,7 +257,7 @@ class _RowsPlan:
         self.n_classes, self.ignore_index = n_cols, ignore_index
         ignore = checks.kernel_ignore_index(ignore_index, t.dtype)
         stride = x.stride(0) if n_rows > 1 else n_cols
-        self.dtype, self.device, self.n_rows, self.inplace = x.dtype, x.device, n_rows, inplace
+        self.dtype, self.device, self.n_rows, self.inplace = x.dtype, x.device, n_rows, inplace and grad
         self.grad_alloc = None if not grad or inplace else ((n_rows, n_cols), (max(stride, 1), 1))
         self.like = x.is_contiguous()  # then torch.empty_like(x) makes the gradient
         device_name, sm_count = device_info(x.device)
