@@ -59,6 +59,7 @@ CPU_SHAPES = {  # one row-kernel and one two-pass (V > 16384) cross-entropy shap
     ops.CrossEntropy.name: [((8, 300), "float32"), ((3, 20000), "float32")],
     ops.LinearBackward.name: [((8, 40, 24), "float32")],
     ops.MLPStep.name: [((8, 16, 32, 10), "float32")],
+    ops.LinearCrossEntropy.name: [((20, 16, 150), "float32")],  # one chunk of 20 rows, 2 column tiles
 }
 TIMING = {"cuda": harness.Timing(warmup_ms=10, rep_ms=60),
           "cpu": harness.Timing(cpu_min_reps=1, cpu_max_reps=1, cpu_budget_s=0.0)}

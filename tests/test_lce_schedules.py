@@ -99,7 +99,8 @@ def test_token_lse_reductions_grad_scale_dw_accumulate_need_dx(reduction, schedu
     loss, dx, dw, db, lse = run(schedule, x, w, t, reduction=reduction, dw_accumulate=acc, need_dx=False, **kw)
     assert dx is None and dw is acc
     expect = want(x, w, t, reduction=reduction, **kw)
-    assert_outputs((loss, None, None, db, lse), (expect[0], None, None, expect[3], expect[4]), *TRITON_TOL[torch.float32])
+    assert_outputs((loss, None, None, db, lse), (expect[0], None, None, expect[3], expect[4]),
+                   *TRITON_TOL[torch.float32])
     assert_close(as_np(acc - acc0), expect[2], *TRITON_TOL[torch.float32], "dw_accumulate")
     loss, dx, dw, db, lse = run(schedule, x, w, t, reduction=reduction, grad=False, **kw)
     assert dx is None and dw is None and db is None

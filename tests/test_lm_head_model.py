@@ -39,6 +39,14 @@ def test_lse_from_the_epilogue_reads_the_buffer_once():
     # one read of the [4, 8] buffer less, 8 B of (max, Σexp) a row written and read back
     assert plain.bytes - lse.bytes == 2 * 4 * 8 - 2 * 8 * 4
     assert lse.flops == plain.flops and lse.kind == "token_lse"
+    # the statistics held: 12 B (max, Σexp, Σz) a row of the chunk and column tile
+    assert lse.extra_bytes - plain.extra_bytes == M.TILE_STATS * 4 * 1
+
+
+def test_current_is_the_tuned_schedule_and_chunk():
+    assert M.current(8192, 4096, 128256, 2, schedule="token_lse", rows_per_chunk=4096).name == \
+        "token_lse chunks of 4096 rows"
+    assert M.current(8192, 4096, 128256, 4, rows_per_chunk=4096).chunk == 2048  # the 1 GiB buffer cap
 
 
 def test_gradient_in_the_epilogue_by_hand():

@@ -411,9 +411,10 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
         checks.check_targets(targets, w.shape[0], ignore_index)
     kernel_ignore = checks.kernel_ignore_index(ignore_index, targets.dtype)  # the kernel compares in int64
     params = tuning.launch_values(OP, device_info(device)[0])
-    steps = STEPS[params["schedule"]](x, w, bias, ignore_index=kernel_ignore, smoothing=float(label_smoothing), z_coef=float(z_loss),
-                        softcap=softcap, grad=grad, row_scale=grad_scale is not None and grad_scale.dim() == 1,
-                        allow_tf32=allow_tf32, class_weight=class_weight)
+    row_scale = grad_scale is not None and grad_scale.dim() == 1
+    steps = STEPS[params["schedule"]](x, w, bias, ignore_index=kernel_ignore, smoothing=float(label_smoothing),
+                                      z_coef=float(z_loss), softcap=softcap, grad=grad, row_scale=row_scale,
+                                      allow_tf32=allow_tf32, class_weight=class_weight)
     steps.rows_per_chunk = params["rows_per_chunk"]
     with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
         out = run_chunks(steps, x, targets.contiguous(), v=w.shape[0], has_bias=bias is not None,
@@ -515,8 +516,8 @@ class _TorchLseSteps(_TorchSteps):
                          grad=grad, row_scale=row_scale, allow_tf32=allow_tf32, class_weight=class_weight)
         has_weight = class_weight is not None
         self.n_tiles = _n_tiles(self.v, self.itemsize)
-        self.meta = _lse_meta(self.v, self.n_tiles, grad=grad, label_smoothing=smoothing, z_loss=z_coef, softcap=softcap,
-                              row_scale=row_scale, has_weight=has_weight)
+        self.meta = _lse_meta(self.v, self.n_tiles, grad=grad, label_smoothing=smoothing, z_loss=z_coef,
+                              softcap=softcap, row_scale=row_scale, has_weight=has_weight)
         self.gemm_meta = _gemm_meta(x.dtype, has_bias=bias is not None, label_smoothing=smoothing, softcap=softcap,
                                     has_weight=has_weight, allow_tf32=allow_tf32)
 
