@@ -660,3 +660,9 @@ def test_sweep_order_groups_bench_ops_and_starts_where_a_cut_sweep_stopped():
     ops_ = ["triton.softmax_cross_entropy", "triton.linear_backward", "cupy.softmax_cross_entropy"]
     assert sweep.sweep_order(ops_, set()) == [ops_[0], ops_[2], ops_[1]]
     assert sweep.sweep_order(ops_, {ops_[0], ops_[2]}) == [ops_[1], ops_[0], ops_[2]]
+    # the smaller spaces first (summed per bench op), so that what a small one leaves of its
+    # share of the budget goes to the larger ones
+    sizes = {ops_[0]: 10, ops_[1]: 30, ops_[2]: 25, "triton.linear_cross_entropy": 4}
+    assert sweep.sweep_order(ops_ + ["triton.linear_cross_entropy"], set(), sizes) == [
+        "triton.linear_cross_entropy", ops_[1], ops_[0], ops_[2]]
+    assert sweep.sweep_order(ops_, {ops_[1]}, sizes) == [ops_[0], ops_[2], ops_[1]]
