@@ -10,7 +10,9 @@ For rows [r, r + c) of x, with one preallocated [c, V] buffer holding the only l
     1. logits  zc = x[r:r+c] @ wᵀ          a GEMM (fp32 accumulation) into the buffer
     2. rows    the row kernel (one program or block a row): adds the bias, soft-caps, computes
                the row's log-sum-exp, the loss (label smoothing, z-loss) and writes dloss/dz
-               over zc in place (the mean's 1/n_valid and grad_scale folded in)
+               over zc in place (the mean's 1/n_valid and grad_scale folded in); a library may
+               do part of it in step 1 (the Triton "token_lse" schedule: bias, soft-cap and
+               per-tile row statistics in the GEMM's epilogue, then one pass over zc)
     3. dx      dx[r:r+c] = zc @ w           a GEMM straight into dx
     4. dw      dw += zcᵀ @ x[r:r+c]         one GEMM with beta = 1 into an fp32 [V, D] buffer
     5. db      db += Σ_rows zc              fp32 column sums in a fixed order

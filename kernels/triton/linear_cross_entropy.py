@@ -1,12 +1,20 @@
 """Fused LM head on torch tensors: the chunk loop of ``gpuad.kernels.lm_head`` (its design,
-memory and FLOPs) with torch's cuBLAS GEMMs and the Triton row kernel below.
+memory and FLOPs) with torch's cuBLAS GEMMs and the Triton kernels below, in one of two
+schedules (the tuning space OP, read per call):
+
+- "token": cuBLAS writes each chunk's logits; _lce_rows_kernel reads them twice (lse, then
+  the gradient) and writes the gradient over them (_TorchSteps).
+- "token_lse": _lce_logits_kernel writes the chunk's logits (+ bias, soft-capped) and, from its
+  epilogue, each row's (max, Σexp, Σz) per column tile; _lce_lse_rows_kernel combines them into
+  lse and reads the logits once (_TorchLseSteps). dx, dw and db as "token".
 
     x [N, D], w [V, D] (PyTorch's layout), targets [N], bias [V] or None
     loss, dx = ∂loss/∂x, dw = ∂loss/∂w, db = ∂loss/∂bias  (and lse [N] on request)
 
 The logits buffer's rows are padded to a multiple of ROW_PAD elements (aligned GEMM leading
-dimension; the row kernel uses the padding as scratch). By default on an H100 a chunk is
-min(N, 2048) rows (``linear_cross_entropy_chunk``); `chunk` changes it.
+dimension; the row kernels use the padding as scratch). By default a chunk is min(N,
+rows_per_chunk) rows, 2048 unless the GPU's tuned table says 4096 (``linear_cross_entropy_chunk``,
+with its memory caps); `chunk` changes it.
 
 Numerics: every GEMM accumulates in fp32 (reduced-precision reductions off, fp32 products
 exact unless allow_tf32); dw in fp32 across chunks whatever the input dtype: with fp16/bf16
@@ -386,7 +394,8 @@ def linear_cross_entropy(x, w, targets, *, bias=None, ignore_index=-100, reducti
     Memory beyond inputs and outputs: one [c, V] buffer of the input dtype (c = `chunk` or
     ``gpuad.kernels.reference.linear_cross_entropy_chunk``; rows padded to ROW_PAD elements),
     12·N bytes, and an fp32 [V, D] accumulator when grad and no dw_accumulate (for fp32 inputs
-    it is dw itself). FLOPs: 2·N·D·V (grad=False) or 6·N·D·V.
+    it is dw itself); schedule "token_lse" adds 12 bytes a row of the chunk and tile of
+    GEMM_TILES' BN columns. FLOPs: 2·N·D·V (grad=False) or 6·N·D·V.
 
     check_targets=True raises IndexError for a target outside [0, V) that is not ignore_index
     (a host sync); False removes it: no host sync at all, and a bad target gives an
