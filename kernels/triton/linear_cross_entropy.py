@@ -519,16 +519,15 @@ class _TorchLseSteps(_TorchSteps):
     pass; dx, dw and db as "token". The buffer is (logits [rows, stride], statistics [rows,
     tiles, 3] fp32): 12 bytes a row and column tile more than "token"."""
 
-    def __init__(self, x, w, bias, *, ignore_index, smoothing, z_coef, softcap, grad, row_scale, allow_tf32,
-                 class_weight=None):
-        super().__init__(x, w, bias, ignore_index=ignore_index, smoothing=smoothing, z_coef=z_coef, softcap=softcap,
-                         grad=grad, row_scale=row_scale, allow_tf32=allow_tf32, class_weight=class_weight)
-        has_weight = class_weight is not None
+    def __init__(self, x, w, bias, **options):
+        """Options: _TorchSteps's."""
+        super().__init__(x, w, bias, **options)
+        o, has_weight = options, options.get("class_weight") is not None
         self.n_tiles = _n_tiles(self.v, self.itemsize)
-        self.meta = _lse_meta(self.v, self.n_tiles, grad=grad, label_smoothing=smoothing, z_loss=z_coef,
-                              softcap=softcap, row_scale=row_scale, has_weight=has_weight)
-        self.gemm_meta = _gemm_meta(x.dtype, has_bias=bias is not None, label_smoothing=smoothing, softcap=softcap,
-                                    has_weight=has_weight, allow_tf32=allow_tf32)
+        self.meta = _lse_meta(self.v, self.n_tiles, grad=o["grad"], label_smoothing=o["smoothing"], z_loss=o["z_coef"],
+                              softcap=o["softcap"], row_scale=o["row_scale"], has_weight=has_weight)
+        self.gemm_meta = _gemm_meta(x.dtype, has_bias=bias is not None, label_smoothing=o["smoothing"],
+                                    softcap=o["softcap"], has_weight=has_weight, allow_tf32=o["allow_tf32"])
 
     def buffer(self, rows):
         return super().buffer(rows), torch.empty((rows, self.n_tiles, 3), dtype=torch.float32, device=self.device)
