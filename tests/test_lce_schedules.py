@@ -7,19 +7,14 @@ are NaN (the Recorder), so an output element no kernel writes shows up."""
 from __future__ import annotations
 
 import importlib
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from test_linear_cross_entropy import TRITON_TOL, Recorder, as_np, assert_close, assert_outputs
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from test_linear_cross_entropy import TRITON_TOL, Recorder, as_np, assert_close, assert_outputs  # noqa: E402
-
-from gpuad import kernels  # noqa: E402,F401  (gpuad.kernels from this tree)
-from gpuad.kernels import lm_head, tuning  # noqa: E402
-from gpuad.kernels import reference as ref  # noqa: E402
+from gpuad.kernels import lm_head, tuning
+from gpuad.kernels import reference as ref
 
 L = importlib.import_module("gpuad.kernels.triton.linear_cross_entropy")
 N, D, V, CHUNK = 37, 24, 203, 16
