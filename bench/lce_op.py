@@ -11,6 +11,8 @@ cross-entropy) and cce (Cut Cross-Entropy), each when importable. Registered in
 """
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 
 from . import lm_head_model
@@ -97,7 +99,8 @@ class LinearCrossEntropy:
 
     @staticmethod
     def model_ms(rec, ceilings):
-        """The time bench/lm_head_model.py gives gpuad's current schedule (token chunks of the
+        """The time bench/lm_head_model.py gives gpuad's current schedule (the Triton impls: the
+        schedule and chunk their tuning table gives the record's GPU; "cupy": token chunks of the
         default chunk) at the run's measured ceilings, for the gpuad impls (the "triton" and
         "cupy" calls include the bench's zeroing of their fp32 dw buffer: a 4·V·D write); None
         for the others, or without both ceilings."""
@@ -110,7 +113,19 @@ class LinearCrossEntropy:
         n, d, v, b = rec["shape"]["N"], rec["shape"]["D"], rec["shape"]["V"], itemsize(rec["dtype"])
         main_grad = rec["impl"] != "triton_dw"
         zero_ms = 4 * v * d / gbps / 1e6 if main_grad else 0.0
-        return lm_head_model.current(n, d, v, b, dw_accumulate=main_grad).ms(gbps, tflops) + zero_ms
+        tuned = _triton_schedule(rec["device"]) if rec["impl"].startswith("triton") else {}
+        return lm_head_model.current(n, d, v, b, dw_accumulate=main_grad, **tuned).ms(gbps, tflops) + zero_ms
+
+
+def _triton_schedule(device_name):
+    """{schedule, rows_per_chunk} the Triton LM head runs with on `device_name` (its tuned
+    table, else the fallbacks); {} where its module does not import."""
+    try:
+        importlib.import_module("gpuad.kernels.triton.linear_cross_entropy")  # registers the space
+    except ImportError:
+        return {}
+    from gpuad.kernels import tuning
+    return tuning.values("triton.linear_cross_entropy", device_name)
 
 
 def _lce_gpuad(module, main_grad=True):

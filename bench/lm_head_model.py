@@ -38,6 +38,7 @@ import math
 from dataclasses import dataclass, field
 
 TILE_N = 128  # columns of a GEMM tile whose epilogue writes one (max, Σexp) pair a row
+TILE_STATS = 12  # bytes a row and column tile the token_lse statistics hold: (max, Σexp, Σz) fp32
 ROW_STATS = 12  # bytes a row: its loss, lse and gradient scale (fp32)
 KINDS = ("token", "token_lse", "token_epilogue", "vocab")
 
@@ -108,7 +109,7 @@ def token(n, d, v, itemsize, chunk, *, lse_epilogue=False, dw_accumulate=True, r
         ks += _backward_gemms(r, d, v, b, first=i == 0, dw_accumulate=dw_accumulate)
     ks += _dw_tail(v, d, b, dw_accumulate)
     c = min(chunk, n)
-    extra = b * c * v + ROW_STATS * n + (8 * c * math.ceil(v / TILE_N) if lse_epilogue else 0)
+    extra = b * c * v + ROW_STATS * n + (TILE_STATS * c * math.ceil(v / TILE_N) if lse_epilogue else 0)
     extra += 0 if dw_accumulate or b == 4 else 4 * v * d
     return Schedule("token_lse" if lse_epilogue else "token", chunk, ks, extra)
 
@@ -170,10 +171,13 @@ def schedules(n, d, v, itemsize, token_chunks=(1024, 2048, 4096, 8192), vocab_ch
     return out + [vocab(n, d, v, itemsize, c, dw_accumulate=dw_accumulate) for c in cols]
 
 
-def current(n, d, v, itemsize, dw_accumulate=True):
-    """The driver's schedule: token chunks of its default chunk (no free-memory cap)."""
-    from gpuad.kernels.reference import linear_cross_entropy_chunk
-    return token(n, d, v, itemsize, linear_cross_entropy_chunk(n, v, itemsize), dw_accumulate=dw_accumulate)
+def current(n, d, v, itemsize, dw_accumulate=True, schedule="token", rows_per_chunk=None):
+    """The driver's schedule: `schedule` ("token" or "token_lse", the Triton LM head's tuning
+    parameters) in its default chunks of at most `rows_per_chunk` rows (None: the fallback;
+    no free-memory cap)."""
+    from gpuad.kernels.reference import LCE_ROWS_PER_CHUNK, linear_cross_entropy_chunk
+    c = linear_cross_entropy_chunk(n, v, itemsize, rows=rows_per_chunk or LCE_ROWS_PER_CHUNK)
+    return BUILDERS[schedule](n, d, v, itemsize, c, dw_accumulate=dw_accumulate)
 
 
 def rank(n, d, v, itemsize, gbps, tflops, max_extra_bytes=None, overlap=False, **kw):

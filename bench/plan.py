@@ -83,7 +83,7 @@ def sweep_estimate(timing, run_ms, table, budget_s):
     from gpuad.kernels import tuning
     spaces = tuning.spaces()
     out, left, n = [], budget_s, len(spaces)
-    for i, op in enumerate(sweep.sweep_order(list(spaces), set())):
+    for i, op in enumerate(sweep.sweep_order(list(spaces), set(), sweep.space_sizes())):
         impl, _, bench_op = op.partition(".")
         cases = sweep_plan.gpu_cases(bench_op)
         start = tuning.defaults(op)

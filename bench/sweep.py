@@ -59,6 +59,7 @@ CPU_SHAPES = {  # one row-kernel and one two-pass (V > 16384) cross-entropy shap
     ops.CrossEntropy.name: [((8, 300), "float32"), ((3, 20000), "float32")],
     ops.LinearBackward.name: [((8, 40, 24), "float32")],
     ops.MLPStep.name: [((8, 16, 32, 10), "float32")],
+    ops.LinearCrossEntropy.name: [((20, 16, 150), "float32")],  # one chunk of 20 rows, 2 column tiles
 }
 TIMING = {"cuda": harness.Timing(warmup_ms=10, rep_ms=60),
           "cpu": harness.Timing(cpu_min_reps=1, cpu_max_reps=1, cpu_budget_s=0.0)}
@@ -379,14 +380,28 @@ def _measured_ops(device_name, tuned_dir):
         return set()
 
 
-def sweep_order(tuning_ops, measured):
-    """The tuning ops of one bench op in a row (they share its inputs), bench ops in the order
-    first seen, except that those with an op the table has no measurement of go first: a
-    rerun after a sweep cut short by its time budget starts where that one stopped."""
+def sweep_order(tuning_ops, measured, sizes=None):
+    """The tuning ops of one bench op in a row (they share its inputs). Bench ops with an op the
+    table has no measurement of go first (a rerun after a sweep cut short by its time budget
+    starts where that one stopped); then the smaller spaces (`sizes`: {tuning op: points of its
+    space}, summed per bench op): an op that finishes within its share of the budget leaves the
+    rest to the larger ones after it; then in the order first seen."""
     bench = [o.partition(".")[2] for o in tuning_ops]
     first_seen = list(dict.fromkeys(bench))
     todo = {b for b, o in zip(bench, tuning_ops) if o not in measured}
-    return sorted(tuning_ops, key=lambda o: (o.partition(".")[2] not in todo, first_seen.index(o.partition(".")[2])))
+    size = dict.fromkeys(first_seen, 0)
+    for b, o in zip(bench, tuning_ops):
+        size[b] += (sizes or {}).get(o, 0)
+
+    def key(o):
+        b = o.partition(".")[2]
+        return b not in todo, size[b], first_seen.index(b)
+    return sorted(tuning_ops, key=key)
+
+
+def space_sizes():
+    """{tuning op: the number of points of its space} of every registered op."""
+    return {op: math.prod(len(v) for v in s.values()) for op, s in _tuning().spaces().items()}
 
 
 def main(args):
@@ -409,7 +424,7 @@ def main(args):
     tuned_dir = args.tuned_dir or (ROOT_TUNED if env.cuda else os.path.join(args.out, "tuned"))
     records = []
     shared = {}
-    order = sweep_order(tuning_ops, _measured_ops(env.device_name(), tuned_dir))
+    order = sweep_order(tuning_ops, _measured_ops(env.device_name(), tuned_dir), space_sizes())
     for i, op in enumerate(order):
         if shared and next(iter(shared)).op != op.partition(".")[2]:
             shared.clear()

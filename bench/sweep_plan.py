@@ -31,6 +31,11 @@ PRIORITY = {
                                    "warp_row_max_cols"),
     "triton.linear_backward": ("route", "tile_16bit", "split_dw", "split_dx", "programs_per_sm", "tile_fp32",
                                "fp32_ieee_route"),
+    # The LM head: the schedule first (the byte-and-FLOP model, bench/lm_head_model.py, puts the
+    # one-pass "token_lse" ahead of "token" at every chunk: one read of each logits chunk less),
+    # then the chunk (4096 rows halve the fp32 dw accumulator's passes; the buffer doubles). Its
+    # 2 x 2 space is within the sweep's GRID_MAX, so the sweep times the full grid in any order.
+    "triton.linear_cross_entropy": ("schedule", "rows_per_chunk"),
 }
 SM_COUNT = 132  # H100 SXM and H200: the grids of the launch functions
 

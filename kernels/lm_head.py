@@ -10,7 +10,9 @@ For rows [r, r + c) of x, with one preallocated [c, V] buffer holding the only l
     1. logits  zc = x[r:r+c] @ wᵀ          a GEMM (fp32 accumulation) into the buffer
     2. rows    the row kernel (one program or block a row): adds the bias, soft-caps, computes
                the row's log-sum-exp, the loss (label smoothing, z-loss) and writes dloss/dz
-               over zc in place (the mean's 1/n_valid and grad_scale folded in)
+               over zc in place (the mean's 1/n_valid and grad_scale folded in); a library may
+               do part of it in step 1 (the Triton "token_lse" schedule: bias, soft-cap and
+               per-tile row statistics in the GEMM's epilogue, then one pass over zc)
     3. dx      dx[r:r+c] = zc @ w           a GEMM straight into dx
     4. dw      dw += zcᵀ @ x[r:r+c]         one GEMM with beta = 1 into an fp32 [V, D] buffer
     5. db      db += Σ_rows zc              fp32 column sums in a fixed order
@@ -35,7 +37,7 @@ No host synchronisation here: the valid-target count and the mean's scale stay o
 """
 from __future__ import annotations
 
-from .reference import linear_cross_entropy_chunk, reduce_row_losses
+from .reference import LCE_ROWS_PER_CHUNK, linear_cross_entropy_chunk, reduce_row_losses
 
 
 class Steps:
@@ -44,6 +46,7 @@ class Steps:
 
     float32 = None
     itemsize = 0
+    rows_per_chunk = LCE_ROWS_PER_CHUNK  # the chunk's rows when no `chunk` is given (before the memory caps)
 
     def empty(self, shape, dtype):
         raise NotImplementedError
@@ -82,8 +85,8 @@ class Steps:
         """A context manager under which the GEMMs accumulate in fp32."""
         raise NotImplementedError
 
-    def logits(self, xc, zc):
-        """Step 1: zc = xc @ wᵀ."""
+    def logits(self, buf, xc, zc):
+        """Step 1: zc = xc @ wᵀ (zc's rows lie in buf)."""
         raise NotImplementedError
 
     def rows(self, buf, zc, targets, row_loss, lse, scale):
@@ -127,13 +130,13 @@ def run_chunks(steps: Steps, x, targets, *, v: int, has_bias: bool, dw_accumulat
         dw = dw_accumulate if dw_accumulate is not None else steps.zeros((v, d), f32)
         db = steps.zeros(v, f32) if has_bias else None
     if n > 0:
-        c = min(n, chunk or linear_cross_entropy_chunk(n, v, steps.itemsize, steps.free_bytes()))
+        c = min(n, chunk or linear_cross_entropy_chunk(n, v, steps.itemsize, steps.free_bytes(), steps.rows_per_chunk))
         buf = steps.buffer(c)
         with steps.precision():
             for r0 in range(0, n, c):
                 r1 = min(n, r0 + c)
                 zc, xc = steps.chunk(buf, r1 - r0), x[r0:r1]
-                steps.logits(xc, zc)
+                steps.logits(buf, xc, zc)
                 steps.rows(buf, zc, targets[r0:r1], row_loss[r0:r1], lse[r0:r1],
                            scale[r0:r1] if row_scale else scale)
                 if not grad:

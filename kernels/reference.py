@@ -243,13 +243,14 @@ LCE_CHUNK_BYTES_MAX = 1 << 30  # default cap of the [chunk, V] logits buffer
 LCE_CHUNK_ALIGN = 128  # default chunks above this many rows are a multiple of it
 
 
-def linear_cross_entropy_chunk(n_rows: int, n_cols: int, itemsize: int, free_bytes: int | None = None) -> int:
-    """The default rows per chunk of ``linear_cross_entropy``: min(N, LCE_ROWS_PER_CHUNK), cut so
+def linear_cross_entropy_chunk(n_rows: int, n_cols: int, itemsize: int, free_bytes: int | None = None,
+                               rows: int = LCE_ROWS_PER_CHUNK) -> int:
+    """The default rows per chunk of ``linear_cross_entropy``: min(N, `rows`), cut so
     that the [chunk, V] buffer of `itemsize`-byte elements is at most LCE_CHUNK_BYTES_MAX and a
     quarter of `free_bytes` (when known), then rounded down to a multiple of LCE_CHUNK_ALIGN
     when above it. Shared by every implementation (a pure function)."""
     budget = LCE_CHUNK_BYTES_MAX if free_bytes is None else min(LCE_CHUNK_BYTES_MAX, free_bytes // 4)
-    c = min(max(n_rows, 1), LCE_ROWS_PER_CHUNK, max(1, budget // max(1, n_cols * itemsize)))
+    c = min(max(n_rows, 1), rows, max(1, budget // max(1, n_cols * itemsize)))
     return c - c % LCE_CHUNK_ALIGN if c > LCE_CHUNK_ALIGN else c
 
 

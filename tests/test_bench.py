@@ -76,6 +76,15 @@ def test_lm_head_records_carry_the_model_time_at_the_run_ceilings():
     assert "model ms" in text.splitlines()[0] and f"{recs['triton']['model_ms']:.4f}" in text
     no_ceiling = dict(harness.new_record(case, "triton", "gpu", {}), status="OK", ms=50.0)
     assert harness._with_rate(no_ceiling, ops.OPS[case.op], {"copy_GBps": 3000.0}, None)["model_ms"] is None
+    # the Triton impls: the schedule and chunk the launcher's tuning gives
+    import importlib
+    from gpuad.kernels import tuning
+    importlib.import_module("gpuad.kernels.triton.linear_cross_entropy")
+    with tuning.override("triton.linear_cross_entropy", schedule="token_lse", rows_per_chunk=4096):
+        rec = harness._with_rate(dict(harness.new_record(case, "triton", "gpu", {}), status="OK", ms=50.0),
+                                 ops.OPS[case.op], ceilings, None)
+    lse = lm_head_model.token(8192, 4096, 128256, 2, 4096, lse_epilogue=True)
+    assert rec["model_ms"] == pytest.approx(lse.ms(3000.0, 700.0) + zero_ms)
 
 
 def test_cpu_engine_cases_in_the_cpu_preset_timed_interleaved():
@@ -660,3 +669,9 @@ def test_sweep_order_groups_bench_ops_and_starts_where_a_cut_sweep_stopped():
     ops_ = ["triton.softmax_cross_entropy", "triton.linear_backward", "cupy.softmax_cross_entropy"]
     assert sweep.sweep_order(ops_, set()) == [ops_[0], ops_[2], ops_[1]]
     assert sweep.sweep_order(ops_, {ops_[0], ops_[2]}) == [ops_[1], ops_[0], ops_[2]]
+    # the smaller spaces first (summed per bench op), so that what a small one leaves of its
+    # share of the budget goes to the larger ones
+    sizes = {ops_[0]: 10, ops_[1]: 30, ops_[2]: 25, "triton.linear_cross_entropy": 4}
+    assert sweep.sweep_order(ops_ + ["triton.linear_cross_entropy"], set(), sizes) == [
+        "triton.linear_cross_entropy", ops_[1], ops_[0], ops_[2]]
+    assert sweep.sweep_order(ops_, {ops_[1]}, sizes) == [ops_[0], ops_[2], ops_[1]]

@@ -497,8 +497,8 @@ for dt, on in itertools.product(("bf16", "fp32"), (True, False, "weighted")):
                           has_weight=weighted)
     warps = meta.pop("num_warps")
     sig = dict(z_ptr="*" + dt, stride="i32", b_ptr="*" + dt, t_ptr="*i64", loss_ptr="*fp32", lse_ptr="*fp32",
-               scale_ptr="*fp32", cw_ptr="*fp32", cw_sum_ptr="*fp32", n_cols="i32", ignore_index="i32", eps="fp32",
-               z_coef="fp32", cap="fp32")
+               scale_ptr="*fp32", cw_ptr="*fp32", cw_sum_ptr="*fp32", n_cols="i32", ignore_index="i32",
+               smoothing="fp32", z_coef="fp32", cap="fp32")
     sig.update({k: "constexpr" for k in meta})
     aligned = ("z_ptr", "b_ptr", "t_ptr", "loss_ptr", "lse_ptr", "scale_ptr", "cw_ptr", "cw_sum_ptr",
                "stride")  # as a launch sees them

@@ -39,6 +39,14 @@ def test_lse_from_the_epilogue_reads_the_buffer_once():
     # one read of the [4, 8] buffer less, 8 B of (max, Σexp) a row written and read back
     assert plain.bytes - lse.bytes == 2 * 4 * 8 - 2 * 8 * 4
     assert lse.flops == plain.flops and lse.kind == "token_lse"
+    # the statistics held: 12 B (max, Σexp, Σz) a row of the chunk and column tile
+    assert lse.extra_bytes - plain.extra_bytes == M.TILE_STATS * 4 * 1
+
+
+def test_current_is_the_tuned_schedule_and_chunk():
+    assert M.current(8192, 4096, 128256, 2, schedule="token_lse", rows_per_chunk=4096).name == \
+        "token_lse chunks of 4096 rows"
+    assert M.current(8192, 4096, 128256, 4, rows_per_chunk=4096).chunk == 2048  # the 1 GiB buffer cap
 
 
 def test_gradient_in_the_epilogue_by_hand():
@@ -85,3 +93,20 @@ def test_bad_sizes_are_refused_by_name(bad):
 def test_rank_refuses_missing_ceilings():
     with pytest.raises(ValueError, match="gbps"):
         M.rank(4, 2, 8, 2, 0.0, 1.0)
+
+
+def test_the_lm_head_doc_quotes_the_model():
+    """docs/lm-head.md's table of schedules is the model's output at the ceilings its command names."""
+    import re
+    doc = (Path(__file__).resolve().parents[1] / "docs" / "lm-head.md").read_text()
+    n, d, v, b, gbps, tflops = 8192, 4096, 128256, 2, 2953.7, 731.07
+    assert f"python -m bench.lm_head_model {n} {d} {v} {b} {gbps} {tflops} 1.18" in doc
+    cell = r"\s*([\d.]+) \|"
+    rows = re.findall(r"^\| (token\w*), (\d+)[^|]*\|" + cell * 5 + "$", doc, re.M)
+    assert len(rows) == 4
+    floor = 6 * n * d * v / tflops / 1e9
+    for kind, chunk, ms, ratio, overlapped, moved, extra in rows:
+        s = M.BUILDERS[kind](n, d, v, b, int(chunk))
+        assert (ms, ratio) == (f"{s.ms(gbps, tflops):.3f}", f"{s.ms(gbps, tflops) / floor:.3f}")
+        assert (overlapped, moved) == (f"{s.ms(gbps, tflops, True):.3f}", f"{s.bytes / 1e9:.2f}")
+        assert extra == f"{s.extra_bytes / 1e9:.3f}"

@@ -164,6 +164,7 @@ def _load_gpu_copy(name: str, *kernel_deps):
 ce = _load_gpu_copy("cross_entropy_rows")  # the row kernels, count and finish kernels, their launch geometry
 ce_general = _load_gpu_copy("cross_entropy_general", ce)  # it calls the row module's _sum_losses
 lb = _load_gpu_copy("linear_backward_kernel")
+lce = _load_gpu_copy("linear_cross_entropy")
 
 
 def _jit_function(kernel) -> JITFunction:
@@ -508,8 +509,60 @@ def _lb_variants():
     return _dedupe(out)
 
 
+# --------------------------------------------------------------------------------------------
+# LM head "token_lse" variants: the logits GEMM and the one-pass row kernel
+
+#: (rows of a chunk, D, V) as the launcher sees them: the target shape (V a multiple of 16) and
+#: GPT-2's vocabulary (V = 50257: odd, the padded stride keeps rows 16-aligned)
+LCE_SHAPES = {"V128256": (4096, 4096, 128256), "V50257": (2048, 1024, 50257)}
+#: (bias, label_smoothing, softcap, class weights): all on, all off
+LCE_FLAGS = {"on": (True, 0.1, 30.0, True), "off": (False, 0.0, None, False)}
+
+
+def _lce_gemm_variant(dtype: str, shape: str, flags: str) -> Variant:
+    rows, d, v = LCE_SHAPES[shape]
+    bias, smoothing, softcap, weighted = LCE_FLAGS[flags]
+    meta = lce._gemm_meta(DTYPES[dtype], has_bias=bias, label_smoothing=smoothing, softcap=softcap,
+                          has_weight=weighted, allow_tf32=False)
+    options = {"num_warps": meta.pop("num_warps"), "num_stages": meta.pop("num_stages")}
+    fn = _jit_function(lce._lce_logits_kernel)
+    # as _TorchLseSteps.logits passes them: contiguous x and w, the padded buffer's stride, the
+    # logits buffer in place of an absent bias or class weight
+    args = dict(x_ptr=Ptr(dtype), w_ptr=Ptr(dtype), z_ptr=Ptr(dtype), p_ptr=Ptr("fp32"), b_ptr=Ptr(dtype),
+                cw_ptr=Ptr("fp32" if weighted else dtype), n_rows=rows, n_cols=v, n_k=d, sx_m=d, sx_k=1, sw_n=d,
+                sw_k=1, stride=-(-v // lce.ROW_PAD) * lce.ROW_PAD, cap=float(softcap or 1.0))
+    return Variant(f"{dtype}-lce-logits-{shape}-{flags}-{meta['PRECISION']}", fn, *_specialize(fn, args, meta),
+                   options)
+
+
+def _lce_rows_variant(dtype: str, shape: str, flags: str) -> Variant:
+    rows, _, v = LCE_SHAPES[shape]
+    _, smoothing, softcap, weighted = LCE_FLAGS[flags]
+    n_tiles = lce._n_tiles(v, DTYPES[dtype].itemsize)
+    meta = lce._lse_meta(v, n_tiles, grad=True, label_smoothing=smoothing, z_loss=0.0 if weighted else 1e-4,
+                         softcap=softcap, row_scale=flags == "on", has_weight=weighted)
+    options = {"num_warps": meta.pop("num_warps")}
+    fn = _jit_function(lce._lce_lse_rows_kernel)
+    args = dict(z_ptr=Ptr(dtype), stride=-(-v // lce.ROW_PAD) * lce.ROW_PAD, p_ptr=Ptr("fp32"), n_tiles=n_tiles,
+                t_ptr=Ptr("i64"), loss_ptr=Ptr("fp32"), lse_ptr=Ptr("fp32"), scale_ptr=Ptr("fp32"),
+                cw_ptr=Ptr("fp32"), cw_sum_ptr=Ptr("fp32"), n_cols=v, ignore_index=-100, smoothing=float(smoothing),
+                z_coef=0.0 if weighted else 1e-4, cap=float(softcap or 1.0))
+    return Variant(f"{dtype}-lce-lse-rows-{shape}-{flags}", fn, *_specialize(fn, args, meta), options)
+
+
+def _lce_variants():
+    """A few (each GEMM compile takes seconds): the GEMM in bf16 all on and all off at the
+    target shape, fp16 all on at V = 50257, fp32 (IEEE) all on; the row kernel in bf16 all on
+    at the target shape and all off at V = 50257, fp32 all on at V = 50257."""
+    return _dedupe([_lce_gemm_variant("bf16", "V128256", "on"), _lce_gemm_variant("bf16", "V128256", "off"),
+                    _lce_gemm_variant("fp16", "V50257", "on"), _lce_gemm_variant("fp32", "V128256", "on"),
+                    _lce_rows_variant("bf16", "V128256", "on"), _lce_rows_variant("bf16", "V50257", "off"),
+                    _lce_rows_variant("fp32", "V50257", "on")])
+
+
 CE_VARIANTS = _ce_variants() + _ce_general_variants()
 LB_VARIANTS = _lb_variants()
+LCE_VARIANTS = _lce_variants()
 
 
 # --------------------------------------------------------------------------------------------
@@ -522,7 +575,7 @@ LB_VARIANTS = _lb_variants()
 
 _PTXAS_STATS = re.compile(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads")
 _PTXAS_REGS = re.compile(r"Used (\d+) registers")
-_VARIANTS = {v.id: v for v in CE_VARIANTS + LB_VARIANTS}
+_VARIANTS = {v.id: v for v in CE_VARIANTS + LB_VARIANTS + LCE_VARIANTS}
 _COMPILE_TIMEOUT_S = 600
 
 
@@ -648,6 +701,11 @@ def test_cross_entropy_compiles_for_hopper(vid, worker):
 
 @pytest.mark.parametrize("vid", [v.id for v in LB_VARIANTS])
 def test_linear_backward_compiles_for_hopper(vid, worker):
+    _check(vid, worker)
+
+
+@pytest.mark.parametrize("vid", [v.id for v in LCE_VARIANTS])
+def test_lm_head_token_lse_compiles_for_hopper(vid, worker):
     _check(vid, worker)
 
 

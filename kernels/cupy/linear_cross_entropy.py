@@ -155,7 +155,7 @@ class _CupySteps(Steps):
     def precision(self):
         return _float32_compute_type(self.allow_tf32)
 
-    def logits(self, xc, zc):
+    def logits(self, buf, xc, zc):
         self.cupy.matmul(xc, self.w.T, out=zc)
 
     def rows(self, buf, zc, targets, row_loss, lse, scale):
