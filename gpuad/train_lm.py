@@ -320,6 +320,7 @@ def _rank_main(rank, nproc, store_path, threads, config, messages):
                                     log=log, group=dist.group.WORLD)
         if rank == 0:
             messages.put(("result", history))
+        dist.barrier()  # every rank's collectives are done before any rank tears the group down
     finally:
         dist.destroy_process_group()
 

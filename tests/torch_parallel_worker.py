@@ -424,6 +424,7 @@ def main(rank, world, store, out, sections):
             except Exception:  # noqa: BLE001 - reported by the test
                 rec.failed[name] = traceback.format_exc()
         torch.save({"diffs": rec.diffs, "errors": rec.errors, "failed": rec.failed}, out)
+        dist.barrier()  # every rank's collectives are done before any rank tears the group down
     finally:
         dist.destroy_process_group()
 
