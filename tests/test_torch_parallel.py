@@ -197,14 +197,21 @@ def test_docs_torchrun_example(tmp_path):
         section = f.read().split("## A torchrun example", 1)[1]
     script = tmp_path / "vp_head.py"
     script.write_text(re.search(r"```python\n(.*?)```", section, re.S).group(1))
-    logs = tmp_path / "logs"  # each rank's stdout in a file of its own: no interleaved lines
-    run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                          "--log-dir", str(logs), "--redirects", "1", str(script)], cwd=tmp_path,
-                         env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                         timeout=TIMEOUT_S)
+    for attempt in range(2):
+        logs = tmp_path / f"logs{attempt}"  # each rank's stdout in a file of its own: no interleaved lines
+        run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                              "--log-dir", str(logs), "--redirects", "1", str(script)], cwd=tmp_path,
+                             env=dict(os.environ, PYTHONPATH=ROOT, OMP_NUM_THREADS="1"), capture_output=True,
+                             text=True, timeout=TIMEOUT_S)
+        stdout = "".join(sorted(p.read_text() for p in logs.rglob("stdout.log")))
+        printed = re.findall(r"rank (\d): rows \((\d+), 64\) loss (\S+)", stdout)
+        # gloo on the CPU aborts now and then in a rank's teardown, after the barrier and after both
+        # ranks printed ("terminate called without an active exception", about 1 run in 20 here;
+        # docs/vocab-parallel.md says so): one more run, and only for that
+        if not (run.returncode and len(printed) == 2 and "terminate called without an active exception" in (
+                run.stdout + run.stderr)):
+            break
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    stdout = "".join(sorted(p.read_text() for p in logs.rglob("stdout.log")))
-    printed = re.findall(r"rank (\d): rows \((\d+), 64\) loss (\S+)", stdout)
     got = {rank: loss for rank, _, loss in printed}
     assert sorted(got) == ["0", "1"] and [rows for _, rows, _ in printed] == ["500", "500"], stdout
     import gpuad.torch as gt
