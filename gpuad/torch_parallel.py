@@ -452,8 +452,7 @@ def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, targets: torch.T
     checks.check_class_weight(class_weight, weight.shape[0], z_loss)
     if class_weight is not None and class_weight.device != x.device:
         raise ValueError(f"class_weight is on {class_weight.device}, x on {x.device}: they must share one device")
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be None or a positive int (rows of x per chunk), got {chunk!r}")
+    checks.check_chunk(chunk)
     o = _Opts(ignore_index, reduction, float(label_smoothing), float(z_loss),
               None if softcap is None else float(softcap), group, dt_vocab or vocab_size, bool(reduce_dx), chunk,
               class_weight)

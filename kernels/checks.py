@@ -134,7 +134,10 @@ def ignore_index_arg(value, name: str = "ignore_index"):
     raise TypeError(f"{name} must be an integer or None, got {type(value).__name__} {value!r}")
 
 
-check_ignore_index = ignore_index_arg  # the same contract, where the caller only validates
+def check_chunk(chunk):
+    """chunk (rows of x per chunk of an LM head): None or a positive int."""
+    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
+        raise ValueError(f"chunk must be None or a positive int (rows of x per chunk), got {chunk!r}")
 
 
 def check_targets(targets, num_classes: int, ignore_index: int | None) -> bool:
@@ -265,8 +268,7 @@ def check_linear_cross_entropy_args(x, w, targets, bias, reduction, label_smooth
                          f"{dtype_name(dw_accumulate.dtype)} {tuple(dw_accumulate.shape)}")
     if dw_accumulate is not None:
         check_no_overlap("dw_accumulate", dw_accumulate)
-    if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1):
-        raise ValueError(f"chunk must be None or a positive int (rows of x per chunk), got {chunk!r}")
+    check_chunk(chunk)
     if grad_scale is not None:
         shapes = ((), (n,)) if reduction == "none" else ((),)
         if tuple(grad_scale.shape) not in shapes or not is_float(grad_scale.dtype):

@@ -240,7 +240,7 @@ class _RowsPlan:
     def make(cls, x, t, ignore_index, reduction, label_smoothing, inplace, grad):
         """The plan, or None for what the plan does not serve (checked by the full path)."""
         try:
-            checks.check_ignore_index(ignore_index)
+            checks.ignore_index_arg(ignore_index)
             layout = checks.check_cross_entropy_layout(x, t, None, reduction, label_smoothing, ignore_index,
                                                        allowed=("float16", "bfloat16", "float32"))
             check_device(x.device)
