@@ -11,7 +11,8 @@ Limits: the environment's GPU_CHECK_<STEP>_S, else LIMITS (bench/gpu_check.sh re
   combination of the best values) × shapes × the seconds a candidate takes on a shape (the
   sweep's warm-up and timing windows, and two calls at the time the newest GPU run measured for
   the op's impl at that shape: the check and the first call), plus the compiles: each distinct
-  Triton launch of the kept candidates (the linear backward: each tile of the space, once) at
+  Triton launch of the kept candidates (the linear backward: each tile of the space, once; the
+  LM head: each distinct Triton kernel its candidates' schedules launch) at
   the compile seconds measured on a CPU (bench/sm90_kernels.json). The linear backward's
   candidates with the "autotune" tile time every tile and cuBLAS on each shape's first call
   (AUTOTUNE_S each). The sweep stops starting measurements at four fifths of its limit; each op
@@ -97,6 +98,8 @@ def sweep_estimate(timing, run_ms, table, budget_s):
             auto = sum(1 for p in kept if "autotune" in (p["tile_16bit"], p["tile_fp32"]))
             timing_s += auto * len(cases) * (len(tiles) // 2 + 1) * AUTOTUNE_S
             compiles = len(tiles)
+        elif op == "triton.linear_cross_entropy":
+            compiles = len({k for p in kept for c in cases for k in sweep_plan.lce_kernels(c, p)})
         elif op in sweep_plan.LAUNCHES and impl == "triton":
             compiles = len({repr(sweep_plan.launch_key(op, c, p)[:2]) for p in kept for c in cases})  # not the grid
         else:

@@ -32,8 +32,9 @@ COMPILE_TEST = "tests/test_triton_compile.py"
 REGISTERS, REG_UNIT, SHARED, SHARED_RESERVED, THREADS, BLOCKS = 65536, 256, 233472, 1024, 2048, 32
 
 #: (tuning op, pytest id of tests/test_triton_compile.py): the start points of the swept Triton
-#: kernels at the sweep's shapes, a few other values of their most promising parameters, and
-#: the linear backward's default tile and its largest-register tile.
+#: kernels at the sweep's shapes, a few other values of their most promising parameters, the
+#: linear backward's default tile and its largest-register tile, and the LM head's logits GEMM
+#: and one-pass row kernel at the target shape.
 MEASURED = (
     ("triton.softmax_cross_entropy", "test_cross_entropy_compiles_for_hopper[bf16-chunked-V50257-BLOCK16384-w16-s1-"
                                      "COUNT0-ALIGNED0-HAS_GRAD1-MEAN1-SMOOTH0-ti64]"),
@@ -49,6 +50,8 @@ MEASURED = (
                                "NEED_DX1-HAS_BIAS1-ACCUMULATE0-SPLIT_W0-SPLIT_X0-INT640-ieee]"),
     ("triton.linear_backward", "test_linear_backward_compiles_for_hopper[bf16-64x128x64-w4-s4-contig-NEED_DX1-"
                                "HAS_BIAS1-ACCUMULATE1-SPLIT_W1-SPLIT_X1-INT640-ieee]"),
+    ("triton.linear_cross_entropy", "test_lm_head_token_lse_compiles_for_hopper[bf16-lce-logits-V128256-off-ieee]"),
+    ("triton.linear_cross_entropy", "test_lm_head_token_lse_compiles_for_hopper[bf16-lce-lse-rows-V128256-on]"),
 )
 _DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}
 _REPORT = re.compile(r"^\.?(\S+): (\{.*\})$", re.M)
@@ -67,10 +70,15 @@ def blocks_per_sm(registers: int, shared: int, warps: int) -> int:
 
 
 def parse_variant(test_id: str) -> dict:
-    """Kernel, dtype, tile, warps and stages named by a tests/test_triton_compile.py id."""
+    """Kernel, dtype, tile, warps and stages named by a tests/test_triton_compile.py id. The LM
+    head's ids name no warps or stages (num_warps and num_stages None: the compile report has
+    them)."""
     vid = test_id[test_id.index("[") + 1:test_id.rindex("]")]
     parts = vid.split("-")
     out = {"dtype": _DTYPES[parts[0]], "variant": vid}
+    if parts[1] == "lce":
+        kernel = "_lce_logits_kernel" if parts[2] == "logits" else "_lce_lse_rows_kernel"
+        return dict(out, kernel=kernel, num_warps=None, num_stages=None)
     w = re.search(r"-w(\d+)-", vid)
     s = re.search(r"-s(\d+)", vid)
     out.update(num_warps=int(w.group(1)), num_stages=int(s.group(1)) if s else 1)
@@ -102,6 +110,8 @@ def table_from(log_text: str, cpu: str, versions: dict) -> dict:
         r = reports.get(v["variant"])
         if r is None:
             raise RuntimeError(f"no report for {v['variant']} in the pytest log")
+        if v["num_warps"] is None:
+            v.update(num_warps=r["num_warps"], num_stages=r["num_stages"])
         kernels.append(dict(v, op=op, registers=r["registers"], shared=r["shared"], compile_s=r.get("compile_s"),
                             first_in_process=i == 0,
                             blocks_per_sm=blocks_per_sm(r["registers"], r["shared"], v["num_warps"])))

@@ -77,7 +77,8 @@ def test_the_committed_table_matches_its_own_figures():
     for k in table["kernels"]:
         assert k["blocks_per_sm"] == sm90.blocks_per_sm(k["registers"], k["shared"], k["num_warps"])
         assert k["compile_s"] > 0
-    assert sm90.compile_seconds(table, CE) > 0 and sm90.compile_seconds(table, "triton.linear_backward") > 0
+    for op in (CE, "triton.linear_backward", "triton.linear_cross_entropy"):
+        assert sm90.compile_seconds(table, op) > 0
 
 
 def test_variant_ids_and_logs_are_parsed():
@@ -86,6 +87,9 @@ def test_variant_ids_and_logs_are_parsed():
         "_ce_chunked_kernel", "bfloat16", 16384, 1, 16, 3)
     lb = sm90.parse_variant("t[fp32-128x64x32-w8-s4(default)-contig-NEED_DX1]")
     assert (lb["kernel"], lb["tile"], lb["num_warps"], lb["num_stages"]) == ("linear_backward", "128x64x32", 8, 4)
+    head = sm90.parse_variant("t[bf16-lce-logits-V128256-off-ieee]")
+    assert (head["kernel"], head["dtype"], head["num_warps"]) == ("_lce_logits_kernel", "bfloat16", None)
+    assert sm90.parse_variant("t[fp32-lce-lse-rows-V50257-on]")["kernel"] == "_lce_lse_rows_kernel"
     log = ("bf16-a-w4-x: {'registers': 40, 'shared': 64, 'st_global': True}\n"
            "1.50s call     tests/test_triton_compile.py::test_x[bf16-a-w4-x]\n")
     assert sm90.parse_log(log) == {"bf16-a-w4-x": {"registers": 40, "shared": 64, "st_global": True,
@@ -118,3 +122,21 @@ def test_plan_estimates_from_the_newest_run_and_fails_over_the_limit(tmp_path):
     assert "kernel tests         90         90  nothing measured: the limit" in text
     lines, ok = plan.plan({"GPU_CHECK_ENGINE_S": "100"}, str(tmp_path))
     assert not ok and "OVER 540 s" in "\n".join(lines)
+
+
+def test_the_lm_head_sweep_counts_one_compile_per_distinct_triton_kernel():
+    """"token" launches the row kernel (one BLOCK past 4096 columns); "token_lse" the logits GEMM
+    (one tile a dtype) and the one-pass row kernel (its TILES follow V); rows_per_chunk compiles
+    nothing new."""
+    from bench import ops, plan
+    cases = [ops.Case("linear_cross_entropy", (8192, 4096, 128256), "bfloat16"),
+             ops.Case("linear_cross_entropy", (16384, 2048, 32000), "bfloat16")]
+    kernels = {p["schedule"]: set().union(*(sweep_plan.lce_kernels(c, dict(p)) for c in cases))
+               for p in ({"schedule": "token", "rows_per_chunk": 2048}, {"schedule": "token_lse", "rows_per_chunk": 4096})}
+    assert sorted(k[0] for k in kernels["token"]) == ["_lce_rows_kernel"]
+    assert sorted(k[0] for k in kernels["token_lse"]) == ["_lce_logits_kernel", "_lce_lse_rows_kernel",
+                                                           "_lce_lse_rows_kernel"]
+    from bench import sweep
+    rows = plan.sweep_estimate(sweep.TIMING["cuda"], {}, sm90.load(), 1000)
+    how = next(h for op, _, h in rows if op == "triton.linear_cross_entropy")
+    assert f"4 compiles x {sm90.compile_seconds(sm90.load(), 'triton.linear_cross_entropy'):.2f} s" in how

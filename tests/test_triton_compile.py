@@ -605,6 +605,7 @@ def _compile(v: Variant) -> dict:
         compiled = triton.compile(src, target=GPUTarget("cuda", TARGET_ARCH, 32), options=v.options)
     report = _ptxas_report(compiled, log.getvalue())
     report["shared"] = compiled.metadata.shared
+    report["num_warps"], report["num_stages"] = compiled.metadata.num_warps, compiled.metadata.num_stages
     # what compiled.n_spills reads once the kernel is loaded on a GPU: local memory bytes / 4
     report["n_spills"] = report["stack"] // 4
     report["st_global"] = "st.global" in compiled.asm["ptx"]
