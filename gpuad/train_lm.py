@@ -307,6 +307,7 @@ def _rank_main(rank, nproc, store_path, threads, config, messages):
     head's vocabulary split over it; rank 0 sends ("log", line) for each line it logs and
     ("result", history) at the end to the `messages` queue."""
     torch = require("torch", "torch", "bench")
+    import gpuad.torch  # noqa: F401 - before the group exists, so destroy_process_group can end it (see gpuad/torch.py)
     dist = torch.distributed
     cuda = config.get("device") == "cuda"
     if cuda:
