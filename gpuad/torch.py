@@ -76,11 +76,12 @@ from gpuad.kernels import checks, reference
 if torch.distributed.is_available():
     # Imported here, before any process group exists (import gpuad.torch before
     # init_process_group): torch.distributed.nn.functional's functions take group=group.WORLD
-    # as a default argument, evaluated on the module's first import, which torch._dynamo makes (e.g. on the first functional collective of
-    # gpuad.torch_parallel). Imported after init_process_group, those defaults keep the default
-    # group alive past destroy_process_group, so gloo's worker threads run on into interpreter
-    # shutdown, where one freeing a finished collective's tensor takes the GIL and aborts the
-    # process ("terminate called without an active exception").
+    # as a default argument, evaluated on the module's first import, which torch._dynamo makes
+    # (e.g. on gpuad.torch_parallel's first functional collective). Imported after
+    # init_process_group, those defaults keep the default group alive past
+    # destroy_process_group, so gloo's worker threads run on into interpreter shutdown, where one
+    # freeing a finished collective's tensor takes the GIL and aborts the process ("terminate
+    # called without an active exception").
     import torch.distributed.nn.functional  # noqa: F401
 
 __all__ = ["cross_entropy", "linear", "linear_cross_entropy", "CrossEntropyLoss", "Linear", "LinearCrossEntropy",
