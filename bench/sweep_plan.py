@@ -59,20 +59,15 @@ def _cupy_ce(case, params, sm_count):
 def lce_kernels(case, params):
     """{(kernel name, dtype, compile-time meta)}: the Triton kernels the LM head launches at a
     bench case (the bench's options: no bias, smoothing, z-loss, soft-cap or class weights) in
-    `params`' schedule, from the launcher's own meta functions; cuBLAS does the rest."""
+    `params`' schedule, from its steps' own kernel_metas; cuBLAS does the rest."""
     import importlib
 
     import torch
     lce = importlib.import_module("gpuad.kernels.triton.linear_cross_entropy")  # the module, not the function
-    v, dtype = case.dims[2], getattr(torch, case.dtype)
-    options = dict(grad=True, label_smoothing=0.0, z_loss=0.0, softcap=None, row_scale=False)
-    if params["schedule"] == "token":
-        kernels = {"_lce_rows_kernel": lce._kernel_meta(v, has_bias=False, **options)}
-    else:
-        kernels = {"_lce_logits_kernel": lce._gemm_meta(dtype, has_bias=False, label_smoothing=0.0, softcap=None,
-                                                        has_weight=False, allow_tf32=False),
-                   "_lce_lse_rows_kernel": lce._lse_meta(v, lce._n_tiles(v, dtype.itemsize), **options)}
-    return {(name, case.dtype, tuple(sorted(meta.items()))) for name, meta in kernels.items()}
+    metas = lce.STEPS[params["schedule"]].kernel_metas(
+        case.dims[2], getattr(torch, case.dtype), has_bias=False, smoothing=0.0, z_coef=0.0, softcap=None, grad=True,
+        row_scale=False, allow_tf32=False, has_weight=False)
+    return {(name, case.dtype, tuple(sorted(meta.items()))) for name, meta in metas.items()}
 
 
 #: tuning op -> (case, params, sm_count) -> (kernel name, compile-time meta, grid): what the

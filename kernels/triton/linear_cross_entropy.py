@@ -448,10 +448,20 @@ class _TorchSteps(Steps):
         self.bias = bias.contiguous() if bias is not None else None
         self.class_weight = None if class_weight is None else class_weight.to(torch.float32).contiguous()
         self.class_weight_sum = None if class_weight is None else self.class_weight.sum()
-        self.meta = _kernel_meta(self.v, has_bias=bias is not None, grad=grad, label_smoothing=smoothing, z_loss=z_coef,
-                                 softcap=softcap, row_scale=row_scale, has_weight=class_weight is not None)
+        self.metas = self.kernel_metas(self.v, x.dtype, has_bias=bias is not None, smoothing=smoothing, z_coef=z_coef,
+                                       softcap=softcap, grad=grad, row_scale=row_scale, allow_tf32=allow_tf32,
+                                       has_weight=class_weight is not None)
         self.scalars = (self.v, ignore_index, smoothing, z_coef, float(softcap) if softcap is not None else 1.0)
         self.allow_tf32 = allow_tf32
+
+    @staticmethod
+    def kernel_metas(v, dtype, *, has_bias, smoothing, z_coef, softcap, grad, row_scale, allow_tf32, has_weight):
+        """{kernel name: its constexprs and launch options} of each Triton kernel this schedule
+        launches on [rows, v] chunks of `dtype` inputs (a pure function of the shape and
+        options, no device; the sweep's plan counts compiles with it)."""
+        return {"_lce_rows_kernel": _kernel_meta(v, has_bias=has_bias, grad=grad, label_smoothing=smoothing,
+                                                 z_loss=z_coef, softcap=softcap, row_scale=row_scale,
+                                                 has_weight=has_weight)}
 
     def empty(self, shape, dtype):
         return torch.empty(shape, dtype=dtype, device=self.device)
@@ -497,7 +507,7 @@ class _TorchSteps(Steps):
         bias = self.bias if self.bias is not None else buf
         cw, cw_sum = (self.class_weight, self.class_weight_sum) if self.class_weight is not None else (scale, scale)
         _lce_rows_kernel[(zc.shape[0],)](zc, self.stride, bias, targets, row_loss, lse, scale, cw, cw_sum,
-                                         *self.scalars, **self.meta)
+                                         *self.scalars, **self.metas["_lce_rows_kernel"])
 
     def dx(self, zc, out):
         torch.mm(zc, self.w, out=out)
@@ -522,12 +532,16 @@ class _TorchLseSteps(_TorchSteps):
     def __init__(self, x, w, bias, **options):
         """Options: _TorchSteps's."""
         super().__init__(x, w, bias, **options)
-        o, has_weight = options, options.get("class_weight") is not None
         self.n_tiles = _n_tiles(self.v, self.itemsize)
-        self.meta = _lse_meta(self.v, self.n_tiles, grad=o["grad"], label_smoothing=o["smoothing"], z_loss=o["z_coef"],
-                              softcap=o["softcap"], row_scale=o["row_scale"], has_weight=has_weight)
-        self.gemm_meta = _gemm_meta(x.dtype, has_bias=bias is not None, label_smoothing=o["smoothing"],
-                                    softcap=o["softcap"], has_weight=has_weight, allow_tf32=o["allow_tf32"])
+
+    @staticmethod
+    def kernel_metas(v, dtype, *, has_bias, smoothing, z_coef, softcap, grad, row_scale, allow_tf32, has_weight):
+        """As _TorchSteps.kernel_metas: the logits GEMM and the one-pass row kernel."""
+        return {"_lce_logits_kernel": _gemm_meta(dtype, has_bias=has_bias, label_smoothing=smoothing, softcap=softcap,
+                                                 has_weight=has_weight, allow_tf32=allow_tf32),
+                "_lce_lse_rows_kernel": _lse_meta(v, _n_tiles(v, dtype.itemsize), grad=grad, label_smoothing=smoothing,
+                                                  z_loss=z_coef, softcap=softcap, row_scale=row_scale,
+                                                  has_weight=has_weight)}
 
     def buffer(self, rows):
         return super().buffer(rows), torch.empty((rows, self.n_tiles, 3), dtype=torch.float32, device=self.device)
@@ -536,7 +550,7 @@ class _TorchLseSteps(_TorchSteps):
         return super().chunk(buf[0], rows)
 
     def logits(self, buf, xc, zc):
-        m = self.gemm_meta
+        m = self.metas["_lce_logits_kernel"]
         grid = (triton.cdiv(xc.shape[0], m["BM"]) * self.n_tiles,)
         bias = self.bias if self.bias is not None else zc
         cw = self.class_weight if self.class_weight is not None else zc
@@ -546,7 +560,7 @@ class _TorchLseSteps(_TorchSteps):
     def rows(self, buf, zc, targets, row_loss, lse, scale):
         cw, cw_sum = (self.class_weight, self.class_weight_sum) if self.class_weight is not None else (scale, scale)
         _lce_lse_rows_kernel[(zc.shape[0],)](zc, self.stride, buf[1], self.n_tiles, targets, row_loss, lse, scale, cw,
-                                             cw_sum, *self.scalars, **self.meta)
+                                             cw_sum, *self.scalars, **self.metas["_lce_lse_rows_kernel"])
 
 
 #: The Steps of each schedule of the tuning space.
